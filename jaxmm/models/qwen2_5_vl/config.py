@@ -1,0 +1,165 @@
+"""Typed configuration of Qwen2.5-VL, read from a Hugging Face ``config.json``.
+
+Mirrors ``transformers/models/qwen2_5_vl/configuration_qwen2_5_vl.py``. Two layouts of
+``config.json`` exist in the wild and both are accepted:
+
+* published checkpoints (transformers 4.x): text fields at the top level, RoPE under
+  ``rope_scaling = {"type": "mrope", "mrope_section": [...]}`` and ``rope_theta``;
+* transformers 5: text fields under ``text_config`` with ``rope_parameters``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config.json that is missing a field or holds an inconsistent value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    tokens_per_second: int = 2
+    window_size: int = 112
+    out_hidden_size: int = 3584
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+    vision: VisionConfig
+    text: TextConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    eos_token_id: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        v, t = self.vision, self.text
+        checks = [
+            (t.hidden_size % t.num_attention_heads == 0,
+             f"text hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}"),
+            (t.num_attention_heads % t.num_key_value_heads == 0,
+             f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"),
+            (2 * sum(t.mrope_section) == t.head_dim,
+             f"mrope_section={list(t.mrope_section)} sums to {sum(t.mrope_section)}, expected head_dim/2={t.head_dim // 2}"),
+            (v.hidden_size % v.num_heads == 0,
+             f"vision hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}"),
+            (v.head_dim % 4 == 0, f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary)"),
+            (v.out_hidden_size == t.hidden_size,
+             f"vision out_hidden_size={v.out_hidden_size} differs from text hidden_size={t.hidden_size}"),
+            (all(0 <= i < v.depth for i in v.fullatt_block_indexes),
+             f"fullatt_block_indexes={list(v.fullatt_block_indexes)} out of range for depth={v.depth}"),
+            (v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
+             f"window_size={v.window_size} is not a multiple of patch_size*spatial_merge_size"),
+            (v.hidden_act == "silu" and t.hidden_act == "silu",
+             f"only hidden_act='silu' is supported (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"config.json: {msg}")
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "Qwen2_5_VLConfig":
+        """Builds the config from a parsed ``config.json`` (either layout, see module doc).
+
+        Raises:
+            ConfigError: naming the field, when a required field is missing or malformed.
+        """
+        model_type = d.get("model_type")
+        if model_type not in (None, "qwen2_5_vl"):
+            raise ConfigError(f"{source}: model_type={model_type!r}; jaxmm.models.qwen2_5_vl reads 'qwen2_5_vl'")
+        if "vision_config" not in d:
+            raise ConfigError(f"{source}: missing field 'vision_config'")
+        text = dict(d.get("text_config") or {})
+        # Legacy layout: text fields live at the top level.
+        for f in dataclasses.fields(TextConfig):
+            if f.name not in text and f.name in d:
+                text[f.name] = d[f.name]
+        rope = dict(text.get("rope_parameters") or d.get("rope_parameters") or {})
+        legacy_rope = text.get("rope_scaling") or d.get("rope_scaling") or {}
+        rope = {**legacy_rope, **rope}
+        if "rope_theta" not in rope:
+            rope["rope_theta"] = text.get("rope_theta", d.get("rope_theta", TextConfig.rope_theta))
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+            raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+        text_kwargs = {f.name: text[f.name] for f in dataclasses.fields(TextConfig) if f.name in text}
+        text_kwargs["rope_theta"] = float(rope["rope_theta"])
+        if "mrope_section" in rope:
+            text_kwargs["mrope_section"] = tuple(int(x) for x in rope["mrope_section"])
+        if text_kwargs.get("num_key_value_heads") is None:
+            text_kwargs["num_key_value_heads"] = text_kwargs.get(
+                "num_attention_heads", TextConfig.num_attention_heads)
+
+        vis = dict(d["vision_config"])
+        if "in_chans" in vis and "in_channels" not in vis:
+            vis["in_channels"] = vis["in_chans"]
+        vrope = vis.get("rope_parameters") or {}
+        vis_kwargs = {f.name: vis[f.name] for f in dataclasses.fields(VisionConfig) if f.name in vis}
+        if "rope_theta" in vrope:
+            vis_kwargs["rope_theta"] = float(vrope["rope_theta"])
+        if "fullatt_block_indexes" in vis_kwargs:
+            vis_kwargs["fullatt_block_indexes"] = tuple(int(i) for i in vis_kwargs["fullatt_block_indexes"])
+
+        eos = text.get("eos_token_id", d.get("eos_token_id"))
+        eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id") if k in d}
+        tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        try:
+            return cls(vision=VisionConfig(**vis_kwargs), text=TextConfig(**text_kwargs),
+                       tie_word_embeddings=bool(tie), eos_token_id=eos, **top)
+        except TypeError as e:  # wrong types inside the json
+            raise ConfigError(f"{source}: {e}") from e
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Qwen2_5_VLConfig":
+        """Reads ``<path>/config.json`` (or ``path`` itself if it is a file)."""
+        p = Path(path)
+        f = p / "config.json" if p.is_dir() else p
+        if not f.exists():
+            raise FileNotFoundError(f"no config.json in {p}")
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{f}: not valid JSON ({e})") from e
+        return cls.from_dict(d, source=str(f))
