@@ -1,0 +1,438 @@
+"""Qwen2.5-VL in Flax NNX: vision tower, patch merger, splice, text decoder, lm head.
+
+Mirrors ``transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py`` (transformers 5.x); module and
+parameter names follow the transformers-5 layout (``visual.blocks.0.attn.qkv``,
+``language_model.layers.0.self_attn.q_proj``, ``lm_head``) so the checkpoint key map is a table.
+
+Einsum letters: B batch, S sequence, T queries, K keys, N vision patches (all images concatenated),
+M merged vision tokens (N / merge²), C vision width, E text width, H heads, G kv heads, D head dim,
+F mlp width, V vocab, L layers.
+
+The pure function. ``forward(params, config, batch, ...)`` is a pure function of the parameter
+pytree (an ``nnx.State``): it rebuilds the module with ``nnx.merge(graphdef(config), params)`` and
+runs it, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` compose with it directly::
+
+    model = jaxmm.load(path)                      # Qwen2_5_VL wrapper: config, params
+    batch = model.prepare(input_ids=..., attention_mask=..., pixel_values=..., image_grid_thw=...)
+    out = jax.jit(forward, static_argnames="config")(model.params, model.config, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmm.attention import Site, attend
+from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- building blocks
+def _param(shape, dtype, names):
+    """A zero-initialised parameter with logical axis names (mapped onto a mesh by sharding.py)."""
+    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias``; ``kernel`` [in, out] is torch's ``weight.T``."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype, names: tuple[str, str]):
+        self.kernel = _param((din, dout), dtype, names)
+        self.bias = _param((dout,), dtype, names[1:]) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+    """Mirrors ``Qwen2_5_VLRMSNorm``: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, name: str = "embed"):
+        self.weight = _param((dim,), dtype, (name,))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * h.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))`` (``Qwen2_5_VLMLP`` / ``Qwen2MLP``)."""
+
+    def __init__(self, dim: int, hidden: int, *, bias: bool, dtype):
+        self.gate_proj = Linear(dim, hidden, bias=bias, dtype=dtype, names=("embed", "mlp"))
+        self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype, names=("embed", "mlp"))
+        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, names=("mlp", "embed"))
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: Array) -> Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """``x*cos + rotate_half(x)*sin`` with cos/sin broadcast over heads, computed in float32."""
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotate_half(xf) * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- vision tower
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, dtype):
+        c = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.qkv = Linear(c, 3 * c, bias=True, dtype=dtype, names=("embed", "heads"))
+        self.proj = Linear(c, c, bias=True, dtype=dtype, names=("heads", "embed"))
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, site: Site, interventions, probes):
+        n, c = x.shape
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [N,H,D]
+        site = dataclasses.replace(site, q_pre=q[None], k_pre=k[None])
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        k = apply_rope(k, cos[:, None], sin[:, None])
+        out, res = attend(q[None], k[None], v[None], site=site, mask=mask,
+                          scale=(c // self.num_heads) ** -0.5, interventions=interventions, probes=probes)
+        return self.proj(out[0].reshape(n, c)), res
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, dtype):
+        self.norm1 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.attn = VisionAttention(cfg, dtype)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype)
+
+    def __call__(self, x, cos, sin, mask, site, interventions, probes):
+        h, res = self.attn(self.norm1(x), cos, sin, mask, site, interventions, probes)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), res
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, group each 2x2 block of patches, then Linear-GELU-Linear (``Qwen2_5_VLPatchMerger``).
+
+    Parameter names ``mlp_0``/``mlp_2`` stand for torch's ``mlp.0``/``mlp.2``.
+    """
+
+    def __init__(self, cfg: VisionConfig, dtype):
+        c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=("mlp", "mlp"))
+        self.mlp_2 = Linear(c4, cfg.out_hidden_size, bias=True, dtype=dtype, names=("mlp", "embed"))
+
+    def __call__(self, x: Array) -> Array:
+        x = self.ln_q(x)
+        x = x.reshape(-1, self.mlp_0.kernel.shape[0])
+        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+    """Qwen2.5-VL ViT: Conv3d patch embedding (as a Linear over flattened patches), 2-D rotary,
+    windowed attention with full attention at ``fullatt_block_indexes``, patch merger.
+
+    Input patches arrive in the processor's order; they are permuted into window order before the
+    blocks and the merged tokens are permuted back (HF's ``window_index`` and its argsort).
+    """
+
+    def __init__(self, cfg: VisionConfig, dtype):
+        self.cfg = cfg
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        self.patch_embed = Linear(patch_dim, cfg.hidden_size, bias=False, dtype=dtype, names=(None, "embed"))
+        self.blocks = nnx.List([VisionBlock(cfg, dtype) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, dtype)
+
+    def __call__(self, pixel_values: Array, vis: "VisionInputs", interventions=(), probes=()):
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size ** 2
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))     # [N,C]
+        n = x.shape[0]
+        x = x.reshape(n // unit, unit, -1)[vis.window_index].reshape(n, -1)
+        # 2-D rotary: (row, col) angles, concatenated and duplicated over the head dim.
+        d = cfg.head_dim // 2
+        inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        ang = vis.rotary_pos.astype(jnp.float32)[..., None] * inv_freq             # [N,2,D/4]
+        ang = ang.reshape(n, -1)
+        ang = jnp.concatenate([ang, ang], axis=-1)                                  # [N,D]
+        cos, sin = jnp.cos(ang), jnp.sin(ang)
+        full = (vis.full_segment[:, None] == vis.full_segment[None, :])[None, None]
+        window = (vis.window_segment[:, None] == vis.window_segment[None, :])[None, None]
+        results = {}
+        for i, blk in enumerate(self.blocks):
+            mask = full if i in cfg.fullatt_block_indexes else window
+            x, res = blk(x, cos, sin, mask, Site("vision", i), interventions, probes)
+            _collect(results, res, i)
+        merged = self.merger(x)                                                     # [M,E]
+        return merged[vis.reverse_index], results
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionInputs:
+    """Index arrays the vision tower needs, computed on the host from ``image_grid_thw``.
+
+    window_index [M] int32: merged-token order inside windows (HF ``get_vision_window_index``).
+    reverse_index [M] int32: its argsort.
+    rotary_pos [N,2] int32: (row, col) of each patch, already in window order.
+    full_segment [N] int32: image frame each patch (window order) belongs to (full attention).
+    window_segment [N] int32: window each patch (window order) belongs to.
+    """
+
+    window_index: Any
+    reverse_index: Any
+    rotary_pos: Any
+    full_segment: Any
+    window_segment: Any
+
+
+def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
+    """Host-side (numpy) mirror of transformers' ``vision_utils.get_vision_position_ids``,
+    ``get_vision_cu_seqlens`` and ``get_vision_window_index`` for Qwen2.5-VL."""
+    m = cfg.spatial_merge_size
+    unit = m * m
+    win = cfg.window_size // m // cfg.patch_size
+    pos, window_index, window_lens, frame_lens = [], [], [], []
+    offset = 0
+    for t, h, w in np.asarray(image_grid_thw).tolist():
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        blocks = (h // m, m, w // m, m)
+        hp = hh.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+        wp = ww.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+        pos.append(np.tile(np.stack([hp, wp], -1), (t, 1)))
+        frame_lens += [h * w] * t
+        gh, gw = h // m, w // m
+        idx = np.arange(t * gh * gw).reshape(t, gh, gw)
+        ph, pw = win - gh % win, win - gw % win
+        padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
+        nh, nw = (gh + ph) // win, (gw + pw) // win
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
+        lens = (padded != -100).sum(-1).reshape(-1)
+        flat = padded.reshape(-1)
+        window_index.append(flat[flat != -100] + offset)
+        window_lens += [int(x) * unit for x in lens if x > 0]
+        offset += t * gh * gw
+    window_index = np.concatenate(window_index).astype(np.int32)
+    pos = np.concatenate(pos).astype(np.int32)
+    n = pos.shape[0]
+    pos = pos.reshape(n // unit, unit, 2)[window_index].reshape(n, 2)
+    return VisionInputs(
+        window_index=window_index,
+        reverse_index=np.argsort(window_index).astype(np.int32),
+        rotary_pos=pos,
+        full_segment=np.repeat(np.arange(len(frame_lens)), frame_lens).astype(np.int32),
+        window_segment=np.repeat(np.arange(len(window_lens)), window_lens).astype(np.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- text decoder
+def mrope_cos_sin(position_ids: Array, cfg: TextConfig) -> tuple[Array, Array]:
+    """M-RoPE angles: frequency ``i`` reads the temporal/height/width position by ``mrope_section``.
+
+    position_ids [3,B,S] -> cos, sin [B,S,D] float32 (``Qwen2_5_VLRotaryEmbedding``).
+    """
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))   # [D/2]
+    axis = np.repeat(np.arange(3) % 3, cfg.mrope_section)                              # [D/2]
+    pos = position_ids.astype(jnp.float32)[axis, :, :]                                 # [D/2,B,S]
+    ang = jnp.moveaxis(pos, 0, -1) * inv_freq                                           # [B,S,D/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype):
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = Linear(e, self.num_heads * d, bias=True, dtype=dtype, names=("embed", "heads"))
+        self.k_proj = Linear(e, self.num_kv_heads * d, bias=True, dtype=dtype, names=("embed", "kv_heads"))
+        self.v_proj = Linear(e, self.num_kv_heads * d, bias=True, dtype=dtype, names=("embed", "kv_heads"))
+        self.o_proj = Linear(self.num_heads * d, e, bias=False, dtype=dtype, names=("heads", "embed"))
+
+    def __call__(self, x, cos, sin, mask, site: Site, interventions, probes):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        site = dataclasses.replace(site, q_pre=q, k_pre=k)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        k = apply_rope(k, cos[:, :, None], sin[:, :, None])
+        out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
+                          interventions=interventions, probes=probes)
+        return self.o_proj(out.reshape(b, s, -1)), res
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = TextAttention(cfg, dtype)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
+
+    def __call__(self, x, cos, sin, mask, site, interventions, probes):
+        h, res = self.self_attn(self.input_layernorm(x), cos, sin, mask, site, interventions, probes)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), res
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype):
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype):
+        self.weight = _param((vocab, dim), dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """Tied lm head: ``x @ weight.T``."""
+        return x @ self.weight[...].T
+
+
+# ----------------------------------------------------------------------------- the model
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Device inputs of :func:`forward` (a pytree of arrays), built on the host by ``prepare``.
+
+    input_ids [B,S] int32; attention_mask [B,S] int32 (1 = token, 0 = padding);
+    position_ids [3,B,S] int32 (M-RoPE, HF ``get_rope_index``); pixel_values [N, C·T·P·P] or None;
+    vision: :class:`VisionInputs` or None; layout: :class:`TokenLayout`.
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    position_ids: Any
+    pixel_values: Any = None
+    vision: Any = None
+    layout: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """logits [B,S,V]; hidden_states: tuple of L+1 [B,S,E] (embeddings, then each layer's output,
+    the last one after the final norm, as transformers returns them) or None; probes:
+    ``{name: {"text": [L, ...] stacked over the probed layers, "vision": ...}}``."""
+
+    logits: Any
+    hidden_states: Any = None
+    probes: Any = None
+
+
+def _collect(results: dict, res: dict, layer: int):
+    for name, value in res.items():
+        results.setdefault(name, {})[layer] = value
+
+
+def _stack(results: dict) -> dict:
+    out = {}
+    for name, per_layer in results.items():
+        out[name] = {"layers": tuple(sorted(per_layer)),
+                     "values": jnp.stack([per_layer[i] for i in sorted(per_layer)])}
+    return out
+
+
+class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    """Qwen2.5-VL: ``visual`` tower, ``language_model`` decoder and ``lm_head`` (None when tied)."""
+
+    def __init__(self, config: Qwen2_5_VLConfig, dtype=jnp.float32):
+        self.config = config
+        self.visual = VisionTransformer(config.vision, dtype)
+        self.language_model = TextModel(config.text, dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.text.hidden_size, config.text.vocab_size, bias=False, dtype=dtype,
+                               names=("embed", "vocab")))
+
+    def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False) -> ModelOutput:
+        cfg = self.config
+        lm = self.language_model
+        x = lm.embed_tokens(batch.input_ids)                                        # [B,S,E]
+        probe_out = {}
+        if batch.pixel_values is not None:
+            feats, vres = self.visual(batch.pixel_values, batch.vision, interventions, probes)
+            x = splice(x, feats.astype(x.dtype), batch.input_ids == cfg.image_token_id)
+            for name, v in _stack(vres).items():
+                probe_out.setdefault(name, {})["vision"] = v
+        cos, sin = mrope_cos_sin(batch.position_ids, cfg.text)
+        mask = text_mask(batch.attention_mask)
+        hidden = [x] if output_hidden_states else None
+        tres = {}
+        for i, layer in enumerate(lm.layers):
+            site = Site("text", i, layout=batch.layout)
+            x, res = layer(x, cos, sin, mask, site, interventions, probes)
+            _collect(tres, res, i)
+            if output_hidden_states:
+                hidden.append(x)
+        x = lm.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x
+        logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        for name, v in _stack(tres).items():
+            probe_out.setdefault(name, {})["text"] = v
+        return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
+                           probes=probe_out)
+
+
+def splice(embeds: Array, features: Array, image_mask: Array) -> Array:
+    """Writes ``features`` [M,E] into ``embeds`` [B,S,E] at the image pad tokens, in row-major
+    order (HF ``masked_scatter``)."""
+    flat = image_mask.reshape(-1)
+    src = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+    out = jnp.where(flat[:, None], features[src], embeds.reshape(flat.shape[0], -1))
+    return out.reshape(embeds.shape)
+
+
+def text_mask(attention_mask: Array) -> Array:
+    """Causal ∧ key-not-padding mask [B,1,S,S]. A padded query row keeps its diagonal so no row is
+    empty (its outputs are ignored downstream; transformers leaves such rows uniform)."""
+    s = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    m = causal[None] & (attention_mask[:, None, :] > 0)
+    m = m | jnp.eye(s, dtype=bool)[None]
+    return m[:, None]
+
+
+# ----------------------------------------------------------------------------- pure functional API
+@functools.lru_cache(maxsize=None)
+def graphdef(config: Qwen2_5_VLConfig, dtype: str = "float32"):
+    """The static graph of the model for ``config`` (no parameter memory)."""
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(dtype)))
+    return nnx.split(abstract)[0]
+
+
+def abstract_params(config: Qwen2_5_VLConfig, dtype: str = "float32") -> nnx.State:
+    """Parameter pytree of ShapeDtypeStructs with logical-axis metadata (for loading and sharding)."""
+    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(dtype)))
+    return nnx.split(abstract)[1]
+
+
+def forward(params: nnx.State, config: Qwen2_5_VLConfig, batch: Batch, interventions: Sequence = (),
+            probes: Sequence = (), output_hidden_states: bool = False) -> ModelOutput:
+    """Pure Qwen2.5-VL forward: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
+
+    ``config`` and ``output_hidden_states`` must be static under ``jax.jit``; ``interventions`` and
+    ``probes`` are pytrees whose layer choices are static metadata.
+    """
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    model = nnx.merge(graphdef(config, jnp.dtype(dtype).name), params)
+    return model(batch, tuple(interventions), tuple(probes), output_hidden_states)
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))
