@@ -8,20 +8,26 @@ kv group, D head dim.
 * ``q`` [B,T,H,D], ``k``/``v`` [B,K,G,D] (after RoPE). GQA: query head ``h`` reads kv head
   ``h // R`` (transformers' ``repeat_kv``).
 * ``site`` (:class:`Site`) says where the call happens: tower, static layer index, the
-  :class:`~jaxmm.processing.layout.TokenLayout` of keys/queries and the pre-RoPE ``q̃, k̃``.
+  :class:`~jaxmm.processing.layout.TokenLayout` of the keys, the key index of each query and the
+  pre-RoPE ``q̃, k̃``.
 * ``mask`` bool, broadcastable to [B,H,T,K]; True = may attend.
 * An **intervention** (:class:`Intervention`) may have the stages ``bias``, ``logits`` and
-  ``weights``; a **probe** (:class:`Probe`) reduces the attention weights of a layer to statistics.
-  Both are pytrees whose layer sets are static, so ``jax.jit`` specialises on them.
+  ``weights``; a **probe** (:class:`Probe`) reduces a layer's attention weights to statistics.
+  Both are pytrees whose layer choices are static metadata, so ``jax.jit`` specialises on them and
+  their numeric leaves (per-sample strengths, learned parameters) are traced and differentiable.
 
-Two paths, chosen statically per layer: a layer touched by no probe and by no intervention stage
-other than ``bias`` runs the fused kernel ``jax.nn.dot_product_attention`` (cuDNN on GPU); any other
-layer runs the explicit path (einsum -> logits stage -> softmax in float32 -> weights stage ->
-einsum), whose weights equal transformers' eager ``attn_weights``.
+Two paths, chosen statically per layer (:func:`choose_path`): a layer touched by no probe and by no
+intervention stage other than ``bias`` runs the fused kernel ``jax.nn.dot_product_attention``
+(cuDNN on GPU, XLA elsewhere); any other layer runs the explicit path — einsum -> ``logits`` stages
+-> softmax (float32) -> ``weights`` stages -> probes -> einsum — whose weights equal transformers'
+eager ``attn_weights``. The explicit path is chunked over queries (``query_chunk``) so a layer
+never holds more than ``B·H·query_chunk·K`` weights, and no ``[L,B,H,S,S]`` tensor exists unless a
+probe returns full maps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -32,6 +38,7 @@ Array = jax.Array
 
 FUSED = "fused"
 EXPLICIT = "explicit"
+QUERY_CHUNK = 512  # default query chunk of the explicit path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,47 +48,55 @@ class Site:
     Attributes:
         tower: ``"vision"`` or ``"text"``.
         layer: static layer index within the tower.
-        layout: TokenLayout of the text sequence (keys; queries are its last ``T`` positions), or
-            None in the vision tower.
+        layout: TokenLayout of the keys (text tower: fields [B,K]), or None in the vision tower.
+        query_pos: int32 [T], the key index of each query (prefill: ``arange(T)``; decode: the cache
+            position). Inside a query chunk it holds that chunk's positions.
         q_pre, k_pre: pre-RoPE queries [B,T,H,D] and keys [B,K,G,D], for interventions that ask.
+        mask: the bool mask [B,1|H,T,K] of this call (set by :func:`attend`).
     """
 
     tower: str
     layer: int
     layout: Any = None
+    query_pos: Array | None = None
     q_pre: Array | None = None
     k_pre: Array | None = None
+    mask: Array | None = None
 
 
-def _selects(layers, tower, towers, site: Site) -> bool:
-    return site.tower in towers and (layers is None or site.layer in layers)
+def _selects(obj, site: Site) -> bool:
+    return site.tower in obj.towers and (obj.layers is None or site.layer in obj.layers)
 
 
 class Intervention:
-    """Base class of interventions. Subclasses are pytrees (e.g. ``flax.struct.dataclass``) whose
-    static fields ``layers`` (tuple of layer indices or None for all) and ``towers`` choose the sites,
-    and override any of the stages below. A stage that is not overridden does not run.
+    """Base class of interventions.
+
+    A subclass is a pytree (``jax.tree_util.register_dataclass`` dataclass) with static fields
+    ``layers`` (tuple of layer indices, or None for every layer) and ``towers``, numeric leaves of its
+    own, and overrides any of the stages below; a stage that is not overridden does not run.
+    Stages see float32 tensors and must treat query rows independently (the explicit path may call
+    them one query chunk at a time; ``site.query_pos`` says which rows).
     """
 
     layers: tuple[int, ...] | None = None
     towers: tuple[str, ...] = ("text",)
 
     def applies(self, site: Site) -> bool:
-        return _selects(self.layers, site.tower, self.towers, site)
+        return _selects(self, site)
 
     def has_stage(self, name: str) -> bool:
         return getattr(type(self), name) is not getattr(Intervention, name)
 
     def bias(self, site: Site) -> Array:
-        """Additive pre-softmax bias, broadcastable to [B,H,T,K] (float32)."""
+        """Additive pre-softmax bias, broadcastable to [B,H,T,K]. Keeps the fused path."""
         raise NotImplementedError
 
     def logits(self, z: Array, site: Site) -> Array:
-        """Maps logits ``z`` [B,H,T,K] (float32, scaled, masked) to new logits."""
+        """Maps logits ``z`` [B,H,T,K] (scaled, biased, masked with the float32 minimum) to new logits."""
         raise NotImplementedError
 
     def weights(self, a: Array, site: Site) -> Array:
-        """Maps attention weights ``a`` [B,H,T,K] (float32, rows sum to 1) to new weights."""
+        """Maps attention weights ``a`` [B,H,T,K] (rows sum to 1) to new weights."""
         raise NotImplementedError
 
     def after_prefill(self, probe_results) -> "Intervention":
@@ -90,37 +105,67 @@ class Intervention:
 
 
 class Probe:
-    """Base class of probes: reduce a layer's attention weights to statistics.
+    """Base class of probes: reduce a layer's attention weights to statistics, row by row.
 
-    Subclasses are pytrees with static ``name``, ``layers`` and ``towers`` and implement
-    ``__call__(weights [B,H,T,K] float32, site) -> array``.
+    A subclass is a pytree with static ``name``, ``layers``, ``towers`` and ``query_axis`` (the axis of
+    its result that indexes queries, so query chunks can be joined) and implements
+    ``__call__(weights [B,H,T,K] float32, site) -> array``. Results are returned by the forward as
+    ``out.probes[name][tower] = {"layers": (...), "values": [L_probed, ...]}``.
     """
 
     name: str = "probe"
     layers: tuple[int, ...] | None = None
     towers: tuple[str, ...] = ("text",)
+    query_axis: int = -1
+    kind: str = "attention"
 
     def applies(self, site: Site) -> bool:
-        return _selects(self.layers, site.tower, self.towers, site)
+        return self.kind == "attention" and _selects(self, site)
 
     def __call__(self, weights: Array, site: Site) -> Array:
         raise NotImplementedError
 
 
+def static_field(default):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionWeights(Probe):
-    """The full attention weights [B,H,T,K] of the chosen layers (for parity checks and heatmaps).
+    """The full attention weights [B,H,T,K] of the chosen layers (parity checks, heatmaps).
 
     Memory grows as L·B·H·T·K: ask only for the layers you need.
     """
 
-    name: str = dataclasses.field(default="attentions", metadata=dict(static=True))
-    layers: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
-    towers: tuple[str, ...] = dataclasses.field(default=("text",), metadata=dict(static=True))
+    name: str = static_field("attentions")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+    query_axis: int = static_field(-2)
 
     def __call__(self, weights, site):
         return weights
+
+
+# ----------------------------------------------------------------------------- path bookkeeping
+_TRACE: list | None = None
+
+
+@contextlib.contextmanager
+def record_paths():
+    """Records ``(tower, layer, path)`` for every :func:`attend` traced inside the block.
+
+    Tracing happens once per compiled shape; use ``jax.eval_shape`` (always traces) to inspect::
+
+        with record_paths() as paths:
+            jax.eval_shape(lambda: model.forward(...))
+    """
+    global _TRACE
+    prev, _TRACE = _TRACE, []
+    try:
+        yield _TRACE
+    finally:
+        _TRACE = prev
 
 
 def choose_path(site: Site, interventions=(), probes=()) -> str:
@@ -133,8 +178,9 @@ def choose_path(site: Site, interventions=(), probes=()) -> str:
     return FUSED
 
 
+# ----------------------------------------------------------------------------- attend
 def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scale: float,
-           interventions=(), probes=()) -> tuple[Array, dict[str, Array]]:
+           interventions=(), probes=(), query_chunk: int = QUERY_CHUNK) -> tuple[Array, dict[str, Array]]:
     """Attention with interventions and probes. See the module docstring for shapes.
 
     Returns:
@@ -142,21 +188,33 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     """
     ivs = [iv for iv in interventions if iv.applies(site)]
     prs = [p for p in probes if p.applies(site)]
+    if site.query_pos is None:
+        site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
+    site = dataclasses.replace(site, mask=mask)
     bias = None
     for iv in ivs:
         if iv.has_stage("bias"):
             b = iv.bias(site).astype(jnp.float32)
             bias = b if bias is None else bias + b
-    if choose_path(site, ivs, prs) == FUSED:
+    path = choose_path(site, ivs, prs)
+    if _TRACE is not None:
+        _TRACE.append((site.tower, site.layer, path))
+    if path == FUSED:
         out = jax.nn.dot_product_attention(
             q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale)
         return out, {}
+    t = q.shape[1]
+    if t <= query_chunk:
+        return _explicit(q, k, v, mask, bias, scale, ivs, prs, site)
+    return _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, query_chunk)
 
-    B, T, H, D = q.shape
-    G = k.shape[2]
-    qg = q.reshape(B, T, G, H // G, D)
+
+def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
+    b, t, h, d = q.shape
+    kk, g = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, g, h // g, d)
     z = jnp.einsum("btgrd,bkgd->bgrtk", qg, k, preferred_element_type=jnp.float32)
-    z = z.reshape(B, H, T, k.shape[1]) * scale
+    z = z.reshape(b, h, t, kk) * scale
     if bias is not None:
         z = z + bias
     if mask is not None:
@@ -169,6 +227,48 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
         if iv.has_stage("weights"):
             a = iv.weights(a, site)
     results = {p.name: p(a, site) for p in prs}
-    ag = a.astype(v.dtype).reshape(B, G, H // G, T, k.shape[1])
-    out = jnp.einsum("bgrtk,bkgd->btgrd", ag, v).reshape(B, T, H, D)
+    ag = a.astype(v.dtype).reshape(b, g, h // g, t, kk)
+    out = jnp.einsum("bgrtk,bkgd->btgrd", ag, v).reshape(b, t, h, d)
     return out, results
+
+
+def _take_rows(x, start, size, t, axis):
+    """Rows ``start:start+size`` of ``x`` along ``axis`` if that axis has length ``t`` (else ``x``)."""
+    if x is None or x.ndim < -axis or x.shape[axis] != t:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim + axis)
+
+
+def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
+    """The explicit path over query chunks (``lax.map``): weights never exceed [B,H,chunk,K]."""
+    t = q.shape[1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    pad_rows = lambda x, axis: x if x is None or x.ndim < -axis or x.shape[axis] != t else jnp.pad(
+        x, [(0, pad) if i == x.ndim + axis else (0, 0) for i in range(x.ndim)])
+    qp, maskp, biasp = pad_rows(q, -3), pad_rows(mask, -2), pad_rows(bias, -2)
+    qpos = jnp.pad(site.query_pos, (0, pad), constant_values=site.query_pos[-1])
+    q_pre = pad_rows(site.q_pre, -3)
+    tp = n * chunk
+
+    def one(i):
+        s = i * chunk
+        sub = dataclasses.replace(site, query_pos=jax.lax.dynamic_slice_in_dim(qpos, s, chunk),
+                                  q_pre=_take_rows(q_pre, s, chunk, tp, -3),
+                                  mask=_take_rows(maskp, s, chunk, tp, -2))
+        return _explicit(_take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2),
+                         scale, ivs, prs, sub)
+
+    outs, results = jax.lax.map(one, jnp.arange(n))
+    out = jnp.moveaxis(outs, 0, 1).reshape((q.shape[0], tp) + q.shape[2:])[:, :t]
+    joined = {}
+    for p in prs:
+        r = results[p.name]                               # [n, ..., chunk, ...]
+        if p.query_axis is None:                          # row-selecting probes: chunks add up
+            joined[p.name] = jnp.sum(r, axis=0)
+            continue
+        ax = p.query_axis % (r.ndim - 1)
+        r = jnp.moveaxis(r, 0, ax)                         # [..., n, chunk, ...]
+        shape = r.shape[:ax] + (tp,) + r.shape[ax + 2:]
+        joined[p.name] = jax.lax.slice_in_dim(r.reshape(shape), 0, t, axis=ax)
+    return out, joined

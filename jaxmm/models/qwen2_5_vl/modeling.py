@@ -260,17 +260,26 @@ class TextAttention(nnx.Module):
         self.v_proj = Linear(e, self.num_kv_heads * d, bias=True, dtype=dtype, names=("embed", "kv_heads"))
         self.o_proj = Linear(self.num_heads * d, e, bias=False, dtype=dtype, names=("heads", "embed"))
 
-    def __call__(self, x, cos, sin, mask, site: Site, interventions, probes):
-        b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        site = dataclasses.replace(site, q_pre=q, k_pre=k)
+    def __call__(self, x, cos, sin, mask, site: Site, interventions, probes, cache=None):
+        """x [B,T,E]; cache: None or (k [B,K,G,D], v [B,K,G,D]) already holding earlier positions,
+        updated at ``site.query_pos`` (contiguous) before attending over all K keys."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q_pre, k_pre = q, k
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
+        if cache is not None:
+            start = site.query_pos[0]
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+            # pre-RoPE keys of earlier positions are not cached: interventions that read k_pre see
+            # the current queries' keys only during decoding.
+        site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre)
         out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
                           interventions=interventions, probes=probes)
-        return self.o_proj(out.reshape(b, s, -1)), res
+        return self.o_proj(out.reshape(b, t, -1)), res, (k, v)
 
 
 class DecoderLayer(nnx.Module):
@@ -280,10 +289,14 @@ class DecoderLayer(nnx.Module):
         self.self_attn = TextAttention(cfg, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, site, interventions, probes):
-        h, res = self.self_attn(self.input_layernorm(x), cos, sin, mask, site, interventions, probes)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), res
+    def __call__(self, x, cos, sin, mask, site, interventions, probes, cache=None):
+        h, res, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, site, interventions, probes, cache)
+        y = x + h
+        y = y + self.mlp(self.post_attention_layernorm(y))
+        for p in probes:
+            if p.kind == "residual" and p.selects(site):
+                res[p.name] = p.residual(x, y, site)
+        return y, res, kv
 
 
 class TextModel(nnx.Module):
@@ -329,11 +342,13 @@ class Batch:
 class ModelOutput:
     """logits [B,S,V]; hidden_states: tuple of L+1 [B,S,E] (embeddings, then each layer's output,
     the last one after the final norm, as transformers returns them) or None; probes:
-    ``{name: {"text": [L, ...] stacked over the probed layers, "vision": ...}}``."""
+    ``{name: {tower: {"layers": (l, ...), "values": [L_probed, ...]}}}``; cache: the updated
+    :class:`KVCache` when one was passed."""
 
     logits: Any
     hidden_states: Any = None
     probes: Any = None
+    cache: Any = None
 
 
 def _collect(results: dict, res: dict, layer: int):
@@ -360,23 +375,36 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
                         Linear(config.text.hidden_size, config.text.vocab_size, bias=False, dtype=dtype,
                                names=("embed", "vocab")))
 
-    def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False) -> ModelOutput:
+    def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False,
+                 cache: "KVCache | None" = None) -> ModelOutput:
+        """Prefill (``cache`` None or empty) or decode step (``cache.index`` > 0).
+
+        With a cache, ``batch.input_ids`` [B,T] are the new tokens at key positions
+        ``cache.index + arange(T)``, while ``batch.attention_mask`` and ``batch.layout`` describe all
+        ``K = cache.max_len`` key positions.
+        """
         cfg = self.config
         lm = self.language_model
-        x = lm.embed_tokens(batch.input_ids)                                        # [B,S,E]
+        x = lm.embed_tokens(batch.input_ids)                                        # [B,T,E]
+        t = x.shape[1]
         probe_out = {}
         if batch.pixel_values is not None:
             feats, vres = self.visual(batch.pixel_values, batch.vision, interventions, probes)
             x = splice(x, feats.astype(x.dtype), batch.input_ids == cfg.image_token_id)
             for name, v in _stack(vres).items():
                 probe_out.setdefault(name, {})["vision"] = v
+        start = jnp.int32(0) if cache is None else cache.index
+        query_pos = start + jnp.arange(t, dtype=jnp.int32)
         cos, sin = mrope_cos_sin(batch.position_ids, cfg.text)
-        mask = text_mask(batch.attention_mask)
+        mask = text_mask(batch.attention_mask, query_pos)
         hidden = [x] if output_hidden_states else None
-        tres = {}
+        tres, new_k, new_v = {}, [], []
         for i, layer in enumerate(lm.layers):
-            site = Site("text", i, layout=batch.layout)
-            x, res = layer(x, cos, sin, mask, site, interventions, probes)
+            site = Site("text", i, layout=batch.layout, query_pos=query_pos)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, res, (k, v) = layer(x, cos, sin, mask, site, interventions, probes, layer_cache)
+            new_k.append(k)
+            new_v.append(v)
             _collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
@@ -386,8 +414,26 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         for name, v in _stack(tres).items():
             probe_out.setdefault(name, {})["text"] = v
+        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), start + t)
         return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
-                           probes=probe_out)
+                           probes=probe_out, cache=new_cache)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every text layer: k, v [L,B,K,G,D] (after RoPE); ``index`` int32 scalar,
+    the number of positions written (the next query's key position)."""
+
+    k: Any
+    v: Any
+    index: Any
+
+    @classmethod
+    def empty(cls, config: Qwen2_5_VLConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+        t = config.text
+        shape = (t.num_hidden_layers, batch_size, max_len, t.num_key_value_heads, t.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0))
 
 
 def splice(embeds: Array, features: Array, image_mask: Array) -> Array:
@@ -399,13 +445,16 @@ def splice(embeds: Array, features: Array, image_mask: Array) -> Array:
     return out.reshape(embeds.shape)
 
 
-def text_mask(attention_mask: Array) -> Array:
-    """Causal ∧ key-not-padding mask [B,1,S,S]. A padded query row keeps its diagonal so no row is
-    empty (its outputs are ignored downstream; transformers leaves such rows uniform)."""
-    s = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
+def text_mask(attention_mask: Array, query_pos: Array) -> Array:
+    """Causal ∧ key-not-padding mask [B,1,T,K] for queries at key positions ``query_pos`` [T].
+
+    A padded query keeps its own key so no row is empty (its outputs are ignored downstream;
+    transformers leaves such rows uniform).
+    """
+    keys = jnp.arange(attention_mask.shape[-1], dtype=jnp.int32)
+    causal = keys[None, :] <= query_pos[:, None]                                     # [T,K]
     m = causal[None] & (attention_mask[:, None, :] > 0)
-    m = m | jnp.eye(s, dtype=bool)[None]
+    m = m | (keys[None, :] == query_pos[:, None])[None]
     return m[:, None]
 
 
@@ -424,7 +473,7 @@ def abstract_params(config: Qwen2_5_VLConfig, dtype: str = "float32") -> nnx.Sta
 
 
 def forward(params: nnx.State, config: Qwen2_5_VLConfig, batch: Batch, interventions: Sequence = (),
-            probes: Sequence = (), output_hidden_states: bool = False) -> ModelOutput:
+            probes: Sequence = (), output_hidden_states: bool = False, cache: KVCache | None = None) -> ModelOutput:
     """Pure Qwen2.5-VL forward: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
 
     ``config`` and ``output_hidden_states`` must be static under ``jax.jit``; ``interventions`` and
@@ -432,7 +481,7 @@ def forward(params: nnx.State, config: Qwen2_5_VLConfig, batch: Batch, intervent
     """
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     model = nnx.merge(graphdef(config, jnp.dtype(dtype).name), params)
-    return model(batch, tuple(interventions), tuple(probes), output_hidden_states)
+    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache)
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))

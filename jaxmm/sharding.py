@@ -1,0 +1,46 @@
+"""Logical axis names -> mesh axes (MaxText-style rule table) and parameter shardings.
+
+Every parameter carries logical axis names (``sharding_names`` metadata: ``embed``, ``mlp``,
+``heads``, ``kv_heads``, ``vocab`` or None). A rule table maps each name to a mesh axis (or None =
+replicated); names whose mesh axis is absent from the mesh are replicated.
+"""
+
+from __future__ import annotations
+
+import flax.nnx as nnx
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+# Tensor parallelism over "model", FSDP-style sharding of the embedding dim over "fsdp".
+DEFAULT_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "mlp": "model",
+    "heads": "model",
+    "kv_heads": "model",
+    "vocab": "model",
+}
+
+
+def logical_to_spec(names, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+    """``("embed", "mlp")`` -> ``PartitionSpec("fsdp", "model")`` on a mesh with those axes."""
+    axes = []
+    for n in names or ():
+        a = rules.get(n) if n is not None else None
+        axes.append(a if a in mesh.axis_names and mesh.shape[a] > 1 else None)
+    return PartitionSpec(*axes)
+
+
+def param_shardings(abstract: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> dict:
+    """``{path: NamedSharding}`` for every parameter of an abstract state (``abstract_params``).
+
+    A dimension that the mesh axis does not divide is replicated instead of failing.
+    """
+    out = {}
+    for path, var in nnx.to_flat_state(abstract):
+        names = var.get_metadata().get("sharding_names")
+        spec = logical_to_spec(names, mesh, rules)
+        shape = var.get_value().shape
+        spec = PartitionSpec(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None
+                               for i, a in enumerate(spec)])
+        out[path] = NamedSharding(mesh, spec)
+    return out

@@ -1,0 +1,106 @@
+"""Tiny random-weight Qwen2.5-VL checkpoints built with transformers, for parity tests.
+
+Weights are re-drawn with a larger spread than HF's init (std 0.02 gives near-constant logits that
+would hide bugs); every checkpoint is saved with ``save_pretrained`` like a real one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 290, 291, 292, 293
+VOCAB = 300
+
+CONFIGS = {
+    # untied head, GQA (4 query heads / 2 kv heads), windows of 2x2 merged tokens, 2 full-attention blocks
+    "gqa_untied": dict(
+        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, window_size=56,
+                    fullatt_block_indexes=[1, 3]),
+        tie=False),
+    # tied head, MHA, larger windows (4x4 merged tokens), full attention at block 0 and 2
+    "mha_tied": dict(
+        text=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, mrope_section=[4, 4, 4]),
+        vision=dict(depth=3, hidden_size=48, intermediate_size=64, num_heads=4, window_size=112,
+                    fullatt_block_indexes=[0, 2]),
+        tie=True),
+}
+
+
+def hf_config(name: str):
+    from transformers import Qwen2_5_VLConfig
+
+    c = CONFIGS[name]
+    t = dict(c["text"])
+    section = t.pop("mrope_section")
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=VOCAB, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=1,
+                         pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": section}, **t),
+        vision_config=dict(out_hidden_size=t["hidden_size"], **c["vision"]),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=c["tie"])
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_hf_model(name: str, seed: int = 0, std: float = 0.15):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` in eval mode (float32, eager)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight") or "norm1" in pname or "norm2" in pname or "ln_q" in pname:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def save_hf_model(name: str, path, seed: int = 0, dtype=None):
+    """Builds and saves a tiny checkpoint to ``path``; returns the torch model (float32)."""
+    import torch
+
+    model = build_hf_model(name, seed)
+    if dtype is not None:
+        model.to(dtype).save_pretrained(path)
+        model.to(torch.float32)
+    else:
+        model.save_pretrained(path)
+    return model
+
+
+def photos():
+    """Real photos from scikit-image, several sizes and aspect ratios."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
+            "rocket": data.rocket(), "camera": data.camera(), "logo": data.logo()}
+
+
+def mm_token_type_ids(input_ids: np.ndarray) -> np.ndarray:
+    return (input_ids == IMAGE_TOKEN).astype(np.int64) + 2 * (input_ids == VIDEO_TOKEN).astype(np.int64)
+
+
+def make_rows(rows_tokens: list[list[int]], padding_side: str = "left", pad_id: int = 0):
+    """Pads token lists into ``input_ids``/``attention_mask`` int64 arrays."""
+    s = max(len(r) for r in rows_tokens)
+    ids = np.full((len(rows_tokens), s), pad_id, np.int64)
+    am = np.zeros((len(rows_tokens), s), np.int64)
+    for i, r in enumerate(rows_tokens):
+        sl = slice(s - len(r), s) if padding_side == "left" else slice(0, len(r))
+        ids[i, sl] = r
+        am[i, sl] = 1
+    return ids, am
+
+
+def image_span(n_tokens: int) -> list[int]:
+    return [VISION_START] + [IMAGE_TOKEN] * n_tokens + [VISION_END]
