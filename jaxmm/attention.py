@@ -180,8 +180,11 @@ def choose_path(site: Site, interventions=(), probes=()) -> str:
 
 # ----------------------------------------------------------------------------- attend
 def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scale: float,
-           interventions=(), probes=(), query_chunk: int = QUERY_CHUNK) -> tuple[Array, dict[str, Array]]:
+           interventions=(), probes=(), query_chunk: int | None = None) -> tuple[Array, dict[str, Array]]:
     """Attention with interventions and probes. See the module docstring for shapes.
+
+    ``query_chunk`` (static): query rows per block of the explicit path; default
+    :data:`QUERY_CHUNK`, read when the function is traced.
 
     Returns:
         ``out`` [B,T,H,D] in ``q.dtype`` and ``{probe.name: result}`` for the probes that apply here.
@@ -204,6 +207,7 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
             q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale)
         return out, {}
     t = q.shape[1]
+    query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
     if t <= query_chunk:
         return _explicit(q, k, v, mask, bias, scale, ivs, prs, site)
     return _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, query_chunk)

@@ -89,8 +89,8 @@ def test_logits_hidden_states_and_attention_match_transformers(ckpt, batch_name)
         assert err < 1e-4, f"hidden state {i}: max abs error {err}"
 
     probe = out.probes["attentions"]["text"]
-    assert probe["layers"] == tuple(range(n_layers))
-    weights = np.asarray(probe["values"])                      # [L,B,H,S,S]
+    assert probe.layers == tuple(range(n_layers))
+    weights = np.asarray(probe.values)                      # [L,B,H,S,S]
     for i, ref_w in enumerate(ref.attentions):
         err = np.abs(weights[i] - ref_w.numpy()).transpose(0, 2, 1, 3)[valid].max()
         assert err < 1e-5, f"attention weights of layer {i}: max abs error {err}"

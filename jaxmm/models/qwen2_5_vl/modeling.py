@@ -342,7 +342,7 @@ class Batch:
 class ModelOutput:
     """logits [B,S,V]; hidden_states: tuple of L+1 [B,S,E] (embeddings, then each layer's output,
     the last one after the final norm, as transformers returns them) or None; probes:
-    ``{name: {tower: {"layers": (l, ...), "values": [L_probed, ...]}}}``; cache: the updated
+    ``{name: {tower: LayerStack(values [L_probed, ...], layers)}}``; cache: the updated
     :class:`KVCache` when one was passed."""
 
     logits: Any
@@ -356,12 +356,18 @@ def _collect(results: dict, res: dict, layer: int):
         results.setdefault(name, {})[layer] = value
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """One probe's results in one tower: ``values`` [L_probed, ...] stacked over ``layers`` (static)."""
+
+    values: Any
+    layers: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+
 def _stack(results: dict) -> dict:
-    out = {}
-    for name, per_layer in results.items():
-        out[name] = {"layers": tuple(sorted(per_layer)),
-                     "values": jnp.stack([per_layer[i] for i in sorted(per_layer)])}
-    return out
+    return {name: LayerStack(jnp.stack([per_layer[i] for i in sorted(per_layer)]), tuple(sorted(per_layer)))
+            for name, per_layer in results.items()}
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):

@@ -1,0 +1,95 @@
+"""Command line: ``jaxmm demo | inspect``.
+
+``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
+(default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
+attention goes, layer by layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def _load_image(path: str | None):
+    from PIL import Image
+
+    if path is None:
+        from skimage import data
+
+        return Image.fromarray(data.chelsea()), "skimage.data.chelsea (300x451 photo)"
+    try:
+        return Image.open(path), path
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"jaxmm: cannot read image {path!r}: {e}")
+
+
+def demo(args) -> int:
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm import probes as P
+    from jaxmm.processing.image import ImageProcessor
+
+    path = args.model or organism.build()
+    model = jaxmm.load(path, dtype=args.dtype)
+    proc = ImageProcessor.from_pretrained(path)
+    image, name = _load_image(args.image)
+    pix = proc([image])
+    cfg = model.config
+    n_img = int(pix["image_grid_thw"][0].prod()) // cfg.vision.spatial_merge_size ** 2
+    rng = np.random.default_rng(0)
+    system = [int(t) for t in rng.integers(3, 100, 6)]
+    question = [int(t) for t in rng.integers(3, 100, 8)]
+    ids = np.array([system + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
+                    + [cfg.vision_end_token_id] + question], np.int64)
+    s = ids.shape[1]
+    batch = model.prepare(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix["pixel_values"],
+                          image_grid_thw=pix["image_grid_thw"], system_spans=[[(0, len(system))]],
+                          question_spans=[[(s - len(question), s)]])
+    out = model.forward(batch=batch, probes=[P.VisualMass(), P.VisualEntropy(normalize=True), P.VAS()])
+    print(f"model   {path}  ({cfg.text.num_hidden_layers} text layers, {cfg.vision.depth} vision blocks, "
+          f"dtype {model.dtype})")
+    print(f"image   {name} -> grid {pix['image_grid_thw'][0].tolist()} patches, {n_img} image tokens; "
+          f"sequence {s} tokens")
+    top = np.argsort(-np.asarray(out.logits[0, -1], np.float32))[:5]
+    print(f"next-token top-5 ids: {top.tolist()}")
+    print("last token, mean over heads:  layer  visual mass  visual entropy (norm.)  VAS (image/system)")
+    vals = {k: np.asarray(out.probes[k]["text"].values, np.float32) for k in ("visual_mass", "visual_entropy", "vas")}
+    for layer in range(cfg.text.num_hidden_layers):
+        m, h, v = (vals[k][layer, 0, :, -1].mean() for k in ("visual_mass", "visual_entropy", "vas"))
+        print(f"{'':31}{layer:5d}  {m:11.4f}  {h:22.4f}  {v:18.4f}")
+    return 0
+
+
+def inspect(args) -> int:
+    import jax
+
+    import jaxmm
+
+    model = jaxmm.load(args.model, dtype=args.dtype)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
+    print(model.config)
+    print(f"parameters: {n:,} ({model.dtype})")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jaxmm", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="one probed forward on a photo (default: the embedded organism)")
+    d.add_argument("--model", help="HF checkpoint directory (default: build/use the embedded organism)")
+    d.add_argument("--image", help="image file (default: a photo from scikit-image)")
+    d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    d.set_defaults(fn=demo)
+    i = sub.add_parser("inspect", help="print a checkpoint's config and parameter count")
+    i.add_argument("--model", required=True)
+    i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    i.set_defaults(fn=inspect)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Generation: prefill, then a jit-compiled decode loop over a static KV cache.
+
+The whole of :func:`generate` is one ``jax.jit`` program: prefill over the (left-padded) prompt,
+``after_prefill`` re-planning of interventions, then ``lax.scan`` over ``max_new_tokens`` decode
+steps. Interventions apply at prefill and at every step; probes are collected at every step.
+:func:`prefill` and :func:`decode_step` are the same pieces, jitted one by one, for streaming.
+
+Positions follow transformers' Qwen2.5-VL generation exactly: generated token ``t`` (0-based) of a
+row gets M-RoPE position ``max(prompt positions) + 1 + t`` on all three axes (HF: text position
+``attention_mask.cumsum − 1`` plus ``rope_deltas``).
+
+The cache length is bucketed (:func:`bucket`) so that prompts of similar length share one compiled
+program. Rows that emitted a stop token keep decoding (static shapes) but their later tokens are
+replaced by ``pad_token_id``, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmm.models.qwen2_5_vl.modeling import Batch, KVCache, forward
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Decoding rule. ``temperature == 0`` is greedy; otherwise logits / temperature, then top-k
+    (0 = off), then top-p (1.0 = off), then a categorical draw (transformers' warper order)."""
+
+    temperature: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    top_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    top_p: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """tokens [B,T_new] int32 (pad after a stop token); lengths [B] int32 (tokens up to and
+    including the first stop token); logits [B,T_new,V] float32 of each step (if requested, else
+    None); probes ``{name: {tower: {"layers": (...), "values": [B, T_new, L_probed, ...]}}}`` from the
+    decode steps (the query axis of size 1 removed); prefill_probes as the forward returns them."""
+
+    tokens: Any
+    lengths: Any
+    logits: Any = None
+    probes: Any = None
+    prefill_probes: Any = None
+
+
+def bucket(n: int, multiple: int = 64) -> int:
+    """Rounds a cache length up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def select_token(logits: Array, sampling: Sampling, key: Array | None) -> Array:
+    """logits [B,V] -> token ids [B] int32."""
+    logits = logits.astype(jnp.float32)
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(logits, axis=-1)                          # ascending, as HF
+        sorted_logits = jnp.take_along_axis(logits, order, -1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+        remove_sorted = cum <= 1.0 - sampling.top_p
+        remove_sorted = remove_sorted.at[:, -1].set(False)             # keep at least one token
+        remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+        logits = jnp.where(remove, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def extend_for_decoding(batch: Batch, max_len: int) -> Batch:
+    """Host side: pads ``attention_mask`` and the layout from S prompt positions to ``max_len`` key
+    positions (future positions count as valid, generated tokens; causality hides them)."""
+    b, s = batch.input_ids.shape
+    n_new = max_len - s
+    if n_new < 0:
+        raise ValueError(f"prompt of {s} tokens does not fit a cache of {max_len}")
+    am = np.concatenate([np.asarray(batch.attention_mask), np.ones((b, n_new), np.int32)], 1)
+    layout = batch.layout.extend(n_new) if batch.layout is not None else None
+    return dataclasses.replace(batch, attention_mask=am, layout=layout)
+
+
+def _squeeze_query(results: dict, probes) -> dict:
+    """Per decode step: drop the query axis (length 1, at each probe's ``query_axis``) of the values."""
+    axes = {p.name: p.query_axis for p in probes if p.kind == "attention"}
+    return {name: {tower: r if axes.get(name) is None else
+                   dataclasses.replace(r, values=jnp.squeeze(r.values, axes[name]))
+                   for tower, r in towers.items()}
+            for name, towers in results.items()}
+
+
+def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes=()):
+    """Runs the prompt through the model into an empty cache of ``max_len`` positions.
+
+    ``batch`` has S prompt positions; its attention mask and layout are extended here. Returns
+    ``(last_logits [B,V], cache, next_pos [B] int32, decode_batch_template, prefill ModelOutput)``.
+    """
+    b, s = batch.input_ids.shape
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    cache = KVCache.empty(config, b, max_len, dtype)
+    out = forward(params, config, batch, interventions, probes, False, cache)
+    valid = batch.attention_mask[None] > 0
+    next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1
+    return out.logits[:, -1], out.cache, next_pos.astype(jnp.int32), out
+
+
+def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Array, pos: Array,
+                interventions=(), probes=()):
+    """One token per row: ``token`` [B] at M-RoPE position ``pos`` [B]. Returns the model output
+    (logits [B,1,V], probes, updated cache)."""
+    step = dataclasses.replace(decode_batch, input_ids=token[:, None],
+                               position_ids=jnp.broadcast_to(pos[None, :, None], (3,) + token.shape + (1,)),
+                               pixel_values=None, vision=None)
+    return forward(params, config, step, interventions, probes, False, cache)
+
+
+@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits"))
+def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
+              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits):
+    last, cache, next_pos, pre = prefill(params, config, batch_with(batch, full_batch), max_len,
+                                         interventions, probes)
+    interventions = tuple(iv.after_prefill(pre.probes) for iv in interventions)
+    keys = jax.random.split(key, max_new_tokens)
+    b = last.shape[0]
+
+    def body(carry, xs):
+        logits, cache, done = carry
+        t, k = xs
+        tok = select_token(logits, sampling, k)
+        tok = jnp.where(done, pad_token_id, tok)
+        done = done | jnp.isin(tok, stop_tokens)
+        out = decode_step(params, config, full_batch, cache, tok, next_pos + t, interventions, probes)
+        ys = (tok, logits if output_logits else None, _squeeze_query(out.probes, probes))
+        return (out.logits[:, 0], out.cache, done), ys
+
+    init = (last, cache, jnp.zeros((b,), bool))
+    _, (tokens, logits, step_probes) = jax.lax.scan(body, init, (jnp.arange(max_new_tokens), keys))
+    # Step t's forward consumed generated token t: its probes describe token t as the query.
+    # Stacked over steps the values are [T_new, L, B, ...]; return [B, T_new, L, ...].
+    step_probes = jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 2, 0), step_probes)
+    tokens = tokens.T
+    return GenerateOutput(tokens=tokens, lengths=_lengths(tokens, stop_tokens),
+                          logits=None if logits is None else jnp.moveaxis(logits, 0, 1),
+                          probes=step_probes, prefill_probes=pre.probes)
+
+
+def _lengths(tokens: Array, stop_tokens: Array) -> Array:
+    """Tokens up to and including the first stop token (all if none)."""
+    is_stop = jnp.isin(tokens, stop_tokens)
+    first = jnp.argmax(is_stop, axis=1)
+    return jnp.where(is_stop.any(1), first + 1, tokens.shape[1]).astype(jnp.int32)
+
+
+def batch_with(prompt: Batch, full: Batch) -> Batch:
+    """The prefill batch: prompt tokens and positions, key-side mask/layout over the whole cache."""
+    return dataclasses.replace(prompt, attention_mask=full.attention_mask, layout=full.layout)
+
+
+def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
+             key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
+             interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
+             max_len: int | None = None) -> GenerateOutput:
+    """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
+
+    Args:
+        params, config: the model (``model.params``, ``model.config``).
+        batch: a prepared prompt batch (``model.prepare``), padded on the LEFT.
+        sampling: :class:`Sampling`; greedy by default.
+        key: PRNG key, required when sampling (temperature > 0).
+        stop_tokens: ids that end a row (default: the config's ``eos_token_id``).
+        pad_token_id: written after a row stopped.
+        interventions, probes: as in the forward; applied at prefill and every decode step.
+        output_logits: also return each step's logits [B,T_new,V].
+        max_len: cache length (default: prompt + max_new_tokens rounded up by :func:`bucket`).
+
+    Raises:
+        ValueError: right-padded prompts, or sampling without a key.
+    """
+    am = np.asarray(batch.attention_mask)
+    if (am[:, -1] == 0).any():
+        raise ValueError("generate() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.PRNGKey(...))")
+    s = batch.input_ids.shape[1]
+    max_len = max_len or bucket(s + max_new_tokens)
+    stop = tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens)
+    full = extend_for_decoding(batch, max_len)
+    key = jax.random.PRNGKey(0) if key is None else key
+    return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
+                     jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
+                     tuple(probes), output_logits)

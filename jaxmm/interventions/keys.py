@@ -1,0 +1,83 @@
+"""Generic key-set interventions: shift logits, scale weights, or add a bias on a set of keys.
+
+They are the building blocks the methods are written with (PAI, AVAR's intervention and VRGA's
+boost are key-set edits) and the two sides of methods.md primitive 7: scaling the weights of a key
+set by c and renormalising equals adding log c to their logits (``KeyWeightScale(c)`` ≡
+``KeyLogitShift(log c)`` ≡ ``KeyBias(log c)``, the last one keeping the fused path).
+
+Key sets are named fields of the TokenLayout: ``"image"`` (image_mask), ``"video"``, ``"system"``,
+``"question"``, ``"generated"``, ``"region"`` (region_weight, used as weights).
+Numeric leaves broadcast as: scalar; [B] per sample; [B,H] per sample and head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxmm.attention import Intervention, Site, static_field
+
+_FIELDS = {"image": "image_mask", "video": "video_mask", "system": "system_mask",
+           "question": "question_mask", "generated": "generated_mask", "region": "region_weight"}
+
+
+def key_set(site: Site, keys: str) -> jax.Array:
+    """The key set ``keys`` of ``site.layout`` as float32 [B,1,1,K] (broadcast over heads, queries)."""
+    if keys not in _FIELDS:
+        raise ValueError(f"unknown key set {keys!r}; expected one of {sorted(_FIELDS)}")
+    if site.layout is None:
+        raise ValueError(f"key set {keys!r} needs a TokenLayout; the {site.tower} tower has none")
+    return getattr(site.layout, _FIELDS[keys]).astype(jnp.float32)[:, None, None, :]
+
+
+def per_sample(x) -> jax.Array:
+    """Scalar, [B] or [B,H] leaf -> broadcastable to [B,H,T,K]."""
+    x = jnp.asarray(x, jnp.float32)
+    return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim else x
+
+
+def _iv(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_iv
+class KeyLogitShift(Intervention):
+    """``logits`` stage: z_ij += delta for j in the key set (explicit path)."""
+
+    delta: jax.Array = 0.0
+    keys: str = static_field("image")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def logits(self, z, site):
+        return z + per_sample(self.delta) * key_set(site, self.keys)
+
+
+@_iv
+class KeyWeightScale(Intervention):
+    """``weights`` stage: a_ij *= scale for j in the key set, then renormalise each row."""
+
+    scale: jax.Array = 1.0
+    keys: str = static_field("image")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def weights(self, a, site):
+        s = key_set(site, self.keys)
+        a = a * (1.0 + (per_sample(self.scale) - 1.0) * s)
+        return a / jnp.sum(a, axis=-1, keepdims=True)
+
+
+@_iv
+class KeyBias(Intervention):
+    """``bias`` stage: additive pre-softmax bias ``delta`` on the key set (keeps the fused path)."""
+
+    delta: jax.Array = 0.0
+    keys: str = static_field("image")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def bias(self, site):
+        return per_sample(self.delta) * key_set(site, self.keys)

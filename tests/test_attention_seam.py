@@ -1,0 +1,200 @@
+"""The attention seam: probes against numpy on transformers' eager attentions, the two paths,
+primitive 7, chunking and gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxmm
+import tiny
+from jaxmm import probes as P
+from jaxmm.attention import AttentionWeights, record_paths
+from jaxmm.interventions import KeyBias, KeyLogitShift, KeyWeightScale
+from jaxmm.models import qwen2_5_vl
+from test_qwen2_5_vl_parity import hf_forward, make_batch
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gqa")
+    hf_model = tiny.save_hf_model("gqa_untied", path)
+    model = jaxmm.load(path)
+    raw = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")
+    ids, am = raw["input_ids"], raw["attention_mask"]
+    starts = am.argmax(1)
+    system = [[(int(s), int(s) + 2)] for s in starts]       # first two real tokens of each row
+    question = [[(ids.shape[1] - 4, ids.shape[1])] for _ in starts]
+    batch = model.prepare(**raw, system_spans=system, question_spans=question)
+    ref = hf_forward(hf_model, raw)
+    return model, raw, batch, ref
+
+
+def np_attn(ref):
+    return [a.numpy().astype(np.float64) for a in ref.attentions]     # L x [B,H,S,S]
+
+
+def _probe_values(out, name):
+    return np.asarray(out.probes[name]["text"].values, np.float64)
+
+
+def test_probes_match_numpy_on_transformers_attentions(setup):
+    model, raw, batch, ref = setup
+    probes = [P.VisualMass(), P.VisualEntropy(), P.VisualEntropy(name="visual_entropy_norm", normalize=True),
+              P.VAS(), P.FocusRatio(), P.EFR(), P.AttentionRows(positions=(-1, -3))]
+    out = model.forward(batch=batch, probes=probes)
+    lay = batch.layout
+    V = np.asarray(lay.image_mask, bool)                    # [B,K]
+    S = np.asarray(lay.system_mask, bool)
+    am = raw["attention_mask"].astype(bool)
+    valid_q = am[:, None, :]                                # compare at real query rows
+    n_keys = np.cumsum(am, axis=1)[:, None, :]              # causal + padding: keys a query may see
+    for layer, A in enumerate(np_attn(ref)):
+        mV = (A * V[:, None, None]).sum(-1)
+        mS = (A * S[:, None, None]).sum(-1)
+        Ahat = np.where(V[:, None, None], A, 0) / mV[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            HV = -np.nansum(np.where(Ahat > 0, Ahat * np.log(Ahat), 0.0), -1)
+        nV = V.sum(-1)[:, None, None]
+        R = (mV / nV) / (A.sum(-1) / n_keys)
+        expected = {"visual_mass": mV, "visual_entropy": HV, "visual_entropy_norm": HV / np.log(nV),
+                    "vas": mV / mS, "r_img": R, "efr": HV / R}
+        for name, exp in expected.items():
+            got = _probe_values(out, name)[layer]
+            mask = np.broadcast_to(valid_q, got.shape)
+            np.testing.assert_allclose(got[mask], exp[mask], rtol=1e-5, atol=1e-5, err_msg=f"{name} layer {layer}")
+        rows = _probe_values(out, "attention_rows")[layer]   # [B,H,2,K]
+        last = am.shape[1] - 1
+        np.testing.assert_allclose(rows[:, :, 0], A[:, :, last], atol=1e-6)
+        np.testing.assert_allclose(rows[:, :, 1], A[:, :, last - 2], atol=1e-6)
+
+
+def test_region_ratio_and_residual_update_match_numpy(setup):
+    model, raw, batch, ref = setup
+    from jaxmm.processing.regions import region_weights
+
+    lay = batch.layout
+    photos = tiny.photos()
+    sizes = {0: photos["astronaut"].shape[:2], 1: photos["chelsea"].shape[:2], 2: photos["coffee"].shape[:2]}
+    w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
+                       {0: [(100, 50, 300, 250)], 2: [(0, 0, 200, 150)]}, sizes, raw["image_grid_thw"])
+    assert 0 < w.sum() < np.asarray(lay.image_mask).sum()
+    batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
+    out = model.forward(batch=batch, probes=[P.RegionRatio(), P.ResidualUpdate()])
+    V = np.asarray(lay.image_mask, bool)
+    am = raw["attention_mask"].astype(bool)
+    for layer, A in enumerate(np_attn(ref)):
+        aR = (A * w[:, None, None]).sum(-1) / w.sum(-1)[:, None, None]
+        aV = (A * V[:, None, None]).sum(-1) / V.sum(-1)[:, None, None]
+        got = _probe_values(out, "region_ratio")[layer]
+        mask = np.broadcast_to(am[:, None, :], got.shape)
+        np.testing.assert_allclose(got[mask], (aR / aV)[mask], rtol=1e-5, atol=1e-5)
+        h_in, h_out = (ref.hidden_states[layer].numpy().astype(np.float64),
+                       ref.hidden_states[layer + 1].numpy().astype(np.float64))
+        if layer + 1 == len(ref.hidden_states) - 1:
+            continue  # transformers' last hidden state is after the final norm: not a layer output
+        s = (np.abs(h_out - h_in).mean(-1) * V).sum(-1) / V.sum(-1)
+        np.testing.assert_allclose(_probe_values(out, "residual_update")[layer], s, rtol=1e-5, atol=1e-6)
+
+
+def _paths(model, batch, **kw):
+    with record_paths() as paths:
+        jax.eval_shape(lambda p: qwen2_5_vl.forward(p, model.config, batch, **kw), model.params)
+    return [(t, l, p) for t, l, p in paths]
+
+
+def test_path_choice_is_static_per_layer(setup):
+    model, _, batch, _ = setup
+    n = model.config.text.num_hidden_layers
+    none = _paths(model, batch)
+    assert all(p == "fused" for _, _, p in none) and len(none) == n + model.config.vision.depth
+    one = _paths(model, batch, probes=(P.VisualMass(layers=(1,)),))
+    assert [(l, p) for t, l, p in one if t == "text"] == [(i, "explicit" if i == 1 else "fused") for i in range(n)]
+    assert all(p == "fused" for t, _, p in one if t == "vision")
+    bias_only = _paths(model, batch, interventions=(KeyBias(delta=0.5),))
+    assert all(p == "fused" for _, _, p in bias_only)
+    logit_stage = _paths(model, batch, interventions=(KeyLogitShift(delta=0.5, layers=(0, 2)),))
+    assert [p for t, _, p in logit_stage if t == "text"] == ["explicit", "fused", "explicit"]
+
+
+def test_no_interventions_no_probes_is_bit_identical(setup):
+    model, _, batch, _ = setup
+    base = np.asarray(model.forward(batch=batch).logits)
+    untouched = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=1.0, layers=())],
+                                         probes=[P.VisualMass(layers=())]).logits)
+    np.testing.assert_array_equal(base, untouched)
+    # a probe on one layer changes nothing in value either (explicit path, same numbers)
+    probed = np.asarray(model.forward(batch=batch, probes=[P.VisualMass(layers=(1,))]).logits)
+    valid = np.asarray(batch.attention_mask, bool)
+    assert np.abs(probed - base)[valid].max() < 1e-5
+
+
+def test_weight_scaling_equals_logit_shift_primitive_7(setup):
+    model, _, batch, _ = setup
+    c = 3.0
+    valid = np.asarray(batch.attention_mask, bool)
+    w = np.asarray(model.forward(batch=batch, interventions=[KeyWeightScale(scale=c)]).logits)
+    z = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=np.log(c))]).logits)
+    b = np.asarray(model.forward(batch=batch, interventions=[KeyBias(delta=np.log(c))]).logits)
+    base = np.asarray(model.forward(batch=batch).logits)
+    assert np.abs(w - base)[valid].max() > 1e-2            # the intervention does something
+    np.testing.assert_allclose(w[valid], z[valid], atol=2e-5)
+    np.testing.assert_allclose(b[valid], z[valid], atol=2e-5)
+
+
+def test_per_sample_intervention_leaves(setup):
+    model, _, batch, _ = setup
+    both = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=jnp.array([0.0, 2.0]))]).logits)
+    none = np.asarray(model.forward(batch=batch).logits)
+    full = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=2.0)]).logits)
+    valid = np.asarray(batch.attention_mask, bool)
+    np.testing.assert_allclose(both[0][valid[0]], none[0][valid[0]], atol=2e-5)
+    np.testing.assert_allclose(both[1][valid[1]], full[1][valid[1]], atol=2e-5)
+
+
+def test_chunked_explicit_path_matches_unchunked(setup, monkeypatch):
+    model, _, batch, _ = setup
+    probes = (P.VisualMass(), P.VisualEntropy(), AttentionWeights(layers=(2,)), P.AttentionRows(positions=(-1, 5)))
+    ivs = (KeyLogitShift(delta=0.7),)
+    full = qwen2_5_vl.forward(model.params, model.config, batch, ivs, probes)
+    import jaxmm.attention as A
+    monkeypatch.setattr(A, "QUERY_CHUNK", 7)     # read at trace time
+    chunked = qwen2_5_vl.forward(model.params, model.config, batch, ivs, probes)
+    np.testing.assert_allclose(np.asarray(chunked.logits), np.asarray(full.logits), atol=1e-5)
+    for name in ("visual_mass", "visual_entropy", "attentions", "attention_rows"):
+        a, b = chunked.probes[name]["text"].values, full.probes[name]["text"].values
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=name)
+
+
+def test_grad_of_probe_loss_matches_finite_differences(setup):
+    """d/dα of an AVAR-style loss (−log mean visual mass) through a logit-shift leaf, and along a
+    random direction in parameter space."""
+    model, _, batch, _ = setup
+
+    def loss(alpha, params):
+        out = qwen2_5_vl.forward(params, model.config, batch, (KeyLogitShift(delta=alpha),),
+                                 (P.VisualMass(),))
+        m = out.probes["visual_mass"]["text"].values          # [L,B,H,S]
+        valid = batch.attention_mask[None, :, None, :]
+        return -jnp.log(jnp.sum(m * valid) / jnp.sum(jnp.broadcast_to(valid, m.shape)))
+
+    f = jax.jit(loss)
+    g_alpha, g_params = jax.grad(f, argnums=(0, 1))(jnp.float32(0.3), model.params)
+    eps = 1e-2
+    fd = (f(0.3 + eps, model.params) - f(0.3 - eps, model.params)) / (2 * eps)
+    np.testing.assert_allclose(float(g_alpha), float(fd), rtol=2e-3)
+    assert abs(float(g_alpha)) > 1e-3
+
+    key = jax.random.PRNGKey(0)
+    leaves, tree = jax.tree_util.tree_flatten(model.params)
+    keys = jax.random.split(key, len(leaves))
+    direction = jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
+    along = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_params), jax.tree_util.tree_leaves(direction)))
+    shifted = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, model.params, direction)
+    h = 1e-3
+    fd_dir = (f(0.3, shifted(h)) - f(0.3, shifted(-h))) / (2 * h)
+    np.testing.assert_allclose(float(along), float(fd_dir), rtol=2e-2)
