@@ -251,7 +251,7 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
     pad_rows = lambda x, axis: x if x is None or x.ndim < -axis or x.shape[axis] != t else jnp.pad(
         x, [(0, pad) if i == x.ndim + axis else (0, 0) for i in range(x.ndim)])
     qp, maskp, biasp = pad_rows(q, -3), pad_rows(mask, -2), pad_rows(bias, -2)
-    qpos = jnp.pad(site.query_pos, (0, pad), constant_values=site.query_pos[-1])
+    qpos = jnp.pad(site.query_pos, (0, pad), constant_values=-1)   # padding rows match no position
     q_pre = pad_rows(site.q_pre, -3)
     tp = n * chunk
 

@@ -4,7 +4,7 @@ Every primitive is a pure function of the attention weights ``a`` [B,H,T,K] (flo
 1) and boolean/float key sets [B,K] taken from the :class:`~jaxmm.processing.layout.TokenLayout`;
 each returns one number per (batch, head, query) ``[B,H,T]`` unless stated. The probe classes wrap
 them for :func:`jaxmm.attention.attend`; methods and objectives call the functions directly.
-All are differentiable (entropy uses a safe ``x log x``). Natural logarithms.
+All are differentiable (entropy guards log 0). Natural logarithms.
 
 Primitive (methods.md)                     function               probe
 1. visual mass  m_V = Σ_{j∈V} A_ij           visual_mass            VisualMass
@@ -37,11 +37,6 @@ def _keys(s: Array) -> Array:
     return s.astype(jnp.float32)[:, None, None, :]
 
 
-def _xlogx(p: Array) -> Array:
-    safe = jnp.where(p > 0, p, 1.0)
-    return jnp.where(p > 0, p * jnp.log(safe), 0.0)
-
-
 def _div(n: Array, d: Array, eps: float) -> Array:
     return n / (d + eps) if eps else n / d
 
@@ -56,10 +51,13 @@ def visual_entropy(a: Array, image: Array, normalize: bool = False) -> Array:
 
     ``normalize=True`` divides by log|V| (|V| ≥ 2, else the result is 0). Rows with m_V = 0 give 0.
     """
-    img = _keys(image)
-    m = jnp.sum(a * img, axis=-1, keepdims=True)
-    p = a * img / jnp.where(m > 0, m, 1.0)
-    h = -jnp.sum(_xlogx(p), axis=-1)
+    av = a * _keys(image)
+    m = jnp.sum(av, axis=-1, keepdims=True)
+    m = jnp.where(m > 0, m, 1.0)
+    pos = av > 0
+    # log Â = log A − log m_V (not log(A/m_V)): exact 0 for a single visible key, and safe to differentiate
+    log_p = jnp.where(pos, jnp.log(jnp.where(pos, av, 1.0)) - jnp.log(m), 0.0)
+    h = -jnp.sum(av / m * log_p, axis=-1)
     if normalize:
         n = jnp.sum(image.astype(jnp.float32), axis=-1)[:, None, None]
         h = jnp.where(n > 1, h / jnp.log(jnp.maximum(n, 2.0)), 0.0)

@@ -1,6 +1,6 @@
 """Logical axis names -> mesh axes (MaxText-style rule table) and parameter shardings.
 
-Every parameter carries logical axis names (``sharding_names`` metadata: ``embed``, ``mlp``,
+Every parameter carries logical axis names (``out_sharding`` metadata: ``embed``, ``mlp``,
 ``heads``, ``kv_heads``, ``vocab`` or None). A rule table maps each name to a mesh axis (or None =
 replicated); names whose mesh axis is absent from the mesh are replicated.
 """
@@ -26,7 +26,8 @@ def logical_to_spec(names, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Part
     axes = []
     for n in names or ():
         a = rules.get(n) if n is not None else None
-        axes.append(a if a in mesh.axis_names and mesh.shape[a] > 1 else None)
+        ok = a in mesh.axis_names and mesh.shape[a] > 1 and a not in axes  # a mesh axis shards one dim
+        axes.append(a if ok else None)
     return PartitionSpec(*axes)
 
 
@@ -37,7 +38,7 @@ def param_shardings(abstract: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_
     """
     out = {}
     for path, var in nnx.to_flat_state(abstract):
-        names = var.get_metadata().get("sharding_names")
+        names = var.get_metadata().get("out_sharding")
         spec = logical_to_spec(names, mesh, rules)
         shape = var.get_value().shape
         spec = PartitionSpec(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None

@@ -17,10 +17,10 @@ def test_every_parameter_has_logical_axis_names():
 
     cfg = Config.from_dict(tiny.hf_config("gqa_untied").to_dict())
     for path, var in nnx.to_flat_state(abstract_params(cfg)):
-        names = var.get_metadata().get("sharding_names")
+        names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == var.get_value().ndim, path
     q = dict(nnx.to_flat_state(abstract_params(cfg)))[("language_model", "layers", 0, "self_attn", "q_proj", "kernel")]
-    assert q.get_metadata()["sharding_names"] == ("embed", "heads")
+    assert q.get_metadata()["out_sharding"] == ("embed", "heads")
 
 
 def test_logical_rules_map_to_mesh_axes():

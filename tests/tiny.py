@@ -80,10 +80,12 @@ def save_hf_model(name: str, path, seed: int = 0, dtype=None):
 
 def photos():
     """Real photos from scikit-image, several sizes and aspect ratios."""
+    from PIL import Image
     from skimage import data
 
-    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
-            "rocket": data.rocket(), "camera": data.camera(), "logo": data.logo()}
+    arrays = {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
+              "rocket": data.rocket(), "camera": data.camera(), "logo": data.logo()}
+    return {k: Image.fromarray(v) for k, v in arrays.items()}  # camera is grayscale (L), logo RGBA
 
 
 def mm_token_type_ids(input_ids: np.ndarray) -> np.ndarray:

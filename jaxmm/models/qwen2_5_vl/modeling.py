@@ -37,7 +37,7 @@ Array = jax.Array
 # ----------------------------------------------------------------------------- building blocks
 def _param(shape, dtype, names):
     """A zero-initialised parameter with logical axis names (mapped onto a mesh by sharding.py)."""
-    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=names, eager_sharding=False)
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class Linear(nnx.Module):
@@ -130,7 +130,7 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, dtype):
         c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-        self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=("mlp", "mlp"))
+        self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=(None, "mlp"))
         self.mlp_2 = Linear(c4, cfg.out_hidden_size, bias=True, dtype=dtype, names=("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:

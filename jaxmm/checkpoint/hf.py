@@ -1,0 +1,287 @@
+"""Hugging Face checkpoint directories (safetensors) -> numpy, through a declarative key map.
+
+The safetensors format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON mapping each
+tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that
+follows the header) plus an optional ``__metadata__``. Files are validated from their headers
+alone (a truncated file is caught before any tensor is read) and tensors are read one at a time
+through a memory map. Pickle-based files (``.bin``, ``.pt``, ``.pth``) are never opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+CONVERT_HINT = (
+    "jaxmm never unpickles checkpoints. Convert to safetensors first, e.g.\n"
+    "  python -c \"from transformers import AutoModelForImageTextToText as M; "
+    "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"\n"
+    "or torch.load(f, weights_only=True) followed by safetensors.torch.save_file.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked: names the file, tensor and parameter involved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated safetensors file: header of {n} bytes but the file "
+                                  f"has {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    entries, data_end = {}, 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {info}") from None
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+        if e - b != want:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {e - b} bytes, its shape {list(shape)} "
+                                  f"and dtype {dtype} need {want}")
+        entries[key] = _Entry(path, dtype, shape, 8 + n + b, 8 + n + e)
+        data_end = max(data_end, e)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + data_end} bytes, "
+                              f"the file has {size}")
+    return entries
+
+
+class SafetensorsCheckpoint:
+    """The tensors of one checkpoint (single file or shards), read lazily one at a time."""
+
+    def __init__(self, entries: dict[str, _Entry]):
+        self._entries = entries
+        self._maps: dict[Path, np.memmap] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].shape
+
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype code: 'F32', 'BF16', 'F16', ..."""
+        return self._entries[key].dtype
+
+    def file(self, key: str) -> Path:
+        return self._entries[key].file
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), copied out of the file."""
+        e = self._entries[key]
+        if e.file not in self._maps:
+            self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
+        raw = self._maps[e.file][e.begin:e.end]
+        return np.frombuffer(raw.tobytes(), dtype=DTYPES[e.dtype]).reshape(e.shape)
+
+
+def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
+    """Opens ``model.safetensors``, a sharded ``model.safetensors.index.json``, any single
+    ``*.safetensors`` in a directory, or a ``.safetensors`` file path.
+
+    Raises:
+        CheckpointError: pickle files only (with how to convert), a truncated or corrupt file, an
+            index naming a missing shard or a tensor its shard lacks.
+        FileNotFoundError: no weights at all.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a safetensors file. {CONVERT_HINT}")
+        return SafetensorsCheckpoint(_read_header(path))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        entries, headers = {}, {}
+        for key, shard in weight_map.items():
+            f = path / shard
+            if f not in headers:
+                if not f.exists():
+                    raise CheckpointError(f"{index} names shard {shard} (for tensor {key!r}), which does not exist")
+                headers[f] = _read_header(f)
+            if key not in headers[f]:
+                raise CheckpointError(f"{index} places tensor {key!r} in {shard}, which does not hold it")
+            entries[key] = headers[f][key]
+        return SafetensorsCheckpoint(entries)
+    files = sorted(path.glob("*.safetensors"))
+    if (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")] if path.is_dir() else []
+        if pickles:
+            raise CheckpointError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}), no safetensors. "
+                                  f"{CONVERT_HINT}")
+        raise FileNotFoundError(f"{path}: no model.safetensors, index or *.safetensors file")
+    entries = {}
+    for f in files:
+        entries.update(_read_header(f))
+    return SafetensorsCheckpoint(entries)
+
+
+# ----------------------------------------------------------------------------- key maps
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One line of a key map.
+
+    pattern: regex that must match a checkpoint key in full.
+    target: parameter path template, dotted; ``\\1``… are the pattern's groups (``re`` expand
+        syntax); all-digit components become ints (list indices in the parameter tree).
+    transform: None (identity), ``"T"`` (transpose a 2-D torch Linear weight [out,in] -> [in,out]),
+        or ``fn(array, expected_shape) -> array``.
+    """
+
+    pattern: str
+    target: str
+    transform: str | Callable | None = None
+
+    def match(self, key: str) -> tuple | None:
+        m = re.fullmatch(self.pattern, key)
+        if m is None:
+            return None
+        return tuple(int(p) if p.isdigit() else p for p in m.expand(self.target).split("."))
+
+    def apply(self, w: np.ndarray, shape) -> np.ndarray:
+        if self.transform is None:
+            return w
+        if self.transform == "T":
+            if w.ndim != 2:
+                raise ValueError(f"transform 'T' needs a 2-D tensor, got shape {list(w.shape)}")
+            return w.T
+        return self.transform(w, shape)
+
+
+def _fmt(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
+            ignore: Iterable[str] = ()) -> dict[tuple, np.ndarray]:
+    """Maps every checkpoint tensor through ``rules`` onto the ``expected`` parameter paths.
+
+    Args:
+        ckpt: an opened checkpoint.
+        rules: key map; the first rule whose pattern matches a key wins.
+        expected: ``{path tuple: object with .shape and .dtype}`` (e.g. from ``nnx.eval_shape``).
+        dtype: cast every tensor to this dtype (default: each expected dtype).
+        ignore: regexes of checkpoint keys to skip silently.
+
+    Returns:
+        ``{path: np.ndarray}`` for every expected path.
+
+    Raises:
+        CheckpointError: listing, all at once, unexpected tensors, tensors filling the same
+            parameter twice, mis-shaped tensors and missing parameters, each with key and file.
+    """
+    rules = tuple(rules)
+    ignore = tuple(re.compile(p) for p in ignore)
+    out, source, problems = {}, {}, []
+    for key in ckpt.keys():
+        if any(p.fullmatch(key) for p in ignore):
+            continue
+        for rule in rules:
+            path = rule.match(key)
+            if path is not None:
+                break
+        else:
+            problems.append(f"unexpected tensor {key!r} in {ckpt.file(key).name}: no rule maps it to a parameter")
+            continue
+        if path not in expected:
+            problems.append(f"unexpected tensor {key!r} in {ckpt.file(key).name}: maps to {_fmt(path)}, "
+                            f"which the model does not have")
+            continue
+        if path in source:
+            problems.append(f"parameter {_fmt(path)} filled twice: by {source[path]!r} and {key!r}")
+            continue
+        want = tuple(expected[path].shape)
+        try:
+            w = rule.apply(ckpt.get(key), want)
+        except ValueError as e:
+            problems.append(f"tensor {key!r} in {ckpt.file(key).name}: {e}")
+            continue
+        if tuple(w.shape) != want:
+            problems.append(f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
+                            f"parameter {_fmt(path)} expects {list(want)}, got {list(w.shape)} after the key map")
+            continue
+        source[path] = key
+        out[path] = np.ascontiguousarray(w.astype(dtype if dtype is not None else expected[path].dtype))
+    missing = [p for p in expected if p not in out]
+    if missing:
+        listed = ", ".join(_fmt(p) for p in missing[:10])
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        problems.append(f"missing parameters ({len(missing)}), no checkpoint tensor maps to: {listed}{more}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return out
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> Path:
+    """Writes ``tensors`` as one safetensors file, atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    header, offset, arrays = {}, 0, []
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key])
+        code = _CODES.get(a.dtype)
+        if code is None:
+            raise CheckpointError(f"tensor {key!r}: dtype {a.dtype} has no safetensors code")
+        header[key] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for a in arrays:
+                f.write(a.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
