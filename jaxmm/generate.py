@@ -105,14 +105,15 @@ def _squeeze_query(results: dict, probes) -> dict:
 def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes=()):
     """Runs the prompt through the model into an empty cache of ``max_len`` positions.
 
-    ``batch`` has S prompt positions; its attention mask and layout are extended here. Returns
+    ``batch`` holds S prompt tokens and positions, its attention mask and layout already extended to
+    ``max_len`` key positions (:func:`extend_for_decoding`). Returns
     ``(last_logits [B,V], cache, next_pos [B] int32, decode_batch_template, prefill ModelOutput)``.
     """
     b, s = batch.input_ids.shape
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     cache = KVCache.empty(config, b, max_len, dtype)
     out = forward(params, config, batch, interventions, probes, False, cache)
-    valid = batch.attention_mask[None] > 0
+    valid = batch.attention_mask[None, :, :s] > 0            # prompt positions only
     next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1
     return out.logits[:, -1], out.cache, next_pos.astype(jnp.int32), out
 
