@@ -53,6 +53,8 @@ class Site:
             position). Inside a query chunk it holds that chunk's positions.
         q_pre, k_pre: pre-RoPE queries [B,T,H,D] and keys [B,K,G,D], for interventions that ask.
         mask: the bool mask [B,1|H,T,K] of this call (set by :func:`attend`).
+        log_weights: log of the attention weights, ``z − logsumexp(z)`` [B,H,T,K], for probes (set by
+            the explicit path; None when a ``weights`` stage changed the weights).
     """
 
     tower: str
@@ -62,6 +64,7 @@ class Site:
     q_pre: Array | None = None
     k_pre: Array | None = None
     mask: Array | None = None
+    log_weights: Array | None = None
 
 
 def _selects(obj, site: Site) -> bool:
@@ -203,9 +206,13 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     if _TRACE is not None:
         _TRACE.append((site.tower, site.layer, path))
     if path == FUSED:
-        out = jax.nn.dot_product_attention(
-            q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale)
-        return out, {}
+        if jax.default_backend() != "cpu":
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale)
+            return out, {}
+        # CPU has no fused kernel: XLA's generic dot_product_attention contracts in [B,T,H,D]
+        # layout, several times slower there than the head-major matmuls of the explicit path.
+        return _explicit(q, k, v, mask, bias, scale, (), (), site)
     t = q.shape[1]
     query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
     if t <= query_chunk:
@@ -214,10 +221,13 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
 
 
 def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
+    """Head-major matmuls (XLA on CPU is fastest with batch dims leading): GQA without repeating
+    k/v, by folding the R query heads of a kv group into the query axis."""
     b, t, h, d = q.shape
     kk, g = k.shape[1], k.shape[2]
-    qg = q.reshape(b, t, g, h // g, d)
-    z = jnp.einsum("btgrd,bkgd->bgrtk", qg, k, preferred_element_type=jnp.float32)
+    r = h // g
+    qh = q.reshape(b, t, g, r, d).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, d)
+    z = jnp.matmul(qh, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)   # [B,G,R·T,K]
     z = z.reshape(b, h, t, kk) * scale
     if bias is not None:
         z = z + bias
@@ -226,14 +236,20 @@ def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
     for iv in ivs:
         if iv.has_stage("logits"):
             z = iv.logits(z, site)
-    a = jax.nn.softmax(z, axis=-1)
+    z_max = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    e = jnp.exp(z - z_max)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    a = e / total                                             # = jax.nn.softmax(z)
+    log_a = z - (z_max + jnp.log(total))
     for iv in ivs:
         if iv.has_stage("weights"):
-            a = iv.weights(a, site)
+            a, log_a = iv.weights(a, site), None
+    if prs:
+        site = dataclasses.replace(site, log_weights=log_a)
     results = {p.name: p(a, site) for p in prs}
-    ag = a.astype(v.dtype).reshape(b, g, h // g, t, kk)
-    out = jnp.einsum("bgrtk,bkgd->btgrd", ag, v).reshape(b, t, h, d)
-    return out, results
+    ah = a.astype(v.dtype).reshape(b, g, r * t, kk)
+    out = jnp.matmul(ah, v.transpose(0, 2, 1, 3))                                      # [B,G,R·T,D]
+    return out.reshape(b, g, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), results
 
 
 def _take_rows(x, start, size, t, axis):

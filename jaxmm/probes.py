@@ -32,9 +32,12 @@ __all__ = ["visual_mass", "visual_entropy", "vas", "focus_ratio", "efr", "region
            "RegionRatio", "AttentionRows", "AttentionWeights", "ResidualUpdate"]
 
 
-def _keys(s: Array) -> Array:
-    """Key set [B,K] -> [B,1,1,K] float32 (broadcast over heads and queries)."""
-    return s.astype(jnp.float32)[:, None, None, :]
+def _ksum(a: Array, keys: Array) -> Array:
+    """Σ_j a_ij · keys_bj as a matmul: a [B,H,T,K], keys [B,K] (bool or float) -> [B,H,T] float32.
+
+    (On CPU, XLA runs a broadcast-multiply-reduce over K several times slower than this matmul.)
+    """
+    return jnp.matmul(a, keys.astype(a.dtype)[:, None, :, None])[..., 0]
 
 
 def _div(n: Array, d: Array, eps: float) -> Array:
@@ -43,30 +46,33 @@ def _div(n: Array, d: Array, eps: float) -> Array:
 
 def visual_mass(a: Array, image: Array) -> Array:
     """m_V(i) = Σ_{j∈V} A_ij. ``image`` [B,K] bool. -> [B,H,T]."""
-    return jnp.sum(a * _keys(image), axis=-1)
+    return _ksum(a, image)
 
 
-def visual_entropy(a: Array, image: Array, normalize: bool = False) -> Array:
+def visual_entropy(a: Array, image: Array, normalize: bool = False, log_a: Array | None = None) -> Array:
     """H_V = −Σ_{j∈V} Â_j log Â_j with Â_j = A_j / m_V (primitive 2, RATION/VRGA: unnormalised).
 
-    ``normalize=True`` divides by log|V| (|V| ≥ 2, else the result is 0). Rows with m_V = 0 give 0.
+    Computed as ``log m_V − (Σ_{j∈V} A_j log A_j) / m_V``. ``log_a`` [B,H,T,K]: log A if the caller
+    has it (the explicit path passes ``z − logsumexp z``, saving a log per key); otherwise log A is
+    taken here. Rows that see no image key, or exactly one, give 0 (a one-point distribution).
+    ``normalize=True`` divides by log|V| (|V| ≥ 2, else the result is 0).
     """
-    av = a * _keys(image)
-    m = jnp.sum(av, axis=-1, keepdims=True)
-    m = jnp.where(m > 0, m, 1.0)
-    pos = av > 0
-    # log Â = log A − log m_V (not log(A/m_V)): exact 0 for a single visible key, and safe to differentiate
-    log_p = jnp.where(pos, jnp.log(jnp.where(pos, av, 1.0)) - jnp.log(m), 0.0)
-    h = -jnp.sum(av / m * log_p, axis=-1)
+    img = image.astype(jnp.float32)
+    m = _ksum(a, img)
+    la = jnp.log(jnp.where(a > 0, a, 1.0)) if log_a is None else log_a
+    s = _ksum(a * la, img)
+    n_seen = _ksum((a > 0).astype(a.dtype), img)
+    mm = jnp.where(m > 0, m, 1.0)
+    h = jnp.where(n_seen > 1, jnp.log(mm) - s / mm, 0.0)
     if normalize:
-        n = jnp.sum(image.astype(jnp.float32), axis=-1)[:, None, None]
+        n = jnp.sum(img, axis=-1)[:, None, None]
         h = jnp.where(n > 1, h / jnp.log(jnp.maximum(n, 2.0)), 0.0)
     return h
 
 
 def vas(a: Array, image: Array, system: Array, eps: float = 0.0) -> Array:
     """AVAR's Visual Attention Score per query: m_V / (m_S + eps) (primitive 3; paper: eps = 0)."""
-    return _div(visual_mass(a, image), visual_mass(a, system), eps)
+    return _div(_ksum(a, image), _ksum(a, system), eps)
 
 
 def key_count(mask: Array | None, like: Array) -> Array:
@@ -80,12 +86,12 @@ def focus_ratio(a: Array, image: Array, n_keys: Array) -> Array:
     """VRGA's R_img = (m_V / |V|) / (Σ_j A_j / N) (primitive 4); ``n_keys`` [B,H,T] = N."""
     nv = jnp.sum(image.astype(jnp.float32), axis=-1)[:, None, None]
     total = jnp.sum(a, axis=-1)
-    return (visual_mass(a, image) / jnp.maximum(nv, 1.0)) / (total / n_keys)
+    return (_ksum(a, image) / jnp.maximum(nv, 1.0)) / (total / n_keys)
 
 
-def efr(a: Array, image: Array, n_keys: Array) -> Array:
+def efr(a: Array, image: Array, n_keys: Array, log_a: Array | None = None) -> Array:
     """VRGA's entropy–focus ratio EFR = H_img / R_img with H_img the renormalised image entropy."""
-    return visual_entropy(a, image) / focus_ratio(a, image, n_keys)
+    return visual_entropy(a, image, log_a=log_a) / focus_ratio(a, image, n_keys)
 
 
 def region_ratio(a: Array, image: Array, region: Array, eps: float = 0.0) -> Array:
@@ -94,10 +100,9 @@ def region_ratio(a: Array, image: Array, region: Array, eps: float = 0.0) -> Arr
     ``region`` [B,K] float (0/1 or soft weights); ā_R = Σ_j w_j A_j / Σ_j w_j.
     """
     w = region.astype(jnp.float32)
-    a_r = jnp.sum(a * _keys(w), axis=-1) / jnp.maximum(jnp.sum(w, -1), 1e-12)[:, None, None]
+    a_r = _ksum(a, w) / jnp.maximum(jnp.sum(w, -1), 1e-12)[:, None, None]
     nv = jnp.maximum(jnp.sum(image.astype(jnp.float32), -1), 1.0)[:, None, None]
-    a_v = visual_mass(a, image) / nv
-    return _div(a_r, a_v, eps)
+    return _div(a_r, _ksum(a, image) / nv, eps)
 
 
 def residual_update(h_in: Array, h_out: Array, image: Array) -> Array:
@@ -137,7 +142,7 @@ class VisualEntropy(Probe):
     normalize: bool = static_field(False)
 
     def __call__(self, a, site: Site):
-        return visual_entropy(a, site.layout.image_mask, self.normalize)
+        return visual_entropy(a, site.layout.image_mask, self.normalize, site.log_weights)
 
 
 @_probe
@@ -174,7 +179,7 @@ class EFR(Probe):
     towers: tuple[str, ...] = static_field(("text",))
 
     def __call__(self, a, site: Site):
-        return efr(a, site.layout.image_mask, key_count(site.mask, a))
+        return efr(a, site.layout.image_mask, key_count(site.mask, a), site.log_weights)
 
 
 @_probe

@@ -71,13 +71,14 @@ def inputs(cfg, image_hw=(448, 448), text_len=64, seed=0):
 
 
 def timeit(fn, repeats):
+    """Best of ``repeats`` after one warm-up call (the minimum is the least noisy on a shared CPU)."""
     fn()  # warm-up / compile
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.min(ts))
 
 
 def main(argv=None):

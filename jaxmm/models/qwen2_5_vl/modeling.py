@@ -96,16 +96,20 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(c, 3 * c, bias=True, dtype=dtype, names=("embed", "heads"))
         self.proj = Linear(c, c, bias=True, dtype=dtype, names=("heads", "embed"))
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, site: Site, interventions, probes):
+    def __call__(self, x: Array, cos: Array, sin: Array, seg: "Segments", site: Site, interventions, probes):
+        """x [N,C] in window order; attention runs inside each segment (window or image frame),
+        the segments packed as a padded batch [nS, L] (the attention "batch" seen by probes)."""
         n, c = x.shape
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [N,H,D]
-        site = dataclasses.replace(site, q_pre=q[None], k_pre=k[None])
-        q = apply_rope(q, cos[:, None], sin[:, None])
-        k = apply_rope(k, cos[:, None], sin[:, None])
-        out, res = attend(q[None], k[None], v[None], site=site, mask=mask,
+        q_pre, k_pre = q[seg.index], k[seg.index]
+        q = apply_rope(q, cos[:, None], sin[:, None])[seg.index]          # [nS,L,H,D]
+        k = apply_rope(k, cos[:, None], sin[:, None])[seg.index]
+        site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre)
+        out, res = attend(q, k, v[seg.index], site=site, mask=seg.valid[:, None, None, :],
                           scale=(c // self.num_heads) ** -0.5, interventions=interventions, probes=probes)
-        return self.proj(out[0].reshape(n, c)), res
+        out = out.reshape(-1, c)[seg.inverse]                             # back to [N,C]
+        return self.proj(out), res
 
 
 class VisionBlock(nnx.Module):
@@ -115,8 +119,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, site, interventions, probes):
-        h, res = self.attn(self.norm1(x), cos, sin, mask, site, interventions, probes)
+    def __call__(self, x, cos, sin, seg, site, interventions, probes):
+        h, res = self.attn(self.norm1(x), cos, sin, seg, site, interventions, probes)
         x = x + h
         return x + self.mlp(self.norm2(x)), res
 
@@ -167,15 +171,38 @@ class VisionTransformer(nnx.Module):
         ang = ang.reshape(n, -1)
         ang = jnp.concatenate([ang, ang], axis=-1)                                  # [N,D]
         cos, sin = jnp.cos(ang), jnp.sin(ang)
-        full = (vis.full_segment[:, None] == vis.full_segment[None, :])[None, None]
-        window = (vis.window_segment[:, None] == vis.window_segment[None, :])[None, None]
         results = {}
         for i, blk in enumerate(self.blocks):
-            mask = full if i in cfg.fullatt_block_indexes else window
-            x, res = blk(x, cos, sin, mask, Site("vision", i), interventions, probes)
+            seg = vis.frames if i in cfg.fullatt_block_indexes else vis.windows
+            x, res = blk(x, cos, sin, seg, Site("vision", i), interventions, probes)
             _collect(results, res, i)
         merged = self.merger(x)                                                     # [M,E]
         return merged[vis.reverse_index], results
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Segments:
+    """Contiguous segments of a length-N sequence packed into a padded batch.
+
+    index [nS,L] int32: sequence position of each slot (padding slots point at 0).
+    valid [nS,L] bool: real slots. inverse [N] int32: flat slot (in nS·L) of each position.
+    """
+
+    index: Any
+    valid: Any
+    inverse: Any
+
+    @classmethod
+    def from_lengths(cls, lengths) -> "Segments":
+        lengths = np.asarray(lengths, np.int64)
+        n_seg, width = len(lengths), int(lengths.max())
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        slot = np.arange(width)
+        valid = slot[None, :] < lengths[:, None]
+        index = np.where(valid, starts[:, None] + slot[None, :], 0)
+        inverse = np.concatenate([i * width + np.arange(n) for i, n in enumerate(lengths)])
+        return cls(index.astype(np.int32), valid, inverse.astype(np.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -186,15 +213,15 @@ class VisionInputs:
     window_index [M] int32: merged-token order inside windows (HF ``get_vision_window_index``).
     reverse_index [M] int32: its argsort.
     rotary_pos [N,2] int32: (row, col) of each patch, already in window order.
-    full_segment [N] int32: image frame each patch (window order) belongs to (full attention).
-    window_segment [N] int32: window each patch (window order) belongs to.
+    frames: :class:`Segments` of image frames (full-attention blocks; HF ``cu_seqlens``).
+    windows: :class:`Segments` of attention windows (HF ``cu_window_seqlens``).
     """
 
     window_index: Any
     reverse_index: Any
     rotary_pos: Any
-    full_segment: Any
-    window_segment: Any
+    frames: Any
+    windows: Any
 
 
 def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
@@ -231,8 +258,8 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs
         window_index=window_index,
         reverse_index=np.argsort(window_index).astype(np.int32),
         rotary_pos=pos,
-        full_segment=np.repeat(np.arange(len(frame_lens)), frame_lens).astype(np.int32),
-        window_segment=np.repeat(np.arange(len(window_lens)), window_lens).astype(np.int32),
+        frames=Segments.from_lengths(frame_lens),
+        windows=Segments.from_lengths(window_lens),
     )
 
 
