@@ -205,3 +205,63 @@ def test_grad_of_probe_loss_matches_finite_differences(setup):
     h = 1e-3
     fd_dir = (f(0.3, shifted(h)) - f(0.3, shifted(-h))) / (2 * h)
     np.testing.assert_allclose(float(along), float(fd_dir), rtol=2e-2)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRankBias(jaxmm.Intervention):
+    """A RAVE-style pre-softmax bias on image keys from pre-RoPE q̃, k̃ (test-local)."""
+
+    u: jax.Array            # [H, r, D]
+    w: jax.Array            # [G, r, D]
+    layers: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
+    towers: tuple = dataclasses.field(default=("text",), metadata=dict(static=True))
+
+    def bias(self, site):
+        q, k = site.q_pre, site.k_pre                       # [B,T,H,D], [B,K,G,D]
+        rep = q.shape[2] // k.shape[2]
+        uq = jnp.einsum("bthd,hrd->bhtr", q, self.u)
+        wk = jnp.repeat(jnp.einsum("bkgd,grd->bgkr", k, self.w), rep, axis=1)
+        b = jnp.einsum("bhtr,bhkr->bhtk", uq, wk) / np.sqrt(self.u.shape[1])
+        return b * site.layout.image_mask[:, None, None, :]
+
+
+def test_pre_rope_bias_keeps_fused_path_and_trains(setup):
+    """RAVE's shape of intervention: bias from pre-RoPE q̃, k̃; fused path; grads reach its leaves."""
+    model, _, batch, _ = setup
+    t = model.config.text
+    rng = np.random.default_rng(0)
+    iv = LowRankBias(u=jnp.asarray(0.3 * rng.standard_normal((t.num_attention_heads, 4, t.head_dim)), jnp.float32),
+                     w=jnp.asarray(0.3 * rng.standard_normal((t.num_key_value_heads, 4, t.head_dim)), jnp.float32))
+    assert all(p == "fused" for _, _, p in _paths(model, batch, interventions=(iv,)))
+    valid = np.asarray(batch.attention_mask, bool)
+    base = np.asarray(model.forward(batch=batch).logits)
+    biased = np.asarray(model.forward(batch=batch, interventions=[iv]).logits)
+    assert np.abs(biased - base)[valid].max() > 1e-3
+
+    def loss(iv):
+        out = qwen2_5_vl.forward(model.params, model.config, batch, (iv,), (P.VisualMass(layers=(2,)),))
+        return jnp.sum(out.probes["visual_mass"]["text"].values * batch.attention_mask[None, :, None, :])
+
+    g = jax.grad(loss)(iv)
+    d = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), iv)
+    along = float(jnp.vdot(g.u, d.u) + jnp.vdot(g.w, d.w))
+    h = 1e-2
+    step = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * b, iv, d)
+    fd = (loss(step(h)) - loss(step(-h))) / (2 * h)
+    assert abs(along) > 1e-3
+    np.testing.assert_allclose(along, float(fd), rtol=2e-2)
+
+
+def test_box_to_token_indices_follows_the_cell_formula():
+    from jaxmm.processing.regions import box_to_token_indices
+
+    # a 560x280 (w x h) image resized to grid (1, 20, 40) patches: 28-px cells, 10 rows x 20 cols
+    idx = box_to_token_indices((30, 0, 85, 27), (280, 560), (1, 20, 40))
+    assert idx.tolist() == [1, 2, 3]                       # cols floor(30/28)=1 .. floor(85/28)=3, row 0
+    # original 1120x560 scaled by 1/2 onto the same grid: rows floor(60/2/28)=1 .. floor(119/2/28)=2
+    idx = box_to_token_indices((0, 60, 56, 119), (560, 1120), (1, 20, 40))
+    assert idx.tolist() == [20, 21, 40, 41]
+    assert box_to_token_indices((0, 0, 10_000, 10_000), (280, 560), (1, 20, 40)).size == 200   # clamped
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        box_to_token_indices((50, 0, 10, 10), (280, 560), (1, 20, 40))
