@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm demo | inspect``.
+"""Command line: ``jaxmm demo | generate | inspect``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -63,6 +63,42 @@ def demo(args) -> int:
     return 0
 
 
+def generate(args) -> int:
+    import jax
+
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.generate import Sampling, stream
+
+    path = args.model or organism.build()
+    model = jaxmm.load(path, dtype=args.dtype)
+    content = []
+    if args.image:
+        content.append({"type": "image", "image": _load_image(args.image)[0]})
+    content.append({"type": "text", "text": args.prompt})
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    key = jax.random.PRNGKey(args.seed)
+    if not args.stream:
+        out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, key=key)
+        print(out.text[0])
+        return 0
+    batch, _ = model.prepare_chat(messages)
+    tok = model.tokenizer
+    stop = list(model.config.eos_token_id) + [tok.eos_token_id]
+    ids = []
+    printed = ""
+    for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop):
+        ids.append(int(step[0]))
+        text = tok.decode(ids, skip_special_tokens=True)
+        print(text[len(printed):], end="", flush=True)
+        printed = text
+    print()
+    return 0
+
+
 def inspect(args) -> int:
     import jax
 
@@ -83,6 +119,19 @@ def main(argv=None) -> int:
     d.add_argument("--image", help="image file (default: a photo from scikit-image)")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.set_defaults(fn=demo)
+    g = sub.add_parser("generate", help="answer a prompt about an image (default model: the organism)")
+    g.add_argument("--model", help="HF checkpoint directory with tokenizer (default: the embedded organism)")
+    g.add_argument("--image", help="image file (omit for a text-only prompt)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--system", help="system message (default: the chat template's)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.set_defaults(fn=generate)
     i = sub.add_parser("inspect", help="print a checkpoint's config and parameter count")
     i.add_argument("--model", required=True)
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -45,14 +45,16 @@ class Sampling:
 class GenerateOutput:
     """tokens [B,T_new] int32 (pad after a stop token); lengths [B] int32 (tokens up to and
     including the first stop token); logits [B,T_new,V] float32 of each step (if requested, else
-    None); probes ``{name: {tower: {"layers": (...), "values": [B, T_new, L_probed, ...]}}}`` from the
-    decode steps (the query axis of size 1 removed); prefill_probes as the forward returns them."""
+    None); probes ``{name: {tower: LayerStack(values [B, T_new, L_probed, ...], layers)}}`` from the
+    decode steps (the query axis of size 1 removed); prefill_probes as the forward returns them;
+    text: the decoded completions when generating from chat messages (``Model.generate``)."""
 
     tokens: Any
     lengths: Any
     logits: Any = None
     probes: Any = None
     prefill_probes: Any = None
+    text: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def bucket(n: int, multiple: int = 64) -> int:
@@ -203,3 +205,36 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
                      tuple(probes), output_logits)
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("config", "max_len"))
+_step_jit = jax.jit(decode_step, static_argnames=("config",))
+_select_jit = jax.jit(select_token, static_argnames=("sampling",))
+
+
+def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
+           key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
+           interventions: Sequence = (), max_len: int | None = None):
+    """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
+    they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
+    the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``)."""
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
+    s = batch.input_ids.shape[1]
+    max_len = max_len or bucket(s + max_new_tokens)
+    stop = np.asarray(tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens), np.int64)
+    full = extend_for_decoding(batch, max_len)
+    ivs = tuple(interventions)
+    last, cache, next_pos, pre = _prefill_jit(params, config, batch_with(batch, full), max_len, ivs, ())
+    ivs = tuple(iv.after_prefill(pre.probes) for iv in ivs)
+    keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
+    done = np.zeros(batch.input_ids.shape[0], bool)
+    for t in range(max_new_tokens):
+        tok = np.asarray(_select_jit(last, sampling, keys[t]))
+        tok = np.where(done, pad_token_id, tok)
+        done |= np.isin(tok, stop)
+        yield tok
+        if done.all():
+            return
+        out = _step_jit(params, config, full, cache, jnp.asarray(tok, jnp.int32), next_pos + t, ivs, ())
+        last, cache = out.logits[:, 0], out.cache

@@ -7,6 +7,7 @@ forwards to the family's pure, jitted ``forward``. Research code that wants the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -70,6 +71,81 @@ class Model:
                                        output_hidden_states)
 
     __call__ = forward
+
+    # ------------------------------------------------------------------ chat and generation
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (``tokenizer.json`` beside the weights)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from jaxmm.processing.chat import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    @property
+    def image_processor(self):
+        """The checkpoint's image processor (``preprocessor_config.json``)."""
+        if getattr(self, "_image_processor", None) is None:
+            from jaxmm.processing.image import ImageProcessor
+
+            self._image_processor = ImageProcessor.from_pretrained(self.path)
+        return self._image_processor
+
+    def prepare_chat(self, conversations, add_generation_prompt: bool = True):
+        """One conversation (a list of messages) or several -> (left-padded ``Batch``, prompt texts).
+
+        Image parts carry the image itself: ``{"type": "image", "image": PIL image | array | path}``.
+        """
+        from PIL import Image
+
+        from jaxmm.processing.chat import batch_prompts, images_of
+
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        images, counts = [], []
+        for c in conversations:
+            imgs = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images_of(c)]
+            if any(i is None for i in imgs):
+                raise ValueError("an image part has no 'image' entry (give the PIL image, array or path)")
+            images += imgs
+            counts.append([])
+            for im in imgs:
+                _, grid = self.image_processor.preprocess_one(im)
+                counts[-1].append(self.image_processor.num_image_tokens(grid))
+        enc = batch_prompts(conversations, self.tokenizer, counts, padding_side="left",
+                            add_generation_prompt=add_generation_prompt)
+        pix = self.image_processor(images) if images else {}
+        batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
+                             pix.get("image_grid_thw"), system_spans=enc["system_spans"],
+                             question_spans=enc["question_spans"])
+        return batch, enc["texts"]
+
+    def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
+                 probes: Sequence = (), output_logits: bool = False):
+        """Generates from chat messages (one conversation or a list) or from a prepared ``Batch``.
+
+        Returns the :class:`~jaxmm.generate.GenerateOutput`; from messages it also carries ``text``
+        (list of decoded completions, special tokens removed).
+        """
+        from jaxmm.generate import Sampling, generate
+
+        chat = not hasattr(messages_or_batch, "input_ids")
+        batch = self.prepare_chat(messages_or_batch)[0] if chat else messages_or_batch
+        if stop_tokens is None:
+            stop_tokens = list(self.config.eos_token_id)
+            if chat and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stop_tokens:
+                stop_tokens.append(self.tokenizer.eos_token_id)
+        pad = (self.tokenizer.pad_token_id if chat else None) or 0
+        out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
+                       sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
+                       pad_token_id=pad, interventions=interventions, probes=probes, output_logits=output_logits)
+        if chat:
+            from jaxmm.processing.chat import decode
+
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            out = dataclasses.replace(out, text=tuple(decode(self.tokenizer, t[:n]) for t, n in zip(tokens, lengths)))
+        return out
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> Model:

@@ -4,7 +4,7 @@ No model weights can be downloaded where jaxmm is developed and tested, so the d
 ``jaxmm demo`` runs is built on first use: the same architecture as Qwen2.5-VL (windowed vision
 tower with full-attention blocks, M-RoPE GQA decoder) at toy width, written to disk as a genuine
 Hugging Face checkpoint directory (``config.json``, ``model.safetensors``,
-``preprocessor_config.json``) and then loaded through the ordinary ``jaxmm.load`` path. Its outputs
+``preprocessor_config.json``, and a tiny BPE tokenizer with a Qwen-style chat template) and then loaded through the ordinary ``jaxmm.load`` path. Its outputs
 are meaningless as language; its attention statistics exercise every code path.
 """
 
@@ -16,16 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-VERSION = 1
+VERSION = 3
 
 CONFIG = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "model_type": "qwen2_5_vl",
-    "image_token_id": 500, "video_token_id": 501,
-    "vision_start_token_id": 502, "vision_end_token_id": 503,
-    "tie_word_embeddings": True,
+    "image_token_id": 290, "video_token_id": 291,
+    "vision_start_token_id": 292, "vision_end_token_id": 293,
+    "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0,
     "text_config": {
-        "model_type": "qwen2_5_vl_text", "vocab_size": 512, "hidden_size": 128,
+        "model_type": "qwen2_5_vl_text", "vocab_size": 294, "bos_token_id": None, "hidden_size": 128,
         "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "hidden_act": "silu",
         "max_position_embeddings": 4096, "eos_token_id": 1, "pad_token_id": 0,
@@ -87,9 +87,65 @@ def build(path: str | Path | None = None, seed: int = 0) -> Path:
     save_safetensors(to_hf(flat, config), tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2))
     (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
+    build_tokenizer(tmp, image_token_id=CONFIG["image_token_id"])
     try:
         tmp.rename(path)
     except OSError:  # another process finished first
         if not (path / "model.safetensors").exists():
             raise
     return path
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# The tiny tokenizer's training text.
+CORPUS = """
+the cat sat on the mat and looked at the red ball near the window . a small dog ran across the
+garden while two birds sang in the old tree . what color is the car in the picture ? how many
+people are standing next to the boat ? the answer is three . describe the image in one sentence .
+there is a man riding a horse on the beach at sunset . count the apples on the table . the rocket
+stands on the launch pad under a clear blue sky . is the coffee cup full or empty ? it is full .
+let us think step by step about the objects we can see , then give the final answer .
+you are a helpful assistant . the photo shows an astronaut in a white suit holding a helmet .
+""" * 4
+
+TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(path, image_token_id: int = 290):
+    """Trains a tiny byte-level BPE (ids 3 … image_token_id−1) on :data:`CORPUS`, adds the Qwen special
+    tokens (<|endoftext|> 0 = pad, <|im_end|> 1 = eos, <|im_start|> 2, then <|image_pad|>,
+    <|video_pad|>, <|vision_start|>, <|vision_end|> at ``image_token_id`` … +3) and a Qwen2.5-VL-style
+    chat template, and ``save_pretrained(path)``s it. Returns the tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=image_token_id, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    if tok.get_vocab_size() != image_token_id:
+        raise RuntimeError(f"BPE vocabulary of {tok.get_vocab_size()} tokens, expected {image_token_id}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=TEMPLATE)
+    fast.add_special_tokens({"additional_special_tokens": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                           "<|vision_end|>"]})
+    ids = fast.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>",
+                                      "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    want = [0, 1, 2] + [image_token_id + i for i in range(4)]
+    if ids != want:
+        raise RuntimeError(f"special token ids {ids}, expected {want}")
+    fast.save_pretrained(path)
+    return fast

@@ -98,3 +98,41 @@ def test_generate_rejects_right_padding(setup):
     raw = make_batch([["coffee"], []], "right")
     with pytest.raises(ValueError, match="LEFT-padded"):
         generate(model.params, model.config, model.prepare(**raw))
+
+
+def test_chat_generation_with_tokenizer_beside_the_weights(setup, tmp_path):
+    """Messages -> prompt via the saved tokenizer and chat template -> greedy text identical to
+    transformers generating from the same prompt; streaming yields the same tokens."""
+    from chat_fixtures import build_tokenizer
+    from jaxmm.generate import stream
+    from jaxmm.processing.chat import build_prompt
+
+    hf_model, model, _ = setup
+    tok = build_tokenizer(model.path)                     # saved beside the weights
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=112 * 112 * 2).save_pretrained(model.path)
+    model = jaxmm.load(model.path)
+    photos = tiny.photos()
+    convs = [[{"role": "user", "content": [{"type": "image", "image": photos["chelsea"]},
+                                           {"type": "text", "text": "describe the image ."}]}],
+             [{"role": "system", "content": "you are a helpful assistant ."},
+              {"role": "user", "content": [{"type": "image", "image": photos["rocket"]},
+                                           {"type": "text", "text": "what color is the car ?"}]}]]
+    out = model.generate(convs, max_new_tokens=16)
+    assert len(out.text) == 2 and all(isinstance(t, str) for t in out.text)
+    for conv, tokens, n, text in zip(convs, np.asarray(out.tokens), np.asarray(out.lengths), out.text):
+        pix = model.image_processor([p["image"] for p in conv[-1]["content"] if p["type"] == "image"])
+        prompt = build_prompt(conv, tok, [int(pix["image_grid_thw"][0].prod()) // 4])
+        ids = torch.from_numpy(prompt["input_ids"][None])
+        with torch.no_grad():
+            ref = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    pixel_values=torch.from_numpy(pix["pixel_values"]),
+                                    image_grid_thw=torch.from_numpy(pix["image_grid_thw"]),
+                                    mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(ids.numpy())),
+                                    max_new_tokens=16, do_sample=False, eos_token_id=1, pad_token_id=0)
+        ref_new = ref[0, ids.shape[1]:].numpy()
+        np.testing.assert_array_equal(tokens[:len(ref_new)], ref_new)
+        assert text == tok.decode(ref_new, skip_special_tokens=True)
+    batch, _ = model.prepare_chat(convs)
+    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=16, stop_tokens=[1])), 1)
+    np.testing.assert_array_equal(streamed, np.asarray(out.tokens)[:, :streamed.shape[1]])
