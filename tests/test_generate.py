@@ -1,6 +1,9 @@
 """Generation: greedy parity with transformers, KV cache vs recomputation, sampling, probe traces."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -136,3 +139,55 @@ def test_chat_generation_with_tokenizer_beside_the_weights(setup, tmp_path):
     batch, _ = model.prepare_chat(convs)
     streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=16, stop_tokens=[1])), 1)
     np.testing.assert_array_equal(streamed, np.asarray(out.tokens)[:, :streamed.shape[1]])
+
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BoostFromPrefill(jaxmm.Intervention):
+    """Two-phase test intervention: at prefill it shifts image logits by ``delta``; after prefill it
+    re-plans per sample, delta ← 4 × (mean visual mass of the last prompt token)."""
+
+    delta: jax.Array
+    layers: tuple = dataclasses.field(default=None, metadata=dict(static=True))
+    towers: tuple = dataclasses.field(default=("text",), metadata=dict(static=True))
+
+    def logits(self, z, site):
+        d = jnp.asarray(self.delta).reshape((-1, 1, 1, 1)) if jnp.ndim(self.delta) else self.delta
+        return z + d * site.layout.image_mask[:, None, None, :]
+
+    def after_prefill(self, probe_results):
+        m = probe_results["visual_mass"]["text"].values[:, :, :, -1]        # [L,B,H]
+        return dataclasses.replace(self, delta=4.0 * m.mean(axis=(0, 2)))
+
+
+
+def test_after_prefill_replans_inside_one_generate_call(setup):
+    """generate() = prefill under the phase-1 intervention, re-plan from its probes, decode every
+    step under the plan (checked against the same pieces composed by hand, step by step)."""
+    from jaxmm.generate import batch_with, decode_step, extend_for_decoding, prefill
+
+    _, model, raw = setup
+    batch = model.prepare(**raw)
+    iv = BoostFromPrefill(delta=jnp.float32(0.0))
+    probes = (P.VisualMass(),)
+    n = 10
+    out = generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], interventions=(iv,),
+                   probes=probes, max_len=128)
+    full = extend_for_decoding(batch, 128)
+    _, cache, next_pos, pre = prefill(model.params, model.config, batch_with(batch, full), 128, (iv,), probes)
+    planned = iv.after_prefill(pre.probes)
+    assert np.asarray(planned.delta).shape == (2,) and np.all(np.asarray(planned.delta) > 0)
+    tokens = np.asarray(out.tokens)
+    masses = []
+    for t in range(n):
+        step = decode_step(model.params, model.config, full, cache, jnp.asarray(tokens[:, t]), next_pos + t,
+                           (planned,), probes)
+        cache = step.cache
+        masses.append(np.asarray(step.probes["visual_mass"]["text"].values)[..., 0])     # [L,B,H]
+        if t + 1 < n:
+            np.testing.assert_array_equal(np.argmax(np.asarray(step.logits[:, 0]), -1), tokens[:, t + 1])
+    want = np.stack(masses).transpose(2, 0, 1, 3)                                        # [B,T,L,H]
+    np.testing.assert_allclose(np.asarray(out.probes["visual_mass"]["text"].values), want, rtol=1e-5, atol=1e-6)
+    unplanned = generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], probes=probes)
+    assert not np.allclose(np.asarray(unplanned.probes["visual_mass"]["text"].values), want)

@@ -206,3 +206,21 @@ def test_forward_rejects_inconsistent_inputs(ckpt):
     ids[0, np.argmax(ids[0] == tiny.IMAGE_TOKEN)] = 5
     with pytest.raises(ValueError, match="image tokens"):
         model.forward(**{**batch, "input_ids": ids})
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
+
+    model = tiny.build_hf_model("mha_tied", seed=5)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    batch = make_batch([["rocket"], ["chelsea"]], "left")
+    ref = hf_forward(model, batch)
+    out = jaxmm.load(tmp_path).forward(**batch)
+    valid = batch["attention_mask"].astype(bool)
+    assert np.abs(np.asarray(out.logits) - ref.logits.numpy())[valid].max() < 1e-4
+    # an index naming a shard that is gone
+    next(tmp_path.glob("model-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        jaxmm.load(tmp_path)
