@@ -55,6 +55,9 @@ class Site:
         mask: the bool mask [B,1|H,T,K] of this call (set by :func:`attend`).
         log_weights: log of the attention weights, ``z − logsumexp(z)`` [B,H,T,K], for probes (set by
             the explicit path; None when a ``weights`` stage changed the weights).
+        hidden: the layer's normalised input hidden states of the queries [B,T,E] (text tower).
+        query_end: int32 scalar, the key position of the last query of this call (set by
+            :func:`attend`; chunks share it).
     """
 
     tower: str
@@ -65,6 +68,8 @@ class Site:
     k_pre: Array | None = None
     mask: Array | None = None
     log_weights: Array | None = None
+    hidden: Array | None = None
+    query_end: Array | None = None
 
 
 def _selects(obj, site: Site) -> bool:
@@ -102,8 +107,13 @@ class Intervention:
         """Maps attention weights ``a`` [B,H,T,K] (rows sum to 1) to new weights."""
         raise NotImplementedError
 
-    def after_prefill(self, probe_results) -> "Intervention":
-        """Two-phase methods re-plan from the prefill's probe results; default: unchanged."""
+    def prefill_probes(self) -> tuple:
+        """Probes a two-phase method needs at prefill (added by ``generate`` and ``plan``)."""
+        return ()
+
+    def after_prefill(self, probe_results, layout) -> "Intervention":
+        """Two-phase methods re-plan from the prefill's probe results and the TokenLayout of the keys
+        ([B,K]; the prompt's queries are its first S positions); default: unchanged."""
         return self
 
 
@@ -196,7 +206,7 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     prs = [p for p in probes if p.applies(site)]
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
-    site = dataclasses.replace(site, mask=mask)
+    site = dataclasses.replace(site, mask=mask, query_end=site.query_pos[-1])
     bias = None
     for iv in ivs:
         if iv.has_stage("bias"):
@@ -269,12 +279,14 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
     qp, maskp, biasp = pad_rows(q, -3), pad_rows(mask, -2), pad_rows(bias, -2)
     qpos = jnp.pad(site.query_pos, (0, pad), constant_values=-1)   # padding rows match no position
     q_pre = pad_rows(site.q_pre, -3)
+    hidden = pad_rows(site.hidden, -2)
     tp = n * chunk
 
     def one(i):
         s = i * chunk
         sub = dataclasses.replace(site, query_pos=jax.lax.dynamic_slice_in_dim(qpos, s, chunk),
                                   q_pre=_take_rows(q_pre, s, chunk, tp, -3),
+                                  hidden=_take_rows(hidden, s, chunk, tp, -2),
                                   mask=_take_rows(maskp, s, chunk, tp, -2))
         return _explicit(_take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2),
                          scale, ivs, prs, sub)
@@ -292,3 +304,13 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
         shape = r.shape[:ax] + (tp,) + r.shape[ax + 2:]
         joined[p.name] = jax.lax.slice_in_dim(r.reshape(shape), 0, t, axis=ax)
     return out, joined
+
+
+def plan(params, config, batch, interventions, forward):
+    """Runs the prefill of two-phase interventions (their ``prefill_probes``) and returns the
+    re-planned interventions, for use in a plain forward: ``forward(..., plan(...))``."""
+    probes = tuple(p for iv in interventions for p in iv.prefill_probes())
+    if not probes:
+        return tuple(interventions)
+    out = forward(params, config, batch, tuple(interventions), probes)
+    return tuple(iv.after_prefill(out.probes, batch.layout) for iv in interventions)

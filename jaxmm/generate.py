@@ -130,12 +130,20 @@ def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Arra
     return forward(params, config, step, interventions, probes, False, cache)
 
 
-@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits"))
+@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill"))
 def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
-              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits):
+              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
+              reprefill=False):
+    names = {p.name for p in probes}
+    plan_probes = tuple(p for iv in interventions for p in iv.prefill_probes() if p.name not in names)
     last, cache, next_pos, pre = prefill(params, config, batch_with(batch, full_batch), max_len,
-                                         interventions, probes)
-    interventions = tuple(iv.after_prefill(pre.probes) for iv in interventions)
+                                         interventions, tuple(probes) + plan_probes)
+    interventions = tuple(iv.after_prefill(pre.probes, full_batch.layout) for iv in interventions)
+    if plan_probes and reprefill:
+        # Methods whose plan also governs the prompt (RATION: "every later query, prefill and
+        # decode") run the prefill again under the plan, so the cache holds the edited keys' effect.
+        last, cache, next_pos, _ = prefill(params, config, batch_with(batch, full_batch), max_len,
+                                           interventions, ())
     keys = jax.random.split(key, max_new_tokens)
     b = last.shape[0]
 
@@ -175,7 +183,7 @@ def batch_with(prompt: Batch, full: Batch) -> Batch:
 def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
              key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
              interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
-             max_len: int | None = None) -> GenerateOutput:
+             max_len: int | None = None, reprefill: bool = False) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
     Args:
@@ -188,6 +196,8 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         interventions, probes: as in the forward; applied at prefill and every decode step.
         output_logits: also return each step's logits [B,T_new,V].
         max_len: cache length (default: prompt + max_new_tokens rounded up by :func:`bucket`).
+        reprefill: for two-phase interventions, run the prompt again under the re-planned
+            interventions before decoding (default: the plan applies to generated tokens only).
 
     Raises:
         ValueError: right-padded prompts, or sampling without a key.
@@ -204,7 +214,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     key = jax.random.PRNGKey(0) if key is None else key
     return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits)
+                     tuple(probes), output_logits, reprefill)
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("config", "max_len"))
@@ -226,7 +236,7 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     full = extend_for_decoding(batch, max_len)
     ivs = tuple(interventions)
     last, cache, next_pos, pre = _prefill_jit(params, config, batch_with(batch, full), max_len, ivs, ())
-    ivs = tuple(iv.after_prefill(pre.probes) for iv in ivs)
+    ivs = tuple(iv.after_prefill(pre.probes, full.layout) for iv in ivs)
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
     done = np.zeros(batch.input_ids.shape[0], bool)
     for t in range(max_new_tokens):

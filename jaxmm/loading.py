@@ -67,8 +67,19 @@ class Model:
             if input_ids is None:
                 raise ValueError("forward() needs input_ids (or a prepared batch=)")
             batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
-        return self.family.forward_jit(self.params, self.config, batch, tuple(interventions), tuple(probes),
+        ivs = self.interventions(interventions)
+        if any(iv.prefill_probes() for iv in ivs):      # two-phase methods: plan from a first pass
+            from jaxmm.attention import plan
+
+            ivs = plan(self.params, self.config, batch, ivs, self.family.forward_jit)
+        return self.family.forward_jit(self.params, self.config, batch, ivs, tuple(probes),
                                        output_hidden_states)
+
+    def interventions(self, specs) -> tuple:
+        """Names / dicts / YAML paths / objects -> intervention objects for this model's config."""
+        from jaxmm.interventions import build
+
+        return build(specs, self.config) if specs else ()
 
     __call__ = forward
 
@@ -122,8 +133,10 @@ class Model:
 
     def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
-                 probes: Sequence = (), output_logits: bool = False):
+                 probes: Sequence = (), output_logits: bool = False, reprefill: bool = False):
         """Generates from chat messages (one conversation or a list) or from a prepared ``Batch``.
+
+        ``interventions`` may be names, dicts or YAML paths (:func:`jaxmm.interventions.build`).
 
         Returns the :class:`~jaxmm.generate.GenerateOutput`; from messages it also carries ``text``
         (list of decoded completions, special tokens removed).
@@ -139,7 +152,8 @@ class Model:
         pad = (self.tokenizer.pad_token_id if chat else None) or 0
         out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
-                       pad_token_id=pad, interventions=interventions, probes=probes, output_logits=output_logits)
+                       pad_token_id=pad, interventions=self.interventions(interventions), probes=probes,
+                       output_logits=output_logits, reprefill=reprefill)
         if chat:
             from jaxmm.processing.chat import decode
 

@@ -156,7 +156,7 @@ class BoostFromPrefill(jaxmm.Intervention):
         d = jnp.asarray(self.delta).reshape((-1, 1, 1, 1)) if jnp.ndim(self.delta) else self.delta
         return z + d * site.layout.image_mask[:, None, None, :]
 
-    def after_prefill(self, probe_results):
+    def after_prefill(self, probe_results, layout):
         m = probe_results["visual_mass"]["text"].values[:, :, :, -1]        # [L,B,H]
         return dataclasses.replace(self, delta=4.0 * m.mean(axis=(0, 2)))
 
@@ -176,7 +176,7 @@ def test_after_prefill_replans_inside_one_generate_call(setup):
                    probes=probes, max_len=128)
     full = extend_for_decoding(batch, 128)
     _, cache, next_pos, pre = prefill(model.params, model.config, batch_with(batch, full), 128, (iv,), probes)
-    planned = iv.after_prefill(pre.probes)
+    planned = iv.after_prefill(pre.probes, full.layout)
     assert np.asarray(planned.delta).shape == (2,) and np.all(np.asarray(planned.delta) > 0)
     tokens = np.asarray(out.tokens)
     masses = []

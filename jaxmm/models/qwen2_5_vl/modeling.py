@@ -303,7 +303,7 @@ class TextAttention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
             # pre-RoPE keys of earlier positions are not cached: interventions that read k_pre see
             # the current queries' keys only during decoding.
-        site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre)
+        site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre, hidden=x)
         out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
                           interventions=interventions, probes=probes)
         return self.o_proj(out.reshape(b, t, -1)), res, (k, v)

@@ -1,0 +1,215 @@
+"""VRGA — visual region-guided attention (CVPR 2026, arXiv 2603.14184; code Ivine11/VRGA,
+``models/modeling_qwen2_5_vl.py``; methods.md "VRGA").
+
+**Phase 1** (prefill; query row q* = the last question token of each sample; every layer l, head h),
+computed in :meth:`VRGA.after_prefill` from the row ``a`` [L,B,H,K] ([code] unless marked):
+
+* R_img = (m_V/|V|) / (Σ_j a_j / N) with N the keys q* sees; H_img = entropy of the renormalised
+  image slice; EFR = H_img / R_img.
+* Per-sample thresholds t1 = P5(EFR), t2 = P95(R_img) over all (l, h) (linear interpolation).
+* Visual heads H_v = {EFR ≤ t1 ∧ R_img ≥ t2}, or {R_img ≥ t2} when that is empty. Background
+  heads H_b = {R_img < 0.01} among the first 64 heads in layer-major order.
+* Refined map A_ref = Norm(max(0, Norm(mean_{H_v} a_V) − Norm(mean_{H_b} a_V))) over the image
+  keys; Norm is min-max scaling to [0, 1] [inferred: the paper's "Norm" is not defined in methods.md];
+  an empty H_b contributes 0.
+* Border exclusion (attention sinks): up to ⌊0.2·|V|⌋ image tokens are excluded, in this order —
+  the top-left 2×2 block of the merged grid, then the rest of its first row, then its first column
+  (raster order within each; with several images the classes run across images — every 2×2 block
+  first, then the first rows, then the first columns — and ⌊0.2·|V|⌋ counts all images [ours]).
+* ρ_j = A_ref,j / mean(A_ref over kept tokens); focus tokens T_q = {ρ_j > μ_ρ + 0.6·σ_ρ} (μ, σ over
+  kept tokens, population σ), at least 10: the top-10 by ρ when fewer pass.
+
+**Phase 2** (every decode step, all layers, post-softmax, each (layer, head, row)):
+
+* Gate: edit only if R_img > 0.6 and R_img > 0.2·H_img, with H_img = −Σ_{j∈V} a_j log a_j on the raw,
+  un-renormalised slice.
+* Soft (``fa=1``, default): focus tokens and their ±2 raster neighbours (same image; in-image
+  positions < 3 skipped) get a_j ← 1.5·a_j, then the row is renormalised (= +log 1.5 on logits).
+* Hard (``fa=2``): image keys farther than 3 raster positions from every focus token are zeroed,
+  then the row is renormalised ("radius-3 neighbourhoods", read as raster distance [inferred]).
+
+The EFR-guided head-masking ablation is :func:`efr_head_mask` (zero the visual heads' weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxmm.attention import Intervention, Probe, Site, static_field
+from jaxmm.interventions.keys import _iv
+from jaxmm.probes import _probe
+
+
+def last_question_position(layout) -> jax.Array:
+    """[B] key index of each sample's last question token (last prompt token if none is marked)."""
+    q = layout.question_mask
+    k = q.shape[-1]
+    has = q.any(-1)
+    last_q = k - 1 - jnp.argmax(q[:, ::-1], axis=-1)
+    prompt = layout.attention_mask.astype(bool) & ~layout.generated_mask
+    last_p = k - 1 - jnp.argmax(prompt[:, ::-1], axis=-1)
+    return jnp.where(has, last_q, last_p).astype(jnp.int32)
+
+
+@_probe
+class QuestionRow(Probe):
+    """Attention row of the last question token -> [B,H,K] (chunks add up)."""
+
+    name: str = static_field("vrga_row")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+    query_axis: int | None = static_field(None)
+
+    def __call__(self, a, site: Site):
+        pos = last_question_position(site.layout)                                   # [B]
+        sel = (site.query_pos[None, :] == pos[:, None]).astype(a.dtype)             # [B,T]
+        return jnp.einsum("bhtk,bt->bhk", a, sel)
+
+
+def _minmax(x, on):
+    lo = jnp.min(jnp.where(on, x, jnp.inf), -1, keepdims=True)
+    hi = jnp.max(jnp.where(on, x, -jnp.inf), -1, keepdims=True)
+    return jnp.where(on, (x - lo) / jnp.maximum(hi - lo, 1e-12), 0.0)
+
+
+def head_statistics(rows, image, n_keys):
+    """rows [L,B,H,K], image [B,K], n_keys [B] -> R_img, H_img (renormalised), EFR, each [B, L·H]
+    in layer-major order."""
+    img = image.astype(jnp.float32)[None, :, None, :]
+    m = jnp.sum(rows * img, -1)                                                      # [L,B,H]
+    nv = jnp.sum(image, -1).astype(jnp.float32)[None, :, None]
+    r = (m / nv) / (jnp.sum(rows, -1) / n_keys[None, :, None])
+    p = rows * img / jnp.where(m > 0, m, 1.0)[..., None]
+    h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+    flat = lambda x: jnp.transpose(x, (1, 0, 2)).reshape(x.shape[1], -1)
+    return flat(r), flat(h), flat(h / r)
+
+
+def border_mask(layout, frac: float = 0.2) -> jax.Array:
+    """[B,K] bool: the image tokens excluded as border sinks (see module doc)."""
+    img = layout.image_mask
+    row, col = layout.grid_pos[..., 1], layout.grid_pos[..., 2]
+    prio = jnp.where(img & (row < 2) & (col < 2), 0, jnp.where(img & (row == 0), 1, jnp.where(img & (col == 0), 2, 3)))
+    k = img.shape[-1]
+    order_key = jnp.where(prio < 3, prio * (4 * k) + layout.image_index * k + jnp.arange(k), 4 * k * 4)
+    rank = jnp.argsort(jnp.argsort(order_key, -1), -1)
+    budget = jnp.floor(frac * jnp.sum(img, -1)).astype(jnp.int32)[:, None]
+    return (prio < 3) & (rank < budget)
+
+
+def focus_tokens(a_ref, kept, min_focus: int = 10, z: float = 0.6):
+    """ρ rule -> [B,K] bool focus tokens."""
+    n = jnp.maximum(jnp.sum(kept, -1, keepdims=True), 1)
+    mean_ref = jnp.sum(jnp.where(kept, a_ref, 0.0), -1, keepdims=True) / n
+    rho = a_ref / jnp.maximum(mean_ref, 1e-12)
+    mu = jnp.sum(jnp.where(kept, rho, 0.0), -1, keepdims=True) / n
+    sigma = jnp.sqrt(jnp.sum(jnp.where(kept, (rho - mu) ** 2, 0.0), -1, keepdims=True) / n)
+    focus = kept & (rho > mu + z * sigma)
+    top = jnp.argsort(jnp.where(kept, -rho, jnp.inf), -1)[:, :min_focus]
+    topmask = jnp.zeros_like(kept).at[jnp.arange(kept.shape[0])[:, None], top].set(True) & kept
+    few = jnp.sum(focus, -1, keepdims=True) < min_focus
+    return jnp.where(few, topmask, focus)
+
+
+def neighbourhood(focus, layout, radius: int, skip_below: int = 0):
+    """[B,K] bool: image keys within ``radius`` raster positions of a focus token of the same image."""
+    out = jnp.zeros_like(focus)
+    k = focus.shape[-1]
+    for d in range(-radius, radius + 1):
+        shifted = jnp.roll(focus, d, axis=-1)
+        same = jnp.roll(layout.image_index, d, axis=-1) == layout.image_index
+        valid = (jnp.arange(k) - d >= 0) & (jnp.arange(k) - d < k)
+        out = out | (shifted & same & valid[None])
+    raster = layout.grid_pos[..., 1] * layout.grid_hw[..., 1] + layout.grid_pos[..., 2]
+    return out & layout.image_mask & (raster >= skip_below)
+
+
+@_iv
+class VRGA(Intervention):
+    """Phase 1 (defaults): probes only. Phase 2: ``boost`` [B,K] set by :meth:`after_prefill`."""
+
+    factor: float = static_field(1.5)
+    fa: int = static_field(1)
+    border_frac: float = static_field(0.2)
+    min_focus: int = static_field(10)
+    background_heads: int = static_field(64)
+    boost: jax.Array | None = None            # [B,K] keys to boost (fa=1) or to keep (fa=2)
+    visual_heads: jax.Array | None = None     # [B, L·H] (for the head-masking ablation)
+    focus: jax.Array | None = None            # [B,K]
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def has_stage(self, name):
+        return name == "weights" and self.boost is not None
+
+    def prefill_probes(self):
+        return (QuestionRow(),)
+
+    def after_prefill(self, probe_results, layout):
+        rows = probe_results["vrga_row"]["text"].values                             # [L,B,H,K]
+        k = rows.shape[-1]
+        lay = jax.tree_util.tree_map(lambda x: x[:, :k], layout)
+        qpos = last_question_position(lay)
+        n_keys = jnp.sum((jnp.arange(k)[None] <= qpos[:, None]) & (lay.attention_mask > 0), -1).astype(jnp.float32)
+        r, h, efr = head_statistics(rows, lay.image_mask, n_keys)
+        t1 = jnp.percentile(efr, 5, axis=-1, keepdims=True)
+        t2 = jnp.percentile(r, 95, axis=-1, keepdims=True)
+        hv = (efr <= t1) & (r >= t2)
+        hv = jnp.where(hv.any(-1, keepdims=True), hv, r >= t2)
+        hb = (jnp.arange(r.shape[-1]) < self.background_heads)[None] & (r < 0.01)
+        flat_rows = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)   # [B, L·H, K]
+        mean_of = lambda sel: jnp.einsum("bnk,bn->bk", flat_rows, sel.astype(jnp.float32)) / jnp.maximum(
+            jnp.sum(sel, -1, keepdims=True), 1)
+        img = lay.image_mask
+        a_ref = _minmax(jnp.maximum(0.0, _minmax(mean_of(hv), img) - _minmax(mean_of(hb), img)), img)
+        kept = img & ~border_mask(lay, self.border_frac)
+        focus = focus_tokens(a_ref, kept, self.min_focus)
+        radius, skip = (2, 3) if self.fa == 1 else (3, 0)
+        boost = neighbourhood(focus, lay, radius, skip)
+        pad = layout.image_mask.shape[-1] - k
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
+        return dataclasses.replace(self, boost=grow(boost), focus=grow(focus), visual_heads=hv)
+
+    def weights(self, a, site):
+        img = site.layout.image_mask
+        imgf = img.astype(jnp.float32)[:, None, None, :]
+        m = jnp.sum(a * imgf, -1)
+        nv = jnp.sum(imgf, -1)
+        n = jnp.sum(site.mask, -1).astype(jnp.float32)
+        r = (m / jnp.maximum(nv, 1.0)) * n / jnp.sum(a, -1)
+        h_raw = -jnp.sum(jnp.where(a * imgf > 0, a * jnp.log(jnp.where(a > 0, a, 1.0)), 0.0) * imgf, -1)
+        generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
+            site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :]      # [B,1,T]
+        gate = (r > 0.6) & (r > 0.2 * h_raw) & generated
+        sel = self.boost.astype(jnp.float32)[:, None, None, :]
+        if self.fa == 1:
+            edited = a * (1.0 + (self.factor - 1.0) * sel)
+        else:
+            edited = a * (1.0 - imgf * (1.0 - sel))
+        edited = edited / jnp.sum(edited, -1, keepdims=True)
+        return jnp.where(gate[..., None], edited, a)
+
+
+@_iv
+class HeadMask(Intervention):
+    """Zeroes the attention weights (hence the output) of chosen heads: ``mask`` [B, L·H] or
+    [L·H] (layer-major, 1 = masked)."""
+
+    mask: jax.Array = None
+    num_heads: int = static_field(1)
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def weights(self, a, site):
+        m = jnp.asarray(self.mask, jnp.float32)
+        m = m.reshape(m.shape[:-1] + (-1, self.num_heads))[..., site.layer, :]         # [B,H] or [H]
+        keep = 1.0 - (m[:, :, None, None] if m.ndim == 2 else m[None, :, None, None])
+        return a * keep
+
+
+def efr_head_mask(planned: VRGA, num_heads: int) -> HeadMask:
+    """VRGA's ablation: mask the visual (EFR-selected) heads found at prefill."""
+    return HeadMask(mask=planned.visual_heads.astype(jnp.float32), num_heads=num_heads)
