@@ -48,7 +48,8 @@ def demo(args) -> int:
     batch = model.prepare(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix["pixel_values"],
                           image_grid_thw=pix["image_grid_thw"], system_spans=[[(0, len(system))]],
                           question_spans=[[(s - len(question), s)]])
-    out = model.forward(batch=batch, probes=[P.VisualMass(), P.VisualEntropy(normalize=True), P.VAS()])
+    out = model.forward(batch=batch, probes=[P.VisualMass(), P.VisualEntropy(normalize=True), P.VAS()],
+                        interventions=args.method)
     print(f"model   {path}  ({cfg.text.num_hidden_layers} text layers, {cfg.vision.depth} vision blocks, "
           f"dtype {model.dtype})")
     print(f"image   {name} -> grid {pix['image_grid_thw'][0].tolist()} patches, {n_img} image tokens; "
@@ -79,9 +80,11 @@ def generate(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
     key = jax.random.PRNGKey(args.seed)
+    if args.method:
+        print(f"methods: {', '.join(map(str, args.method))}", file=sys.stderr)
     if not args.stream:
         out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, key=key)
+                             top_k=args.top_k, top_p=args.top_p, key=key, interventions=args.method)
         print(out.text[0])
         return 0
     batch, _ = model.prepare_chat(messages)
@@ -90,7 +93,8 @@ def generate(args) -> int:
     ids = []
     printed = ""
     for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
-                       sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop):
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop,
+                       interventions=model.interventions(args.method)):
         ids.append(int(step[0]))
         text = tok.decode(ids, skip_special_tokens=True)
         print(text[len(printed):], end="", flush=True)
@@ -111,6 +115,10 @@ def inspect(args) -> int:
     return 0
 
 
+METHOD_HELP = ("intervention to apply, repeatable, in order: a name (pai, avar, ration, vrga, var), "
+               "NAME:knob=value,knob=value, or a YAML file (configs/methods/)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxmm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -118,6 +126,7 @@ def main(argv=None) -> int:
     d.add_argument("--model", help="HF checkpoint directory (default: build/use the embedded organism)")
     d.add_argument("--image", help="image file (default: a photo from scikit-image)")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    d.add_argument("--method", action="append", default=[], help=METHOD_HELP)
     d.set_defaults(fn=demo)
     g = sub.add_parser("generate", help="answer a prompt about an image (default model: the organism)")
     g.add_argument("--model", help="HF checkpoint directory with tokenizer (default: the embedded organism)")
@@ -131,6 +140,7 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--method", action="append", default=[], help=METHOD_HELP)
     g.set_defaults(fn=generate)
     i = sub.add_parser("inspect", help="print a checkpoint's config and parameter count")
     i.add_argument("--model", required=True)

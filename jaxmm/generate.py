@@ -130,10 +130,12 @@ def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Arra
     return forward(params, config, step, interventions, probes, False, cache)
 
 
-@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill"))
-def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
-              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False):
+def prefill_and_plan(params, config, batch: Batch, full_batch: Batch, max_len: int, interventions=(), probes=(),
+                     reprefill: bool = False):
+    """Prefill with the probes the caller and the interventions ask for, then ``after_prefill``.
+
+    Returns ``(last_logits, cache, next_pos, prefill_output, planned_interventions)``.
+    """
     names = {p.name for p in probes}
     plan_probes = tuple(p for iv in interventions for p in iv.prefill_probes() if p.name not in names)
     last, cache, next_pos, pre = prefill(params, config, batch_with(batch, full_batch), max_len,
@@ -144,6 +146,15 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
         # decode") run the prefill again under the plan, so the cache holds the edited keys' effect.
         last, cache, next_pos, _ = prefill(params, config, batch_with(batch, full_batch), max_len,
                                            interventions, ())
+    return last, cache, next_pos, pre, interventions
+
+
+@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill"))
+def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
+              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
+              reprefill=False):
+    last, cache, next_pos, pre, interventions = prefill_and_plan(
+        params, config, batch, full_batch, max_len, interventions, probes, reprefill)
     keys = jax.random.split(key, max_new_tokens)
     b = last.shape[0]
 
@@ -217,14 +228,14 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
                      tuple(probes), output_logits, reprefill)
 
 
-_prefill_jit = jax.jit(prefill, static_argnames=("config", "max_len"))
+_prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))
 _step_jit = jax.jit(decode_step, static_argnames=("config",))
 _select_jit = jax.jit(select_token, static_argnames=("sampling",))
 
 
 def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
            key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
-           interventions: Sequence = (), max_len: int | None = None):
+           interventions: Sequence = (), max_len: int | None = None, reprefill: bool = False):
     """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
     they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
     the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``)."""
@@ -234,9 +245,8 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     max_len = max_len or bucket(s + max_new_tokens)
     stop = np.asarray(tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens), np.int64)
     full = extend_for_decoding(batch, max_len)
-    ivs = tuple(interventions)
-    last, cache, next_pos, pre = _prefill_jit(params, config, batch_with(batch, full), max_len, ivs, ())
-    ivs = tuple(iv.after_prefill(pre.probes, full.layout) for iv in ivs)
+    last, cache, next_pos, _, ivs = _prefill_jit(params, config, batch, full, max_len, tuple(interventions), (),
+                                                 reprefill)
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
     done = np.zeros(batch.input_ids.shape[0], bool)
     for t in range(max_new_tokens):

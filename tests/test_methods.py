@@ -351,3 +351,23 @@ def test_methods_compose_and_batch_per_sample(setup):
         alone, _ = run(raw_b, [[(q0 - off, q1 - off) for q0, q1 in q_spans[b]]],
                        [[(s0 - off, s1 - off) for s0, s1 in sys_spans[b]]])
         np.testing.assert_allclose(alone[0], both[b][keep], atol=5e-5)
+
+
+def test_methods_run_inside_generate_and_stream_alike(setup):
+    """Every method by name in one generate call (plans made at prefill, per sample), and the
+    step-by-step stream gives the same tokens."""
+    from jaxmm.generate import generate, stream
+
+    _, model, raw, batch = setup
+    ivs = model.interventions(["ration:top_k=2", "vrga", "avar", "pai", {"method": "var", "dims": [0, 1], "tau": 1.5}])
+    out = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs)
+    plain = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[])
+    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[],
+                                    interventions=ivs)), 1)
+    np.testing.assert_array_equal(streamed, np.asarray(out.tokens))
+    assert np.asarray(out.tokens).shape == (2, 8)
+    again = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs,
+                     reprefill=True, output_logits=True)
+    base = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], output_logits=True)
+    assert np.abs(np.asarray(again.logits[:, 0]) - np.asarray(base.logits[:, 0])).max() > 1e-4   # plan reached the prompt
+    assert plain.tokens.shape == out.tokens.shape

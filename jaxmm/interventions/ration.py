@@ -51,7 +51,7 @@ class PreRopeVisualEntropy(Probe):
         q, k = site.q_pre.astype(jnp.float32), site.k_pre.astype(jnp.float32)     # [B,T,H,D], [B,K,G,D]
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
         z = jnp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) / jnp.sqrt(q.shape[-1])
-        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask)
+        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask[:, :k.shape[1]])
 
 
 def map_layers(layers_28, num_layers: int) -> tuple[int, ...]:

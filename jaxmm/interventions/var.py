@@ -11,6 +11,8 @@ Visual Attention Sink in Large Multimodal Models", ICLR 2025; methods.md "Relate
 
 At prefill the sink set comes from the layer's own hidden states (``site.hidden``); for decoding,
 :meth:`VAR.after_prefill` stores the prefill's sink sets ([L,B,K]; generated tokens are never sinks).
+Limitation: the unplanned (prefill) pass sees the hidden states of its own query chunk only, so
+prompts longer than ``jaxmm.attention.QUERY_CHUNK`` get sinks from their first chunk's keys there.
 """
 
 from __future__ import annotations
@@ -87,10 +89,10 @@ class VAR(Intervention):
     def weights(self, a, site):
         if self.sinks is not None:
             sinks = self.sinks[site.layer]
-        else:
-            if site.hidden.shape[1] != a.shape[-1]:
-                raise ValueError("VAR without a prefill plan needs the keys' hidden states (a full forward)")
-            sinks = sink_tokens(site.hidden, site.layout.image_mask, self.dims, self.tau)
+        else:   # phase 1 = a prefill: the queries are keys 0..T-1 (a cache may hold more, empty, keys)
+            t, k = site.hidden.shape[1], a.shape[-1]
+            sinks = sink_tokens(site.hidden, site.layout.image_mask[:, :t], self.dims, self.tau)
+            sinks = jnp.pad(sinks, ((0, 0), (0, k - t)))
         return redistribute(a, site.layout.image_mask, sinks, self.p, self.min_mass, self.max_share)
 
 
