@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm demo | generate | inspect``.
+"""Command line: ``jaxmm eval | demo | generate | inspect``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -103,6 +103,17 @@ def generate(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    from jaxmm.eval.harness import EvalConfig, run
+    from jaxmm.eval.report import load_rows, summarize, table
+
+    cfg = EvalConfig.from_yaml(args.config, args.overrides)
+    out = run(cfg, progress=not args.no_progress)
+    print(table(summarize(load_rows(out))))
+    print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
+    return 0
+
+
 def inspect(args) -> int:
     import jax
 
@@ -142,6 +153,11 @@ def main(argv=None) -> int:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--method", action="append", default=[], help=METHOD_HELP)
     g.set_defaults(fn=generate)
+    e = sub.add_parser("eval", help="benchmarks x methods grid, resumable; writes results.jsonl and report.md")
+    e.add_argument("--config", help="YAML (configs/eval/); default: the organism on the grounded benchmark")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(fn=evaluate)
     i = sub.add_parser("inspect", help="print a checkpoint's config and parameter count")
     i.add_argument("--model", required=True)
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -103,7 +103,8 @@ class Model:
         return self._image_processor
 
     def prepare_chat(self, conversations, add_generation_prompt: bool = True):
-        """One conversation (a list of messages) or several -> (left-padded ``Batch``, prompt texts).
+        """One conversation (a list of messages) or several -> (left-padded ``Batch``, info) with
+        ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``.
 
         Image parts carry the image itself: ``{"type": "image", "image": PIL image | array | path}``.
         """
@@ -129,7 +130,7 @@ class Model:
         batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
                              pix.get("image_grid_thw"), system_spans=enc["system_spans"],
                              question_spans=enc["question_spans"])
-        return batch, enc["texts"]
+        return batch, {"texts": enc["texts"], "image_grid_thw": pix.get("image_grid_thw")}
 
     def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),

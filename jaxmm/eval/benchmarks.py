@@ -1,0 +1,157 @@
+"""Benchmark readers: the files benchmarks are published in -> grain datasets of uniform samples.
+
+A sample is a dict: ``id``, ``image`` (PIL, decoded lazily by the grain map), ``question`` (the
+prompt text, with the benchmark's standard instruction), ``answer`` (reference: a string, or a list
+for TextVQA/DocVQA), ``score`` (name of the rule in :mod:`jaxmm.eval.scoring`), optional ``box``
+and ``task``. Files: parquet with image bytes (HF datasets' export: an ``image`` column holding
+bytes or ``{"bytes": …}``) or JSONL plus an image folder (``image`` holds a path relative to the
+JSONL file). Field names follow each benchmark's published schema.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import grain
+from PIL import Image
+
+LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+YES_NO_INSTRUCTION = "Answer yes or no."
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a ``.parquet`` or ``.jsonl`` file as dicts (JSONL image paths made absolute)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
+            if isinstance(row.get("image"), str):
+                row["image"] = str(path.parent / row["image"])
+            rows.append(row)
+        return rows
+    raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+
+
+def decode_image(value):
+    """bytes / {"bytes": …} / a path / a PIL image -> RGB PIL image (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    return Image.open(value).convert("RGB")
+
+
+def _options(row, letters="ABCDEFGH"):
+    return "\n".join(f"{l}. {row[l]}" for l in letters if row.get(l) not in (None, "", "nan"))
+
+
+def _mmstar(row):
+    return dict(id=str(row["index"]), question=f"{row['question']}\n{LETTER_INSTRUCTION}", answer=row["answer"],
+                score="option_letter", task=row.get("category"))
+
+
+def _mmbench(row):
+    hint = f"{row['hint']}\n" if row.get("hint") not in (None, "", "nan") else ""
+    return dict(id=str(row["index"]), question=f"{hint}{row['question']}\n{_options(row)}\n{LETTER_INSTRUCTION}",
+                answer=row["answer"], score="option_letter", task=row.get("category"))
+
+
+def _mathvista(row):
+    choices = row.get("choices")
+    if row.get("question_type") == "multi_choice" and choices:
+        letter = "ABCDEFGH"[list(choices).index(row["answer"])]
+        q = row.get("query") or f"{row['question']}\n" + "\n".join(f"({'ABCDEFGH'[i]}) {c}" for i, c in enumerate(choices))
+        return dict(id=str(row["pid"]), question=q, answer=letter, score="option_letter", task=row.get("task"))
+    return dict(id=str(row["pid"]), question=row.get("query") or row["question"], answer=str(row["answer"]),
+                score="exact", task=row.get("task"))
+
+
+def _pope(row):
+    return dict(id=str(row["question_id"]), question=f"{row['question']} {YES_NO_INSTRUCTION}",
+                answer=row["answer"].strip().lower(), score="yes_no", task=row.get("category"))
+
+
+def _hallusion(row):
+    gt = "yes" if str(row["gt_answer"]).strip() in ("1", "yes") else "no"
+    rid = f"{row.get('category', '')}-{row.get('subcategory', '')}-{row.get('set_id', '')}-{row.get('figure_id', '')}-{row.get('question_id', '')}"
+    return dict(id=rid, question=f"{row['question']} {YES_NO_INSTRUCTION}", answer=gt, score="yes_no",
+                task=row.get("category"))
+
+
+def _chartqa(row):
+    return dict(id=str(row.get("id", row.get("question_id", hash(row.get("query", row.get("question")))))),
+                question=f"{row.get('query', row.get('question'))}\n{SHORT_INSTRUCTION}",
+                answer=str(row.get("label", row.get("answer"))), score="relaxed", task=row.get("type"))
+
+
+def _textvqa(row):
+    return dict(id=str(row["question_id"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
+                answer=list(row["answers"]), score="vqa")
+
+
+def _docvqa(row):
+    return dict(id=str(row["questionId"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
+                answer=list(row["answers"]), score="anls")
+
+
+def _grounded(row):
+    return dict(id=row["id"], question=row["question"], answer=row["answer"], score="exact", task=row["task"],
+                box=tuple(row["box"]))
+
+
+READERS: dict[str, Callable[[dict], dict]] = {
+    "mmstar": _mmstar, "mmbench": _mmbench, "mathvista": _mathvista, "pope": _pope,
+    "hallusionbench": _hallusion, "chartqa": _chartqa, "textvqa": _textvqa, "docvqa": _docvqa,
+    "grounded": _grounded,
+}
+
+
+def _to_sample(name: str, row: dict) -> dict:
+    try:
+        s = READERS[name](row)
+    except KeyError as e:
+        raise ValueError(f"{name}: a row lacks the field {e} of the benchmark's schema") from None
+    s["benchmark"] = name
+    s["image"] = row.get("image") if "image" in row else row.get("decoded_image")
+    return s
+
+
+def load(name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> grain.MapDataset:
+    """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path``.
+
+    ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``).
+    Images are decoded lazily (in the dataset's map) and may fail per sample: the harness records
+    such a sample as an error row.
+    """
+    if name not in READERS:
+        raise ValueError(f"unknown benchmark {name!r}; known: {sorted(READERS)}")
+    if name == "grounded" and path is None:
+        from jaxmm.data.grounded import make_sample
+
+        n = limit or 64
+        return grain.MapDataset.range(n).map(lambda i: {**_to_sample("grounded", make_sample(int(i), seed)),
+                                                         "benchmark": "grounded"})
+    if path is None:
+        raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
+    rows = read_table(path)[:limit] if limit else read_table(path)
+    return grain.MapDataset.source(rows).map(lambda row: _to_sample(name, row))

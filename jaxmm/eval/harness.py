@@ -1,0 +1,258 @@
+"""The evaluation harness: a model × methods × benchmarks grid, resumable, written as it goes.
+
+    jaxmm eval --config configs/eval/organism.yaml batch_size=4 benchmarks.0.limit=16
+
+Results go to ``<out>/results.jsonl``, one row per (benchmark, sample, method), appended and
+flushed batch by batch; a rerun skips the rows already there (a killed run loses at most the batch
+in flight). A sample that fails (unreadable image, prompt over ``max_prompt_tokens``) becomes a
+row with its ``error`` and the run goes on. Each row holds the prompt, prediction, parsed answer,
+score and per-sample attention metrics over the generated tokens (mean over tokens, layers and
+heads): ``vas`` (AVAR), ``visual_entropy``, ``region_ratio`` where the sample has an evidence box,
+and ``visual_entropy_per_layer``. The report (:mod:`jaxmm.eval.report`) is written at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxmm import probes as P
+from jaxmm.eval import scoring
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Schema of ``configs/eval/*.yaml`` (dotted overrides on the command line)."""
+
+    model: str | None = None            # HF checkpoint dir; None = the embedded organism
+    dtype: str = "float32"
+    out: str = "runs/eval"
+    benchmarks: list = dataclasses.field(default_factory=lambda: [{"name": "grounded", "limit": 40}])
+    methods: list = dataclasses.field(default_factory=lambda: ["baseline"])
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    max_prompt_tokens: int = 4096
+    heatmaps: int = 2                   # samples per benchmark rendered as attention heatmaps
+    seed: int = 0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> "EvalConfig":
+        import yaml
+
+        d = yaml.safe_load(Path(path).read_text()) if path else {}
+        d = d or {}
+        for ov in overrides:
+            if "=" not in ov:
+                raise ValueError(f"override {ov!r}: expected key=value (dotted keys, e.g. benchmarks.0.limit=8)")
+            key, value = ov.split("=", 1)
+            _set(d, key.split("."), yaml.safe_load(value))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _set(d, keys, value):
+    for i, k in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(d, list):
+            d = d[int(k)]
+        else:
+            d = d.setdefault(k, [] if nxt.isdigit() else {})
+    if isinstance(d, list):
+        d[int(keys[-1])] = value
+    else:
+        d[keys[-1]] = value
+
+
+def method_name(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
+        return spec["method"] + (f":{rest}" if rest else "")
+    return type(spec).__name__.lower()
+
+
+def _done_rows(path: Path) -> set:
+    done = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:      # a line cut by a kill: that sample runs again
+                continue
+            done.add((r["benchmark"], r["id"], r["method"]))
+    return done
+
+
+def _append(path: Path, rows: list[dict]):
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def score(sample: dict, prediction: str) -> tuple[Any, float]:
+    rule = sample["score"]
+    if rule == "option_letter":
+        parsed = scoring.option_letter(prediction)
+        return parsed, float(parsed == sample["answer"])
+    if rule == "yes_no":
+        parsed = scoring.yes_no(prediction)
+        return parsed, float(parsed == sample["answer"])
+    parsed = scoring.answer_text(prediction)
+    if rule == "exact":
+        return parsed, scoring.exact(prediction, sample["answer"])
+    if rule == "relaxed":
+        return parsed, scoring.relaxed(prediction, sample["answer"])
+    if rule == "anls":
+        return parsed, scoring.anls(prediction, sample["answer"])
+    if rule == "vqa":
+        return parsed, scoring.vqa(prediction, sample["answer"])
+    raise ValueError(f"unknown scoring rule {rule!r}")
+
+
+def _metrics(out, b, n_tokens, has_box):
+    """Means over the generated tokens (t < n), layers and heads of row b."""
+    n = max(int(n_tokens), 1)
+    get = lambda name: np.asarray(out.probes[name]["text"].values[b, :n], np.float64)   # [T,L,H]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vas, ent = get("vas"), get("visual_entropy")
+        m = {"vas": float(np.nanmean(np.where(np.isfinite(vas), vas, np.nan))),
+             "visual_entropy": float(np.mean(ent)),
+             "visual_entropy_per_layer": [float(x) for x in ent.mean(axis=(0, 2))]}
+        if has_box:
+            rr = get("region_ratio")
+            m["region_ratio"] = float(np.nanmean(np.where(np.isfinite(rr), rr, np.nan)))
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in m.items()}
+
+
+def run(cfg: EvalConfig, progress: bool = True) -> Path:
+    """Runs (or resumes) the grid; returns the output directory."""
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.eval import benchmarks as B
+    from jaxmm.eval.report import render_heatmap, write_report
+    from jaxmm.generate import generate
+    from jaxmm.processing.regions import region_weights
+
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    results = out_dir / "results.jsonl"
+    done = _done_rows(results)
+    model = jaxmm.load(cfg.model or organism.build(), dtype=cfg.dtype)
+    nl = model.config.text.num_hidden_layers
+    methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
+    total = 0
+    datasets = []
+    for spec in cfg.benchmarks:
+        spec = dict(spec)
+        ds = B.load(spec.pop("name"), spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed))
+        datasets.append(ds)
+        total += len(ds) * len(methods)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
+    for ds in datasets:
+        for mname, ivs in methods:
+            todo = list(range(len(ds)))
+            for start in range(0, len(todo), cfg.batch_size):
+                chunk = todo[start:start + cfg.batch_size]
+                rows, ok = [], []
+                for i in chunk:
+                    try:
+                        s = ds[i]
+                    except Exception as e:  # noqa: BLE001 — unreadable sample: an error row
+                        rows.append({"benchmark": "?", "id": f"index-{i}", "method": mname, "error": f"{type(e).__name__}: {e}"})
+                        continue
+                    if (s["benchmark"], s["id"], mname) in done:
+                        continue
+                    try:
+                        s["image"] = B.decode_image(s["image"])
+                        ok.append(s)
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(_error_row(s, mname, e))
+                if ok:
+                    rows += _run_batch(model, ok, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+                rows = [r for r in rows if (r["benchmark"], r["id"], r["method"]) not in done]
+                _append(results, rows)
+                done.update((r["benchmark"], r["id"], r["method"]) for r in rows)
+                if bar is not None:
+                    bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    write_report(out_dir)
+    return out_dir
+
+
+def _error_row(s, method, e):
+    return {"benchmark": s["benchmark"], "id": s["id"], "method": method, "question": s.get("question"),
+            "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
+
+
+def _run_batch(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap):
+    """Generates for a batch; on failure retries one by one so only the failing samples are lost."""
+    try:
+        return _generate_rows(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+    except Exception as e:  # noqa: BLE001
+        if len(samples) == 1:
+            return [_error_row(samples[0], mname, e)]
+        rows = []
+        for s in samples:
+            rows += _run_batch(model, [s], mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+        return rows
+
+
+def _generate_rows(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap):
+    convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
+                                           {"type": "text", "text": s["question"]}]}] for s in samples]
+    batch, info = model.prepare_chat(convs)
+    if batch.input_ids.shape[1] > cfg.max_prompt_tokens:
+        raise ValueError(f"prompt of {batch.input_ids.shape[1]} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")
+    lay = batch.layout
+    grid = np.asarray(info["image_grid_thw"])
+    boxes = {i: [s["box"]] for i, s in enumerate(samples) if s.get("box") is not None}
+    sizes = {i: s["image"].size[::-1] for i, s in enumerate(samples)}
+    if boxes:
+        w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
+                           boxes, sizes, grid, model.config.vision.patch_size, model.config.vision.spatial_merge_size)
+        batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
+    probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12),
+              P.AttentionWeights(name="last_layer", layers=(nl - 1,)))
+    t0 = time.perf_counter()
+    stop = list(model.config.eos_token_id) + [model.tokenizer.eos_token_id]
+    out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
+                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    seconds = (time.perf_counter() - t0) / len(samples)
+    rows = []
+    heat = np.asarray(out.probes["last_layer"]["text"].values)      # [B,T,1,H,K]
+    for b, s in enumerate(samples):
+        pred = model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
+        parsed, sc = score(s, pred)
+        row = {"benchmark": s["benchmark"], "id": s["id"], "method": mname, "task": s.get("task"),
+               "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
+               "score": sc, "n_tokens": int(lengths[b]), "seconds": seconds}
+        row.update(_metrics(out, b, lengths[b], b in boxes))
+        index = int(s["id"].rsplit("-", 1)[-1]) if s["id"].rsplit("-", 1)[-1].isdigit() else None
+        if cfg.heatmaps and index is not None and index < cfg.heatmaps:
+            img_keys = np.asarray(lay.image_mask[b])
+            att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys]
+            gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
+            fig = out_dir / "figures" / f"heatmap_{s['benchmark']}_{s['id']}_{mname.replace(':', '_').replace(',', '_')}.png"
+            render_heatmap(s["image"], att.reshape(gh, gw), fig, title=f"{s['id']} · {mname}", box=s.get("box"))
+            row["heatmap"] = str(fig.relative_to(out_dir))
+        rows.append(row)
+    return rows
