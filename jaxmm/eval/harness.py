@@ -81,6 +81,16 @@ def method_name(spec) -> str:
     return type(spec).__name__.lower()
 
 
+def _repair(path: Path):
+    """Drops a partial last line left by a kill mid-write (it would corrupt the next append)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _done_rows(path: Path) -> set:
     done = set()
     if path.exists():
@@ -149,6 +159,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     results = out_dir / "results.jsonl"
+    _repair(results)
     done = _done_rows(results)
     model = jaxmm.load(cfg.model or organism.build(), dtype=cfg.dtype)
     nl = model.config.text.num_hidden_layers

@@ -1,0 +1,167 @@
+"""Evaluation: readers on fixture files in each benchmark's schema, scorers, resume, error rows,
+and an end-to-end grid on a tiny model."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import tiny
+from jaxmm.data.grounded import generate_samples, make_sample
+from jaxmm.eval import benchmarks as B
+from jaxmm.eval import scoring as S
+from jaxmm.eval.harness import EvalConfig, run
+from jaxmm.eval.report import load_rows, summarize, table
+
+
+def png_bytes(name="coffee", size=(64, 48)):
+    buf = io.BytesIO()
+    tiny.photos()[name].convert("RGB").resize(size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+SCHEMAS = {
+    "mmstar": ({"index": 7, "question": "Which animal?\nOptions: A: cat, B: dog", "answer": "A", "category": "coarse perception",
+                "l2_category": "image scene", "image": {"bytes": None, "path": None}}, "B", "option_letter"),
+    "mmbench": ({"index": 3, "question": "What is shown?", "hint": "nan", "A": "a cup", "B": "a car", "C": "a dog", "D": "nan",
+                 "answer": "A", "category": "object", "image": None}, "C. a dog", "option_letter"),
+    "mathvista": ({"pid": "12", "question": "What is the value?", "choices": None, "answer": "3", "question_type": "free_form",
+                   "answer_type": "integer", "query": "Hint: answer with an integer.\nWhat is the value?", "image": None},
+                  "3", "exact"),
+    "pope": ({"question_id": "5", "question": "Is there a cup in the image?", "answer": "yes", "category": "adversarial",
+              "image": None}, "no", "yes_no"),
+    "hallusionbench": ({"category": "VD", "subcategory": "illusion", "set_id": 1, "figure_id": 0, "question_id": 2,
+                        "question": "Is the left line longer?", "gt_answer": "1", "image": None}, "yes", "yes_no"),
+    "chartqa": ({"id": 4, "query": "What is the peak value?", "label": "41.5", "type": "human", "image": None}, "42", "relaxed"),
+    "textvqa": ({"question_id": 9, "question": "What brand?", "answers": ["nike"] * 7 + ["adidas"] * 3, "image": None},
+                "nike", "vqa"),
+    "docvqa": ({"questionId": 11, "question": "What is the date?", "answers": ["May 5, 1999", "5 May 1999"], "image": None},
+               "may 5 1999", "anls"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_readers_parquet_and_jsonl(tmp_path, name):
+    row, _, rule = SCHEMAS[name]
+    row = dict(row, image={"bytes": png_bytes(), "path": None})
+    ds = B.load(name, write_parquet(tmp_path / f"{name}.parquet", [row, row]))
+    s = ds[0]
+    assert len(ds) == 2 and s["score"] == rule and s["benchmark"] == name and s["question"]
+    assert B.decode_image(s["image"]).size == (64, 48)
+    # JSONL + image folder
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "a.png").write_bytes(png_bytes())
+    jrow = dict(row, image="images/a.png")
+    (tmp_path / f"{name}.jsonl").write_text(json.dumps(jrow) + "\n")
+    s2 = B.load(name, tmp_path / f"{name}.jsonl")[0]
+    assert B.decode_image(s2["image"]).size == (64, 48) and s2["id"] == s["id"]
+    if name == "mmbench":
+        assert "A. a cup" in s["question"] and "D." not in s["question"]
+    if name == "hallusionbench":
+        assert s["answer"] == "yes"
+
+
+def test_reader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        B.load("pope", tmp_path / "missing.parquet")
+    bad = write_parquet(tmp_path / "pope.parquet", [{"question": "x"}])
+    with pytest.raises(ValueError, match="pope.*question_id"):
+        B.load("pope", bad)[0]
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        B.load("mmmu", bad)
+
+
+def test_scorers():
+    assert S.option_letter("(B) a dog") == "B" and S.option_letter("The answer is C.") == "C"
+    assert S.option_letter("<answer>D</answer>") == "D" and S.option_letter("none") is None
+    assert S.exact("The Square.", "square") == 1.0 and S.exact("3", "3.0") == 1.0 and S.exact("circle", "square") == 0.0
+    assert S.relaxed("42", "41.5") == 1.0 and S.relaxed("45", "41.5") == 0.0 and S.relaxed("yes", "Yes") == 1.0
+    assert S.anls("may 5, 1999", ["May 5, 1999"]) == 1.0
+    assert 0 < S.anls("may 5 1999", ["May 5, 1999"]) < 1 and S.anls("xyz", ["May 5, 1999"]) == 0.0
+    assert S.yes_no("Yes, there is.") == "yes" and S.yes_no("maybe") is None
+    assert S.vqa("nike", ["nike"] * 2 + ["x"] * 8) == pytest.approx(2 / 3) and S.vqa("Nike", ["nike"] * 4) == 1.0
+
+
+def test_grounded_generator_is_deterministic_and_boxed():
+    a, b = generate_samples(10, seed=3), generate_samples(10, seed=3)
+    assert [s["question"] for s in a] == [s["question"] for s in b]
+    assert all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a, b))
+    assert {s["task"] for s in a} == {"recognition", "counting", "grounding", "ocr", "spatial"}
+    for s in a:
+        x0, y0, x1, y1 = s["box"]
+        assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+    c = make_sample(1, seed=4, task="counting")
+    assert c["answer"] in {"1", "2", "3", "4"} and c["task"] == "counting"
+    assert make_sample(0, seed=3)["image"].size == (224, 224) and a[0]["id"] != make_sample(0, seed=4)["id"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from chat_fixtures import build_tokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = tmp_path_factory.mktemp("evalmodel")
+    tiny.save_hf_model("gqa_untied", path, seed=2)
+    build_tokenizer(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=112 * 112).save_pretrained(path)
+    return path
+
+
+def test_end_to_end_grid_report_and_figures(tiny_model_dir, tmp_path):
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 8}],
+                     methods=["baseline", "vrga", {"method": "avar", "alpha_sys": 0.05}], batch_size=4, max_new_tokens=6,
+                     heatmaps=2)
+    out = run(cfg, progress=False)
+    rows = load_rows(out)
+    assert len(rows) == 24 and all("error" not in r for r in rows)
+    assert {r["method"] for r in rows} == {"baseline", "vrga", "avar:alpha_sys=0.05"}
+    for r in rows:
+        assert r["score"] in (0.0, 1.0) and r["vas"] is not None and r["region_ratio"] is not None
+        assert len(r["visual_entropy_per_layer"]) == 3
+    report = (out / "report.md").read_text()
+    assert "| grounded |" in report and "vas_vs_accuracy.png" in report
+    figs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert "vas_vs_accuracy.png" in figs and "visual_entropy_per_layer.png" in figs
+    assert sum(f.startswith("heatmap_") for f in figs) == 2 * 3
+    assert "baseline" in table(summarize(rows))
+
+
+def test_resume_after_a_kill_and_error_rows(tiny_model_dir, tmp_path):
+    # a benchmark file whose second image is unreadable
+    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes() if i != 1 else b"not a png", "path": None})
+            for i in range(6)]
+    data = write_parquet(tmp_path / "pope.parquet", rows)
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "pope", "path": str(data)}],
+                     methods=["baseline", "pai"], batch_size=2, max_new_tokens=4, heatmaps=0)
+    out = run(cfg, progress=False)
+    full = load_rows(out)
+    assert len(full) == 12
+    errors = [r for r in full if "error" in r]
+    assert len(errors) == 2 and all(r["id"] == "1" for r in errors)
+    assert "UnidentifiedImageError" in errors[0]["error"]
+    # simulate a kill: keep the first 5 rows and half of the sixth line, then rerun
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+    run(cfg, progress=False)
+    again = load_rows(out)
+    keys = [(r["benchmark"], r["id"], r["method"]) for r in again]
+    assert len(keys) == len(set(keys)) == 12
+    by_key = {(r["id"], r["method"]): r.get("prediction") for r in again}
+    assert by_key == {(r["id"], r["method"]): r.get("prediction") for r in full}
+
+
+def test_eval_config_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("benchmarks:\n  - {name: grounded, limit: 40}\nmethods: [baseline]\n")
+    cfg = EvalConfig.from_yaml(p, ["benchmarks.0.limit=8", "batch_size=2", "methods=[baseline, vrga]"])
+    assert cfg.benchmarks[0]["limit"] == 8 and cfg.batch_size == 2 and cfg.methods == ["baseline", "vrga"]
+    with pytest.raises(ValueError, match="unknown field"):
+        EvalConfig.from_yaml(p, ["batchsize=2"])
