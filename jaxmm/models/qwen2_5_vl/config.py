@@ -36,6 +36,7 @@ class VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
+    windowed: bool = True          # Qwen2.5-VL's window attention; Qwen2-VL attends per frame
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +72,7 @@ class Qwen2_5_VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
     eos_token_id: tuple[int, ...] = ()
+    model_type: str = "qwen2_5_vl"
 
     def __post_init__(self):
         v, t = self.vision, self.text
@@ -88,14 +90,21 @@ class Qwen2_5_VLConfig:
              f"vision out_hidden_size={v.out_hidden_size} differs from text hidden_size={t.hidden_size}"),
             (all(0 <= i < v.depth for i in v.fullatt_block_indexes),
              f"fullatt_block_indexes={list(v.fullatt_block_indexes)} out of range for depth={v.depth}"),
-            (v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
+            (not v.windowed or v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
              f"window_size={v.window_size} is not a multiple of patch_size*spatial_merge_size"),
-            (v.hidden_act == "silu" and t.hidden_act == "silu",
-             f"only hidden_act='silu' is supported (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
+            (v.hidden_act in ("silu", "quick_gelu") and t.hidden_act == "silu",
+             f"unsupported hidden_act (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"config.json: {msg}")
+
+    MODEL_TYPE = "qwen2_5_vl"
+
+    @staticmethod
+    def vision_fields(vis: dict) -> dict:
+        """Family hook: the vision_config dict in this family's field names -> VisionConfig's."""
+        return vis
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -106,8 +115,8 @@ class Qwen2_5_VLConfig:
             ConfigError: naming the field, when a required field is missing or malformed.
         """
         model_type = d.get("model_type")
-        if model_type not in (None, "qwen2_5_vl"):
-            raise ConfigError(f"{source}: model_type={model_type!r}; jaxmm.models.qwen2_5_vl reads 'qwen2_5_vl'")
+        if model_type not in (None, cls.MODEL_TYPE):
+            raise ConfigError(f"{source}: model_type={model_type!r}; {cls.__name__} reads {cls.MODEL_TYPE!r}")
         if "vision_config" not in d:
             raise ConfigError(f"{source}: missing field 'vision_config'")
         text = dict(d.get("text_config") or {})
@@ -130,7 +139,7 @@ class Qwen2_5_VLConfig:
             text_kwargs["num_key_value_heads"] = text_kwargs.get(
                 "num_attention_heads", TextConfig.num_attention_heads)
 
-        vis = dict(d["vision_config"])
+        vis = cls.vision_fields(dict(d["vision_config"]))
         if "in_chans" in vis and "in_channels" not in vis:
             vis["in_channels"] = vis["in_chans"]
         vrope = vis.get("rope_parameters") or {}
@@ -147,7 +156,7 @@ class Qwen2_5_VLConfig:
         tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         try:
             return cls(vision=VisionConfig(**vis_kwargs), text=TextConfig(**text_kwargs),
-                       tie_word_embeddings=bool(tie), eos_token_id=eos, **top)
+                       tie_word_embeddings=bool(tie), eos_token_id=eos, model_type=cls.MODEL_TYPE, **top)
         except TypeError as e:  # wrong types inside the json
             raise ConfigError(f"{source}: {e}") from e
 

@@ -240,6 +240,11 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs
         pos.append(np.tile(np.stack([hp, wp], -1), (t, 1)))
         frame_lens += [h * w] * t
         gh, gw = h // m, w // m
+        if not cfg.windowed:                      # Qwen2-VL: no window reordering, attention per frame
+            window_index.append(np.arange(t * gh * gw) + offset)
+            window_lens += [h * w] * t
+            offset += t * gh * gw
+            continue
         idx = np.arange(t * gh * gw).reshape(t, gh, gw)
         ph, pw = win - gh % win, win - gw % win
         padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
@@ -492,16 +497,19 @@ def text_mask(attention_mask: Array, query_pos: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- pure functional API
+MODEL_CLASSES: dict[str, type] = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}   # families register here
+
+
 @functools.lru_cache(maxsize=None)
 def graphdef(config: Qwen2_5_VLConfig, dtype: str = "float32"):
     """The static graph of the model for ``config`` (no parameter memory)."""
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(dtype)))
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[config.model_type](config, jnp.dtype(dtype)))
     return nnx.split(abstract)[0]
 
 
 def abstract_params(config: Qwen2_5_VLConfig, dtype: str = "float32") -> nnx.State:
     """Parameter pytree of ShapeDtypeStructs with logical-axis metadata (for loading and sharding)."""
-    abstract = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(config, jnp.dtype(dtype)))
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[config.model_type](config, jnp.dtype(dtype)))
     return nnx.split(abstract)[1]
 
 
