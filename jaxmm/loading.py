@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm.checkpoint.hf import CheckpointError, convert, open_checkpoint
-from jaxmm.models import qwen2_5_vl, qwen2_vl
+from jaxmm.models import qwen2_5_vl, qwen2_vl, qwen3_vl
 
-_FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen2_vl": qwen2_vl}
+_FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -133,3 +133,31 @@ def build_hf_qwen2_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
                 p.copy_(std * torch.randn(p.shape, generator=gen))
     model.config._attn_implementation = "eager"
     return model
+
+
+def build_hf_qwen3_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
+    """A random-weight dense ``Qwen3VLForConditionalGeneration`` (eval, float32, eager)."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                         bos_token_id=None, eos_token_id=1, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1], patch_size=16),
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    model.config._attn_implementation = "eager"
+    return model

@@ -37,6 +37,9 @@ class VisionConfig:
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
     windowed: bool = True          # Qwen2.5-VL's window attention; Qwen2-VL attends per frame
+    patch_bias: bool = False       # Qwen3-VL's patch embedding has a bias
+    num_position_embeddings: int = 0                 # Qwen3-VL: learned, interpolated position table
+    deepstack_visual_indexes: tuple[int, ...] = ()   # Qwen3-VL: blocks whose features feed the decoder
 
     @property
     def head_dim(self) -> int:
@@ -56,10 +59,15 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
+    head_dim_override: int | None = None   # Qwen3-VL sets head_dim explicitly
+    attention_bias: bool = True            # q/k/v biases (Qwen2/2.5-VL); Qwen3-VL: none
+    o_proj_bias: bool = False              # Qwen3-VL: follows attention_bias
+    qk_norm: bool = False                  # Qwen3-VL: per-head RMSNorm on q and k before RoPE
+    mrope_interleaved: bool = False        # Qwen3-VL: T/H/W interleaved over frequencies
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +85,11 @@ class Qwen2_5_VLConfig:
     def __post_init__(self):
         v, t = self.vision, self.text
         checks = [
-            (t.hidden_size % t.num_attention_heads == 0,
+            (t.head_dim_override or t.hidden_size % t.num_attention_heads == 0,
              f"text hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}"),
             (t.num_attention_heads % t.num_key_value_heads == 0,
              f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"),
-            (2 * sum(t.mrope_section) == t.head_dim,
+            (2 * sum(t.mrope_section) == t.head_dim or t.mrope_interleaved,
              f"mrope_section={list(t.mrope_section)} sums to {sum(t.mrope_section)}, expected head_dim/2={t.head_dim // 2}"),
             (v.hidden_size % v.num_heads == 0,
              f"vision hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}"),
@@ -92,7 +100,7 @@ class Qwen2_5_VLConfig:
              f"fullatt_block_indexes={list(v.fullatt_block_indexes)} out of range for depth={v.depth}"),
             (not v.windowed or v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
              f"window_size={v.window_size} is not a multiple of patch_size*spatial_merge_size"),
-            (v.hidden_act in ("silu", "quick_gelu") and t.hidden_act == "silu",
+            (v.hidden_act in ("silu", "quick_gelu", "gelu_pytorch_tanh") and t.hidden_act == "silu",
              f"unsupported hidden_act (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
         ]
         for ok, msg in checks:
@@ -105,6 +113,11 @@ class Qwen2_5_VLConfig:
     def vision_fields(vis: dict) -> dict:
         """Family hook: the vision_config dict in this family's field names -> VisionConfig's."""
         return vis
+
+    @staticmethod
+    def text_fields(text: dict) -> dict:
+        """Family hook: the text fields in this family's names -> TextConfig's."""
+        return text
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -124,6 +137,7 @@ class Qwen2_5_VLConfig:
         for f in dataclasses.fields(TextConfig):
             if f.name not in text and f.name in d:
                 text[f.name] = d[f.name]
+        text = cls.text_fields(text)
         rope = dict(text.get("rope_parameters") or d.get("rope_parameters") or {})
         legacy_rope = text.get("rope_scaling") or d.get("rope_scaling") or {}
         rope = {**legacy_rope, **rope}
@@ -146,8 +160,9 @@ class Qwen2_5_VLConfig:
         vis_kwargs = {f.name: vis[f.name] for f in dataclasses.fields(VisionConfig) if f.name in vis}
         if "rope_theta" in vrope:
             vis_kwargs["rope_theta"] = float(vrope["rope_theta"])
-        if "fullatt_block_indexes" in vis_kwargs:
-            vis_kwargs["fullatt_block_indexes"] = tuple(int(i) for i in vis_kwargs["fullatt_block_indexes"])
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            if key in vis_kwargs:
+                vis_kwargs[key] = tuple(int(i) for i in vis_kwargs[key])
 
         eos = text.get("eos_token_id", d.get("eos_token_id"))
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

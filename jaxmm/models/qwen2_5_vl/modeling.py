@@ -164,13 +164,7 @@ class VisionTransformer(nnx.Module):
         x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))     # [N,C]
         n = x.shape[0]
         x = x.reshape(n // unit, unit, -1)[vis.window_index].reshape(n, -1)
-        # 2-D rotary: (row, col) angles, concatenated and duplicated over the head dim.
-        d = cfg.head_dim // 2
-        inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-        ang = vis.rotary_pos.astype(jnp.float32)[..., None] * inv_freq             # [N,2,D/4]
-        ang = ang.reshape(n, -1)
-        ang = jnp.concatenate([ang, ang], axis=-1)                                  # [N,D]
-        cos, sin = jnp.cos(ang), jnp.sin(ang)
+        cos, sin = vision_rotary(cfg, vis.rotary_pos)
         results = {}
         for i, blk in enumerate(self.blocks):
             seg = vis.frames if i in cfg.fullatt_block_indexes else vis.windows
@@ -178,6 +172,16 @@ class VisionTransformer(nnx.Module):
             _collect(results, res, i)
         merged = self.merger(x)                                                     # [M,E]
         return merged[vis.reverse_index], results
+
+
+def vision_rotary(cfg: VisionConfig, rotary_pos: Array) -> tuple[Array, Array]:
+    """2-D rotary angles: (row, col) positions [N,2] -> cos, sin [N,D] (frequencies over D/4,
+    row and column concatenated, then duplicated over the head dim; HF ``VisionRotaryEmbedding``)."""
+    d = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = (rotary_pos.astype(jnp.float32)[..., None] * inv_freq).reshape(rotary_pos.shape[0], -1)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
 
 
 @jax.tree_util.register_dataclass
@@ -222,6 +226,36 @@ class VisionInputs:
     rotary_pos: Any
     frames: Any
     windows: Any
+    interp_index: Any = None     # Qwen3-VL: [N,4] taps into the learned position table
+    interp_weight: Any = None    # Qwen3-VL: [N,4] bilinear weights
+
+
+def interpolation_taps(image_grid_thw, side: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear (align_corners=True, border) taps and weights resampling a side×side position table
+    to each image's patch grid, patches in merge-block order: [N,4] int32, [N,4] float32. Mirrors
+    transformers' ``vision_utils.get_vision_interpolation_indices_and_weights`` (Qwen3-VL)."""
+    idx, wts = [], []
+    for t, h, w in np.asarray(image_grid_thw).tolist():
+        within = np.arange(h * w)
+        in_col, in_row = within % merge, (within // merge) % merge
+        block_col = (within // (merge * merge)) % (w // merge)
+        block_row = within // (merge * merge * (w // merge))
+        row, col = block_row * merge + in_row, block_col * merge + in_col
+
+        def axis(index, size):
+            src = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+            floor = np.floor(src)
+            taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+            weights = np.clip(1 - np.abs(src[:, None] - floor[:, None] - np.arange(2)), 0, None)
+            return taps, weights.astype(np.float32)
+
+        ht, hw_ = axis(row, h)
+        wt, ww = axis(col, w)
+        i = (ht[:, :, None] * side + wt[:, None, :]).reshape(-1, 4)
+        wgt = (hw_[:, :, None] * ww[:, None, :]).reshape(-1, 4)
+        idx.append(np.tile(i, (t, 1)))
+        wts.append(np.tile(wgt, (t, 1)))
+    return np.concatenate(idx).astype(np.int32), np.concatenate(wts).astype(np.float32)
 
 
 def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
@@ -265,6 +299,9 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs
         rotary_pos=pos,
         frames=Segments.from_lengths(frame_lens),
         windows=Segments.from_lengths(window_lens),
+        **(dict(zip(("interp_index", "interp_weight"), interpolation_taps(
+            image_grid_thw, int(round(cfg.num_position_embeddings ** 0.5)), m)))
+           if cfg.num_position_embeddings else {}),
     )
 
 
@@ -276,21 +313,40 @@ def mrope_cos_sin(position_ids: Array, cfg: TextConfig) -> tuple[Array, Array]:
     """
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))   # [D/2]
-    axis = np.repeat(np.arange(3) % 3, cfg.mrope_section)                              # [D/2]
+    axis = mrope_axes(cfg)                                                             # [D/2]
     pos = position_ids.astype(jnp.float32)[axis, :, :]                                 # [D/2,B,S]
     ang = jnp.moveaxis(pos, 0, -1) * inv_freq                                           # [B,S,D/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
 
+def mrope_axes(cfg: TextConfig) -> np.ndarray:
+    """Which position axis (0 = t, 1 = h, 2 = w) each of the D/2 frequencies reads.
+
+    Contiguous sections ``[t]*s0 + [h]*s1 + [w]*s2`` (Qwen2/2.5-VL), or interleaved (Qwen3-VL:
+    frequency i reads h if i % 3 == 1 and i < 3·s1, w if i % 3 == 2 and i < 3·s2, else t).
+    """
+    n = cfg.head_dim // 2
+    if not cfg.mrope_interleaved:
+        return np.repeat(np.arange(3), cfg.mrope_section)
+    i = np.arange(n)
+    axis = np.zeros(n, np.int64)
+    axis[(i % 3 == 1) & (i < 3 * cfg.mrope_section[1])] = 1
+    axis[(i % 3 == 2) & (i < 3 * cfg.mrope_section[2])] = 2
+    return axis
+
+
 class TextAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype):
         e, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.q_proj = Linear(e, self.num_heads * d, bias=True, dtype=dtype, names=("embed", "heads"))
-        self.k_proj = Linear(e, self.num_kv_heads * d, bias=True, dtype=dtype, names=("embed", "kv_heads"))
-        self.v_proj = Linear(e, self.num_kv_heads * d, bias=True, dtype=dtype, names=("embed", "kv_heads"))
-        self.o_proj = Linear(self.num_heads * d, e, bias=False, dtype=dtype, names=("heads", "embed"))
+        bias = cfg.attention_bias
+        self.q_proj = Linear(e, self.num_heads * d, bias=bias, dtype=dtype, names=("embed", "heads"))
+        self.k_proj = Linear(e, self.num_kv_heads * d, bias=bias, dtype=dtype, names=("embed", "kv_heads"))
+        self.v_proj = Linear(e, self.num_kv_heads * d, bias=bias, dtype=dtype, names=("embed", "kv_heads"))
+        self.o_proj = Linear(self.num_heads * d, e, bias=cfg.o_proj_bias, dtype=dtype, names=("heads", "embed"))
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, name=None) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, name=None) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, mask, site: Site, interventions, probes, cache=None):
         """x [B,T,E]; cache: None or (k [B,K,G,D], v [B,K,G,D]) already holding earlier positions,
@@ -299,6 +355,8 @@ class TextAttention(nnx.Module):
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q_pre, k_pre = q, k
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
@@ -426,8 +484,11 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         x = lm.embed_tokens(batch.input_ids)                                        # [B,T,E]
         t = x.shape[1]
         probe_out = {}
+        deepstack = ()
         if batch.pixel_values is not None:
             feats, vres = self.visual(batch.pixel_values, batch.vision, interventions, probes)
+            if isinstance(feats, tuple):               # Qwen3-VL: (merged, deepstack features per layer)
+                feats, deepstack = feats
             x = splice(x, feats.astype(x.dtype), batch.input_ids == cfg.image_token_id)
             for name, v in _stack(vres).items():
                 probe_out.setdefault(name, {})["vision"] = v
@@ -446,6 +507,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             _collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
+            if i < len(deepstack):                     # DeepStack: add vision features after layer i
+                x = x + splice(jnp.zeros_like(x), deepstack[i].astype(x.dtype), batch.input_ids == cfg.image_token_id)
         x = lm.norm(x)
         if output_hidden_states:
             hidden[-1] = x
