@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -115,14 +116,43 @@ def evaluate(args) -> int:
 
 
 def inspect(args) -> int:
+    """Config and size of a checkpoint; with --image and --prompt, also the attention heatmap of the
+    generated answer over the image (last layer, mean over heads and generated tokens)."""
     import jax
 
     import jaxmm
+    from jaxmm import organism
+    from jaxmm.attention import AttentionWeights
+    from jaxmm.eval.report import render_heatmap
+    from jaxmm.generate import generate
 
-    model = jaxmm.load(args.model, dtype=args.dtype)
+    path = args.model or organism.build()
+    model = jaxmm.load(path, dtype=args.dtype)
     n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     print(model.config)
     print(f"parameters: {n:,} ({model.dtype})")
+    if not args.image:
+        return 0
+    if not args.prompt:
+        raise SystemExit("jaxmm inspect: --image needs --prompt")
+    image = _load_image(args.image)[0].convert("RGB")
+    conv = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
+    batch, _ = model.prepare_chat(conv)
+    last = model.config.text.num_hidden_layers - 1
+    tok = model.tokenizer
+    out = generate(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
+                   stop_tokens=list(model.config.eos_token_id) + [tok.eos_token_id],
+                   interventions=model.interventions(args.method), probes=(AttentionWeights(name="maps", layers=(last,)),))
+    length = max(int(out.lengths[0]), 1)
+    text = tok.decode(np.asarray(out.tokens[0, :length]), skip_special_tokens=True)
+    lay = batch.layout
+    img = np.asarray(lay.image_mask[0])
+    att = np.asarray(out.probes["maps"]["text"].values[0, :length, 0]).mean(axis=(0, 1))[: img.shape[0]][img]
+    gh, gw = (int(x) for x in np.asarray(lay.grid_hw[0])[img][0])
+    dest = Path(args.out)
+    render_heatmap(image, att.reshape(gh, gw), dest, title=",".join(map(str, args.method)) or "baseline")
+    print(f"answer: {text}")
+    print(f"heatmap: {dest}")
     return 0
 
 
@@ -158,8 +188,13 @@ def main(argv=None) -> int:
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=evaluate)
-    i = sub.add_parser("inspect", help="print a checkpoint's config and parameter count")
-    i.add_argument("--model", required=True)
+    i = sub.add_parser("inspect", help="a checkpoint's config; with --image/--prompt, the answer's attention heatmap")
+    i.add_argument("--model", help="HF checkpoint directory (default: the embedded organism)")
+    i.add_argument("--image")
+    i.add_argument("--prompt")
+    i.add_argument("--method", action="append", default=[], help=METHOD_HELP)
+    i.add_argument("--max-new-tokens", type=int, default=16)
+    i.add_argument("--out", default="heatmap.png", help="PNG to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     i.set_defaults(fn=inspect)
     args = ap.parse_args(argv)

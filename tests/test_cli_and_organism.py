@@ -50,3 +50,17 @@ def test_demo_and_generate_commands(tmp_path, monkeypatch, capsys):
     streamed = capsys.readouterr().out
     assert plain == streamed and len(plain.strip()) > 0
     assert isinstance(Image.open(img), Image.Image)
+
+
+def test_inspect_renders_a_heatmap(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("JAXMM_HOME", str(tmp_path))
+    img = tmp_path / "cat.png"
+    tiny.photos()["chelsea"].save(img)
+    out = tmp_path / "heat.png"
+    assert cli.main(["inspect", "--image", str(img), "--prompt", "what animal is it ?", "--method", "vrga",
+                     "--out", str(out), "--max-new-tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "answer:" in text and str(out) in text
+    assert Image.open(out).size[0] > 200

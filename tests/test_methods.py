@@ -371,3 +371,19 @@ def test_methods_run_inside_generate_and_stream_alike(setup):
     base = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], output_logits=True)
     assert np.abs(np.asarray(again.logits[:, 0]) - np.asarray(base.logits[:, 0])).max() > 1e-4   # plan reached the prompt
     assert plain.tokens.shape == out.tokens.shape
+
+
+def test_efr_head_mask_zeroes_the_visual_heads(setup):
+    _, model, raw, batch = setup
+    iv = I.build(["vrga"], model.config)[0]
+    planned = jaxmm.attention.plan(model.params, model.config, batch, (iv,), qwen2_5_vl.forward_jit)[0]
+    h = model.config.text.num_attention_heads
+    mask = I.efr_head_mask(planned, h)
+    out = qwen2_5_vl.forward_jit(model.params, model.config, batch, (mask,), (AttentionWeights(),))
+    w = np.asarray(out.probes["attentions"]["text"].values)              # [L,B,H,S,S]
+    hv = np.asarray(planned.visual_heads).reshape(2, -1, h)               # [B,L,H]
+    assert hv.any()
+    for l in range(w.shape[0]):
+        for b in range(2):
+            for head in range(h):
+                assert (np.abs(w[l, b, head]).max() == 0) == bool(hv[b, l, head])
