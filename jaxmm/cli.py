@@ -83,9 +83,12 @@ def generate(args) -> int:
     key = jax.random.PRNGKey(args.seed)
     if args.method:
         print(f"methods: {', '.join(map(str, args.method))}", file=sys.stderr)
+    if args.stream and args.pai_contrast is not None:
+        raise SystemExit("jaxmm generate: --pai-contrast is not available with --stream")
     if not args.stream:
         out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, key=key, interventions=args.method)
+                             top_k=args.top_k, top_p=args.top_p, key=key, interventions=args.method,
+                             pai_contrast=args.pai_contrast)
         print(out.text[0])
         return 0
     batch, _ = model.prepare_chat(messages)
@@ -182,6 +185,7 @@ def main(argv=None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--method", action="append", default=[], help=METHOD_HELP)
+    g.add_argument("--pai-contrast", type=float, metavar="GAMMA", help="PAI's contrast with a text-only pass")
     g.set_defaults(fn=generate)
     e = sub.add_parser("eval", help="benchmarks x methods grid, resumable; writes results.jsonl and report.md")
     e.add_argument("--config", help="YAML (configs/eval/); default: the organism on the grounded benchmark")

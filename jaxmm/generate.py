@@ -149,26 +149,69 @@ def prefill_and_plan(params, config, batch: Batch, full_batch: Batch, max_len: i
     return last, cache, next_pos, pre, interventions
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """PAI's logit contrast against a text-only pass (:func:`jaxmm.interventions.pai_contrast`):
+    ``batch`` is the same prompts without their images (:func:`text_only`), decoded in lockstep
+    with its own cache; each step's token is chosen from
+    γ(log p_mm − log p_text) + log p_text, with tokens below log(cutoff) + max log p_mm excluded."""
+
+    batch: Any
+    gamma: float = dataclasses.field(default=1.1, metadata=dict(static=True))
+    cutoff: float = dataclasses.field(default=0.1, metadata=dict(static=True))
+
+
+def text_only(batch: Batch, config) -> Batch:
+    """Host side: the prompts of ``batch`` with their image spans (vision start, pads, end) removed,
+    left-padded again, as a text-only batch."""
+    from jaxmm.models.qwen2_5_vl.inputs import prepare_batch
+
+    ids, am = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+    drop = np.isin(ids, [config.image_token_id, config.vision_start_token_id, config.vision_end_token_id])
+    rows = [r[(m > 0) & ~d] for r, m, d in zip(ids, am, drop)]
+    s = max(len(r) for r in rows)
+    new_ids = np.zeros((len(rows), s), np.int64)
+    new_am = np.zeros((len(rows), s), np.int64)
+    for i, r in enumerate(rows):
+        new_ids[i, s - len(r):], new_am[i, s - len(r):] = r, 1
+    return prepare_batch(config, new_ids, new_am)
+
+
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill"))
 def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False):
+              reprefill=False, contrast=None):
     last, cache, next_pos, pre, interventions = prefill_and_plan(
         params, config, batch, full_batch, max_len, interventions, probes, reprefill)
     keys = jax.random.split(key, max_new_tokens)
     b = last.shape[0]
+    text = None
+    if contrast is not None:
+        t_last, t_cache, t_pos, _ = prefill(params, config, contrast.batch, max_len, (), ())
+        text = (t_last, t_cache, t_pos)
+
+    def choose(logits, text_logits):
+        if text_logits is None:
+            return logits
+        from jaxmm.interventions.pai import pai_contrast
+
+        return pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff)
 
     def body(carry, xs):
-        logits, cache, done = carry
+        logits, cache, done, text = carry
         t, k = xs
-        tok = select_token(logits, sampling, k)
+        tok = select_token(choose(logits, None if text is None else text[0]), sampling, k)
         tok = jnp.where(done, pad_token_id, tok)
         done = done | jnp.isin(tok, stop_tokens)
         out = decode_step(params, config, full_batch, cache, tok, next_pos + t, interventions, probes)
+        if text is not None:
+            t_out = decode_step(params, config, contrast.batch, text[1], tok, text[2] + t, (), ())
+            text = (t_out.logits[:, 0], t_out.cache, text[2])
         ys = (tok, logits if output_logits else None, _squeeze_query(out.probes, probes))
-        return (out.logits[:, 0], out.cache, done), ys
+        return (out.logits[:, 0], out.cache, done, text), ys
 
-    init = (last, cache, jnp.zeros((b,), bool))
+    init = (last, cache, jnp.zeros((b,), bool), text)
     _, (tokens, logits, step_probes) = jax.lax.scan(body, init, (jnp.arange(max_new_tokens), keys))
     # Step t's forward consumed generated token t: its probes describe token t as the query.
     # Stacked over steps the values are [T_new, L, B, ...]; return [B, T_new, L, ...].
@@ -194,7 +237,7 @@ def batch_with(prompt: Batch, full: Batch) -> Batch:
 def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
              key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
              interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
-             max_len: int | None = None, reprefill: bool = False) -> GenerateOutput:
+             max_len: int | None = None, reprefill: bool = False, contrast: Contrast | None = None) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
     Args:
@@ -209,6 +252,8 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         max_len: cache length (default: prompt + max_new_tokens rounded up by :func:`bucket`).
         reprefill: for two-phase interventions, run the prompt again under the re-planned
             interventions before decoding (default: the plan applies to generated tokens only).
+        contrast: PAI's contrast with a text-only pass (:class:`Contrast`; its batch from
+            :func:`text_only`), applied to every step's next-token choice.
 
     Raises:
         ValueError: right-padded prompts, or sampling without a key.
@@ -223,9 +268,11 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     stop = tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens)
     full = extend_for_decoding(batch, max_len)
     key = jax.random.PRNGKey(0) if key is None else key
+    if contrast is not None:
+        contrast = dataclasses.replace(contrast, batch=extend_for_decoding(contrast.batch, max_len))
     return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits, reprefill)
+                     tuple(probes), output_logits, reprefill, contrast)
 
 
 _prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))

@@ -134,15 +134,18 @@ class Model:
 
     def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
-                 probes: Sequence = (), output_logits: bool = False, reprefill: bool = False):
+                 probes: Sequence = (), output_logits: bool = False, reprefill: bool = False,
+                 pai_contrast: float | None = None):
         """Generates from chat messages (one conversation or a list) or from a prepared ``Batch``.
 
         ``interventions`` may be names, dicts or YAML paths (:func:`jaxmm.interventions.build`).
+        ``pai_contrast=γ`` adds PAI's contrast against the same prompts without images (γ = 1.1 in
+        the paper).
 
         Returns the :class:`~jaxmm.generate.GenerateOutput`; from messages it also carries ``text``
         (list of decoded completions, special tokens removed).
         """
-        from jaxmm.generate import Sampling, generate
+        from jaxmm.generate import Contrast, Sampling, generate, text_only
 
         chat = not hasattr(messages_or_batch, "input_ids")
         batch = self.prepare_chat(messages_or_batch)[0] if chat else messages_or_batch
@@ -154,7 +157,8 @@ class Model:
         out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
                        pad_token_id=pad, interventions=self.interventions(interventions), probes=probes,
-                       output_logits=output_logits, reprefill=reprefill)
+                       output_logits=output_logits, reprefill=reprefill,
+                       contrast=None if pai_contrast is None else Contrast(text_only(batch, self.config), pai_contrast))
         if chat:
             from jaxmm.processing.chat import decode
 

@@ -387,3 +387,38 @@ def test_efr_head_mask_zeroes_the_visual_heads(setup):
         for b in range(2):
             for head in range(h):
                 assert (np.abs(w[l, b, head]).max() == 0) == bool(hv[b, l, head])
+
+
+def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
+    """Each step's token = argmax of γ(log p_mm − log p_text) + log p_text (γ = 3, cut-off 0.1), the text
+    stream being the same prompt without its images, fed the same tokens."""
+    from jaxmm.generate import Contrast, generate, text_only
+
+    _, model, raw, batch = setup
+    tb = text_only(batch, model.config)
+    assert (np.asarray(tb.input_ids) != tiny.IMAGE_TOKEN).all() and tb.input_ids.shape[1] < batch.input_ids.shape[1]
+    ivs = I.build(["pai"], model.config)
+    out = generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs,
+                   contrast=Contrast(tb, gamma=3.0, cutoff=0.1))
+    tokens = np.asarray(out.tokens)
+    plain = np.asarray(generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs).tokens)
+    assert (tokens != plain).any()
+    # manual reference with full recomputation (no cache) of both streams
+    def next_logits(b, pix, grid, extra, ivs_):
+        # generated tokens are random ids (special ones too): give their M-RoPE positions explicitly
+        pos = np.asarray(b.position_ids)
+        nxt = pos.max(axis=(0, 2))[None, :, None] + 1 + np.arange(extra.shape[1])[None, None, :]
+        ids = np.concatenate([np.asarray(b.input_ids), extra], 1)
+        am = np.concatenate([np.asarray(b.attention_mask), np.ones_like(extra)], 1)
+        full = dataclasses.replace(b, input_ids=ids, attention_mask=am,
+                                   position_ids=np.concatenate([pos, np.broadcast_to(nxt, (3,) + extra.shape)], 2),
+                                   layout=b.layout.extend(extra.shape[1]))
+        o = qwen2_5_vl.forward_jit(model.params, model.config, full, ivs_, ())
+        return np.asarray(o.logits[:, -1], np.float64)
+    for t in range(6):
+        lm = next_logits(batch, raw["pixel_values"], raw["image_grid_thw"], tokens[:, :t], ivs)
+        lt = next_logits(tb, None, None, tokens[:, :t], ())
+        lp_mm = lm - np.log(np.exp(lm - lm.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lm.max(-1, keepdims=True)
+        lp_tx = lt - np.log(np.exp(lt - lt.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lt.max(-1, keepdims=True)
+        score = np.where(lp_mm >= np.log(0.1) + lp_mm.max(-1, keepdims=True), 3.0 * (lp_mm - lp_tx) + lp_tx, -np.inf)
+        np.testing.assert_array_equal(score.argmax(-1), tokens[:, t])
