@@ -165,3 +165,11 @@ def test_eval_config_overrides(tmp_path):
     assert cfg.benchmarks[0]["limit"] == 8 and cfg.batch_size == 2 and cfg.methods == ["baseline", "vrga"]
     with pytest.raises(ValueError, match="unknown field"):
         EvalConfig.from_yaml(p, ["batchsize=2"])
+
+
+def test_over_long_prompts_become_error_rows(tiny_model_dir, tmp_path):
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 3}],
+                     methods=["baseline"], batch_size=3, max_new_tokens=2, heatmaps=0, max_prompt_tokens=10)
+    rows = load_rows(run(cfg, progress=False))
+    assert len(rows) == 3 and all("max_prompt_tokens" in r["error"] for r in rows)
+    assert "[3 err]" in table(summarize(rows))
