@@ -53,14 +53,18 @@ def build_hf_model(name: str, seed: int = 0, std: float = 0.15):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval()
+    return randomize(Qwen2_5_VLForConditionalGeneration(hf_config(name)).eval(), seed, std)
+
+
+def randomize(model, seed: int, std: float):
+    """Norm scales ~ 1 + 0.1·N(0,1) (biases of LayerNorms ~ std·N), every other tensor ~ std·N(0,1)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or "norm1" in pname or "norm2" in pname or "ln_q" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
+        for name, p in model.named_parameters():
+            is_scale = name.endswith("weight") and ("norm" in name or "ln_q" in name)
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if is_scale else std * torch.randn(p.shape, generator=gen))
     model.config._attn_implementation = "eager"
     return model
 
@@ -123,16 +127,7 @@ def build_hf_qwen2_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight") or "ln_q.weight" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
-    model.config._attn_implementation = "eager"
-    return model
+    return randomize(Qwen2VLForConditionalGeneration(cfg).eval(), seed, std)
 
 
 def build_hf_qwen3_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
@@ -151,13 +146,4 @@ def build_hf_qwen3_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=gen))
-    model.config._attn_implementation = "eager"
-    return model
+    return randomize(Qwen3VLForConditionalGeneration(cfg).eval(), seed, std)

@@ -5,6 +5,7 @@ Submodules: ``config`` (typed config.json), ``modeling`` (NNX model + pure ``for
 """
 
 from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig as Config
+from jaxmm.models.qwen2_5_vl.inputs import prepare_batch
 from jaxmm.models.qwen2_5_vl.modeling import (
     Batch,
     ModelOutput,
@@ -14,13 +15,4 @@ from jaxmm.models.qwen2_5_vl.modeling import (
     forward_jit,
     graphdef,
 )
-
-
-def __getattr__(name):  # host-side pieces that need the rope/layout/checkpoint modules
-    if name == "prepare_batch":
-        from jaxmm.models.qwen2_5_vl.inputs import prepare_batch
-        return prepare_batch
-    if name in ("KEY_RULES", "IGNORE", "IGNORE_TIED"):
-        from jaxmm.models.qwen2_5_vl import params
-        return getattr(params, name)
-    raise AttributeError(name)
+from jaxmm.models.qwen2_5_vl.params import IGNORE, IGNORE_TIED, KEY_RULES
