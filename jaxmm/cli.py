@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm eval | demo | generate | inspect``.
+"""Command line: ``jaxmm eval | train | demo | generate | inspect``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -118,6 +118,15 @@ def evaluate(args) -> int:
     return 0
 
 
+def train(args) -> int:
+    from jaxmm.train.sft import TrainConfig, train as run
+
+    cfg = TrainConfig.from_yaml(args.config, args.overrides)
+    out = run(cfg, progress=not args.no_progress)
+    print(f"checkpoints: {out / 'checkpoints'}  metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
 def inspect(args) -> int:
     """Config and size of a checkpoint; with --image and --prompt, also the attention heatmap of the
     generated answer over the image (last layer, mean over heads and generated tokens)."""
@@ -192,6 +201,11 @@ def main(argv=None) -> int:
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(fn=evaluate)
+    t = sub.add_parser("train", help="SFT (resumable) on the grounded VQA generator")
+    t.add_argument("--config", help="YAML (configs/train/)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 lr=1e-3")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=train)
     i = sub.add_parser("inspect", help="a checkpoint's config; with --image/--prompt, the answer's attention heatmap")
     i.add_argument("--model", help="HF checkpoint directory (default: the embedded organism)")
     i.add_argument("--image")
