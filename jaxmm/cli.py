@@ -33,7 +33,7 @@ def demo(args) -> int:
     from jaxmm import probes as P
     from jaxmm.processing.image import ImageProcessor
 
-    path = args.model or organism.build()
+    path = args.model or organism.default()
     model = jaxmm.load(path, dtype=args.dtype)
     proc = ImageProcessor.from_pretrained(path)
     image, name = _load_image(args.image)
@@ -72,7 +72,7 @@ def generate(args) -> int:
     from jaxmm import organism
     from jaxmm.generate import Sampling, stream
 
-    path = args.model or organism.build()
+    path = args.model or organism.default()
     model = jaxmm.load(path, dtype=args.dtype)
     content = []
     if args.image:
@@ -138,7 +138,7 @@ def inspect(args) -> int:
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
 
-    path = args.model or organism.build()
+    path = args.model or organism.default()
     model = jaxmm.load(path, dtype=args.dtype)
     n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     print(model.config)

@@ -49,6 +49,17 @@ PREPROCESSOR = {
 }
 
 
+SHIPPED = Path(__file__).parent / "assets" / "organism"
+
+
+def default() -> Path:
+    """The embedded default model: the trained organism shipped in ``jaxmm/assets/organism`` (see
+    ``experiments/organism/``), or, where that is absent, the seeded random one (:func:`build`)."""
+    if (SHIPPED / "model.safetensors").exists():
+        return SHIPPED
+    return build()
+
+
 def default_dir() -> Path:
     """``$JAXMM_HOME/organism-v{VERSION}`` (default ``~/.cache/jaxmm``)."""
     home = Path(os.environ.get("JAXMM_HOME", Path.home() / ".cache" / "jaxmm"))

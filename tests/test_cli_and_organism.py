@@ -34,7 +34,7 @@ def test_demo_and_generate_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("JAXMM_HOME", str(tmp_path))
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "organism-v" in out and "image tokens" in out
+    assert "organism" in out and "image tokens" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == organism.CONFIG["text_config"]["num_hidden_layers"]
     masses = [float(r[1]) for r in rows]

@@ -136,10 +136,12 @@ def _to_sample(name: str, row: dict) -> dict:
     return s
 
 
-def load(name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0) -> grain.MapDataset:
+def load(name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0,
+         image_size: int = 224) -> grain.MapDataset:
     """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path``.
 
-    ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``).
+    ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``, square
+    images of ``image_size`` pixels).
     Images are decoded lazily (in the dataset's map) and may fail per sample: the harness records
     such a sample as an error row.
     """
@@ -149,7 +151,8 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
         from jaxmm.data.grounded import make_sample
 
         n = limit or 64
-        return grain.MapDataset.range(n).map(lambda i: {**_to_sample("grounded", make_sample(int(i), seed)),
+        size = (image_size, image_size)
+        return grain.MapDataset.range(n).map(lambda i: {**_to_sample("grounded", make_sample(int(i), seed, size)),
                                                          "benchmark": "grounded"})
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")

@@ -161,14 +161,15 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     results = out_dir / "results.jsonl"
     _repair(results)
     done = _done_rows(results)
-    model = jaxmm.load(cfg.model or organism.build(), dtype=cfg.dtype)
+    model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype)
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
     total = 0
     datasets = []
     for spec in cfg.benchmarks:
         spec = dict(spec)
-        ds = B.load(spec.pop("name"), spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed))
+        name = spec.pop("name")
+        ds = B.load(name, spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed), **spec)
         datasets.append(ds)
         total += len(ds) * len(methods)
     bar = None

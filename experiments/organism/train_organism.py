@@ -1,0 +1,81 @@
+"""Trains the model organism and ships it: SFT from the seeded random organism on the grounded VQA
+generator (seed 0), export as a Hugging Face checkpoint into ``jaxmm/assets/organism/``, then
+accuracy per task type on held-out samples (seed 1) and the training curve.
+
+    python experiments/organism/train_organism.py [--run runs/train-organism] [--steps 2500] [--eval 250]
+
+Reuses a finished or interrupted run directory (the trainer resumes). Writes
+``experiments/organism/results.md`` and ``experiments/organism/training_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/train-organism")
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--eval", type=int, default=250, help="held-out samples (cycling the 5 task types)")
+    args = ap.parse_args(argv)
+
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.eval.harness import EvalConfig, run as run_eval
+    from jaxmm.eval.report import load_rows, _plt
+    from jaxmm.train.sft import TrainConfig, export_hf, final_params, train
+
+    cfg = TrainConfig.from_yaml(ROOT / "configs/train/organism.yaml", [f"out={args.run}", f"steps={args.steps}"])
+    out = train(cfg, progress=True)
+    params, step = final_params(out)
+    start = organism.build()
+    model = jaxmm.load(start)
+    dest = export_hf(params, model.config, start, organism.SHIPPED)
+    print(f"organism (step {step}) -> {dest}")
+
+    ev = EvalConfig(model=str(dest), out=str(Path(args.run) / "heldout"), methods=["baseline"], batch_size=25,
+                    max_new_tokens=6, heatmaps=4,
+                    benchmarks=[{"name": "grounded", "limit": args.eval, "seed": 1, "image_size": 112}])
+    rows = load_rows(run_eval(ev, progress=True))
+    per_task = defaultdict(list)
+    for r in rows:
+        per_task[r["task"]].append(r["score"])
+    chance = {"recognition": "33 % (3 shapes)", "counting": "25 % (1–4)", "grounding": "25 % (4 quadrants)",
+              "ocr": "12.5 % (8 words)", "spatial": "50 % (yes/no)"}
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
+    ax.set_xlabel("step")
+    ax.set_ylabel("SFT loss (answer tokens)")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(HERE / "training_curve.png", dpi=100)
+    lines = ["# The model organism", "",
+             f"Qwen2.5-VL architecture ({sum(v.size for v in __import__('jax').tree_util.tree_leaves(model.params)):,} parameters; "
+             "vision 64-wide × 4 blocks with windows and 2 full-attention blocks, decoder 128-wide × 4 layers, "
+             "GQA 4/2 heads, tied head), trained from the seeded random organism by "
+             f"`python experiments/organism/train_organism.py --steps {args.steps}` "
+             f"({step} SFT steps × {cfg.batch_size} samples, lr {cfg.lr}, 112×112 images) on jaxmm's grounded VQA "
+             "generator, seed 0; evaluated greedy on held-out seed 1.", "",
+             "| task | accuracy | n | chance |", "|---|---|---|---|"]
+    for task in ("recognition", "counting", "grounding", "ocr", "spatial"):
+        s = per_task.get(task, [])
+        lines.append(f"| {task} | {100 * sum(s) / max(len(s), 1):.1f} % | {len(s)} | {chance[task]} |")
+    allscores = [x for s in per_task.values() for x in s]
+    lines += [f"| all | {100 * sum(allscores) / max(len(allscores), 1):.1f} % | {len(allscores)} | |", "",
+              f"Final training loss {metrics[-1]['loss']:.3f} (step {metrics[-1]['step']}).", "",
+              "![training curve](training_curve.png)", ""]
+    (HERE / "results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
