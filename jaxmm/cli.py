@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm eval | train | demo | generate | inspect``.
+"""Command line: ``jaxmm eval | train | demo | generate | inspect | plan``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -127,6 +127,13 @@ def train(args) -> int:
     return 0
 
 
+def plan(args) -> int:
+    from jaxmm.plan import parse_mesh, report
+
+    print(report(args.model, parse_mesh(args.mesh), args.seq, args.batch))
+    return 0
+
+
 def inspect(args) -> int:
     """Config and size of a checkpoint; with --image and --prompt, also the attention heatmap of the
     generated answer over the image (last layer, mean over heads and generated tokens)."""
@@ -206,6 +213,12 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 lr=1e-3")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=train)
+    pl = sub.add_parser("plan", help="per-device memory of a model config on a mesh (no devices used)")
+    pl.add_argument("--model", required=True, help="a config YAML/JSON (configs/models/)")
+    pl.add_argument("--mesh", default="data=1,fsdp=1,tensor=1", help="data=N,fsdp=N,tensor=N")
+    pl.add_argument("--seq", type=int, default=4096)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.set_defaults(fn=plan)
     i = sub.add_parser("inspect", help="a checkpoint's config; with --image/--prompt, the answer's attention heatmap")
     i.add_argument("--model", help="HF checkpoint directory (default: the embedded organism)")
     i.add_argument("--image")

@@ -3,7 +3,8 @@
 The whole of :func:`generate` is one ``jax.jit`` program: prefill over the (left-padded) prompt,
 ``after_prefill`` re-planning of interventions, then ``lax.scan`` over ``max_new_tokens`` decode
 steps. Interventions apply at prefill and at every step; probes are collected at every step.
-:func:`prefill` and :func:`decode_step` are the same pieces, jitted one by one, for streaming.
+:func:`prefill_and_plan` and :func:`decode_step` are the same pieces, jitted one by one, for
+:func:`stream`. PAI's contrast decodes a text-only stream in lockstep (:class:`Contrast`).
 
 Positions follow transformers' Qwen2.5-VL generation exactly: generated token ``t`` (0-based) of a
 row gets M-RoPE position ``max(prompt positions) + 1 + t`` on all three axes (HF: text position
@@ -109,7 +110,7 @@ def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes
 
     ``batch`` holds S prompt tokens and positions, its attention mask and layout already extended to
     ``max_len`` key positions (:func:`extend_for_decoding`). Returns
-    ``(last_logits [B,V], cache, next_pos [B] int32, decode_batch_template, prefill ModelOutput)``.
+    ``(last_logits [B,V], cache, next_pos [B] int32, prefill ModelOutput)``.
     """
     b, s = batch.input_ids.shape
     dtype = jax.tree_util.tree_leaves(params)[0].dtype

@@ -1,0 +1,90 @@
+"""``jaxmm plan``: per-device memory of a model on a mesh, from shapes alone (``jax.eval_shape``).
+
+    jaxmm plan --model configs/models/qwen2_5_vl_72b.yaml --mesh data=1,fsdp=8,tensor=8 --seq 8192 --batch 8
+
+Parameters are placed by their logical axis names through the rule table of
+:mod:`jaxmm.sharding` (``fsdp`` shards ``embed``; ``tensor`` — mapped from the ``model`` rule axis —
+shards heads, kv heads, mlp and vocab; a dimension the axis does not divide stays replicated).
+Reported per device: parameters (compute dtype), AdamW state (float32 master copy + two moments,
+sharded like the parameters), the KV cache for ``batch × seq`` (batch over data·fsdp, kv heads over
+tensor), and the largest single-layer activation of the explicit attention path
+(B·H·query_chunk·S float32, batch and heads sharded). No devices are used.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from jaxmm.sharding import DEFAULT_RULES
+
+GiB = 2 ** 30
+
+
+def _load_config(path):
+    import yaml
+
+    from jaxmm.loading import _FAMILIES
+
+    d = yaml.safe_load(Path(path).read_text())
+    family = _FAMILIES[d.get("model_type", "qwen2_5_vl")]
+    return family, family.Config.from_dict(d, source=str(path))
+
+
+def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtype_bytes: int = 2,
+         query_chunk: int = 512) -> dict:
+    """Bytes per device: {"params", "optimizer", "kv_cache", "attention_chunk", "total"} and counts."""
+    import flax.nnx as nnx
+
+    family, cfg = _load_config(model_yaml)
+    axis_size = {"fsdp": mesh.get("fsdp", 1), "model": mesh.get("tensor", 1)}
+    n_params, per_dev = 0, 0.0
+    for _, var in nnx.to_flat_state(family.abstract_params(cfg, "float32")):
+        shape = var.get_value().shape
+        names = var.get_metadata().get("out_sharding") or ()
+        shard, used = 1, set()
+        for dim, name in zip(shape, names):
+            axis = DEFAULT_RULES.get(name) if name else None
+            if axis and axis not in used and dim % axis_size.get(axis, 1) == 0:
+                shard *= axis_size.get(axis, 1)
+                used.add(axis)
+        n = int(np.prod(shape))
+        n_params += n
+        per_dev += n / shard
+    t = cfg.text
+    dp = mesh.get("data", 1) * mesh.get("fsdp", 1)
+    b_local = math.ceil(batch / dp)
+    g_shard = mesh.get("tensor", 1) if t.num_key_value_heads % mesh.get("tensor", 1) == 0 else 1
+    kv = 2 * t.num_hidden_layers * b_local * seq * (t.num_key_value_heads / g_shard) * t.head_dim * dtype_bytes
+    h_shard = mesh.get("tensor", 1) if t.num_attention_heads % mesh.get("tensor", 1) == 0 else 1
+    chunk = b_local * (t.num_attention_heads / h_shard) * min(seq, query_chunk) * seq * 4
+    out = {"parameters": n_params, "params": per_dev * dtype_bytes, "optimizer": per_dev * 12,
+           "kv_cache": kv, "attention_chunk": chunk}
+    out["total"] = out["params"] + out["optimizer"] + out["kv_cache"] + out["attention_chunk"]
+    return out
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}."""
+    mesh = {}
+    for part in filter(None, text.split(",")):
+        k, _, v = part.partition("=")
+        if k not in ("data", "fsdp", "tensor") or not v.isdigit():
+            raise ValueError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N")
+        mesh[k] = int(v)
+    return mesh
+
+
+def report(model_yaml, mesh, seq, batch) -> str:
+    r = plan(model_yaml, mesh, seq, batch)
+    devices = int(np.prod(list(mesh.values()))) if mesh else 1
+    rows = [f"model {model_yaml}: {r['parameters'] / 1e9:.2f} B parameters; mesh {mesh} ({devices} devices); "
+            f"batch {batch} × {seq} tokens; bf16 compute",
+            f"  parameters        {r['params'] / GiB:8.2f} GiB / device",
+            f"  AdamW state (fp32 master + 2 moments) {r['optimizer'] / GiB:8.2f} GiB / device",
+            f"  KV cache          {r['kv_cache'] / GiB:8.2f} GiB / device",
+            f"  attention chunk   {r['attention_chunk'] / GiB:8.2f} GiB / device (explicit path, one layer)",
+            f"  total (training)  {r['total'] / GiB:8.2f} GiB / device"]
+    return "\n".join(rows)
