@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm eval | train | demo | generate | inspect | plan``.
+"""Command line: ``jaxmm eval | train | demo | generate | inspect | plan | convert``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -134,6 +134,17 @@ def plan(args) -> int:
     return 0
 
 
+def convert(args) -> int:
+    import resource
+
+    from jaxmm.checkpoint.store import convert as run
+
+    out = run(args.hf_dir, args.out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"converted {args.hf_dir} -> {out} (peak host memory {peak:.0f} MiB)")
+    return 0
+
+
 def inspect(args) -> int:
     """Config and size of a checkpoint; with --image and --prompt, also the attention heatmap of the
     generated answer over the image (last layer, mean over heads and generated tokens)."""
@@ -219,6 +230,10 @@ def main(argv=None) -> int:
     pl.add_argument("--seq", type=int, default=4096)
     pl.add_argument("--batch", type=int, default=1)
     pl.set_defaults(fn=plan)
+    cv = sub.add_parser("convert", help="HF safetensors -> tensorstore checkpoint, streamed tensor by tensor")
+    cv.add_argument("hf_dir")
+    cv.add_argument("out")
+    cv.set_defaults(fn=convert)
     i = sub.add_parser("inspect", help="a checkpoint's config; with --image/--prompt, the answer's attention heatmap")
     i.add_argument("--model", help="HF checkpoint directory (default: the embedded organism)")
     i.add_argument("--image")

@@ -167,11 +167,25 @@ class Model:
         return out
 
 
+def family_of(path: str | Path):
+    """The model-family module for the checkpoint directory ``path`` (by its config's model_type)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(_FAMILIES)})")
+    return family
+
+
 def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> Model:
-    """Restores a Hugging Face checkpoint directory (``config.json`` + safetensors).
+    """Restores a Hugging Face checkpoint directory (``config.json`` + safetensors), or a directory
+    written by ``jaxmm convert`` (tensorstore arrays, read slice by slice onto the mesh).
 
     Args:
-        path: directory holding ``config.json`` and ``model.safetensors`` or a sharded index.
+        path: directory holding ``config.json`` and ``model.safetensors`` or a sharded index, or a
+            converted checkpoint.
         dtype: parameter and compute dtype: "float32", "bfloat16" or "float16". Checkpoint tensors
             of any of these dtypes are cast to it.
         mesh: optional ``jax.sharding.Mesh``; parameters are placed by their logical axis names
@@ -182,35 +196,30 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
         ConfigError: a config.json field is missing or inconsistent.
         CheckpointError: a missing, unexpected or mis-shaped tensor, a truncated file, a pickle file.
     """
+    from jaxmm.checkpoint import store
+
     path = Path(path)
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
-    family = _FAMILIES.get(model_type)
-    if family is None:
-        raise ValueError(f"{cfg_file}: model_type={model_type!r} is not supported "
-                         f"(supported: {sorted(_FAMILIES)})")
+    family = family_of(path)
     config = family.Config.from_pretrained(path)
     abstract = family.abstract_params(config, dtype)
     expected = {p: v.get_value() for p, v in nnx.to_flat_state(abstract)}
-    ckpt = open_checkpoint(path)
-    ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
-    try:
-        arrays = convert(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]), ignore=ignore)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}\n(if shapes differ everywhere, does {cfg_file} describe these "
-                              f"weights?)") from None
     shardings = None
     if mesh is not None:
         from jaxmm.sharding import param_shardings
         shardings = param_shardings(abstract, mesh)
-    flat = []
-    for p, v in nnx.to_flat_state(abstract):
-        a = arrays[p]
-        a = jax.device_put(a, None if shardings is None else shardings[p])
-        flat.append((p, v.replace(a)))
+    if store.is_converted(path):               # jaxmm convert output: each device reads its own slice
+        arrays = store.restore(path, expected, np.dtype(_DTYPES[dtype]), shardings)
+    else:
+        ckpt = open_checkpoint(path)
+        ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
+        try:
+            arrays = convert(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]), ignore=ignore)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}\n(if shapes differ everywhere, does {path / 'config.json'} describe "
+                                  f"these weights?)") from None
+        arrays = {p: jax.device_put(a, None if shardings is None else shardings[p]) for p, a in arrays.items()}
+    flat = [(p, v.replace(arrays[p])) for p, v in nnx.to_flat_state(abstract)]
     params = nnx.from_flat_state(flat)
     return Model(family, config, params, path)

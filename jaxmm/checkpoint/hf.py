@@ -197,6 +197,12 @@ def _fmt(path: tuple) -> str:
 
 def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
             ignore: Iterable[str] = ()) -> dict[tuple, np.ndarray]:
+    """All of :func:`iter_converted` in a dict (the whole model in host memory)."""
+    return dict(iter_converted(ckpt, rules, expected, dtype=dtype, ignore=ignore))
+
+
+def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
+                   ignore: Iterable[str] = (), keep_dtype: bool = False):
     """Maps every checkpoint tensor through ``rules`` onto the ``expected`` parameter paths.
 
     Args:
@@ -205,9 +211,11 @@ def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, 
         expected: ``{path tuple: object with .shape and .dtype}`` (e.g. from ``nnx.eval_shape``).
         dtype: cast every tensor to this dtype (default: each expected dtype).
         ignore: regexes of checkpoint keys to skip silently.
+        keep_dtype: yield tensors in the checkpoint's own dtype (no cast).
 
-    Returns:
-        ``{path: np.ndarray}`` for every expected path.
+    Yields:
+        ``(path, np.ndarray)`` one tensor at a time, in checkpoint order (file by file), so a caller
+        can stream a conversion; the errors are raised after the last tensor.
 
     Raises:
         CheckpointError: listing, all at once, unexpected tensors, tensors filling the same
@@ -215,8 +223,8 @@ def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, 
     """
     rules = tuple(rules)
     ignore = tuple(re.compile(p) for p in ignore)
-    out, source, problems = {}, {}, []
-    for key in ckpt.keys():
+    source, problems = {}, []
+    for key in sorted(ckpt.keys(), key=lambda k: (str(ckpt.file(k)), k)):
         if any(p.fullmatch(key) for p in ignore):
             continue
         for rule in rules:
@@ -244,15 +252,14 @@ def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, 
                             f"parameter {_fmt(path)} expects {list(want)}, got {list(w.shape)} after the key map")
             continue
         source[path] = key
-        out[path] = np.ascontiguousarray(w.astype(dtype if dtype is not None else expected[path].dtype))
-    missing = [p for p in expected if p not in out]
+        yield path, np.ascontiguousarray(w if keep_dtype else w.astype(dtype if dtype is not None else expected[path].dtype))
+    missing = [p for p in expected if p not in source]
     if missing:
         listed = ", ".join(_fmt(p) for p in missing[:10])
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         problems.append(f"missing parameters ({len(missing)}), no checkpoint tensor maps to: {listed}{more}")
     if problems:
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
-    return out
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> Path:
