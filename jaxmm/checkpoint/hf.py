@@ -86,7 +86,6 @@ class SafetensorsCheckpoint:
 
     def __init__(self, entries: dict[str, _Entry]):
         self._entries = entries
-        self._maps: dict[Path, np.memmap] = {}
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -105,12 +104,14 @@ class SafetensorsCheckpoint:
         return self._entries[key].file
 
     def get(self, key: str) -> np.ndarray:
-        """The tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), copied out of the file."""
+        """The tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), read from its byte range only
+        (no memory map: host memory holds this one tensor, whatever the file's size)."""
         e = self._entries[key]
-        if e.file not in self._maps:
-            self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        raw = self._maps[e.file][e.begin:e.end]
-        return np.frombuffer(raw.tobytes(), dtype=DTYPES[e.dtype]).reshape(e.shape)
+        buf = bytearray(e.end - e.begin)
+        with open(e.file, "rb") as f:
+            f.seek(e.begin)
+            f.readinto(buf)
+        return np.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
 
 
 def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
