@@ -41,7 +41,7 @@ def main(argv=None):
     print(f"organism (step {step}) -> {dest}")
 
     ev = EvalConfig(model=str(dest), out=str(Path(args.run) / "heldout"), methods=["baseline"], batch_size=25,
-                    max_new_tokens=6, heatmaps=4,
+                    max_new_tokens=16, heatmaps=4,
                     benchmarks=[{"name": "grounded", "limit": args.eval, "seed": 1, "image_size": 112}])
     rows = load_rows(run_eval(ev, progress=True))
     per_task = defaultdict(list)
