@@ -219,7 +219,10 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
         except CheckpointError as e:
             raise CheckpointError(f"{e}\n(if shapes differ everywhere, does {path / 'config.json'} describe "
                                   f"these weights?)") from None
-        arrays = {p: jax.device_put(a, None if shardings is None else shardings[p]) for p, a in arrays.items()}
+        # make_array_from_callback: each device takes its own slice, also across hosts
+        arrays = {p: jax.device_put(a) if shardings is None else
+                  jax.make_array_from_callback(a.shape, shardings[p], lambda idx, a=a: a[idx])
+                  for p, a in arrays.items()}
     flat = [(p, v.replace(arrays[p])) for p, v in nnx.to_flat_state(abstract)]
     params = nnx.from_flat_state(flat)
     return Model(family, config, params, path)
