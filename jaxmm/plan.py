@@ -3,8 +3,7 @@
     jaxmm plan --model configs/models/qwen2_5_vl_72b.yaml --mesh data=1,fsdp=8,tensor=8 --seq 8192 --batch 8
 
 Parameters are placed by their logical axis names through the rule table of
-:mod:`jaxmm.sharding` (``fsdp`` shards ``embed``; ``tensor`` — mapped from the ``model`` rule axis —
-shards heads, kv heads, mlp and vocab; a dimension the axis does not divide stays replicated).
+:mod:`jaxmm.sharding` (``fsdp`` shards ``embed``; ``tensor`` shards heads, kv heads, mlp and vocab; a dimension the axis does not divide stays replicated).
 Reported per device: parameters (compute dtype), AdamW state (float32 master copy + two moments,
 sharded like the parameters), the KV cache for ``batch × seq`` (batch over data·fsdp, kv heads over
 tensor), and the largest single-layer activation of the explicit attention path
@@ -39,7 +38,7 @@ def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtyp
     import flax.nnx as nnx
 
     family, cfg = _load_config(model_yaml)
-    axis_size = {"fsdp": mesh.get("fsdp", 1), "model": mesh.get("tensor", 1)}
+    axis_size = {"fsdp": mesh.get("fsdp", 1), "tensor": mesh.get("tensor", 1)}
     n_params, per_dev = 0, 0.0
     for _, var in nnx.to_flat_state(family.abstract_params(cfg, "float32")):
         shape = var.get_value().shape

@@ -11,18 +11,30 @@ import flax.nnx as nnx
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-# Tensor parallelism over "model", FSDP-style sharding of the embedding dim over "fsdp".
+# Tensor parallelism over "tensor", FSDP-style sharding of the embedding dim over "fsdp"; the batch
+# goes over ("data", "fsdp").
 DEFAULT_RULES: dict[str, str | None] = {
     "embed": "fsdp",
-    "mlp": "model",
-    "heads": "model",
-    "kv_heads": "model",
-    "vocab": "model",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
 }
 
 
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "fsdp", "tensor") mesh over ``devices`` (default: all, across hosts)."""
+    import numpy as np
+
+    devices = jax.devices() if devices is None else devices
+    n = data * fsdp * tensor
+    if n != len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {n} devices, but {len(devices)} are given")
+    return jax.sharding.Mesh(np.array(devices).reshape(data, fsdp, tensor), ("data", "fsdp", "tensor"))
+
+
 def logical_to_spec(names, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
-    """``("embed", "mlp")`` -> ``PartitionSpec("fsdp", "model")`` on a mesh with those axes."""
+    """``("embed", "mlp")`` -> ``PartitionSpec("fsdp", "tensor")`` on a mesh with those axes."""
     axes = []
     for n in names or ():
         a = rules.get(n) if n is not None else None

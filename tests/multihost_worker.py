@@ -19,7 +19,7 @@ from jax.sharding import Mesh  # noqa: E402
 import jaxmm  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4
-mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "model"))
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
 model = jaxmm.load(ckpt, mesh=mesh)
 data = np.load(os.path.join(os.path.dirname(out), "batch.npz"))
 logits = model.forward(**{k: data[k] for k in data.files}).logits

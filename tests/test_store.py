@@ -19,7 +19,7 @@ def test_convert_round_trip_onto_a_mesh(tmp_path):
     out = convert(tmp_path / "hf", tmp_path / "conv")
     assert not (tmp_path / "conv.partial").exists()
     ref = jaxmm.load(tmp_path / "hf")
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "model"))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
     sharded = jaxmm.load(out, mesh=mesh)
     a = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(ref.params)}
     b = {p: v.get_value() for p, v in nnx.to_flat_state(sharded.params)}
