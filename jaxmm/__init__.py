@@ -18,10 +18,15 @@ _EXPORTS = {
     "Probe": "jaxmm.attention", "AttentionWeights": "jaxmm.attention",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["probes", "interventions"]
+
+
+_MODULES = ("probes", "interventions", "generate", "attention")
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _MODULES:
+        return importlib.import_module(f"jaxmm.{name}")
     raise AttributeError(f"module 'jaxmm' has no attribute {name!r}")
