@@ -43,11 +43,15 @@ class VisionMlp(base.nnx.Module):
 
 
 class VisionBlock(base.VisionBlock):
+    """LayerNorm block; ``MLP`` is the family's vision MLP class (Qwen3-VL swaps it)."""
+
+    MLP = VisionMlp
+
     def __init__(self, cfg: VisionConfig, dtype):
         self.norm1 = LayerNorm(cfg.hidden_size, 1e-6, dtype=dtype)
         self.norm2 = LayerNorm(cfg.hidden_size, 1e-6, dtype=dtype)
         self.attn = base.VisionAttention(cfg, dtype)
-        self.mlp = VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.mlp = self.MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
 
 
 class PatchMerger(base.PatchMerger):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxmm.attention import Site
 from jaxmm.models.qwen2_5_vl import modeling as base
 from jaxmm.models.qwen2_5_vl.config import VisionConfig
+from jaxmm.models.qwen2_vl import modeling as qwen2_vl
 from jaxmm.models.qwen2_vl.modeling import LayerNorm
 
 
@@ -37,12 +38,8 @@ class VisionMlp(base.nnx.Module):
         return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))
 
 
-class VisionBlock(base.VisionBlock):
-    def __init__(self, cfg: VisionConfig, dtype):
-        self.norm1 = LayerNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-        self.norm2 = LayerNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-        self.attn = base.VisionAttention(cfg, dtype)
-        self.mlp = VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+class VisionBlock(qwen2_vl.VisionBlock):
+    MLP = VisionMlp
 
 
 class PatchMerger(base.nnx.Module):
