@@ -28,7 +28,7 @@ from jaxmm.attention import AttentionWeights, Probe, Site, static_field
 Array = jax.Array
 
 __all__ = ["visual_mass", "visual_entropy", "vas", "focus_ratio", "efr", "region_ratio",
-           "residual_update", "key_count", "VisualMass", "VisualEntropy", "VAS", "FocusRatio", "EFR",
+           "residual_update", "key_count", "VisualMass", "KeyMass", "VisualEntropy", "VAS", "FocusRatio", "EFR",
            "RegionRatio", "AttentionRows", "AttentionWeights", "ResidualUpdate"]
 
 
@@ -130,6 +130,22 @@ class VisualMass(Probe):
 
     def __call__(self, a, site: Site):
         return visual_mass(a, site.layout.image_mask)
+
+
+@_probe
+class KeyMass(Probe):
+    """Attention mass on a named key set of the layout (``system``, ``question``, ``region``, …)
+    per (b, h, query) -> [B,H,T] (AVAR's m_S with ``keys="system"``)."""
+
+    name: str = static_field("system_mass")
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+    keys: str = static_field("system")
+
+    def __call__(self, a, site: Site):
+        from jaxmm.interventions.keys import _FIELDS
+
+        return _ksum(a, getattr(site.layout, _FIELDS[self.keys]))
 
 
 @_probe

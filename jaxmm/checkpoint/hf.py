@@ -21,8 +21,11 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+#: safetensors dtype code -> numpy dtype (bf16 and fp8 through ml_dtypes).
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+          "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 CONVERT_HINT = (
@@ -58,13 +61,19 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header of {n} bytes ({e}); "
+                                  f"the file has {size} bytes") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, "
+                              f"not an object")
     entries, data_end = {}, 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
             dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in (*shape, b, e)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}: {info}") from None
         if dtype not in DTYPES:
@@ -110,13 +119,27 @@ class SafetensorsCheckpoint:
         buf = bytearray(e.end - e.begin)
         with open(e.file, "rb") as f:
             f.seek(e.begin)
-            f.readinto(buf)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"{e.file}: truncated while reading tensor {key!r}: bytes "
+                                  f"{e.begin}..{e.end} wanted, {got} read (file changed since it was opened?)")
         return np.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
 
 
 def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
     """Opens ``model.safetensors``, a sharded ``model.safetensors.index.json``, any single
     ``*.safetensors`` in a directory, or a ``.safetensors`` file path.
+
+    Only headers are read here, as the safetensors spec lays them out (8-byte little-endian header
+    length, a JSON header of ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` plus an
+    optional ``__metadata__``); each file's size is checked against ``8 + header length + the
+    largest data end offset`` so a truncated download fails here, naming the file and both sizes.
+
+    Args:
+        path: a checkpoint directory or a ``.safetensors`` file.
+
+    Returns:
+        A :class:`SafetensorsCheckpoint` (``keys``, ``shape``, ``dtype``, ``file``, ``get``).
 
     Raises:
         CheckpointError: pickle files only (with how to convert), a truncated or corrupt file, an
@@ -156,7 +179,11 @@ def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
         raise FileNotFoundError(f"{path}: no model.safetensors, index or *.safetensors file")
     entries = {}
     for f in files:
-        entries.update(_read_header(f))
+        for key, entry in _read_header(f).items():
+            if key in entries:
+                raise CheckpointError(f"{path}: tensor {key!r} is in both {entries[key].file.name} and "
+                                      f"{f.name}; keep one file, or write a model.safetensors.index.json")
+            entries[key] = entry
     return SafetensorsCheckpoint(entries)
 
 
@@ -165,16 +192,28 @@ def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
 class Rule:
     """One line of a key map.
 
-    pattern: regex that must match a checkpoint key in full.
-    target: parameter path template, dotted; ``\\1``… are the pattern's groups (``re`` expand
-        syntax); all-digit components become ints (list indices in the parameter tree).
+    pattern: regex that must match a checkpoint key in full (``re.fullmatch``).
+    target: parameter path template, dotted; ``\\1``, ``\\g<1>``, ``\\g<name>`` are the pattern's
+        groups (``re.Match.expand`` syntax, so write it as a raw string). After expansion the
+        template is split on ``.`` and all-digit components become ints (list indices in the
+        parameter tree): ``Rule(r"model\\.layers\\.(\\d+)\\.mlp\\.up_proj\\.weight",
+        r"language_model.layers.\\1.mlp.up_proj.kernel", "T")`` maps
+        ``model.layers.3.mlp.up_proj.weight`` to ``('language_model', 'layers', 3, 'mlp', 'up_proj',
+        'kernel')``.
     transform: None (identity), ``"T"`` (transpose a 2-D torch Linear weight [out,in] -> [in,out]),
-        or ``fn(array, expected_shape) -> array``.
+        or ``fn(array, expected_shape) -> array`` (raise ``ValueError`` to report a tensor it
+        cannot convert; the message is collected with the other problems).
     """
 
     pattern: str
     target: str
     transform: str | Callable | None = None
+
+    def __post_init__(self):
+        re.compile(self.pattern)  # a bad regex fails when the table is built, not mid-conversion
+        if not (self.transform is None or self.transform == "T" or callable(self.transform)):
+            raise ValueError(f"Rule({self.pattern!r}): transform {self.transform!r}; expected None, 'T' "
+                             f"or a callable (array, expected_shape) -> array")
 
     def match(self, key: str) -> tuple | None:
         m = re.fullmatch(self.pattern, key)
@@ -194,6 +233,18 @@ class Rule:
 
 def _fmt(path: tuple) -> str:
     return ".".join(str(p) for p in path)
+
+
+def _leaf(v):
+    """An ``expected`` leaf as an object with ``.shape``/``.dtype``: unwraps ``nnx.Variable`` (as in
+    ``nnx.to_flat_state(nnx.eval_shape(...))``) to the ``jax.ShapeDtypeStruct`` it holds."""
+    if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+        for unwrap in ("get_value", "value"):
+            inner = getattr(v, unwrap, None)
+            inner = inner() if callable(inner) else inner
+            if hasattr(inner, "shape") and hasattr(inner, "dtype"):
+                return inner
+    return v
 
 
 def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
@@ -224,6 +275,7 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
     """
     rules = tuple(rules)
     ignore = tuple(re.compile(p) for p in ignore)
+    expected = {tuple(p): _leaf(v) for p, v in expected.items()}
     source, problems = {}, []
     for key in sorted(ckpt.keys(), key=lambda k: (str(ckpt.file(k)), k)):
         if any(p.fullmatch(key) for p in ignore):
@@ -240,7 +292,8 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
                             f"which the model does not have")
             continue
         if path in source:
-            problems.append(f"parameter {_fmt(path)} filled twice: by {source[path]!r} and {key!r}")
+            problems.append(f"parameter {_fmt(path)} filled twice: by {source[path]!r} in "
+                            f"{ckpt.file(source[path]).name} and by {key!r} in {ckpt.file(key).name}")
             continue
         want = tuple(expected[path].shape)
         try:
@@ -256,7 +309,7 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
         yield path, np.ascontiguousarray(w if keep_dtype else w.astype(dtype if dtype is not None else expected[path].dtype))
     missing = [p for p in expected if p not in source]
     if missing:
-        listed = ", ".join(_fmt(p) for p in missing[:10])
+        listed = ", ".join(f"{_fmt(p)} {list(expected[p].shape)}" for p in missing[:10])
         more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
         problems.append(f"missing parameters ({len(missing)}), no checkpoint tensor maps to: {listed}{more}")
     if problems:
@@ -264,7 +317,24 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> Path:
-    """Writes ``tensors`` as one safetensors file, atomically (temp file + ``os.replace``)."""
+    """Writes ``tensors`` as one safetensors file, atomically (temp file + ``os.replace``).
+
+    The layout follows the safetensors spec (8-byte little-endian header length, JSON header with
+    ``dtype``/``shape``/``data_offsets`` per tensor and ``__metadata__`` of string values, padded with
+    spaces to 8 bytes, then the raw little-endian data); readable by ``safetensors`` and by
+    :func:`open_checkpoint`.
+
+    Args:
+        tensors: ``{name: array}``; numpy or ml_dtypes dtypes in :data:`DTYPES` (bf16 included).
+        path: the file to write; its directory is created if needed.
+        metadata: optional ``__metadata__`` (values are stored as strings).
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        CheckpointError: a dtype with no safetensors code.
+    """
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for key in sorted(tensors):
@@ -293,3 +363,22 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path, metadata:
             os.unlink(tmp)
         raise
     return path
+
+
+def unflatten(flat: dict[tuple, object]) -> dict:
+    """``{('a', 0, 'b'): x}`` -> ``{'a': {0: {'b': x}}}`` (nested dicts; int keys stay ints).
+
+    Raises:
+        ValueError: a path that is both a leaf and a prefix of another path.
+    """
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for i, k in enumerate(path[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{_fmt(path)}: {_fmt(path[:i + 1])} is a leaf, not a subtree")
+        if path[-1] in node:
+            raise ValueError(f"{_fmt(path)} is given twice, or is also a subtree")
+        node[path[-1]] = value
+    return tree
