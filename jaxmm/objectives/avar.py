@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+
 def _block_mean(mass, queries, n_keys):
     """mean over q∈Q, k∈K of A: [L,B,H,T] masses -> [L,B,H]."""
     q = queries.astype(jnp.float32)[None, :, None, :]
     nq = jnp.maximum(jnp.sum(queries, -1), 1).astype(jnp.float32)[None, :, None]
     return jnp.sum(mass * q, -1) / (nq * jnp.maximum(n_keys, 1).astype(jnp.float32)[None, :, None])
+
 
 def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6):
     """(L_enh, L_sup), scalars averaged over layers, heads and the batch."""
@@ -30,10 +32,12 @@ def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6):
     sup = jnp.mean(jnp.log(_block_mean(m_s, queries, n_system) + eps))
     return enh, sup
 
+
 def agto_total(lm_loss, m_v, m_s, queries, n_image, n_system, alpha: float = 0.15, beta: float = 0.15,
                eps: float = 1e-6):
     enh, sup = agto_losses(m_v, m_s, queries, n_image, n_system, eps)
     return lm_loss + alpha * enh + beta * sup
+
 
 def vars_reward(m_v, m_s, generated, correct, eps: float = 1e-6, variant: str = "paper"):
     """r_visual [B] from masses [L,B,H,T] over the generated tokens ``generated`` [B,T] (bool)."""
@@ -46,14 +50,17 @@ def vars_reward(m_v, m_s, generated, correct, eps: float = 1e-6, variant: str = 
         return jnp.sum(m_v * g, axis=(0, 2, 3)) / (jnp.sum(m_s * g, axis=(0, 2, 3)) + eps)
     raise ValueError(f"variant={variant!r}; expected 'paper' or 'released'")
 
+
 def total_reward(r_acc, r_visual, r_format, lambda_v: float = 0.3, lambda_f: float = 0.1):
     return r_acc + lambda_v * r_visual + lambda_f * r_format
+
 
 def agto_probes(layers=None):
     """The probes AGTO needs on ``layers`` (None = all): image mass and system mass per query."""
     from jaxmm.probes import KeyMass, VisualMass
 
     return (VisualMass(layers=layers), KeyMass(layers=layers))
+
 
 def agto_extra_loss(alpha: float = 0.15, beta: float = 0.15, eps: float = 1e-6):
     """``(model_output, batch) -> α·L_enh + β·L_sup`` for :func:`jaxmm.train.sft.train`'s
