@@ -235,6 +235,11 @@ def _fmt(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _contiguous(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
 def _leaf(v):
     """An ``expected`` leaf as an object with ``.shape``/``.dtype``: unwraps ``nnx.Variable`` (as in
     ``nnx.to_flat_state(nnx.eval_shape(...))``) to the ``jax.ShapeDtypeStruct`` it holds."""
@@ -306,7 +311,7 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
                             f"parameter {_fmt(path)} expects {list(want)}, got {list(w.shape)} after the key map")
             continue
         source[path] = key
-        yield path, np.ascontiguousarray(w if keep_dtype else w.astype(dtype if dtype is not None else expected[path].dtype))
+        yield path, _contiguous(w if keep_dtype else w.astype(dtype if dtype is not None else expected[path].dtype))
     missing = [p for p in expected if p not in source]
     if missing:
         listed = ", ".join(f"{_fmt(p)} {list(expected[p].shape)}" for p in missing[:10])
@@ -338,7 +343,7 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path, metadata:
     path = Path(path)
     header, offset, arrays = {}, 0, []
     for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
+        a = _contiguous(np.asarray(tensors[key]))
         code = _CODES.get(a.dtype)
         if code is None:
             raise CheckpointError(f"tensor {key!r}: dtype {a.dtype} has no safetensors code")
