@@ -102,11 +102,11 @@ def test_grpo_hand_computed_example():
     assert loss == pytest.approx(-(seq0 + seq1) / 2, rel=1e-5)
 
 
-def test_agto_through_the_model_matches_numpy_on_transformers_attentions(tmp_path):
+def _spanned_batch(tmp_path):
+    """A tiny checkpoint, its transformers model, and a two-row batch with system/question spans."""
     import jaxmm
     import tiny
-    from jaxmm import probes as P
-    from test_qwen2_5_vl_parity import hf_forward, make_batch
+    from test_qwen2_5_vl_parity import make_batch
 
     hf = tiny.save_hf_model("gqa_untied", tmp_path)
     model = jaxmm.load(tmp_path)
@@ -115,6 +115,14 @@ def test_agto_through_the_model_matches_numpy_on_transformers_attentions(tmp_pat
     starts = raw["attention_mask"].argmax(1)
     batch = model.prepare(**raw, system_spans=[[(int(b), int(b) + 3)] for b in starts],
                           question_spans=[[(s - 5, s)] for _ in starts])
+    return hf, model, raw, batch
+
+
+def test_agto_through_the_model_matches_numpy_on_transformers_attentions(tmp_path):
+    from jaxmm import probes as P
+    from test_qwen2_5_vl_parity import hf_forward
+
+    hf, model, raw, batch = _spanned_batch(tmp_path)
     out = model.forward(batch=batch, probes=[P.VisualMass(), P.KeyMass()])
     lay = batch.layout
     V, S, Q = (np.asarray(x) for x in (lay.image_mask, lay.system_mask, lay.question_mask))
@@ -129,18 +137,9 @@ def test_agto_through_the_model_matches_numpy_on_transformers_attentions(tmp_pat
 
 
 def test_agto_plugs_into_the_sft_step(tmp_path):
-    import jaxmm
-    import tiny
     from jaxmm.train.sft import TrainConfig, make_step, optimizer
-    from test_qwen2_5_vl_parity import make_batch
 
-    tiny.save_hf_model("gqa_untied", tmp_path)
-    model = jaxmm.load(tmp_path)
-    raw = make_batch([["coffee"], ["chelsea"]], "left")
-    s = raw["input_ids"].shape[1]
-    starts = raw["attention_mask"].argmax(1)
-    batch = model.prepare(**raw, system_spans=[[(int(b), int(b) + 3)] for b in starts],
-                          question_spans=[[(s - 5, s)] for _ in starts])
+    _, model, raw, batch = _spanned_batch(tmp_path)
     labels = np.where(raw["attention_mask"] > 0, raw["input_ids"], -100)
     tx = optimizer(TrainConfig(steps=5), model.params)
     step = make_step(model.config, tx, "float32", [avar.agto_extra_loss()], avar.agto_probes())

@@ -151,9 +151,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     import jaxmm
     from jaxmm import organism
     from jaxmm.eval import benchmarks as B
-    from jaxmm.eval.report import render_heatmap, write_report
-    from jaxmm.generate import generate
-    from jaxmm.processing.regions import region_weights
+    from jaxmm.eval.report import write_report
 
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +195,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
                     except Exception as e:  # noqa: BLE001
                         rows.append(_error_row(s, mname, e))
                 if ok:
-                    rows += _run_batch(model, ok, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+                    rows += _run_batch(model, ok, mname, ivs, cfg, nl, out_dir)
                 rows = [r for r in rows if (r["benchmark"], r["id"], r["method"]) not in done]
                 _append(results, rows)
                 done.update((r["benchmark"], r["id"], r["method"]) for r in rows)
@@ -214,20 +212,24 @@ def _error_row(s, method, e):
             "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
 
 
-def _run_batch(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap):
+def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir):
     """Generates for a batch; on failure retries one by one so only the failing samples are lost."""
     try:
-        return _generate_rows(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+        return _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir)
     except Exception as e:  # noqa: BLE001
         if len(samples) == 1:
             return [_error_row(samples[0], mname, e)]
         rows = []
         for s in samples:
-            rows += _run_batch(model, [s], mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap)
+            rows += _run_batch(model, [s], mname, ivs, cfg, nl, out_dir)
         return rows
 
 
-def _generate_rows(model, samples, mname, ivs, cfg, generate, region_weights, nl, out_dir, render_heatmap):
+def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir):
+    from jaxmm.eval.report import render_heatmap
+    from jaxmm.generate import generate
+    from jaxmm.processing.regions import region_weights
+
     convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
                                            {"type": "text", "text": s["question"]}]}] for s in samples]
     batch, info = model.prepare_chat(convs)

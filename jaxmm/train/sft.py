@@ -255,7 +255,7 @@ def export_hf(params, config, src_dir, out_dir) -> Path:
     return out_dir
 
 
-def final_params(out: str | Path, like=None):
+def final_params(out: str | Path):
     """The parameters (a nested dict) and step of the latest checkpoint in ``out``."""
     import orbax.checkpoint as ocp
 
