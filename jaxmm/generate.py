@@ -114,7 +114,8 @@ def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes
     """
     b, s = batch.input_ids.shape
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    cache = KVCache.empty(config, b, max_len, dtype)
+    pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
+    cache = KVCache.empty(config, b, max_len, dtype, pre_rope=pre_rope)
     out = forward(params, config, batch, interventions, probes, False, cache)
     valid = batch.attention_mask[None, :, :s] > 0            # prompt positions only
     next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1

@@ -57,13 +57,25 @@ def _union(boxes):
     return (int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max()))
 
 
-def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = None) -> dict:
-    """Sample ``index`` of the benchmark with ``seed`` (same inputs, same sample)."""
+def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = None,
+                shape_scale: float = 0.2, contrast: float = 1.0) -> dict:
+    """Sample ``index`` of the benchmark with ``seed`` (same inputs, same sample).
+
+    ``shape_scale``: side of a shape as a fraction of the image width (counting shapes are 3/4 of
+    it, the OCR box 2× wide, 1× high). ``contrast``: the photo is blended towards mid-grey by
+    ``1 − contrast`` (1 = the photo as is), so that drawn evidence stands out more.
+    """
+    if not 0.05 <= shape_scale <= 0.4:
+        raise ValueError(f"shape_scale={shape_scale}: expected 0.05 … 0.4 of the image width")
+    if not 0.0 <= contrast <= 1.0:
+        raise ValueError(f"contrast={contrast}: expected 0 … 1")
     rng = np.random.default_rng([seed, index])
     task = task or TASKS[index % len(TASKS)]
     img, photo = _background(rng, size)
+    if contrast < 1.0:
+        img = Image.blend(Image.new("RGB", size, (128, 128, 128)), img, contrast)
     draw = ImageDraw.Draw(img)
-    s = size[0] // 5
+    s = int(size[0] * shape_scale)
     taken, sample = [], {"id": f"grounded-{seed}-{index}", "task": task, "photo": photo}
     if task in ("recognition", "grounding"):
         shape, color = SHAPES[rng.integers(3)], list(COLORS)[rng.integers(4)]
@@ -111,6 +123,6 @@ def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = N
     return sample
 
 
-def generate_samples(n: int, seed: int = 0, size=(224, 224), tasks=TASKS) -> list[dict]:
-    """``n`` samples cycling through ``tasks``."""
-    return [make_sample(i, seed, size, tasks[i % len(tasks)]) for i in range(n)]
+def generate_samples(n: int, seed: int = 0, size=(224, 224), tasks=TASKS, **style) -> list[dict]:
+    """``n`` samples cycling through ``tasks`` (``style``: ``shape_scale``, ``contrast`` of make_sample)."""
+    return [make_sample(i, seed, size, tasks[i % len(tasks)], **style) for i in range(n)]

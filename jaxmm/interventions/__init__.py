@@ -4,7 +4,8 @@
     ivs = I.build(["vrga", {"method": "avar", "alpha_sys": 0.05}], model.config)
     model.generate(messages, interventions=ivs)
 
-Names: ``pai``, ``avar``, ``ration``, ``vrga``, ``var`` (see docs/methods.md), plus the building
+Names: ``pai``, ``avar``, ``ration``, ``vrga``, ``var``, ``rave`` (a trained module:
+``{"method": "rave", "path": DIR}``; see docs/methods.md), plus the building
 blocks ``KeyLogitShift``, ``KeyWeightScale``, ``KeyBias``, ``HeadMask``. YAML configs with every
 knob and its default live in ``configs/methods/``.
 """
@@ -17,10 +18,11 @@ from jaxmm.interventions.avar import AVAR
 from jaxmm.interventions.keys import KeyBias, KeyLogitShift, KeyWeightScale, key_set, per_sample
 from jaxmm.interventions.pai import PAI, pai, pai_contrast
 from jaxmm.interventions.ration import RATION
+from jaxmm.interventions.rave import RAVE
 from jaxmm.interventions.var import VAR, var
 from jaxmm.interventions.vrga import VRGA, HeadMask, efr_head_mask
 
-__all__ = ["AVAR", "PAI", "RATION", "VRGA", "VAR", "HeadMask", "KeyBias", "KeyLogitShift", "KeyWeightScale",
+__all__ = ["AVAR", "PAI", "RATION", "RAVE", "VRGA", "VAR", "HeadMask", "KeyBias", "KeyLogitShift", "KeyWeightScale",
            "build", "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
 
 
@@ -56,7 +58,19 @@ def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2):
                layers=tuple(range(start, cfg.text.num_hidden_layers)))
 
 
-METHODS = {"pai": _pai, "avar": _avar, "ration": _ration, "vrga": _vrga, "var": _var}
+def _rave(cfg, path=None, **init):
+    """A trained RAVE module saved with :func:`jaxmm.interventions.rave.save` (``path``), or a fresh
+    one (γ = 0: the model unchanged) from ``init``'s knobs."""
+    from jaxmm.interventions import rave
+
+    if path is not None:
+        if init:
+            raise TypeError(f"rave: give either path or init knobs, not both ({sorted(init)})")
+        return rave.load(path)
+    return rave.init(cfg, **init)
+
+
+METHODS = {"pai": _pai, "avar": _avar, "ration": _ration, "vrga": _vrga, "var": _var, "rave": _rave}
 
 
 def build(specs, config) -> tuple:

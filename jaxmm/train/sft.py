@@ -48,6 +48,9 @@ class TrainConfig:
     clip_norm: float = 1.0
     compute_dtype: str = "float32"       # or bfloat16 (master weights stay float32)
     freeze: list = dataclasses.field(default_factory=list)   # regexes over dotted parameter paths
+    lora: dict | None = None              # {rank, alpha, targets, seed}: train LoRA adapters, backbone frozen
+    rave: dict | None = None              # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
+    tensorboard: bool = True              # also write metrics as TensorBoard events (out/tensorboard)
     seq_len: int = 160                    # prompts + answers are left-padded to this many tokens
     data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
                                                              "image_size": 112})
@@ -104,8 +107,12 @@ def dataset(cfg: TrainConfig):
     d = dict(cfg.data)
     size, seed, image = int(d.get("size", 4096)), int(d.get("seed", 0)), int(d.get("image_size", 112))
     tasks = tuple(d.get("tasks", ("recognition", "counting", "grounding", "ocr", "spatial")))
+    style = {k: d[k] for k in ("shape_scale", "contrast") if k in d}
+    unknown = set(d) - {"name", "size", "seed", "image_size", "tasks", *style}
+    if unknown:
+        raise ValueError(f"data: unknown field(s) {sorted(unknown)}")
     ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
-    return ds.map(lambda i: make_sample(int(i), seed, (image, image), tasks[int(i) % len(tasks)]))
+    return ds.map(lambda i: make_sample(int(i), seed, (image, image), tasks[int(i) % len(tasks)], **style))
 
 
 def make_batch(model, ds, start: int, n: int, seq_len: int):
@@ -136,32 +143,89 @@ def trainable_mask(params, freeze: Sequence[str]):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
 
 
-def optimizer(cfg: TrainConfig, params):
+def initial_state(cfg: TrainConfig, params, config) -> dict:
+    """The trained state as checkpoint groups: ``{"params": backbone, "lora": adapters (if
+    cfg.lora), "rave": RAVE module (if cfg.rave)}``."""
+    from jaxmm.interventions import rave
+    from jaxmm.train import lora
+
+    state = {"params": params}
+    lcfg = lora.LoraConfig.from_dict(cfg.lora)
+    if lcfg is not None:
+        state["lora"] = lora.init(params, lcfg)
+    rv = rave.from_config(config, cfg.rave)
+    if rv is not None:
+        state["rave"] = rv
+    return state
+
+
+def state_mask(cfg: TrainConfig, state: dict):
+    """Pytree of bools over ``state``: the backbone is trainable unless frozen by ``freeze`` or
+    because LoRA is on; adapters (LoRA, RAVE) always are."""
+    out = {}
+    for group, tree in state.items():
+        if group == "params":
+            out[group] = (jax.tree_util.tree_map(lambda _: False, tree) if cfg.lora
+                          else trainable_mask(tree, cfg.freeze))
+        else:
+            out[group] = jax.tree_util.tree_map(lambda _: True, tree)
+    return out
+
+
+def assemble(state: dict, cfg: TrainConfig):
+    """``state`` -> (parameters the forward runs with, interventions): LoRA merged, RAVE applied."""
+    from jaxmm.train import lora
+
+    params = lora.merge(state["params"], state.get("lora"), lora.LoraConfig.from_dict(cfg.lora))
+    return params, ((state["rave"],) if "rave" in state else ())
+
+
+def optimizer(cfg: TrainConfig, state):
+    """AdamW (warm-up + cosine), global-norm clipping, updates zeroed on frozen leaves of ``state``
+    (a parameter tree or a :func:`initial_state` dict), gradient accumulation."""
+    mask = state_mask(cfg, state) if isinstance(state, dict) and "params" in state else trainable_mask(state, cfg.freeze)
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, int(cfg.warmup * cfg.steps)), max(cfg.steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(sched, weight_decay=cfg.weight_decay))
-    if cfg.freeze:
-        tx = optax.masked(tx, trainable_mask(params, cfg.freeze))
-        tx = optax.chain(tx, optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda t: not t,
-                                                                                     trainable_mask(params, cfg.freeze))))
+    if not all(jax.tree_util.tree_leaves(mask)):
+        tx = optax.chain(optax.masked(tx, mask),
+                         optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda t: not t, mask)))
     return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
-def make_step(config, tx, compute_dtype: str, extra_losses: Sequence[Callable] = (), probes=()):
-    def loss_fn(params, batch, labels):
+def make_step(config, tx, compute_dtype: str, extra_losses: Sequence[Callable] = (), probes=(),
+              cfg: TrainConfig | None = None):
+    """The jitted SFT step ``(state, opt_state, batch, labels) -> (state, opt_state, metrics)``.
+
+    ``state`` is a parameter tree, or with ``cfg`` a :func:`initial_state` dict whose frozen leaves
+    get no gradient (``stop_gradient``, so their weight gradients are never computed)."""
+    mask = None
+
+    def loss_fn(state, batch, labels):
+        if cfg is not None:
+            state = jax.tree_util.tree_map(lambda x, m: x if m else jax.lax.stop_gradient(x), state, mask)
+            params, ivs = assemble(state, cfg)
+        else:
+            params, ivs = state, ()
         p = params if compute_dtype == "float32" else jax.tree_util.tree_map(lambda x: x.astype(compute_dtype), params)
-        out = forward(p, config, batch, (), tuple(probes))
+        out = forward(p, config, batch, ivs, tuple(probes))
         loss = token_loss(out.logits, labels)
         extras = [f(out, batch) for f in extra_losses]
         return loss + sum(extras), {"loss": loss}
 
     @jax.jit
-    def step(params, opt_state, batch, labels):
-        (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, labels)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"total": total, "grad_norm": optax.global_norm(grads), **aux}
+    def step(state, opt_state, batch, labels):
+        (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, batch, labels)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        return state, opt_state, {"total": total, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return step
+    def run(state, opt_state, batch, labels):
+        nonlocal mask
+        if cfg is not None and mask is None:
+            mask = state_mask(cfg, state)
+        return step(state, opt_state, batch, labels)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -176,49 +240,77 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     model = jaxmm.load(cfg.model or organism.build(), dtype="float32")
-    params = model.params
-    tx = optimizer(cfg, params)
-    opt_state = tx.init(params)
+    state = initial_state(cfg, model.params, model.config)
+    tx = optimizer(cfg, state)
+    opt_state = tx.init(state)
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep))
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()
         restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}),
+            state=ocp.args.StandardRestore({**state, "opt_state": opt_state}),
             data=ocp.args.JsonRestore()))
-        params, opt_state = restored.state["params"], restored.state["opt_state"]
+        opt_state = restored.state["opt_state"]
+        state = {k: restored.state[k] for k in state}
+        if "rave" in state:     # orbax restores the module's leaves; keep its static fields
+            state["rave"] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(initial_state(
+                cfg, model.params, model.config)["rave"]), jax.tree_util.tree_leaves(state["rave"]))
         if restored.data["samples_seen"] != start * cfg.batch_size:
             raise RuntimeError(f"{out}: checkpoint {start} has an inconsistent data position {restored.data}")
-    step_fn = make_step(model.config, tx, cfg.compute_dtype, extra_losses, probes)
+    step_fn = make_step(model.config, tx, cfg.compute_dtype, extra_losses, probes, cfg=cfg)
     ds = dataset(cfg)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    metrics = open(out / "metrics.jsonl", "a")
+    log = MetricsLog(out, tensorboard=cfg.tensorboard)
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         batch, labels = make_batch(model, ds, step * cfg.batch_size, cfg.batch_size, cfg.seq_len)
-        params, opt_state, m = step_fn(params, opt_state, batch, labels)
+        state, opt_state, m = step_fn(state, opt_state, batch, labels)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            log.write(step + 1, {**{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             mngr.save(step + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
                 data=ocp.args.JsonSave({"samples_seen": (step + 1) * cfg.batch_size})))
             mngr.wait_until_finished()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-    metrics.close()
+    log.close()
     if bar is not None:
         bar.close()
     mngr.wait_until_finished()
-    model.params = params
+    model.params = state["params"]
     return out
+
+
+class MetricsLog:
+    """Metrics rows to ``out/metrics.jsonl`` (one JSON object per logged step, flushed) and, with
+    ``tensorboard``, as scalars to ``out/tensorboard`` (tensorboardX event files)."""
+
+    def __init__(self, out: Path, tensorboard: bool = True):
+        self.file = open(Path(out) / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+
+    def write(self, step: int, row: dict):
+        self.file.write(json.dumps({"step": step, **row}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def flat_params(tree) -> dict[str, np.ndarray]:
@@ -255,11 +347,37 @@ def export_hf(params, config, src_dir, out_dir) -> Path:
     return out_dir
 
 
-def final_params(out: str | Path):
-    """The parameters (a nested dict) and step of the latest checkpoint in ``out``."""
+def final_state(out: str | Path):
+    """The checkpoint groups (``params`` and, if trained, ``lora``, ``rave``; nested dicts) and step
+    of the latest checkpoint in ``out``."""
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager(Path(out).absolute() / "checkpoints")
     step = mngr.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{out}: no checkpoint (expected {Path(out) / 'checkpoints'}/<step>)")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
-    return restored.state["params"], step
+    return {k: v for k, v in restored.state.items() if k != "opt_state"}, step
+
+
+def final_params(out: str | Path):
+    """The parameters of the latest checkpoint in ``out`` with LoRA merged (a nested dict), and its step."""
+    from jaxmm.train import lora
+
+    groups, step = final_state(out)
+    cfg = json.loads((Path(out) / "config.json").read_text()) if (Path(out) / "config.json").exists() else {}
+    return lora.merge(groups["params"], groups.get("lora"), lora.LoraConfig.from_dict(cfg.get("lora"))), step
+
+
+def final_rave(out: str | Path, config):
+    """The trained RAVE module of the latest checkpoint in ``out`` (its config from out/config.json)."""
+    from jaxmm.interventions import rave
+
+    groups, _ = final_state(out)
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    if "rave" not in groups or not cfg.get("rave"):
+        raise ValueError(f"{out}: this run trained no RAVE module (config field 'rave' is empty)")
+    like = rave.from_config(config, cfg["rave"])
+    g = groups["rave"]
+    return type(like)(**{**{f: getattr(like, f) for f in ("layers", "heads", "kind", "towers")},
+                         **{k: jnp.asarray(v) for k, v in g.items() if v is not None}})

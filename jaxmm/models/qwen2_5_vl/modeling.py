@@ -364,12 +364,14 @@ class TextAttention(nnx.Module):
             start = site.query_pos[0]
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
-            # pre-RoPE keys of earlier positions are not cached: interventions that read k_pre see
-            # the current queries' keys only during decoding.
+            if cache[2] is not None:   # pre-RoPE key cache (KVCache.empty(pre_rope=True)): all K keys
+                k_pre = jax.lax.dynamic_update_slice_in_dim(cache[2], k_pre.astype(cache[2].dtype), start, axis=1)
+            # without it, interventions that read k_pre see the current queries' keys only.
         site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre, hidden=x)
         out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
                           interventions=interventions, probes=probes)
-        return self.o_proj(out.reshape(b, t, -1)), res, (k, v)
+        k_pre_out = k_pre if cache is not None and cache[2] is not None else None
+        return self.o_proj(out.reshape(b, t, -1)), res, (k, v, k_pre_out)
 
 
 class DecoderLayer(nnx.Module):
@@ -497,13 +499,15 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cos, sin = mrope_cos_sin(batch.position_ids, cfg.text)
         mask = text_mask(batch.attention_mask, query_pos)
         hidden = [x] if output_hidden_states else None
-        tres, new_k, new_v = {}, [], []
+        tres, new_k, new_v, new_k_pre = {}, [], [], []
         for i, layer in enumerate(lm.layers):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, res, (k, v) = layer(x, cos, sin, mask, site, interventions, probes, layer_cache)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i],
+                                                      None if cache.k_pre is None else cache.k_pre[i])
+            x, res, (k, v, k_pre) = layer(x, cos, sin, mask, site, interventions, probes, layer_cache)
             new_k.append(k)
             new_v.append(v)
+            new_k_pre.append(k_pre)
             _collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
@@ -515,7 +519,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         for name, v in _stack(tres).items():
             probe_out.setdefault(name, {})["text"] = v
-        new_cache = None if cache is None else KVCache(jnp.stack(new_k), jnp.stack(new_v), start + t)
+        new_cache = None if cache is None else KVCache(
+            jnp.stack(new_k), jnp.stack(new_v), start + t, None if cache.k_pre is None else jnp.stack(new_k_pre))
         return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
                            probes=probe_out, cache=new_cache)
 
@@ -524,17 +529,22 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """Keys and values of every text layer: k, v [L,B,K,G,D] (after RoPE); ``index`` int32 scalar,
-    the number of positions written (the next query's key position)."""
+    the number of positions written (the next query's key position); ``k_pre`` [L,B,K,G,D] the
+    pre-RoPE keys, kept only when asked for (``pre_rope=True``: interventions such as RAVE that read
+    ``site.k_pre`` of every key while decoding), else None."""
 
     k: Any
     v: Any
     index: Any
+    k_pre: Any = None
 
     @classmethod
-    def empty(cls, config: Qwen2_5_VLConfig, batch_size: int, max_len: int, dtype=jnp.float32):
+    def empty(cls, config: Qwen2_5_VLConfig, batch_size: int, max_len: int, dtype=jnp.float32,
+              pre_rope: bool = False):
         t = config.text
         shape = (t.num_hidden_layers, batch_size, max_len, t.num_key_value_heads, t.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0),
+                   jnp.zeros(shape, dtype) if pre_rope else None)
 
 
 def splice(embeds: Array, features: Array, image_mask: Array) -> Array:
