@@ -195,3 +195,15 @@ def test_lora_training_moves_only_adapters(setup, tmp_path, monkeypatch):
     merged, _ = final_params(out)
     diff = {k: np.abs(v - start[k]).max() for k, v in flat_params(merged).items()}
     assert all((d > 0) == bool(L.targets_of(model.params, L.LoraConfig()).get(k)) for k, d in diff.items())
+
+
+def test_agto_from_config_adds_the_avar_losses(setup, tmp_path, monkeypatch):
+    """``agto:`` in the config adds α·L_enh + β·L_sup (objectives.avar, tested against numpy there)."""
+    model, batch, path = setup[:3]
+    monkeypatch.setenv("JAXMM_HOME", str(tmp_path / "home"))
+    out = train(_cfg(tmp_path, "agto", model=str(path), steps=2, agto={"alpha": 0.15, "beta": 0.15},
+                     tensorboard=False), progress=False)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["total"] - r["loss"]) > 1e-4 for r in rows)
+    with pytest.raises(ValueError, match="agto: unknown"):
+        train(_cfg(tmp_path, "bad", model=str(path), agto={"gamma": 1.0}), progress=False)

@@ -137,11 +137,12 @@ def _to_sample(name: str, row: dict) -> dict:
 
 
 def load(name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0,
-         image_size: int = 224) -> grain.MapDataset:
+         image_size: int = 224, **style) -> grain.MapDataset:
     """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path``.
 
     ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``, square
-    images of ``image_size`` pixels).
+    images of ``image_size`` pixels, ``style``: ``shape_scale`` and ``contrast`` of
+    :func:`jaxmm.data.grounded.make_sample`).
     Images are decoded lazily (in the dataset's map) and may fail per sample: the harness records
     such a sample as an error row.
     """
@@ -150,10 +151,15 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
     if name == "grounded" and path is None:
         from jaxmm.data.grounded import make_sample
 
+        unknown = set(style) - {"shape_scale", "contrast"}
+        if unknown:
+            raise ValueError(f"benchmark 'grounded': unknown field(s) {sorted(unknown)}")
         n = limit or 64
         size = (image_size, image_size)
-        return grain.MapDataset.range(n).map(lambda i: {**_to_sample("grounded", make_sample(int(i), seed, size)),
-                                                         "benchmark": "grounded"})
+        return grain.MapDataset.range(n).map(
+            lambda i: {**_to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"})
+    if style:
+        raise ValueError(f"benchmark {name!r}: unknown field(s) {sorted(style)}")
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
     rows = read_table(path)[:limit] if limit else read_table(path)

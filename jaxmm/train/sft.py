@@ -4,13 +4,17 @@
 
 * Loss: token cross-entropy on assistant tokens only (``labels`` = −100 elsewhere, HF convention),
   plus optional extra terms computed from probes (``extra_losses``: callables
-  ``(model_output, batch) -> scalar``, e.g. AVAR's AGTO losses).
+  ``(model_output, batch) -> scalar``; AVAR's AGTO losses by config: ``agto: {alpha, beta}``).
+* What is trained: the backbone (minus ``freeze`` regexes), LoRA adapters (``lora:``, backbone
+  frozen; :mod:`jaxmm.train.lora`) and/or a RAVE module (``rave:``; :mod:`jaxmm.interventions.rave`),
+  each its own checkpoint group; frozen leaves are ``stop_gradient``-ed, so their weight gradients
+  are never computed.
 * optax AdamW with linear warm-up + cosine decay, global-norm clipping, gradient accumulation
-  (``optax.MultiSteps``); parameters frozen by path regexes (``freeze``); float32 master weights with
-  optional bfloat16 compute (``compute_dtype``).
-* orbax ``CheckpointManager`` (atomic, keep-last-N) holding the parameters, the optimizer state, the
+  (``optax.MultiSteps``); float32 master weights with optional bfloat16 compute (``compute_dtype``).
+* orbax ``CheckpointManager`` (atomic, keep-last-N) holding the groups, the optimizer state, the
   step and the data position, so a killed run resumes where it stopped and ends with the same
-  parameters as an uninterrupted one. Metrics go to ``metrics.jsonl``.
+  parameters as an uninterrupted one. Metrics go to ``metrics.jsonl`` and TensorBoard
+  (``out/tensorboard``); a tqdm progress bar shows the loss.
 
 Data: the grounded VQA generator (deterministic per index); sample ``i`` of epoch ``e`` is the
 ``(i, e)``-th item of a seeded grain shuffle, so the data position is just the number of samples seen.
@@ -37,7 +41,8 @@ from jaxmm.models.qwen2_5_vl.modeling import forward
 class TrainConfig:
     """Schema of ``configs/train/*.yaml``."""
 
-    model: str | None = None             # HF checkpoint dir to start from; None = the embedded organism
+    model: str | None = None             # HF checkpoint dir to start from; None = the seeded random organism
+                                          # (training it from scratch); "organism" = the shipped trained one
     out: str = "runs/train"
     steps: int = 100
     batch_size: int = 8
@@ -51,6 +56,7 @@ class TrainConfig:
     lora: dict | None = None              # {rank, alpha, targets, seed}: train LoRA adapters, backbone frozen
     rave: dict | None = None              # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
     tensorboard: bool = True              # also write metrics as TensorBoard events (out/tensorboard)
+    agto: dict | None = None              # AVAR's AGTO losses {alpha, beta, eps, layers} added to the LM loss
     seq_len: int = 160                    # prompts + answers are left-padded to this many tokens
     data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
                                                              "image_size": 112})
@@ -85,7 +91,8 @@ def sft_example(model, sample: dict, seq_len: int) -> dict:
     n_img = proc.num_image_tokens(pix["image_grid_thw"][0])
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]},
             {"role": "assistant", "content": sample["answer"]}]
-    prompt = build_prompt(conv[:1], tok, [n_img])["input_ids"]
+    enc = build_prompt(conv[:1], tok, [n_img])
+    prompt = enc["input_ids"]
     full = build_prompt(conv, tok, [n_img], add_generation_prompt=False)["input_ids"]
     if len(full) > seq_len:
         raise ValueError(f"sample {sample['id']}: {len(full)} tokens exceed seq_len={seq_len}")
@@ -93,9 +100,13 @@ def sft_example(model, sample: dict, seq_len: int) -> dict:
     answer_end = len(full) - 1 if tok.decode(full[-1:]).strip() == "" else len(full)   # template's trailing "\n"
     labels[len(prompt):answer_end] = full[len(prompt):answer_end]
     pad = seq_len - len(full)
+    a, b = enc["system_span"]
     return {"input_ids": np.pad(full, (pad, 0)), "attention_mask": np.pad(np.ones_like(full), (pad, 0)),
             "labels": np.pad(labels, (pad, 0), constant_values=-100), "pixel_values": pix["pixel_values"],
-            "image_grid_thw": pix["image_grid_thw"]}
+            "image_grid_thw": pix["image_grid_thw"],
+            # the layout's system and question spans (AVAR's S and Q), shifted by the left padding
+            "system_spans": [(a + pad, b + pad)] if b > a else [],
+            "question_spans": [(x + pad, y + pad) for x, y in enc["question_spans"]]}
 
 
 def dataset(cfg: TrainConfig):
@@ -121,7 +132,9 @@ def make_batch(model, ds, start: int, n: int, seq_len: int):
     stack = lambda k: np.stack([e[k] for e in exs])
     batch = model.prepare(stack("input_ids"), stack("attention_mask"),
                           np.concatenate([e["pixel_values"] for e in exs]),
-                          np.concatenate([e["image_grid_thw"] for e in exs]))
+                          np.concatenate([e["image_grid_thw"] for e in exs]),
+                          system_spans=[e["system_spans"] for e in exs],
+                          question_spans=[e["question_spans"] for e in exs])
     return batch, stack("labels")
 
 
@@ -239,7 +252,17 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    model = jaxmm.load(cfg.model or organism.build(), dtype="float32")
+    model = jaxmm.load(organism.default() if cfg.model == "organism" else cfg.model or organism.build(),
+                       dtype="float32")
+    if cfg.agto:
+        from jaxmm.objectives.avar import agto_extra_loss, agto_probes
+
+        known = {"alpha", "beta", "eps", "layers"}
+        if set(cfg.agto) - known:
+            raise ValueError(f"agto: unknown field(s) {sorted(set(cfg.agto) - known)}; expected {sorted(known)}")
+        layers = cfg.agto.get("layers")
+        extra_losses = tuple(extra_losses) + (agto_extra_loss(**{k: v for k, v in cfg.agto.items() if k != "layers"}),)
+        probes = tuple(probes) + agto_probes(None if layers is None else tuple(layers))
     state = initial_state(cfg, model.params, model.config)
     tx = optimizer(cfg, state)
     opt_state = tx.init(state)
