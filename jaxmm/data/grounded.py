@@ -49,7 +49,7 @@ def _free_box(rng, size, taken, s):
         box = (x0, y0, x0 + s, y0 + s)
         if all(box[2] <= t[0] or box[0] >= t[2] or box[3] <= t[1] or box[1] >= t[3] for t in taken):
             return box
-    raise RuntimeError("no free place for a shape")
+    raise _NoRoom()
 
 
 def _union(boxes):
@@ -69,8 +69,24 @@ def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = N
         raise ValueError(f"shape_scale={shape_scale}: expected 0.05 … 0.4 of the image width")
     if not 0.0 <= contrast <= 1.0:
         raise ValueError(f"contrast={contrast}: expected 0 … 1")
-    rng = np.random.default_rng([seed, index])
     task = task or TASKS[index % len(TASKS)]
+    for attempt in range(32):
+        # attempt 0 draws from [seed, index] (the original stream); a layout with no room left for
+        # a shape (large shapes) is redrawn from [seed, index, attempt]
+        rng = np.random.default_rng([seed, index] + ([attempt] if attempt else []))
+        try:
+            return _compose(rng, index, seed, size, task, shape_scale, contrast)
+        except _NoRoom:
+            continue
+    raise RuntimeError(f"sample {index} (seed {seed}): no layout with room for every shape in 32 draws "
+                       f"(shape_scale={shape_scale} too large for {size})")
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _compose(rng, index, seed, size, task, shape_scale, contrast) -> dict:
     img, photo = _background(rng, size)
     if contrast < 1.0:
         img = Image.blend(Image.new("RGB", size, (128, 128, 128)), img, contrast)
