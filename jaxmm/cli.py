@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm eval | train | demo | generate | inspect | plan | convert``.
+"""Command line: ``jaxmm eval | train | grpo | demo | generate | inspect | plan | convert``.
 
 ``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
 (default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
@@ -127,6 +127,14 @@ def train(args) -> int:
     return 0
 
 
+def grpo(args) -> int:
+    from jaxmm.train.grpo import GRPOConfig, train as run
+
+    out = run(GRPOConfig.from_yaml(args.config, args.overrides), progress=not args.no_progress)
+    print(f"checkpoints: {out / 'checkpoints'}  metrics: {out / 'metrics.jsonl'}")
+    return 0
+
+
 def plan(args) -> int:
     from jaxmm.plan import parse_mesh, report
 
@@ -224,6 +232,11 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 lr=1e-3")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=train)
+    g = sub.add_parser("grpo", help="GRPO (resumable): rollouts with generate, SAYO/AVAR rewards, k3 KL")
+    g.add_argument("--config", help="YAML (configs/train/grpo_*.yaml)")
+    g.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 group_size=8")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(fn=grpo)
     pl = sub.add_parser("plan", help="per-device memory of a model config on a mesh (no devices used)")
     pl.add_argument("--model", required=True, help="a config YAML/JSON (configs/models/)")
     pl.add_argument("--mesh", default="data=1,fsdp=1,tensor=1", help="data=N,fsdp=N,tensor=N")

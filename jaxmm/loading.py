@@ -102,9 +102,12 @@ class Model:
             self._image_processor = ImageProcessor.from_pretrained(self.path)
         return self._image_processor
 
-    def prepare_chat(self, conversations, add_generation_prompt: bool = True):
+    def prepare_chat(self, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None):
         """One conversation (a list of messages) or several -> (left-padded ``Batch``, info) with
         ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``.
+
+        ``pad_to_multiple_of``: left-pad the batch to a multiple of this many tokens, so that loops
+        over batches of varying prompts (training) reuse compiled shapes.
 
         Image parts carry the image itself: ``{"type": "image", "image": PIL image | array | path}``.
         """
@@ -126,6 +129,13 @@ class Model:
                 counts[-1].append(self.image_processor.num_image_tokens(grid))
         enc = batch_prompts(conversations, self.tokenizer, counts, padding_side="left",
                             add_generation_prompt=add_generation_prompt)
+        if pad_to_multiple_of:
+            extra = -enc["input_ids"].shape[1] % int(pad_to_multiple_of)
+            pad_id = self.tokenizer.pad_token_id or 0
+            enc = {**enc, "input_ids": np.pad(enc["input_ids"], ((0, 0), (extra, 0)), constant_values=pad_id),
+                   "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
+                   "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
+                   "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]]}
         pix = self.image_processor(images) if images else {}
         batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
                              pix.get("image_grid_thw"), system_spans=enc["system_spans"],

@@ -74,11 +74,21 @@ class TrainConfig:
         d = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
         for ov in overrides:
             k, v = ov.split("=", 1)
-            _set(d, k.split("."), yaml.safe_load(v))
+            _set(d, k.split("."), _scalar(yaml.safe_load(v)))
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}")
         return cls(**d)
+
+
+def _scalar(v):
+    """YAML 1.1 reads ``3e-4`` as a string; a string that is a float literal becomes that float."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
 
 
 # ----------------------------------------------------------------------------- data

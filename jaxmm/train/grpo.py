@@ -1,0 +1,319 @@
+"""GRPO on the same forward and generation as everything else, resumable exactly.
+
+    python -m jaxmm.train.grpo --config configs/train/grpo_sayo.yaml [key=value ...]
+
+One step (methods.md "GRPO", SAYO, AVAR):
+
+1. ``prompts_per_step`` grounded samples (seeded, the data position saved with each checkpoint),
+   each repeated ``group_size`` G times; G completions per prompt sampled with
+   :func:`jaxmm.generate.generate` (temperature, top-p; the PRNG key folded from (seed, step), so a
+   resumed run samples the same completions).
+2. One teacher-forced forward of prompt + completion under the rollout policy gives the old
+   log-probs, the policy entropy (SAYO's token selection), the last layer's attention (``r_att``)
+   and the image/system masses of every layer (AVAR's VARS, the logged VAS); one under the frozen
+   reference gives the reference log-probs.
+3. Rewards (weighted sum of ``accuracy``, ``format`` (SAYO), ``r_att`` (SAYO, top-``entropy_top``
+   entropy tokens, last layer, region = the sample's evidence box) and ``vars`` (AVAR, ``paper`` or
+   ``released``)); group-normalised advantages; the clipped objective with k3 KL
+   (:mod:`jaxmm.objectives.grpo`); ``updates_per_rollout`` optax steps on it.
+
+The trained state is the backbone or LoRA adapters (``lora:``; the reference is then the frozen
+backbone itself). orbax checkpoints hold them, the optimizer state and the step; metrics go to
+``metrics.jsonl`` and TensorBoard: every reward's mean, total reward, KL, VAS, r_att, entropy,
+completion length, loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmm.models.qwen2_5_vl.modeling import forward
+
+REWARDS = ("accuracy", "format", "r_att", "vars")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`)."""
+
+    model: str | None = "organism"        # HF dir; "organism" = the shipped organism
+    out: str = "runs/grpo"
+    steps: int = 50
+    prompts_per_step: int = 4
+    group_size: int = 4                   # G completions per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    updates_per_rollout: int = 1
+    lr: float = 1e-4
+    warmup: float = 0.0
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    clip_eps: float = 0.2
+    kl_beta: float = 0.001
+    rewards: dict = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
+    vars_variant: str = "paper"
+    entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
+    freeze: list = dataclasses.field(default_factory=list)
+    lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
+    rave: dict | None = None              # train a RAVE module with the policy (as in SFT)
+    data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
+                                                             "image_size": 112, "shape_scale": 0.35,
+                                                             "contrast": 0.5})
+    save_every: int = 10
+    keep: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = set(self.rewards) - set(REWARDS)
+        if bad:
+            raise ValueError(f"rewards: unknown reward(s) {sorted(bad)}; expected some of {REWARDS}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: group-normalised advantages need G >= 2")
+        if self.vars_variant not in ("paper", "released"):
+            raise ValueError(f"vars_variant={self.vars_variant!r}; expected 'paper' or 'released'")
+
+    @classmethod
+    def from_yaml(cls, path, overrides: Sequence[str] = ()):
+        from jaxmm.train.sft import TrainConfig
+
+        return TrainConfig.from_yaml.__func__(cls, path, overrides)
+
+
+# ----------------------------------------------------------------------------- rollouts
+def _prompts(model, samples, group_size):
+    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None)."""
+    from jaxmm.processing.regions import region_weights
+
+    convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
+                                           {"type": "text", "text": s["question"]}]}]
+             for s in samples for _ in range(group_size)]
+    batch, info = model.prepare_chat(convs, pad_to_multiple_of=32)
+    lay = batch.layout
+    rep = [s for s in samples for _ in range(group_size)]
+    boxes = {i: [s["box"]] for i, s in enumerate(rep)}
+    sizes = {i: s["image"].size[::-1] for i, s in enumerate(rep)}
+    w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw), boxes, sizes,
+                       np.asarray(info["image_grid_thw"]), model.config.vision.patch_size,
+                       model.config.vision.spatial_merge_size)
+    return batch, info, rep, w
+
+
+def full_batch(model, prompt, info, tokens, lengths, region):
+    """Prompt + completion as one teacher-forced Batch: the prompt's system/question spans, the
+    completion as the ``generated`` span, the evidence box as ``region_weight``; plus the completion
+    mask [B,T] (tokens up to and including the stop token)."""
+    b, s = prompt.input_ids.shape
+    t = tokens.shape[1]
+    mask = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+    ids = np.concatenate([np.asarray(prompt.input_ids), np.asarray(tokens)], 1)
+    am = np.concatenate([np.asarray(prompt.attention_mask), mask.astype(np.asarray(prompt.attention_mask).dtype)], 1)
+    batch = model.prepare(ids, am, np.asarray(prompt.pixel_values), np.asarray(info["image_grid_thw"]))
+    pl = prompt.layout
+    pad = lambda x, fill: np.concatenate([np.asarray(x), np.full((b, t), fill, np.asarray(x).dtype)], 1)
+    lay = dataclasses.replace(batch.layout, system_mask=jnp.asarray(pad(pl.system_mask, False)),
+                              question_mask=jnp.asarray(pad(pl.question_mask, False)),
+                              generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
+                              region_weight=jnp.asarray(pad(region, 0.0)))
+    return dataclasses.replace(batch, layout=lay), mask
+
+
+def completion_logprobs(logits, tokens, prompt_len: int, temperature: float):
+    """log π(token_t) [B,T] of the completion tokens from teacher-forced logits [B,S+T,V]."""
+    t = tokens.shape[1]
+    lg = logits[:, prompt_len - 1:prompt_len - 1 + t].astype(jnp.float32) / temperature
+    lp = jax.nn.log_softmax(lg, -1)
+    return jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), -1)[..., 0], lg
+
+
+def make_score_fn(config, cfg: GRPOConfig):
+    """Jitted ``(params, batch, tokens, prompt_len) -> dict``: log-probs, entropies, last-layer
+    attention at the completion queries, image/system masses of every layer at them."""
+    from jaxmm.attention import AttentionWeights
+    from jaxmm.objectives.sayo import token_entropy
+    from jaxmm.probes import KeyMass, VisualMass
+
+    last = config.text.num_hidden_layers - 1
+    probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass())
+
+    @jax.jit
+    def score(params, ivs, batch, tokens):
+        s = batch.input_ids.shape[1] - tokens.shape[1]
+        out = forward(params, config, batch, ivs, probes)
+        lp, lg = completion_logprobs(out.logits, tokens, s, cfg.temperature)
+        q = slice(s, s + tokens.shape[1])
+        return {"logp": lp, "entropy": token_entropy(lg),
+                "weights": out.probes["last_layer"]["text"].values[0][:, :, q],                  # [B,H,T,K]
+                "m_v": out.probes["visual_mass"]["text"].values[..., q],                          # [L,B,H,T]
+                "m_s": out.probes["system_mass"]["text"].values[..., q]}
+
+    return score
+
+
+def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) -> dict[str, np.ndarray]:
+    """Every configured reward [B] plus the logged VAS and r_att (numpy)."""
+    from jaxmm.eval.harness import score as score_answer
+    from jaxmm.objectives.avar import vars_reward
+    from jaxmm.objectives.sayo import format_reward, r_att, select_high_entropy
+
+    from jaxmm.eval.benchmarks import _to_sample
+
+    acc = np.array([score_answer(_to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
+    fmt = np.array([format_reward(t, int(n)) for t, n in zip(texts, lengths)], np.float32)
+    selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top)
+    lay = batch.layout
+    ratt = np.asarray(r_att(scored["weights"], lay.image_mask, lay.region_weight > 0, selected))
+    vars_ = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.asarray(acc > 0),
+                                   variant=cfg.vars_variant))
+    vas = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.ones(len(acc), bool)))
+    return {"accuracy": acc, "format": fmt, "r_att": ratt, "vars": vars_, "vas": vas}
+
+
+# ----------------------------------------------------------------------------- the update
+def make_update(config, cfg: GRPOConfig, tx, mask_tree):
+    """Jitted ``(state, opt_state, batch, tokens, mask, old_lp, ref_lp, adv) -> (state, opt_state,
+    metrics)``; ``mask_tree`` (static bools, :func:`~jaxmm.train.sft.state_mask`): what is trained."""
+    from jaxmm.objectives.grpo import grpo_loss, k3_kl
+    from jaxmm.train.sft import assemble
+
+    def loss_fn(state, batch, tokens, mask, old_lp, ref_lp, adv):
+        state = jax.tree_util.tree_map(lambda x, m: x if m else jax.lax.stop_gradient(x), state, mask_tree)
+        params, ivs = assemble(state, cfg)
+        s = batch.input_ids.shape[1] - tokens.shape[1]
+        lp, _ = completion_logprobs(forward(params, config, batch, ivs).logits, tokens, s, cfg.temperature)
+        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps)
+        m = mask.astype(jnp.float32)
+        kl = jnp.sum(k3_kl(lp, ref_lp) * m) / jnp.maximum(jnp.sum(m), 1.0)
+        return loss, {"kl": kl}
+
+    @jax.jit
+    def update(state, opt_state, batch, tokens, mask, old_lp, ref_lp, adv):
+        import optax
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, batch, tokens, mask, old_lp, ref_lp, adv)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+    return update
+
+
+def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score_fn):
+    """Samples G completions per prompt under the current policy and scores them. Returns the
+    teacher-forced batch, tokens, mask, old and reference log-probs, rewards and texts."""
+    from jaxmm.generate import Sampling, generate
+    from jaxmm.train.sft import assemble
+
+    params, ivs = assemble(state, cfg)
+    prompt, info, rep, region = _prompts(model, samples, cfg.group_size)
+    stop = list(model.config.eos_token_id) + [model.tokenizer.eos_token_id]
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
+    out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
+                   sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,
+                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts = [model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True) for b in range(len(rep))]
+    batch, mask = full_batch(model, prompt, info, tokens, lengths, region)
+    scored = score_fn(params, ivs, batch, jnp.asarray(tokens))
+    ref_lp = score_fn(ref_params, (), batch, jnp.asarray(tokens))["logp"]
+    rewards = rewards_of(cfg, rep, texts, lengths, scored, batch, mask)
+    return batch, jnp.asarray(tokens), jnp.asarray(mask), scored, ref_lp, rewards, texts, lengths
+
+
+def total_reward(cfg: GRPOConfig, rewards: dict) -> np.ndarray:
+    return sum(float(w) * rewards[k] for k, w in cfg.rewards.items())
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: GRPOConfig, progress: bool = True) -> Path:
+    """Runs (or resumes) GRPO; returns the output directory (checkpoints, metrics.jsonl)."""
+    import json
+
+    import orbax.checkpoint as ocp
+
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.objectives.grpo import group_advantages
+    from jaxmm.train.sft import MetricsLog, dataset, initial_state, optimizer, state_mask
+
+    out = Path(cfg.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    model = jaxmm.load(organism.default() if cfg.model in (None, "organism") else cfg.model, dtype="float32")
+    ref_params = model.params                        # the frozen reference: the starting model
+    state = initial_state(cfg, model.params, model.config)
+    tx = optimizer(cfg, state)
+    opt_state = tx.init(state)
+    mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep))
+    start = 0
+    if mngr.latest_step() is not None:
+        start = mngr.latest_step()
+        restored = mngr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({**state, "opt_state": opt_state}), data=ocp.args.JsonRestore()))
+        opt_state = restored.state["opt_state"]
+        state = {k: restored.state[k] for k in state}
+        if restored.data["prompts_seen"] != start * cfg.prompts_per_step:
+            raise RuntimeError(f"{out}: checkpoint {start} has an inconsistent data position {restored.data}")
+    mask_tree = state_mask(cfg, state)
+    score_fn = make_score_fn(model.config, cfg)
+    update = make_update(model.config, cfg, tx, mask_tree)
+    ds = dataset(cfg)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
+    log = MetricsLog(out, tensorboard=cfg.tensorboard)
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        samples = [ds[step * cfg.prompts_per_step + i] for i in range(cfg.prompts_per_step)]
+        batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(model, cfg, state, ref_params, samples,
+                                                                           step, score_fn)
+        r = total_reward(cfg, rewards)
+        adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size)
+        for _ in range(cfg.updates_per_rollout):
+            state, opt_state, m = update(state, opt_state, batch, tokens, mask, scored["logp"], ref_lp, adv)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            ent = np.asarray(scored["entropy"])[np.asarray(mask)]
+            row = {**{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k != "vas"},
+                   "reward/total": float(np.mean(r)), "vas": float(np.mean(rewards["vas"])),
+                   "entropy": float(ent.mean()) if ent.size else 0.0, "length": float(np.mean(lengths)),
+                   **{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0}
+            log.write(step + 1, row)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            mngr.save(step + 1, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
+                data=ocp.args.JsonSave({"prompts_seen": (step + 1) * cfg.prompts_per_step})))
+            mngr.wait_until_finished()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{float(np.mean(r)):.3f}")
+    log.close()
+    if bar is not None:
+        bar.close()
+    mngr.wait_until_finished()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxmm.train.grpo", description="GRPO (resumable)")
+    ap.add_argument("--config", help="YAML (configs/train/grpo_*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value (dotted keys)")
+    args = ap.parse_args(argv)
+    out = train(GRPOConfig.from_yaml(args.config, args.overrides))
+    print(f"GRPO run: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
