@@ -147,18 +147,32 @@ def _metrics(out, b, n_tokens, has_box):
 
 
 def run(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Runs (or resumes) the grid; returns the output directory."""
+    """Runs (or resumes) the grid; returns the output directory.
+
+    Multi-host (``jax.process_count() > 1``, after ``jax.distributed.initialize``): process r takes
+    samples r, r+P, r+2P, … of every benchmark and appends its rows to ``results.rank{r}.jsonl``;
+    after a barrier, process 0 alone merges them into ``results.jsonl`` and writes the report and
+    figures (attention heatmaps only for the samples process 0 ran). Single-process runs write
+    ``results.jsonl`` directly, as before.
+    """
+    import jax
+
     import jaxmm
     from jaxmm import organism
     from jaxmm.eval import benchmarks as B
     from jaxmm.eval.report import write_report
 
+    rank, n_proc = jax.process_index(), jax.process_count()
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    results = out_dir / "results.jsonl"
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    merged = out_dir / "results.jsonl"
+    results = merged if n_proc == 1 else out_dir / f"results.rank{rank}.jsonl"
     _repair(results)
-    done = _done_rows(results)
+    done = _done_rows(results) | (_done_rows(merged) if n_proc > 1 and merged.exists() else set())
+    if rank != 0:
+        cfg = dataclasses.replace(cfg, heatmaps=0)
     model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype)
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
@@ -177,7 +191,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
         bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
     for ds in datasets:
         for mname, ivs in methods:
-            todo = list(range(len(ds)))
+            todo = list(range(rank, len(ds), n_proc))
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
                 rows, ok = [], []
@@ -203,8 +217,40 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
                     bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxmm-eval-rows-written")
+        if rank == 0:
+            merge_rank_files(out_dir, n_proc)
+        multihost_utils.sync_global_devices("jaxmm-eval-merged")
+        if rank != 0:
+            return out_dir
     write_report(out_dir)
     return out_dir
+
+
+def merge_rank_files(out_dir: Path, n_proc: int) -> Path:
+    """``results.jsonl`` ∪ ``results.rank{0…P−1}.jsonl`` -> ``results.jsonl`` (one row per
+    benchmark/id/method, first seen wins), written to a temporary file and renamed."""
+    out_dir = Path(out_dir)
+    seen, rows = set(), []
+    for f in [out_dir / "results.jsonl"] + [out_dir / f"results.rank{r}.jsonl" for r in range(n_proc)]:
+        if not f.exists():
+            continue
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            key = (r.get("benchmark"), r.get("id"), r.get("method"))
+            if key not in seen:
+                seen.add(key)
+                rows.append(line)
+    tmp = out_dir / "results.jsonl.tmp"
+    tmp.write_text("".join(l + "\n" for l in rows))
+    tmp.replace(out_dir / "results.jsonl")
+    return out_dir / "results.jsonl"
 
 
 def _error_row(s, method, e):
