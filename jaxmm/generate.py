@@ -180,12 +180,18 @@ def text_only(batch: Batch, config) -> Batch:
     return prepare_batch(config, new_ids, new_am)
 
 
-@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill"))
+@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
 def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False, contrast=None):
+              reprefill=False, contrast=None, mesh=None):
     last, cache, next_pos, pre, interventions = prefill_and_plan(
         params, config, batch, full_batch, max_len, interventions, probes, reprefill)
+    constrain = lambda c: c
+    if mesh is not None:   # the KV cache split as jaxmm.sharding.cache_shardings declares, every step
+        from jaxmm.sharding import cache_shardings
+
+        constrain = lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, mesh))
+        cache = constrain(cache)
     keys = jax.random.split(key, max_new_tokens)
     b = last.shape[0]
     text = None
@@ -207,6 +213,7 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
         tok = jnp.where(done, pad_token_id, tok)
         done = done | jnp.isin(tok, stop_tokens)
         out = decode_step(params, config, full_batch, cache, tok, next_pos + t, interventions, probes)
+        out = dataclasses.replace(out, cache=constrain(out.cache))
         if text is not None:
             t_out = decode_step(params, config, contrast.batch, text[1], tok, text[2] + t, (), ())
             text = (t_out.logits[:, 0], t_out.cache, text[2])
@@ -239,7 +246,8 @@ def batch_with(prompt: Batch, full: Batch) -> Batch:
 def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
              key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
              interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
-             max_len: int | None = None, reprefill: bool = False, contrast: Contrast | None = None) -> GenerateOutput:
+             max_len: int | None = None, reprefill: bool = False, contrast: Contrast | None = None,
+             mesh=None) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
     Args:
@@ -256,6 +264,9 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
             interventions before decoding (default: the plan applies to generated tokens only).
         contrast: PAI's contrast with a text-only pass (:class:`Contrast`; its batch from
             :func:`text_only`), applied to every step's next-token choice.
+        mesh: a ``jax.sharding.Mesh``: the prompt batch is placed by
+            :func:`jaxmm.sharding.batch_shardings` and the KV cache kept as
+            :func:`jaxmm.sharding.cache_shardings` declares (parameters as they are placed).
 
     Raises:
         ValueError: right-padded prompts, or sampling without a key.
@@ -272,9 +283,14 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     key = jax.random.PRNGKey(0) if key is None else key
     if contrast is not None:
         contrast = dataclasses.replace(contrast, batch=extend_for_decoding(contrast.batch, max_len))
+    if mesh is not None:
+        from jaxmm.sharding import batch_shardings
+
+        batch = jax.device_put(batch, batch_shardings(batch, mesh))
+        full = jax.device_put(full, batch_shardings(full, mesh))
     return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits, reprefill, contrast)
+                     tuple(probes), output_logits, reprefill, contrast, mesh)
 
 
 _prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))
