@@ -112,8 +112,15 @@ def evaluate(args) -> int:
     from jaxmm.eval.report import load_rows, summarize, table
 
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
+    if args.distributed:       # multi-host: coordinator and process id from the TPU/SLURM environment
+        import jax
+
+        jax.distributed.initialize()
     out = run(cfg, progress=not args.no_progress)
-    print(table(summarize(load_rows(out))))
+    import jax
+
+    if jax.process_index() == 0:
+        print(table(summarize(load_rows(out))))
     print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
     return 0
 
@@ -226,6 +233,9 @@ def main(argv=None) -> int:
     e.add_argument("--config", help="YAML (configs/eval/); default: the organism on the grounded benchmark")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
     e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (every host of a TPU pod / SLURM job runs the "
+                        "same command; samples are split across processes, process 0 writes the report)")
     e.set_defaults(fn=evaluate)
     t = sub.add_parser("train", help="SFT (resumable) on the grounded VQA generator")
     t.add_argument("--config", help="YAML (configs/train/)")
