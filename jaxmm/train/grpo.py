@@ -86,9 +86,9 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
-        from jaxmm.train.sft import TrainConfig
+        from jaxmm.train.sft import config_from_yaml
 
-        return TrainConfig.from_yaml.__func__(cls, path, overrides)
+        return config_from_yaml(cls, path, overrides)
 
 
 # ----------------------------------------------------------------------------- rollouts

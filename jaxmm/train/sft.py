@@ -67,18 +67,24 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
-        import yaml
+        return config_from_yaml(cls, path, overrides)
 
-        from jaxmm.eval.harness import _set  # same dotted-override syntax as eval
 
-        d = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
-        for ov in overrides:
-            k, v = ov.split("=", 1)
-            _set(d, k.split("."), _scalar(yaml.safe_load(v)))
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}")
-        return cls(**d)
+def config_from_yaml(cls, path, overrides: Sequence[str] = ()):
+    """A config dataclass ``cls`` from a YAML file (or None) plus ``key=value`` overrides (dotted
+    keys, YAML values). Raises ValueError naming unknown fields."""
+    import yaml
+
+    from jaxmm.eval.harness import _set  # same dotted-override syntax as eval
+
+    d = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
+    for ov in overrides:
+        k, v = ov.split("=", 1)
+        _set(d, k.split("."), _scalar(yaml.safe_load(v)))
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}")
+    return cls(**d)
 
 
 def _scalar(v):
