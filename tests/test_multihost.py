@@ -14,10 +14,22 @@ from test_qwen2_5_vl_parity import make_batch
 
 
 def test_two_processes_equal_one(tmp_path):
+    """A global mesh over both processes' devices: logits equal; per-host data (each process supplies
+    its rows of the batch) through jit_forward and jit_generate equals one process."""
+    import json
+
+    from jaxmm.generate import generate
+
     tiny.save_hf_model("gqa_untied", tmp_path / "hf")
     batch = make_batch([["chelsea"], []], "left")
     np.savez(tmp_path / "batch.npz", **batch)
-    want = np.asarray(jaxmm.load(tmp_path / "hf").forward(**batch).logits)
+    one = jaxmm.load(tmp_path / "hf")
+    want = np.asarray(one.forward(**batch).logits)
+    batch4 = make_batch([["chelsea"], ["coffee"], [], ["chelsea"]], "left")
+    np.savez(tmp_path / "batch4.npz", **batch4)
+    want4 = np.asarray(one.forward(**batch4).logits)
+    want_tokens = np.asarray(generate(one.params, one.config, one.prepare(**batch4), max_new_tokens=4,
+                                      stop_tokens=[]).tokens)
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -31,6 +43,18 @@ def test_two_processes_equal_one(tmp_path):
     valid = batch["attention_mask"].astype(bool)
     assert got.shape == want.shape
     assert np.abs(got - want)[valid].max() < 1e-5
+    # per-host data: process r supplied rows 2r, 2r+1 of batch4; the global results equal one process
+    for pid in range(2):
+        info = json.loads((tmp_path / f"perhost{pid}.json").read_text())
+        assert info["rows"] == [2 * pid, 2 * pid + 2]
+        assert info["local_input_ids"] == batch4["input_ids"][2 * pid:2 * pid + 2].tolist()
+        assert info["logits_spec"].startswith("PartitionSpec(('data', 'fsdp'),")
+        assert info["tokens_spec"] == "PartitionSpec(('data', 'fsdp'), None)"
+        assert info["local_shards"] == 4
+    logits4 = np.load(tmp_path / "logits4.npy")
+    valid4 = batch4["attention_mask"].astype(bool)
+    assert logits4.shape == want4.shape and np.abs(logits4 - want4)[valid4].max() < 1e-5
+    np.testing.assert_array_equal(np.load(tmp_path / "tokens4.npy"), want_tokens)
 
 
 def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_path):
@@ -66,3 +90,31 @@ def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_pat
     assert (two / "report.md").exists()
     figs = sorted(p.name for p in (two / "figures").glob("heatmap_*"))
     assert figs and all("grounded-1-0_" in f for f in figs)     # heatmaps of process 0's samples only
+
+
+def test_two_process_sft_on_a_global_mesh_equals_one_process(tmp_path):
+    """Three SFT steps on a (data=2, fsdp=2) mesh spanning two processes (2 devices each) give the
+    parameters of a single-device run (1e-5); only process 0 wrote the metrics."""
+    from jaxmm import organism
+    from jaxmm.train.sft import TrainConfig, final_params, flat_params, train
+
+    model = organism.build(tmp_path / "organism")
+    kw = dict(model=str(model), steps=3, batch_size=4, lr=3e-3, save_every=3, log_every=1, keep=1, seq_len=160,
+              tensorboard=False, data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112})
+    want, _ = final_params(train(TrainConfig(out=str(tmp_path / "one"), **kw), progress=False))
+    want = flat_params(want)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("multihost_train_worker.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(model), str(tmp_path / "two")],
+                              env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = np.load(tmp_path / "two" / "final.npz")
+    assert set(got.files) == set(want)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in want) < 1e-5
+    start = flat_params(jaxmm.load(model).params)
+    assert max(float(np.abs(got[k] - start[k]).max()) for k in want) > 1e-4
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3                  # one writer: process 0

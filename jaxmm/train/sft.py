@@ -57,6 +57,8 @@ class TrainConfig:
     rave: dict | None = None              # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
     tensorboard: bool = True              # also write metrics as TensorBoard events (out/tensorboard)
     agto: dict | None = None              # AVAR's AGTO losses {alpha, beta, eps, layers} added to the LM loss
+    mesh: dict | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
+                                          # call jax.distributed.initialize() first; process 0 writes the logs)
     seq_len: int = 160                    # prompts + answers are left-padded to this many tokens
     data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
                                                              "image_size": 112})
@@ -267,9 +269,16 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
 
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    rank = jax.process_index()
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mesh = None
+    if cfg.mesh:
+        from jaxmm.sharding import make_mesh
+
+        mesh = make_mesh(**cfg.mesh)
     model = jaxmm.load(organism.default() if cfg.model == "organism" else cfg.model or organism.build(),
-                       dtype="float32")
+                       dtype="float32", mesh=mesh)
     if cfg.agto:
         from jaxmm.objectives.avar import agto_extra_loss, agto_probes
 
@@ -280,6 +289,11 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         extra_losses = tuple(extra_losses) + (agto_extra_loss(**{k: v for k, v in cfg.agto.items() if k != "layers"}),)
         probes = tuple(probes) + agto_probes(None if layers is None else tuple(layers))
     state = initial_state(cfg, model.params, model.config)
+    if mesh is not None:      # adapters replicated over the mesh, next to the sharded backbone
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rep = NamedSharding(mesh, PartitionSpec())
+        state = {k: v if k == "params" else jax.device_put(v, rep) for k, v in state.items()}
     tx = optimizer(cfg, state)
     opt_state = tx.init(state)
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep))
@@ -299,16 +313,23 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
     step_fn = make_step(model.config, tx, cfg.compute_dtype, extra_losses, probes, cfg=cfg)
     ds = dataset(cfg)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    log = MetricsLog(out, tensorboard=cfg.tensorboard)
+    log = MetricsLog(out, tensorboard=cfg.tensorboard) if rank == 0 else None
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         batch, labels = make_batch(model, ds, step * cfg.batch_size, cfg.batch_size, cfg.seq_len)
+        if mesh is not None:
+            # every process builds the global batch (the generator is deterministic per index) and
+            # keeps only its devices' rows: batch_shardings splits the batch over data x fsdp
+            from jaxmm.sharding import batch_shardings
+
+            sh = batch_shardings(batch, mesh)
+            batch, labels = jax.device_put(batch, sh), jax.device_put(labels, sh.input_ids)
         state, opt_state, m = step_fn(state, opt_state, batch, labels)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.write(step + 1, {**{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             mngr.save(step + 1, args=ocp.args.Composite(
@@ -318,7 +339,8 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-    log.close()
+    if log is not None:
+        log.close()
     if bar is not None:
         bar.close()
     mngr.wait_until_finished()
