@@ -76,24 +76,44 @@ def _batch_spec(shape, dim: int, mesh, ndim: int) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def _rows_of(tree) -> int:
+    """The batch size B of a ``Batch`` (``input_ids.shape[0]``), a dict with ``input_ids``, or else
+    of the first array leaf (dim 0)."""
+    ids = tree.get("input_ids") if isinstance(tree, dict) else getattr(tree, "input_ids", None)
+    if ids is None:
+        leaves = [x for x in jax.tree_util.tree_leaves(tree) if getattr(x, "ndim", 0) > 0]
+        if not leaves:
+            raise ValueError("no array with a batch dimension in the given pytree")
+        ids = leaves[0]
+    return int(ids.shape[0])
+
+
+def batch_dim(path, x, b: int) -> int | None:
+    """The batch dimension of one leaf of a batch pytree whose batch size is ``b``, or None for a
+    leaf that is not per sample (by the field names on its path, at any depth): ``position_ids``
+    [3,B,S] -> 1; the packed vision inputs
+    (``pixel_values`` [N,·], ``vision``: patches of all images together) and scalars -> None; any
+    other array whose dim 0 is B -> 0."""
+    names = {str(getattr(k, "name", getattr(k, "key", ""))) for k in path}
+    if names & {"pixel_values", "vision"} or not hasattr(x, "shape") or len(x.shape) == 0:
+        return None
+    if "position_ids" in names:
+        return 1
+    return 0 if x.shape[0] == b else None
+
+
 def batch_shardings(batch, mesh: jax.sharding.Mesh):
-    """NamedShardings for a model ``Batch`` (same pytree structure): every per-sample array is split
-    over :func:`batch_axes` on its batch dimension (input_ids, attention_mask, layout fields [B,…];
-    position_ids [3,B,S] on dim 1); the packed vision inputs (pixel_values [N,·], VisionInputs: patches
-    of all images together, not per sample) are replicated, as are arrays whose batch size the
-    mesh does not divide."""
-    b = batch.input_ids.shape[0]
+    """NamedShardings for a model ``Batch`` (same pytree structure; also a dict of arrays such as
+    ``{"input_ids": …, "labels": …}``): every per-sample array is split over :func:`batch_axes` on its
+    batch dimension (input_ids, attention_mask, layout fields [B,…]; position_ids [3,B,S] on dim 1);
+    the packed vision inputs (pixel_values [N,·], VisionInputs: patches of all images together, not
+    per sample) are replicated, as are arrays whose batch size the mesh does not divide."""
+    b = _rows_of(batch)
     rep = NamedSharding(mesh, PartitionSpec())
 
     def one(path, x):
-        head = str(getattr(path[0], "name", getattr(path[0], "key", "")))
-        if head in ("pixel_values", "vision") or not hasattr(x, "shape") or x.ndim == 0:
-            return rep
-        if head == "position_ids":
-            return NamedSharding(mesh, _batch_spec(x.shape, 1, mesh, x.ndim))
-        if x.shape[0] == b:
-            return NamedSharding(mesh, _batch_spec(x.shape, 0, mesh, x.ndim))
-        return rep
+        d = batch_dim(path, x, b)
+        return rep if d is None else NamedSharding(mesh, _batch_spec(x.shape, d, mesh, len(x.shape)))
 
     return jax.tree_util.tree_map_with_path(one, batch)
 
@@ -151,3 +171,161 @@ def jit_prefill(config, mesh: jax.sharding.Mesh, params, batch, max_len: int, in
     return jax.jit(lambda p, b: prefill(p, config, b, max_len, interventions)[:3],
                    in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
                    out_shardings=(logits_sh, cache_shardings(cache, mesh), bsh))
+
+
+def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens: int, *, max_len: int | None = None,
+                 sampling=None, stop_tokens=None, pad_token_id: int = 0, interventions=(), probes=(),
+                 output_logits: bool = False):
+    """``jax.jit`` of the whole of :func:`jaxmm.generate.generate` (prefill + scanned decode) with
+    explicit in/out shardings: parameters as placed, the prompt ``batch`` [B,S] and its decoding
+    extension by :func:`batch_shardings`, the KV cache constrained to :func:`cache_shardings` at every
+    step; out, split over the batch axes on B: tokens [B,T_new], lengths [B], logits [B,T_new,V] (if
+    ``output_logits``), each decode probe's values [B,T_new,…]. ``prefill_probes`` is not returned
+    (None). Returns ``f(params, batch, full, key) -> GenerateOutput`` with
+    ``full = generate.extend_for_decoding(batch, f.max_len)`` and ``f.max_len`` the cache length."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxmm.generate import Sampling, _generate, bucket, extend_for_decoding
+
+    sampling = Sampling() if sampling is None else sampling
+    b, s = batch.input_ids.shape
+    max_len = max_len or bucket(s + max_new_tokens)
+    stop = jnp.asarray(tuple(config.eos_token_id if stop_tokens is None else stop_tokens) or (-1,), jnp.int32)
+    pad = jnp.int32(pad_token_id)
+    full = extend_for_decoding(batch, max_len)
+
+    def fn(p, prompt, full, key):
+        out = _generate(p, config, prompt, full, max_len, max_new_tokens, sampling, key, stop, pad,
+                        tuple(interventions), tuple(probes), output_logits, False, None, mesh)
+        return dataclasses.replace(out, prefill_probes=None)
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    key = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(fn, params, batch, full, key)
+    per_row = lambda x: NamedSharding(mesh, _batch_spec(x.shape, 0, mesh, x.ndim)) if x.ndim and x.shape[0] == b else rep
+    out_sh = jax.tree_util.tree_map(per_row, abstract)
+    f = jax.jit(fn, in_shardings=(shardings_of(params), batch_shardings(batch, mesh), batch_shardings(full, mesh), rep),
+                out_shardings=out_sh)
+    f.max_len = max_len
+    return f
+
+
+# ----------------------------------------------------------------------------- per-host data
+def host_slice(global_batch_size: int, mesh: jax.sharding.Mesh | None = None) -> slice:
+    """The rows ``[start, stop)`` of a global batch of ``global_batch_size`` rows that this process
+    (``jax.process_index()`` of ``jax.process_count()``) supplies.
+
+    Without a mesh: the even split, rows ``[r·n/P, (r+1)·n/P)``. With a mesh: exactly the rows the
+    process's devices hold when the batch is split over :func:`batch_axes` (what
+    :func:`global_batch` and ``jax.make_array_from_process_local_data`` expect); for
+    :func:`make_mesh` over ``jax.devices()`` (devices in process order) the two agree, and a mesh
+    that does not split the batch across processes gives every process all rows.
+
+    Raises:
+        ValueError: ``global_batch_size`` not divisible by the process count (no mesh) or by the
+            number of batch shards (data × fsdp of the mesh), or a mesh whose devices give this
+            process non-contiguous rows.
+    """
+    n = int(global_batch_size)
+    r, p = jax.process_index(), jax.process_count()
+    if mesh is None:
+        if n % p:
+            raise ValueError(f"global batch size {n} is not divisible by the {p} processes: each process "
+                             f"must supply the same number of rows (use a multiple of {p})")
+        k = n // p
+        return slice(r * k, (r + 1) * k)
+    axes = batch_axes(mesh)
+    shards = 1 if axes is None else int(np.prod([mesh.shape[a] for a in axes]))
+    if n % shards:
+        raise ValueError(f"global batch size {n} is not divisible by the {shards} batch shards of the mesh "
+                         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}); use a multiple of {shards}")
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    idx = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
+                  for s in sharding.addressable_devices_indices_map((n,)).values()})
+    if any(a[1] != b[0] for a, b in zip(idx, idx[1:])):
+        raise ValueError(f"process {r}'s devices hold non-contiguous batch rows {idx} on this mesh; build the "
+                         "mesh with devices ordered by process (jaxmm.sharding.make_mesh over jax.devices())")
+    return slice(idx[0][0], idx[-1][1])
+
+
+def local_rows(tree, mesh: jax.sharding.Mesh | None = None):
+    """This process's share of a global batch built whole on every host (host-side numpy pytree:
+    a ``Batch`` from ``model.prepare``, labels, …): every per-sample leaf (:func:`batch_dim`) cut to
+    :func:`host_slice` rows; the packed vision inputs and other non-per-sample leaves kept whole (they
+    are replicated, see :func:`batch_shardings`). Feed the result to :func:`global_batch`."""
+    n = _rows_of(tree)
+    rows = host_slice(n, mesh)
+
+    def one(path, x):
+        d = batch_dim(path, x, n)
+        if d is None:
+            return x
+        return np.asarray(x)[(slice(None),) * d + (rows,)]
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def global_batch(local, mesh: jax.sharding.Mesh, global_batch_size: int, shardings=None):
+    """Global ``jax.Array``\\ s from per-process pieces (``jax.make_array_from_process_local_data``).
+
+    Args:
+        local: a pytree of host numpy arrays (a ``Batch``, a dict with labels, …): per-sample leaves
+            hold this process's :func:`host_slice` rows on their batch dimension (:func:`batch_dim`:
+            B_local = global_batch_size / P rows), every other leaf (packed ``pixel_values``,
+            ``vision``) holds the whole global value, identical on every process.
+        mesh: the mesh the arrays go to.
+        global_batch_size: n, the global B.
+        shardings: a pytree of NamedShardings for the global arrays (default: :func:`batch_shardings`
+            of the global shapes).
+
+    Returns the pytree of global arrays ([n, …] per-sample leaves, split over :func:`batch_axes`).
+
+    Raises:
+        ValueError: a per-sample leaf whose batch dimension is not this process's row count, or (with
+            several processes) replicated leaves that differ between processes, e.g. ``pixel_values``
+            prepared from one host's images only (prepare the whole batch on every host and cut it
+            with :func:`local_rows`).
+    """
+    n = int(global_batch_size)
+    rows = host_slice(n, mesh)
+    b_loc = rows.stop - rows.start
+    local = jax.tree_util.tree_map(np.asarray, local)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(local)
+    dims = [batch_dim(path, x, b_loc) for path, x in flat]
+    if dims and all(d is None for d in dims):
+        raise ValueError(f"no per-sample leaf with this process's {b_loc} rows (of {n}) in the given pytree")
+    ids = local.get("input_ids") if isinstance(local, dict) else getattr(local, "input_ids", None)
+    if ids is not None and ids.shape[0] != b_loc:
+        raise ValueError(f"input_ids has {ids.shape[0]} rows, but process {jax.process_index()} supplies rows "
+                         f"{rows.start}:{rows.stop} of the global {n} ({b_loc} rows; see host_slice/local_rows)")
+    shapes = [x.shape if d is None else x.shape[:d] + (n,) + x.shape[d + 1:] for (_, x), d in zip(flat, dims)]
+    if shardings is None:
+        rep = NamedSharding(mesh, PartitionSpec())
+        sh = [rep if d is None else NamedSharding(mesh, _batch_spec(g, d, mesh, len(g))) for g, d in zip(shapes, dims)]
+    else:
+        sh = treedef.flatten_up_to(shardings)
+    if jax.process_count() > 1:
+        import zlib
+
+        from jax.experimental import multihost_utils
+
+        rep = [x for (_, x), d in zip(flat, dims) if d is None]
+        digest = np.array([zlib.crc32(np.ascontiguousarray(x).tobytes()) % 2**31 for x in rep] + [len(rep)], np.int32)
+        multihost_utils.assert_equal(digest, "global_batch: the replicated leaves (pixel_values, vision inputs, …) "
+                                     "differ between processes; every process must supply the whole global value")
+    out = [jax.make_array_from_process_local_data(s, x, g) for (_, x), s, g in zip(flat, sh, shapes)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def host_samples(n: int) -> range:
+    """The samples of an n-sample evaluation this process runs: ``r, r+P, r+2P, …`` (interleaved, so
+    any n works and the processes stay balanced; used by :func:`jaxmm.eval.harness.run`)."""
+    return range(jax.process_index(), n, jax.process_count())
+
+
+def is_writer() -> bool:
+    """True on the one process that writes shared files (reports, metrics, checkpoints' metadata):
+    process 0."""
+    return jax.process_index() == 0

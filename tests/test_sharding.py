@@ -115,3 +115,67 @@ def test_explicit_activation_and_kv_cache_shardings(tmp_path):
     t1 = generate(one.params, one.config, b1, max_new_tokens=6, stop_tokens=[])
     tm = generate(many.params, many.config, b1, max_new_tokens=6, stop_tokens=[], mesh=mesh)
     np.testing.assert_array_equal(np.asarray(t1.tokens), np.asarray(tm.tokens))
+
+
+def test_jit_generate_with_explicit_shardings(tmp_path):
+    """The whole generation as one jax.jit with in/out shardings on a (data=2, fsdp=2, tensor=2) mesh:
+    tokens, lengths, logits and decode probes come out split over data×fsdp on B, as declared, and
+    equal one device (tokens exactly, logits and attention 1e-5)."""
+    from jaxmm.generate import extend_for_decoding, generate
+    from jaxmm.sharding import jit_generate, make_mesh
+
+    tiny.save_hf_model("gqa_untied", tmp_path)
+    mesh = make_mesh(2, 2, 2)
+    one, many = jaxmm.load(tmp_path), jaxmm.load(tmp_path, mesh=mesh)
+    b1 = one.prepare(**make_batch([["chelsea"], ["coffee"], [], ["chelsea"]], "left"))
+    probes = (jaxmm.AttentionWeights(layers=(0,)),)
+    want = generate(one.params, one.config, b1, max_new_tokens=5, stop_tokens=[], probes=probes, output_logits=True)
+    f = jit_generate(many.config, mesh, many.params, b1, 5, stop_tokens=[], probes=probes, output_logits=True)
+    got = f(many.params, b1, extend_for_decoding(b1, f.max_len), jax.random.PRNGKey(0))
+    rows = ("data", "fsdp")
+    assert got.tokens.sharding.spec == PartitionSpec(rows, None)
+    assert got.lengths.sharding.spec == PartitionSpec(rows)
+    assert got.logits.sharding.spec == PartitionSpec(rows, None, None)
+    att = got.probes["attentions"]["text"].values                       # [B,T_new,L,H,K]
+    assert att.sharding.spec == PartitionSpec(rows, None, None, None, None)
+    assert got.prefill_probes is None
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(att), np.asarray(want.probes["attentions"]["text"].values), atol=1e-5)
+
+
+def test_host_slice_local_rows_and_global_batch(tmp_path, monkeypatch):
+    """Per-host data on one process (the two-process case is in test_multihost.py): the row split,
+    its errors, and global arrays placed as batch_shardings declares with the same values."""
+    import pytest
+
+    from jaxmm.sharding import global_batch, host_samples, host_slice, local_rows, make_mesh
+
+    mesh = make_mesh(2, 2, 2)
+    assert host_slice(8) == slice(0, 8) and host_slice(8, mesh) == slice(0, 8)
+    with pytest.raises(ValueError, match="not divisible by the 4 batch shards"):
+        host_slice(6, mesh)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert host_slice(8) == slice(4, 8)
+    assert list(host_samples(5)) == [1, 3]
+    with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+        host_slice(7)
+    monkeypatch.undo()
+
+    tiny.save_hf_model("gqa_untied", tmp_path)
+    model = jaxmm.load(tmp_path)
+    full = model.prepare(**make_batch([["chelsea"], ["coffee"], [], ["chelsea"]], "left"))
+    labels = np.where(np.asarray(full.attention_mask) > 0, np.asarray(full.input_ids), -100)
+    g = global_batch(local_rows({"batch": full, "labels": labels}, mesh), mesh, 4)
+    rows = ("data", "fsdp")
+    assert g["batch"].input_ids.sharding.spec == PartitionSpec(rows, None)
+    assert g["batch"].position_ids.sharding.spec == PartitionSpec(None, rows, None)
+    assert g["batch"].layout.image_mask.sharding.spec == PartitionSpec(rows, None)
+    assert g["batch"].pixel_values.sharding.spec == PartitionSpec()
+    assert g["labels"].sharding.spec == PartitionSpec(rows, None)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves({"batch": full, "labels": labels})):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="input_ids has 4 rows"):
+        global_batch(full, mesh, 8)
