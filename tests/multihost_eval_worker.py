@@ -1,5 +1,6 @@
 """One process of the two-process evaluation test (tests/test_multihost.py): jax.distributed on
-localhost, then ``jaxmm eval``'s harness on a shared output directory."""
+localhost, then ``jaxmm eval``'s harness on a shared output directory. On process 1 writing a
+report or rendering a figure raises (only process 0 may)."""
 
 import os
 import sys
@@ -12,9 +13,15 @@ import jax  # noqa: E402
 pid, port, model, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 
+import jaxmm.eval.report as report  # noqa: E402
 from jaxmm.eval.harness import EvalConfig, run  # noqa: E402
 
 assert jax.process_count() == 2
+if pid != 0:    # only process 0 renders figures and writes the report: anywhere else this fails the run
+    def forbidden(*a, **k):
+        raise AssertionError(f"process {pid} tried to write a report or a figure")
+
+    report.write_report = report.render_heatmap = forbidden
 run(EvalConfig(model=model, out=out, methods=["baseline", "pai"], batch_size=2, max_new_tokens=4, heatmaps=2,
                benchmarks=[{"name": "grounded", "limit": 5, "seed": 1, "image_size": 112}]), progress=False)
 jax.distributed.shutdown()

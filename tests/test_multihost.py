@@ -58,8 +58,9 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_path):
-    """Each process evaluates every other sample; process 0 merges the rows and writes the report:
-    the merged rows equal a single-process run's."""
+    """Each process evaluates every other sample; process 0 alone renders the figures (process 1's
+    heatmaps from the maps in its rows), merges the rows and writes the report: the merged rows and
+    figures equal a single-process run's. A single-process rerun resumes from the rank files."""
     import json
 
     from jaxmm import organism
@@ -80,16 +81,28 @@ def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_pat
     two = tmp_path / "two"
     rows = lambda d: {(r["id"], r["method"]): r for r in map(json.loads, (d / "results.jsonl").read_text().splitlines())}
     a, b = rows(single), rows(two)
-    assert set(a) == set(b) and len(a) == 10
-    for k in a:
-        assert a[k]["prediction"] == b[k]["prediction"], k
-        np.testing.assert_allclose(a[k]["vas"], b[k]["vas"], rtol=1e-4)
-    # the split: rank 0 ran samples 0, 2, 4 and rank 1 samples 1, 3; only rank 0 wrote the report
-    ids = lambda f: {json.loads(l)["id"].rsplit("-", 1)[1] for l in f.read_text().splitlines()}
+    assert list(a) == list(b) and len(a) == 10         # same rows in the same order
+    floats = {"vas", "visual_entropy", "region_ratio", "visual_entropy_per_layer"}
+    for k in a:                  # the same row, key by key (other batches: float metrics to 1e-4)
+        assert list(a[k]) == list(b[k]), k
+        for f in set(a[k]) - floats - {"seconds"}:
+            assert a[k][f] == b[k][f], (k, f)
+        for f in floats & set(a[k]):
+            np.testing.assert_allclose(np.asarray(a[k][f], float), np.asarray(b[k][f], float), rtol=1e-4)
+    # the split: rank 0 ran samples 0, 2, 4 and rank 1 samples 1, 3; rank 1 sent its heatmaps as data
+    lines = lambda f: [json.loads(l) for l in f.read_text().splitlines()]
+    ids = lambda f: {r["id"].rsplit("-", 1)[1] for r in lines(f)}
     assert ids(two / "results.rank0.jsonl") == {"0", "2", "4"} and ids(two / "results.rank1.jsonl") == {"1", "3"}
+    assert sum("heatmap_data" in r for r in lines(two / "results.rank1.jsonl")) == 2    # sample 1 x 2 methods
     assert (two / "report.md").exists()
-    figs = sorted(p.name for p in (two / "figures").glob("heatmap_*"))
-    assert figs and all("grounded-1-0_" in f for f in figs)     # heatmaps of process 0's samples only
+    figs = lambda d: sorted(p.name for p in (d / "figures").iterdir())
+    assert figs(two) == figs(single) and any("grounded-1-1_" in f for f in figs(two))
+
+    # resume on ONE process from the rank files alone: nothing runs again, the same merged rows
+    merged = (two / "results.jsonl").read_text()
+    (two / "results.jsonl").unlink()
+    run(EvalConfig(out=str(two), **cfg), progress=False)
+    assert (two / "results.jsonl").read_text() == merged
 
 
 def test_two_process_sft_on_a_global_mesh_equals_one_process(tmp_path):

@@ -9,6 +9,22 @@ row with its ``error`` and the run goes on. Each row holds the prompt, predictio
 score and per-sample attention metrics over the generated tokens (mean over tokens, layers and
 heads): ``vas`` (AVAR), ``visual_entropy``, ``region_ratio`` where the sample has an evidence box,
 and ``visual_entropy_per_layer``. The report (:mod:`jaxmm.eval.report`) is written at the end.
+
+Several processes (after ``jax.distributed.initialize``, e.g. ``jaxmm eval --distributed``) share
+the work through files in the shared output directory, no collective on the data path:
+
+* process r of P evaluates samples r, r+P, r+2P, … of every benchmark
+  (:func:`jaxmm.sharding.host_samples`), each on its own devices, and appends its rows to
+  ``results.rank{r}.jsonl`` (flushed batch by batch, as the single-process file);
+* a process r ≠ 0 writes nothing else: its heatmap rows carry the attention map
+  (``heatmap_data``) and process 0 renders the figure;
+* after a barrier (``multihost_utils.sync_global_devices``) process 0 alone renders those
+  heatmaps, merges ``results.jsonl`` and every ``results.rank*.jsonl`` into ``results.jsonl``
+  (one row per benchmark/id/method, atomically renamed), writes ``report.md`` and the figures.
+
+Resuming: every process skips the rows in ``results.jsonl`` and in every rank file, so a killed
+run resumes with any number of processes; a single-process rerun first merges rank files left by
+a multi-process run. A single-process run with no rank files behaves exactly as before.
 """
 
 from __future__ import annotations
@@ -151,9 +167,9 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
 
     Multi-host (``jax.process_count() > 1``, after ``jax.distributed.initialize``): process r takes
     samples r, r+P, r+2P, … of every benchmark and appends its rows to ``results.rank{r}.jsonl``;
-    after a barrier, process 0 alone merges them into ``results.jsonl`` and writes the report and
-    figures (attention heatmaps only for the samples process 0 ran). Single-process runs write
-    ``results.jsonl`` directly, as before.
+    after a barrier, process 0 alone renders the other processes' heatmaps, merges every rank file
+    into ``results.jsonl`` and writes the report and figures (see the module docstring). Only
+    process 0's return value has the report. Single-process runs write ``results.jsonl`` directly.
     """
     import jax
 
@@ -161,6 +177,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     from jaxmm import organism
     from jaxmm.eval import benchmarks as B
     from jaxmm.eval.report import write_report
+    from jaxmm.sharding import host_samples
 
     rank, n_proc = jax.process_index(), jax.process_count()
     out_dir = Path(cfg.out)
@@ -168,11 +185,15 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     merged = out_dir / "results.jsonl"
+    resumed_ranks = n_proc == 1 and bool(_rank_files(out_dir))
+    if resumed_ranks:           # resuming a multi-process run on one process: its rows count as done
+        _repair(merged)
+        merge_rank_files(out_dir)
     results = merged if n_proc == 1 else out_dir / f"results.rank{rank}.jsonl"
     _repair(results)
-    done = _done_rows(results) | (_done_rows(merged) if n_proc > 1 and merged.exists() else set())
-    if rank != 0:
-        cfg = dataclasses.replace(cfg, heatmaps=0)
+    done = _done_rows(results)
+    if n_proc > 1:      # rows any process already wrote, whatever the process count was then
+        done |= _done_rows(merged).union(*(_done_rows(f) for f in _rank_files(out_dir)))
     model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype)
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
@@ -184,14 +205,16 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
         ds = B.load(name, spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed), **spec)
         datasets.append(ds)
         total += len(ds) * len(methods)
+    if resumed_ranks:
+        render_deferred_heatmaps(out_dir, datasets)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
-    for ds in datasets:
+    for k, ds in enumerate(datasets):
         for mname, ivs in methods:
-            todo = list(range(rank, len(ds), n_proc))
+            todo = list(host_samples(len(ds)))
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
                 rows, ok = [], []
@@ -205,11 +228,12 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
                         continue
                     try:
                         s["image"] = B.decode_image(s["image"])
+                        s["_source"] = (k, i)       # for process 0 to render another process's heatmap
                         ok.append(s)
                     except Exception as e:  # noqa: BLE001
                         rows.append(_error_row(s, mname, e))
                 if ok:
-                    rows += _run_batch(model, ok, mname, ivs, cfg, nl, out_dir)
+                    rows += _run_batch(model, ok, mname, ivs, cfg, nl, out_dir, render=rank == 0)
                 rows = [r for r in rows if (r["benchmark"], r["id"], r["method"]) not in done]
                 _append(results, rows)
                 done.update((r["benchmark"], r["id"], r["method"]) for r in rows)
@@ -222,7 +246,8 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
 
         multihost_utils.sync_global_devices("jaxmm-eval-rows-written")
         if rank == 0:
-            merge_rank_files(out_dir, n_proc)
+            render_deferred_heatmaps(out_dir, datasets)
+            merge_rank_files(out_dir)
         multihost_utils.sync_global_devices("jaxmm-eval-merged")
         if rank != 0:
             return out_dir
@@ -230,12 +255,52 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     return out_dir
 
 
-def merge_rank_files(out_dir: Path, n_proc: int) -> Path:
-    """``results.jsonl`` ∪ ``results.rank{0…P−1}.jsonl`` -> ``results.jsonl`` (one row per
-    benchmark/id/method, first seen wins), written to a temporary file and renamed."""
+def _rank_files(out_dir: Path) -> list[Path]:
+    """Every ``results.rank{r}.jsonl`` in ``out_dir``, by rank (any process count, past or present)."""
+    found = []
+    for f in Path(out_dir).glob("results.rank*.jsonl"):
+        r = f.name[len("results.rank"):-len(".jsonl")]
+        if r.isdigit():
+            found.append((int(r), f))
+    return [f for _, f in sorted(found)]
+
+
+def render_deferred_heatmaps(out_dir: Path, datasets) -> int:
+    """Process 0, after the barrier: renders the heatmaps other processes described in their rank
+    files (``heatmap_data``: the attention map, the sample's dataset position and index), reloading
+    each image from ``datasets`` (the run's benchmarks, in config order). Skips figures already on
+    disk (resume). Returns how many it rendered."""
+    from jaxmm.eval import benchmarks as B
+    from jaxmm.eval.report import render_heatmap
+
+    n = 0
+    for f in _rank_files(out_dir):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            d = r.get("heatmap_data")
+            if d is None or (out_dir / r["heatmap"]).exists():
+                continue
+            k, i = d["source"]
+            image = B.decode_image(datasets[k][i]["image"])
+            render_heatmap(image, np.asarray(d["map"], np.float32), out_dir / r["heatmap"], title=d["title"],
+                           box=d.get("box"))
+            n += 1
+    return n
+
+
+def merge_rank_files(out_dir: Path) -> Path:
+    """``results.jsonl`` ∪ every ``results.rank*.jsonl`` -> ``results.jsonl``: one row per
+    benchmark/id/method (first seen wins, ``results.jsonl`` first, then ranks in order; a row's
+    ``heatmap_data``, the map process 0 renders from, is dropped), in a single-process run's order
+    (benchmark and method groups as first seen, samples by index within a group), written to a
+    temporary file and renamed. Merges whatever rank files are present, whatever process count
+    wrote them."""
     out_dir = Path(out_dir)
-    seen, rows = set(), []
-    for f in [out_dir / "results.jsonl"] + [out_dir / f"results.rank{r}.jsonl" for r in range(n_proc)]:
+    seen, rows, groups = set(), [], {}
+    for f in [out_dir / "results.jsonl"] + _rank_files(out_dir):
         if not f.exists():
             continue
         for line in f.read_text().splitlines():
@@ -244,11 +309,17 @@ def merge_rank_files(out_dir: Path, n_proc: int) -> Path:
             except json.JSONDecodeError:
                 continue
             key = (r.get("benchmark"), r.get("id"), r.get("method"))
-            if key not in seen:
-                seen.add(key)
-                rows.append(line)
+            if key in seen:
+                continue
+            seen.add(key)
+            if "heatmap_data" in r:
+                del r["heatmap_data"]
+                line = json.dumps(r)
+            prefix, _, index = str(r.get("id")).rpartition("-")
+            group = groups.setdefault((r.get("benchmark"), prefix, r.get("method")), len(groups))
+            rows.append(((group, int(index) if index.isdigit() else float("inf"), len(rows)), line))
     tmp = out_dir / "results.jsonl.tmp"
-    tmp.write_text("".join(l + "\n" for l in rows))
+    tmp.write_text("".join(line + "\n" for _, line in sorted(rows, key=lambda kl: kl[0])))
     tmp.replace(out_dir / "results.jsonl")
     return out_dir / "results.jsonl"
 
@@ -258,20 +329,22 @@ def _error_row(s, method, e):
             "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
 
 
-def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir):
+def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
     """Generates for a batch; on failure retries one by one so only the failing samples are lost."""
     try:
-        return _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir)
+        return _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render)
     except Exception as e:  # noqa: BLE001
         if len(samples) == 1:
             return [_error_row(samples[0], mname, e)]
         rows = []
         for s in samples:
-            rows += _run_batch(model, [s], mname, ivs, cfg, nl, out_dir)
+            rows += _run_batch(model, [s], mname, ivs, cfg, nl, out_dir, render)
         return rows
 
 
-def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir):
+def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
+    """Rows of one batch. ``render=False`` (processes other than 0): a heatmap row carries its map in
+    ``heatmap_data`` instead of writing the figure (:func:`render_deferred_heatmaps`)."""
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
     from jaxmm.processing.regions import region_weights
@@ -312,7 +385,13 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir):
             att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys]
             gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
             fig = out_dir / "figures" / f"heatmap_{s['benchmark']}_{s['id']}_{mname.replace(':', '_').replace(',', '_')}.png"
-            render_heatmap(s["image"], att.reshape(gh, gw), fig, title=f"{s['id']} · {mname}", box=s.get("box"))
+            title = f"{s['id']} · {mname}"
+            if render:
+                render_heatmap(s["image"], att.reshape(gh, gw), fig, title=title, box=s.get("box"))
             row["heatmap"] = str(fig.relative_to(out_dir))
+            if not render:
+                row["heatmap_data"] = {"map": att.reshape(gh, gw).tolist(), "title": title,
+                                       "box": None if s.get("box") is None else [float(v) for v in s["box"]],
+                                       "source": list(s["_source"])}
         rows.append(row)
     return rows
