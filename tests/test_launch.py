@@ -31,3 +31,28 @@ def test_commands_in_the_guide_exist():
             assert flag in help_.stdout, (cmd, flag)
         checked += 1
     assert checked >= 1
+
+
+def test_guide_paths_modules_and_helpers_exist():
+    """Config files, `python -m` modules (with their argument count) and `jaxmm.sharding` helpers the
+    launch guide names are real."""
+    import importlib
+    import inspect
+
+    text = (ROOT / "launch" / "README.md").read_text()
+    paths = set(re.findall(r"configs/[\w/]+\.yaml", text))
+    assert paths and all((ROOT / p).exists() for p in paths), sorted(p for p in paths if not (ROOT / p).exists())
+    checks = re.findall(r"python -m jaxmm\.launch_check ([^\"`\n]*)", text)
+    assert checks
+    for args in checks:
+        argv = shlex.split(args)
+        assert len(argv) == 3 and all(a.isdigit() or a.isupper() for a in argv[1:]), args    # CKPT FSDP TENSOR
+    from jaxmm import launch_check
+
+    assert "ckpt, fsdp, tensor" in inspect.getsource(launch_check.main)
+    sharding = importlib.import_module("jaxmm.sharding")
+    names = set(re.findall(r"jaxmm\.sharding\.(\w+)", text)) | {
+        n.strip() for imp in re.findall(r"from jaxmm\.sharding import ([\w, ]+)", text) for n in imp.split(",")}
+    names |= set(re.findall(r"`(jit_\w+|host_\w+|batch_shardings|cache_shardings)", text))
+    assert {"host_slice", "local_rows", "global_batch", "is_writer", "jit_generate"} <= names
+    assert all(hasattr(sharding, n) for n in names), sorted(n for n in names if not hasattr(sharding, n))
