@@ -39,6 +39,7 @@ def test_attention_reward_rises_on_a_fixed_seed(tmp_path):
     slope = np.polyfit(np.arange(len(r)), r, 1)[0]
     assert slope > 0.01, r.round(3)
     assert all(np.isfinite(x["kl"]) and x["kl"] >= 0 for x in rows)
+    assert all(np.isfinite(x[k]) for x in rows for k in ("region_ratio", "vas", "entropy", "length", "loss"))
 
 
 def test_update_loss_and_kl_equal_numpy_on_a_rollout(tmp_path):
@@ -54,15 +55,40 @@ def test_update_loss_and_kl_equal_numpy_on_a_rollout(tmp_path):
     score_fn = make_score_fn(model.config, cfg)
     batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(model, cfg, state, model.params,
                                                                       [ds[0], ds[1]], 0, score_fn)
+    # the completion mask: tokens up to and including the stop token, nothing after
+    np.testing.assert_array_equal(np.asarray(mask).sum(1), np.asarray(lengths))
+    assert not np.asarray(mask)[:, 1:][~np.asarray(mask)[:, :-1]].any()
     # the rollout's log-probs are those of the sampled tokens under the teacher-forced forward
+    from jaxmm.attention import AttentionWeights
     from jaxmm.models.qwen2_5_vl.modeling import forward
 
-    logits = np.asarray(forward(model.params, model.config, batch).logits, np.float64)
+    full = forward(model.params, model.config, batch, probes=(AttentionWeights(),))
+    logits = np.asarray(full.logits, np.float64)
     s = batch.input_ids.shape[1] - tokens.shape[1]
     lg = logits[:, s - 1:s - 1 + tokens.shape[1]]
     lp_np = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
     want_lp = np.take_along_axis(lp_np, np.asarray(tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(scored["logp"]), want_lp, atol=1e-4)
+    # r_att and the logged region ratio / VAS by hand from the full attention maps [L,B,H,S,S]
+    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[:, :, :, s:]     # completion queries
+    lay, mk = batch.layout, np.asarray(mask)
+    img, sysm = np.asarray(lay.image_mask, np.float64), np.asarray(lay.system_mask, np.float64)
+    w = np.asarray(lay.region_weight, np.float64)
+    a_v = (att * img[None, :, None, None]).sum(-1) / img.sum(-1)[None, :, None, None]          # [L,B,H,T]
+    a_r = (att * w[None, :, None, None]).sum(-1) / w.sum(-1)[None, :, None, None]
+    a_rb = (att * (w > 0)[None, :, None, None]).sum(-1) / (w > 0).sum(-1)[None, :, None, None]
+    ent = -(np.exp(lp_np) * lp_np).sum(-1)                                                      # [B,T]
+    for b in range(len(texts)):
+        n = int(lengths[b])
+        assert np.all(w[b] >= 0) and w[b].sum() > 0                     # every grounded sample has a box
+        top = np.argsort(-ent[b, :n], kind="stable")[:int(np.ceil(0.3 * n))]
+        want = np.tanh(np.log((a_rb[-1, b, :, top].mean() + 1e-8) / (a_v[-1, b, :, top].mean() + 1e-8)))
+        np.testing.assert_allclose(rewards["r_att"][b], want, atol=1e-5)
+        np.testing.assert_allclose(rewards["region_ratio"][b], (a_r[:, b, :, :n] / (a_v[:, b, :, :n] + 1e-12)).mean(),
+                                   rtol=1e-4)
+        m_v = (att[:, b, :, :n] * img[b]).sum(-1)
+        m_s = (att[:, b, :, :n] * sysm[b]).sum(-1)
+        np.testing.assert_allclose(rewards["vas"][b], (m_v / (m_s + 1e-6)).mean(), rtol=1e-4)
     # a reference that differs from the policy, so the KL term is not zero
     rng = np.random.default_rng(0)
     ref_lp = np.asarray(scored["logp"]) + rng.normal(0, 0.3, tokens.shape)
@@ -90,11 +116,27 @@ def test_lora_grpo_moves_only_the_adapters(tmp_path):
     import jaxmm
     from jaxmm import organism
 
-    out = train(cfg_for(tmp_path, "lora", steps=2, lora={"rank": 4, "alpha": 8}, lr=1e-2), progress=False)
+    from jaxmm.train import lora
+    from jaxmm.train.grpo import _prompts
+    from jaxmm.train.sft import assemble, dataset, initial_state
+    from jaxmm.models.qwen2_5_vl.modeling import forward
+
+    cfg = cfg_for(tmp_path, "lora", steps=2, lora={"rank": 4, "alpha": 8}, lr=1e-2)
+    model = jaxmm.load(organism.default())
+    state = initial_state(cfg, model.params, model.config)
+    assert set(state) == {"params", "lora"} and len(state["lora"]) > 0
+    prompt = _prompts(model, [dataset(cfg)[0]], 2)[0]
+    base = np.asarray(forward(model.params, model.config, prompt).logits)
+    np.testing.assert_array_equal(np.asarray(forward(assemble(state, cfg)[0], model.config, prompt).logits), base)
+    out = train(cfg, progress=False)
     groups, step = final_state(out)
-    start, trained = flat_params(jaxmm.load(organism.default()).params), flat_params(groups["params"])
+    start, trained = flat_params(model.params), flat_params(groups["params"])
     assert step == 2 and all(np.array_equal(start[k], trained[k]) for k in start)
     assert max(np.abs(np.asarray(v["b"])).max() for v in groups["lora"].values()) > 0
+    # and the adapters change the policy: merged logits now differ from the base model's
+    moved = forward(lora.merge(groups["params"], groups["lora"], lora.LoraConfig.from_dict(cfg.lora)), model.config,
+                    prompt).logits
+    assert np.abs(np.asarray(moved) - base).max() > 1e-4
 
 
 SCRIPT = """
@@ -105,7 +147,9 @@ train(GRPOConfig(**json.loads(sys.argv[1])), progress=False)
 
 
 def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    # one persistent compilation cache for the three processes (the same executables, less compile time)
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     kw = dict(steps=6, save_every=2, keep=5, prompts_per_step=2, group_size=4, max_new_tokens=6)
     a, b = cfg_for(tmp_path, "killed", **kw), cfg_for(tmp_path, "whole", **kw)
     args = lambda c: [sys.executable, "-c", SCRIPT, json.dumps(c.__dict__)]

@@ -19,8 +19,8 @@ One step (methods.md "GRPO", SAYO, AVAR):
 
 The trained state is the backbone or LoRA adapters (``lora:``; the reference is then the frozen
 backbone itself). orbax checkpoints hold them, the optimizer state and the step; metrics go to
-``metrics.jsonl`` and TensorBoard: every reward's mean, total reward, KL, VAS, r_att, entropy,
-completion length, loss.
+``metrics.jsonl`` and TensorBoard: every reward's mean, total reward, KL, VAS, region ratio,
+entropy, completion length, loss.
 """
 
 from __future__ import annotations
@@ -139,13 +139,15 @@ def completion_logprobs(logits, tokens, prompt_len: int, temperature: float):
 
 def make_score_fn(config, cfg: GRPOConfig):
     """Jitted ``(params, batch, tokens, prompt_len) -> dict``: log-probs, entropies, last-layer
-    attention at the completion queries, image/system masses of every layer at them."""
+    attention at the completion queries, image/system masses and region ratio ā_R/ā_V of every
+    layer at them."""
     from jaxmm.attention import AttentionWeights
     from jaxmm.objectives.sayo import token_entropy
-    from jaxmm.probes import KeyMass, VisualMass
+    from jaxmm.probes import KeyMass, RegionRatio, VisualMass
 
     last = config.text.num_hidden_layers - 1
-    probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass())
+    probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass(),
+              RegionRatio(eps=1e-12))                       # as the eval harness logs it
 
     @jax.jit
     def score(params, ivs, batch, tokens):
@@ -156,13 +158,16 @@ def make_score_fn(config, cfg: GRPOConfig):
         return {"logp": lp, "entropy": token_entropy(lg),
                 "weights": out.probes["last_layer"]["text"].values[0][:, :, q],                  # [B,H,T,K]
                 "m_v": out.probes["visual_mass"]["text"].values[..., q],                          # [L,B,H,T]
-                "m_s": out.probes["system_mass"]["text"].values[..., q]}
+                "m_s": out.probes["system_mass"]["text"].values[..., q],
+                "region_ratio": out.probes["region_ratio"]["text"].values[..., q]}              # [L,B,H,T]
 
     return score
 
 
 def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) -> dict[str, np.ndarray]:
-    """Every configured reward [B] plus the logged VAS and r_att (numpy)."""
+    """Every configured reward [B] plus the logged ``vas`` and ``region_ratio`` [B] (numpy): means
+    over each completion's tokens, all layers and heads, of m_V/(m_S+1e-6) and ā_R/ā_V, as the eval
+    harness computes them (non-finite entries, e.g. an empty image mass, left out)."""
     from jaxmm.eval.harness import score as score_answer
     from jaxmm.objectives.avar import vars_reward
     from jaxmm.objectives.sayo import format_reward, r_att, select_high_entropy
@@ -177,7 +182,12 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     vars_ = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.asarray(acc > 0),
                                    variant=cfg.vars_variant))
     vas = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.ones(len(acc), bool)))
-    return {"accuracy": acc, "format": fmt, "r_att": ratt, "vars": vars_, "vas": vas}
+    rr = np.moveaxis(np.asarray(scored["region_ratio"], np.float64), 1, 0)          # [B,L,H,T]
+    keep = np.isfinite(rr) & np.asarray(mask)[:, None, None, :]
+    with np.errstate(invalid="ignore"):
+        region = np.sum(np.where(keep, rr, 0.0), axis=(1, 2, 3)) / np.sum(keep, axis=(1, 2, 3))
+    return {"accuracy": acc, "format": fmt, "r_att": ratt, "vars": vars_, "vas": vas,
+            "region_ratio": region.astype(np.float32)}
 
 
 # ----------------------------------------------------------------------------- the update
@@ -285,8 +295,9 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
             state, opt_state, m = update(state, opt_state, batch, tokens, mask, scored["logp"], ref_lp, adv)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             ent = np.asarray(scored["entropy"])[np.asarray(mask)]
-            row = {**{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k != "vas"},
+            row = {**{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k in REWARDS},
                    "reward/total": float(np.mean(r)), "vas": float(np.mean(rewards["vas"])),
+                   "region_ratio": float(np.nanmean(rewards["region_ratio"])),
                    "entropy": float(ent.mean()) if ent.size else 0.0, "length": float(np.mean(lengths)),
                    **{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0}
             log.write(step + 1, row)
