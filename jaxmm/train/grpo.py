@@ -226,7 +226,7 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
 
     params, ivs = assemble(state, cfg)
     prompt, info, rep, region = _prompts(model, samples, cfg.group_size)
-    stop = list(model.config.eos_token_id) + [model.tokenizer.eos_token_id]
+    stop = [t for t in (*model.config.eos_token_id, model.tokenizer.eos_token_id) if t is not None]
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
                    sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,
