@@ -16,13 +16,21 @@ kv group, D head dim.
   Both are pytrees whose layer choices are static metadata, so ``jax.jit`` specialises on them and
   their numeric leaves (per-sample strengths, learned parameters) are traced and differentiable.
 
-Two paths, chosen statically per layer (:func:`choose_path`): a layer touched by no probe and by no
-intervention stage other than ``bias`` runs the fused kernel ``jax.nn.dot_product_attention``
-(cuDNN on GPU, XLA elsewhere); any other layer runs the explicit path — einsum -> ``logits`` stages
--> softmax (float32) -> ``weights`` stages -> probes -> einsum — whose weights equal transformers'
-eager ``attn_weights``. The explicit path is chunked over queries (``query_chunk``) so a layer
-never holds more than ``B·H·query_chunk·K`` weights, and no ``[L,B,H,S,S]`` tensor exists unless a
-probe returns full maps.
+Three paths, chosen statically per layer (:func:`choose_path`):
+
+* ``"fused"`` — ``jax.nn.dot_product_attention`` itself (cuDNN on GPU where it applies, XLA
+  elsewhere; ``implementation="xla"`` on CPU), for a layer touched by no probe and by no
+  intervention stage other than ``bias``;
+* ``"matmul"`` — the same plain attention as head-major matmuls (GQA folded into the query axis,
+  no repeated k/v). On CPU XLA runs it faster than its generic ``dot_product_attention``, so it is
+  the default plain path there (:data:`PLAIN_PATH` ``"auto"``); :func:`options` selects either;
+* ``"explicit"`` — einsum -> ``logits`` stages -> softmax (float32) -> ``weights`` stages ->
+  probes -> einsum, whose weights equal transformers' eager ``attn_weights``, for every other
+  layer. It is chunked over queries (``query_chunk``) so a layer never holds more than
+  ``B·H·query_chunk·K`` weights, and no ``[L,B,H,S,S]`` tensor exists unless a probe returns full
+  maps.
+
+:func:`record_paths` reports the path each layer actually ran.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ import jax.numpy as jnp
 Array = jax.Array
 
 FUSED = "fused"
+MATMUL = "matmul"
 EXPLICIT = "explicit"
-QUERY_CHUNK = 512  # default query chunk of the explicit path
+QUERY_CHUNK = 512     # default query chunk of the explicit path (read at trace time)
+PLAIN_PATH = "auto"   # path of plain layers: "auto" (matmul on CPU, fused elsewhere), "fused", "matmul"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +66,12 @@ class Site:
         log_weights: log of the attention weights, ``z − logsumexp(z)`` [B,H,T,K], for probes (set by
             the explicit path; None when a ``weights`` stage changed the weights).
         hidden: the layer's normalised input hidden states of the queries [B,T,E] (text tower).
-        query_end: int32 scalar, the key position of the last query of this call (set by
-            :func:`attend`; chunks share it).
+        call_pos, call_hidden: ``query_pos`` [T] and ``hidden`` [B,T,E] of the whole call, never
+            split into query chunks: for interventions that need a property of every key this call
+            writes (VAR's sink tokens at prefill). Set by :func:`attend`.
+        last_query: int32 [B], per row the key position of the last non-padding query of this call
+            (by ``layout.attention_mask``; the last query when there is no layout), −1 for a row
+            with none. Set by :func:`attend`; chunks share it.
     """
 
     tower: str
@@ -69,7 +83,9 @@ class Site:
     mask: Array | None = None
     log_weights: Array | None = None
     hidden: Array | None = None
-    query_end: Array | None = None
+    call_pos: Array | None = None
+    call_hidden: Array | None = None
+    last_query: Array | None = None
 
 
 def _selects(obj, site: Site) -> bool:
@@ -143,8 +159,23 @@ def static_field(default):
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+REGISTRY: dict[str, dict[str, type]] = {"interventions": {}, "probes": {}}
+"""Every intervention and probe class jaxmm ships, by class name (filled by :func:`register`)."""
+
+
+def register(cls):
+    """Makes ``cls`` a frozen dataclass pytree (static fields marked by :func:`static_field`) and
+    records it in :data:`REGISTRY` (``"interventions"`` or ``"probes"`` by base class), so that
+    tests and tools that cover "every intervention and probe" see it."""
+    cls = jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+    kind = "interventions" if issubclass(cls, Intervention) else "probes" if issubclass(cls, Probe) else None
+    if kind is None:
+        raise TypeError(f"register: {cls.__name__} is neither an Intervention nor a Probe")
+    REGISTRY[kind][cls.__name__] = cls
+    return cls
+
+
+@register
 class AttentionWeights(Probe):
     """The full attention weights [B,H,T,K] of the chosen layers (parity checks, heatmaps).
 
@@ -181,14 +212,63 @@ def record_paths():
         _TRACE = prev
 
 
+def plain_path() -> str:
+    """The path of a layer without probes or non-bias stages: :data:`PLAIN_PATH`, with ``"auto"``
+    resolved by backend (``"matmul"`` on CPU, ``"fused"`` elsewhere)."""
+    if PLAIN_PATH == "auto":
+        return MATMUL if jax.default_backend() == "cpu" else FUSED
+    if PLAIN_PATH not in (FUSED, MATMUL):
+        raise ValueError(f"jaxmm.attention.PLAIN_PATH={PLAIN_PATH!r}; expected 'auto', 'fused' or 'matmul'")
+    return PLAIN_PATH
+
+
+@contextlib.contextmanager
+def options(plain: str | None = None, query_chunk: int | None = None):
+    """Selects the plain path (``"auto"``, ``"fused"``, ``"matmul"``) and/or the explicit path's
+    query chunk inside the block. Both are read when a function is traced, so JAX's compilation
+    caches are cleared on entry and exit (programs compiled under other options are not reused)::
+
+        with jaxmm.attention.options(plain="fused", query_chunk=128):
+            out = model.forward(batch=batch)
+    """
+    global PLAIN_PATH, QUERY_CHUNK
+    if plain is not None and plain not in ("auto", FUSED, MATMUL):
+        raise ValueError(f"options(plain={plain!r}): expected 'auto', 'fused' or 'matmul'")
+    if query_chunk is not None and (not isinstance(query_chunk, int) or query_chunk < 1):
+        raise ValueError(f"options(query_chunk={query_chunk!r}): expected a positive int")
+    prev = PLAIN_PATH, QUERY_CHUNK
+    new = (prev[0] if plain is None else plain, prev[1] if query_chunk is None else query_chunk)
+    if new == prev:
+        yield
+        return
+    PLAIN_PATH, QUERY_CHUNK = new
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        PLAIN_PATH, QUERY_CHUNK = prev
+        jax.clear_caches()
+
+
 def choose_path(site: Site, interventions=(), probes=()) -> str:
-    """The path :func:`attend` takes at ``site`` (static): ``"fused"`` or ``"explicit"``."""
+    """The path :func:`attend` takes at ``site`` (static): ``"fused"``, ``"matmul"`` or ``"explicit"``."""
     if any(p.applies(site) for p in probes):
         return EXPLICIT
     for iv in interventions:
         if iv.applies(site) and (iv.has_stage("logits") or iv.has_stage("weights")):
             return EXPLICIT
-    return FUSED
+    return plain_path()
+
+
+def _last_query(site: Site) -> Array:
+    """[B] key position of each row's last non-padding query of the call (−1: none)."""
+    qp = site.query_pos
+    lay = site.layout
+    if lay is None or getattr(lay, "attention_mask", None) is None:
+        return None
+    am = lay.attention_mask
+    valid = (jnp.take(am, jnp.clip(qp, 0, am.shape[-1] - 1), axis=1) > 0) & (qp >= 0)[None]     # [B,T]
+    return jnp.max(jnp.where(valid, qp[None], -1), axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- attend
@@ -206,7 +286,11 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     prs = [p for p in probes if p.applies(site)]
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
-    site = dataclasses.replace(site, mask=mask, query_end=site.query_pos[-1])
+    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden)
+    last = _last_query(site)
+    if last is None:
+        last = jnp.full((q.shape[0],), site.query_pos[-1], jnp.int32)
+    site = dataclasses.replace(site, last_query=last)
     bias = None
     for iv in ivs:
         if iv.has_stage("bias"):
@@ -216,12 +300,11 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     if _TRACE is not None:
         _TRACE.append((site.tower, site.layer, path))
     if path == FUSED:
-        if jax.default_backend() != "cpu":
-            out = jax.nn.dot_product_attention(
-                q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale)
-            return out, {}
-        # CPU has no fused kernel: XLA's generic dot_product_attention contracts in [B,T,H,D]
-        # layout, several times slower there than the head-major matmuls of the explicit path.
+        impl = "xla" if jax.default_backend() == "cpu" else None
+        out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                           mask=mask, scale=scale, implementation=impl)
+        return out, {}
+    if path == MATMUL:
         return _explicit(q, k, v, mask, bias, scale, (), (), site)
     t = q.shape[1]
     query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk

@@ -71,6 +71,7 @@ def generate(args) -> int:
     import jaxmm
     from jaxmm import organism
     from jaxmm.generate import Sampling, stream
+    from jaxmm.stopping import stop_token_ids
 
     path = args.model or organism.default()
     model = jaxmm.load(path, dtype=args.dtype)
@@ -93,7 +94,7 @@ def generate(args) -> int:
         return 0
     batch, _ = model.prepare_chat(messages)
     tok = model.tokenizer
-    stop = list(model.config.eos_token_id) + [tok.eos_token_id]
+    stop = stop_token_ids(model.config, tok)
     ids = []
     printed = ""
     for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
@@ -170,6 +171,7 @@ def inspect(args) -> int:
     from jaxmm.attention import AttentionWeights
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
+    from jaxmm.stopping import stop_token_ids
 
     path = args.model or organism.default()
     model = jaxmm.load(path, dtype=args.dtype)
@@ -186,7 +188,7 @@ def inspect(args) -> int:
     last = model.config.text.num_hidden_layers - 1
     tok = model.tokenizer
     out = generate(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
-                   stop_tokens=list(model.config.eos_token_id) + [tok.eos_token_id],
+                   stop_tokens=stop_token_ids(model.config, tok),
                    interventions=model.interventions(args.method), probes=(AttentionWeights(name="maps", layers=(last,)),))
     length = max(int(out.lengths[0]), 1)
     text = tok.decode(np.asarray(out.tokens[0, :length]), skip_special_tokens=True)

@@ -10,9 +10,15 @@ Positions follow transformers' Qwen2.5-VL generation exactly: generated token ``
 row gets M-RoPE position ``max(prompt positions) + 1 + t`` on all three axes (HF: text position
 ``attention_mask.cumsum − 1`` plus ``rope_deltas``).
 
-The cache length is bucketed (:func:`bucket`) so that prompts of similar length share one compiled
-program. Rows that emitted a stop token keep decoding (static shapes) but their later tokens are
-replaced by ``pad_token_id``, as transformers does.
+Prompts of similar size share one compiled program: the prompt's S tokens run as a bucketed
+number of query rows (:data:`PROMPT_BUCKET`; the rows past S are padding that the first decode
+steps overwrite in the cache, and that no real query ever sees), the packed vision patches are
+padded to bucketed shapes (:func:`~jaxmm.models.qwen2_5_vl.modeling.pad_vision`; not when a probe
+or intervention reads the vision tower), and the cache length is bucketed (:func:`bucket`). None of
+this changes a value: tokens, logits and probe values equal an unbucketed run at every real
+position (tested); probe axes over prompt rows may be longer (the extra rows are padding).
+Rows that emitted a stop token keep decoding (static shapes) but their later tokens are replaced
+by ``pad_token_id``, as transformers does.
 """
 
 from __future__ import annotations
@@ -105,21 +111,28 @@ def _squeeze_query(results: dict, probes) -> dict:
             for name, towers in results.items()}
 
 
-def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes=()):
+def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes=(), prompt_len=None):
     """Runs the prompt through the model into an empty cache of ``max_len`` positions.
 
-    ``batch`` holds S prompt tokens and positions, its attention mask and layout already extended to
-    ``max_len`` key positions (:func:`extend_for_decoding`). Returns
-    ``(last_logits [B,V], cache, next_pos [B] int32, prefill ModelOutput)``.
+    ``batch`` holds the prompt's T query rows (tokens, positions) with its attention mask and layout
+    already extended to ``max_len`` key positions (:func:`extend_for_decoding`, :func:`batch_with`
+    or :func:`prefill_batch`). ``prompt_len`` (int32 scalar, may be traced; default T): the prompt's
+    length S ≤ T; rows S … T−1 are bucket padding (attention_mask 0 there), whose cache slots the
+    decode steps overwrite. Returns ``(last_logits [B,V] of row S−1, cache (index S), next_pos [B]
+    int32, prefill ModelOutput)``.
     """
-    b, s = batch.input_ids.shape
+    b, t = batch.input_ids.shape
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
     cache = KVCache.empty(config, b, max_len, dtype, pre_rope=pre_rope)
     out = forward(params, config, batch, interventions, probes, False, cache)
-    valid = batch.attention_mask[None, :, :s] > 0            # prompt positions only
+    s = jnp.int32(t) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
+    rows = jnp.arange(t) < s
+    valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]        # the prompt's real tokens
     next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1
-    return out.logits[:, -1], out.cache, next_pos.astype(jnp.int32), out
+    last = jax.lax.dynamic_index_in_dim(out.logits, s - 1, axis=1, keepdims=False)
+    cache = dataclasses.replace(out.cache, index=s)
+    return last, cache, next_pos.astype(jnp.int32), out
 
 
 def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Array, pos: Array,
@@ -132,22 +145,27 @@ def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Arra
     return forward(params, config, step, interventions, probes, False, cache)
 
 
-def prefill_and_plan(params, config, batch: Batch, full_batch: Batch, max_len: int, interventions=(), probes=(),
-                     reprefill: bool = False):
-    """Prefill with the probes the caller and the interventions ask for, then ``after_prefill``.
+def replans_prompt(interventions) -> bool:
+    """Whether any intervention's plan also governs the prompt (``replans_prompt``, e.g. RATION:
+    "every later query, prefill and decode"): then ``generate`` runs the prompt again under it."""
+    return any(getattr(iv, "replans_prompt", False) for iv in interventions)
+
+
+def prefill_and_plan(params, config, batch: Batch, max_len: int, interventions=(), probes=(),
+                     reprefill: bool = False, prompt_len=None):
+    """Prefill with the probes the caller and the interventions ask for, then ``after_prefill``
+    (on ``batch.layout``, the prefill's layout over the cache's keys); with ``reprefill``, the
+    prompt is run again under the re-planned interventions, so the cache holds their effect.
 
     Returns ``(last_logits, cache, next_pos, prefill_output, planned_interventions)``.
     """
     names = {p.name for p in probes}
     plan_probes = tuple(p for iv in interventions for p in iv.prefill_probes() if p.name not in names)
-    last, cache, next_pos, pre = prefill(params, config, batch_with(batch, full_batch), max_len,
-                                         interventions, tuple(probes) + plan_probes)
-    interventions = tuple(iv.after_prefill(pre.probes, full_batch.layout) for iv in interventions)
+    last, cache, next_pos, pre = prefill(params, config, batch, max_len, interventions,
+                                         tuple(probes) + plan_probes, prompt_len)
+    interventions = tuple(iv.after_prefill(pre.probes, batch.layout) for iv in interventions)
     if plan_probes and reprefill:
-        # Methods whose plan also governs the prompt (RATION: "every later query, prefill and
-        # decode") run the prefill again under the plan, so the cache holds the edited keys' effect.
-        last, cache, next_pos, _ = prefill(params, config, batch_with(batch, full_batch), max_len,
-                                           interventions, ())
+        last, cache, next_pos, _ = prefill(params, config, batch, max_len, interventions, (), prompt_len)
     return last, cache, next_pos, pre, interventions
 
 
@@ -162,6 +180,8 @@ class Contrast:
     batch: Any
     gamma: float = dataclasses.field(default=1.1, metadata=dict(static=True))
     cutoff: float = dataclasses.field(default=0.1, metadata=dict(static=True))
+    prompt_len: Any = None      # set by generate (its bucketed prefill batch holds more rows)
+    full: Any = None            # its decode-side batch over the cache (set by generate)
 
 
 def text_only(batch: Batch, config) -> Batch:
@@ -183,9 +203,12 @@ def text_only(batch: Batch, config) -> Batch:
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
 def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False, contrast=None, mesh=None):
+              reprefill=False, contrast=None, mesh=None, prompt_len=None):
+    """``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
+    the decode-side batch (:func:`extend_for_decoding`); ``prompt_len``: the prompt's length S
+    (traced; default: all rows of ``batch``)."""
     last, cache, next_pos, pre, interventions = prefill_and_plan(
-        params, config, batch, full_batch, max_len, interventions, probes, reprefill)
+        params, config, batch, max_len, interventions, probes, reprefill, prompt_len)
     constrain = lambda c: c
     if mesh is not None:   # the KV cache split as jaxmm.sharding.cache_shardings declares, every step
         from jaxmm.sharding import cache_shardings
@@ -196,7 +219,7 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
     b = last.shape[0]
     text = None
     if contrast is not None:
-        t_last, t_cache, t_pos, _ = prefill(params, config, contrast.batch, max_len, (), ())
+        t_last, t_cache, t_pos, _ = prefill(params, config, contrast.batch, max_len, (), (), contrast.prompt_len)
         text = (t_last, t_cache, t_pos)
 
     def choose(logits, text_logits):
@@ -215,7 +238,7 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
         out = decode_step(params, config, full_batch, cache, tok, next_pos + t, interventions, probes)
         out = dataclasses.replace(out, cache=constrain(out.cache))
         if text is not None:
-            t_out = decode_step(params, config, contrast.batch, text[1], tok, text[2] + t, (), ())
+            t_out = decode_step(params, config, contrast.full, text[1], tok, text[2] + t, (), ())
             text = (t_out.logits[:, 0], t_out.cache, text[2])
         ys = (tok, logits if output_logits else None, _squeeze_query(out.probes, probes))
         return (out.logits[:, 0], out.cache, done, text), ys
@@ -243,10 +266,57 @@ def batch_with(prompt: Batch, full: Batch) -> Batch:
     return dataclasses.replace(prompt, attention_mask=full.attention_mask, layout=full.layout)
 
 
+PROMPT_BUCKET = 32   # the prompt's query rows are rounded up to a multiple of this
+
+
+def _reads_vision(objs) -> bool:
+    return any("vision" in getattr(o, "towers", ()) for o in objs)
+
+
+def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
+    """Host side: the prefill batch of a left-padded prompt of S tokens run as ``rows`` ≥ S query
+    rows (bucketing): tokens and positions padded on the right with zeros, the key-side mask and
+    layout of ``full`` (over the cache) with ``attention_mask`` 0 at the padding rows S … rows−1 (no
+    real query sees them: they are later keys, and the decode steps overwrite their cache slots).
+    With ``config``, the packed vision inputs are bucketed too (:func:`pad_vision`)."""
+    b, s = prompt.input_ids.shape
+    if rows < s:
+        raise ValueError(f"prefill_batch: rows={rows} < prompt length {s}")
+    grow = lambda x: np.concatenate([np.asarray(x), np.zeros(x.shape[:-1] + (rows - s,), np.asarray(x).dtype)], -1)
+    am = np.array(full.attention_mask)
+    am[:, s:rows] = 0
+    lay = full.layout
+    if lay is not None:
+        lam = np.array(lay.attention_mask)
+        lam[:, s:rows] = 0
+        lay = dataclasses.replace(lay, attention_mask=lam)
+    out = dataclasses.replace(prompt, input_ids=grow(prompt.input_ids), position_ids=grow(prompt.position_ids),
+                              attention_mask=am, layout=lay)
+    if config is not None and prompt.pixel_values is not None and prompt.vision is not None:
+        from jaxmm.models.qwen2_5_vl.modeling import pad_vision
+
+        pv, vis = pad_vision(prompt.pixel_values, prompt.vision, config.vision)
+        out = dataclasses.replace(out, pixel_values=pv, vision=vis)
+    return out
+
+
+def _plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None):
+    """(prompt length S, prefill rows, cache length) of a generation."""
+    s = batch.input_ids.shape[1]
+    if max_len is None:
+        rows = bucket(s, PROMPT_BUCKET)
+        max_len = bucket(max(rows, s + max_new_tokens))
+    else:
+        if max_len < s + max_new_tokens:
+            raise ValueError(f"max_len={max_len} is shorter than the prompt ({s}) + max_new_tokens ({max_new_tokens})")
+        rows = min(bucket(s, PROMPT_BUCKET), max_len)
+    return s, rows, max_len
+
+
 def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
              key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
              interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
-             max_len: int | None = None, reprefill: bool = False, contrast: Contrast | None = None,
+             max_len: int | None = None, reprefill: bool | None = None, contrast: Contrast | None = None,
              mesh=None) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
@@ -259,38 +329,49 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         pad_token_id: written after a row stopped.
         interventions, probes: as in the forward; applied at prefill and every decode step.
         output_logits: also return each step's logits [B,T_new,V].
-        max_len: cache length (default: prompt + max_new_tokens rounded up by :func:`bucket`).
+        max_len: cache length (default: the bucketed prompt rows + max_new_tokens, rounded up by
+            :func:`bucket`); must hold prompt + max_new_tokens.
         reprefill: for two-phase interventions, run the prompt again under the re-planned
-            interventions before decoding (default: the plan applies to generated tokens only).
+            interventions before decoding. Default: when an intervention's plan governs the prompt
+            too (:func:`replans_prompt`: RATION), else the plan applies to generated tokens only.
         contrast: PAI's contrast with a text-only pass (:class:`Contrast`; its batch from
             :func:`text_only`), applied to every step's next-token choice.
         mesh: a ``jax.sharding.Mesh``: the prompt batch is placed by
             :func:`jaxmm.sharding.batch_shardings` and the KV cache kept as
             :func:`jaxmm.sharding.cache_shardings` declares (parameters as they are placed).
 
+    Prompts whose length rounds to the same :data:`PROMPT_BUCKET` (and images whose patch counts
+    round alike) reuse one compiled program; see the module docstring.
+
     Raises:
-        ValueError: right-padded prompts, or sampling without a key.
+        ValueError: right-padded prompts, sampling without a key, a ``max_len`` too short.
     """
     am = np.asarray(batch.attention_mask)
     if (am[:, -1] == 0).any():
         raise ValueError("generate() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
     if sampling.temperature > 0 and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.PRNGKey(...))")
-    s = batch.input_ids.shape[1]
-    max_len = max_len or bucket(s + max_new_tokens)
+    if reprefill is None:
+        reprefill = replans_prompt(interventions)
+    s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
     stop = tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens)
     full = extend_for_decoding(batch, max_len)
+    vision_read = _reads_vision(interventions) or _reads_vision(probes)
+    pre = prefill_batch(batch, full, rows, None if vision_read else config)
     key = jax.random.PRNGKey(0) if key is None else key
     if contrast is not None:
-        contrast = dataclasses.replace(contrast, batch=extend_for_decoding(contrast.batch, max_len))
+        c_s, c_rows, _ = _plan_shapes(contrast.batch, max_new_tokens, max_len)
+        c_full = extend_for_decoding(contrast.batch, max_len)
+        contrast = dataclasses.replace(contrast, batch=prefill_batch(contrast.batch, c_full, c_rows),
+                                       full=c_full, prompt_len=np.int32(c_s))
     if mesh is not None:
         from jaxmm.sharding import batch_shardings
 
-        batch = jax.device_put(batch, batch_shardings(batch, mesh))
+        pre = jax.device_put(pre, batch_shardings(pre, mesh))
         full = jax.device_put(full, batch_shardings(full, mesh))
-    return _generate(params, config, batch, full, max_len, max_new_tokens, sampling, key,
+    return _generate(params, config, pre, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits, reprefill, contrast, mesh)
+                     tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s))
 
 
 _prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))
@@ -300,18 +381,20 @@ _select_jit = jax.jit(select_token, static_argnames=("sampling",))
 
 def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
            key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
-           interventions: Sequence = (), max_len: int | None = None, reprefill: bool = False):
+           interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None):
     """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
     they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
     the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``)."""
     if sampling.temperature > 0 and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
-    s = batch.input_ids.shape[1]
-    max_len = max_len or bucket(s + max_new_tokens)
+    if reprefill is None:
+        reprefill = replans_prompt(interventions)
+    s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
     stop = np.asarray(tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens), np.int64)
     full = extend_for_decoding(batch, max_len)
-    last, cache, next_pos, _, ivs = _prefill_jit(params, config, batch, full, max_len, tuple(interventions), (),
-                                                 reprefill)
+    pre = prefill_batch(batch, full, rows, None if _reads_vision(interventions) else config)
+    last, cache, next_pos, _, ivs = _prefill_jit(params, config, pre, max_len, tuple(interventions), (),
+                                                 reprefill, jnp.int32(s))
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
     done = np.zeros(batch.input_ids.shape[0], bool)
     for t in range(max_new_tokens):

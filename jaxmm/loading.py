@@ -53,6 +53,8 @@ class Model:
             input_ids, attention_mask, pixel_values, image_grid_thw, position_ids: as the HF processor
                 and ``Qwen2_5_VLForConditionalGeneration.forward`` name them (numpy or torch).
                 ``mm_token_type_ids`` is accepted and ignored (jaxmm derives it from ``input_ids``).
+                ``position_ids``: [3,B,S], HF's [4,B,S] ([text; t; h; w]: rows 1..3 are used) or
+                [B,S]; default computed as HF's ``get_rope_index``.
             interventions, probes: see :mod:`jaxmm.attention`.
             output_hidden_states: also return per-layer hidden states.
             batch: a prepared ``Batch`` instead of the arrays above.
@@ -144,7 +146,7 @@ class Model:
 
     def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
-                 probes: Sequence = (), output_logits: bool = False, reprefill: bool = False,
+                 probes: Sequence = (), output_logits: bool = False, reprefill: bool | None = None,
                  pai_contrast: float | None = None):
         """Generates from chat messages (one conversation or a list) or from a prepared ``Batch``.
 
@@ -156,13 +158,12 @@ class Model:
         (list of decoded completions, special tokens removed).
         """
         from jaxmm.generate import Contrast, Sampling, generate, text_only
+        from jaxmm.stopping import stop_token_ids
 
         chat = not hasattr(messages_or_batch, "input_ids")
         batch = self.prepare_chat(messages_or_batch)[0] if chat else messages_or_batch
         if stop_tokens is None:
-            stop_tokens = list(self.config.eos_token_id)
-            if chat and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stop_tokens:
-                stop_tokens.append(self.tokenizer.eos_token_id)
+            stop_tokens = stop_token_ids(self.config, self.tokenizer if chat else None)
         pad = (self.tokenizer.pad_token_id if chat else None) or 0
         out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,

@@ -18,12 +18,11 @@ Primitive (methods.md)                     function               probe
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import AttentionWeights, Probe, Site, static_field
+from jaxmm.attention import AttentionWeights, Probe, Site, register, static_field
 
 Array = jax.Array
 
@@ -116,8 +115,7 @@ def residual_update(h_in: Array, h_out: Array, image: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- probe classes
-def _probe(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+_probe = register
 
 
 @_probe

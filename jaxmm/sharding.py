@@ -187,7 +187,7 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
 
     import jax.numpy as jnp
 
-    from jaxmm.generate import Sampling, _generate, bucket, extend_for_decoding
+    from jaxmm.generate import Sampling, _generate, batch_with, bucket, extend_for_decoding, replans_prompt
 
     sampling = Sampling() if sampling is None else sampling
     b, s = batch.input_ids.shape
@@ -197,8 +197,9 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     full = extend_for_decoding(batch, max_len)
 
     def fn(p, prompt, full, key):
-        out = _generate(p, config, prompt, full, max_len, max_new_tokens, sampling, key, stop, pad,
-                        tuple(interventions), tuple(probes), output_logits, False, None, mesh)
+        out = _generate(p, config, batch_with(prompt, full), full, max_len, max_new_tokens, sampling, key, stop,
+                        pad, tuple(interventions), tuple(probes), output_logits, replans_prompt(interventions),
+                        None, mesh)
         return dataclasses.replace(out, prefill_probes=None)
 
     rep = NamedSharding(mesh, PartitionSpec())

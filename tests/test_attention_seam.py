@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import jaxmm
+import jaxmm.attention as A
 import tiny
 from jaxmm import probes as P
 from jaxmm.attention import AttentionWeights, record_paths
@@ -116,15 +117,46 @@ def _paths(model, batch, **kw):
 def test_path_choice_is_static_per_layer(setup):
     model, _, batch, _ = setup
     n = model.config.text.num_hidden_layers
+    plain = A.plain_path()
+    assert plain == ("matmul" if jax.default_backend() == "cpu" else "fused")
     none = _paths(model, batch)
-    assert all(p == "fused" for _, _, p in none) and len(none) == n + model.config.vision.depth
+    assert all(p == plain for _, _, p in none) and len(none) == n + model.config.vision.depth
     one = _paths(model, batch, probes=(P.VisualMass(layers=(1,)),))
-    assert [(l, p) for t, l, p in one if t == "text"] == [(i, "explicit" if i == 1 else "fused") for i in range(n)]
-    assert all(p == "fused" for t, _, p in one if t == "vision")
+    assert [(l, p) for t, l, p in one if t == "text"] == [(i, "explicit" if i == 1 else plain) for i in range(n)]
+    assert all(p == plain for t, _, p in one if t == "vision")
     bias_only = _paths(model, batch, interventions=(KeyBias(delta=0.5),))
-    assert all(p == "fused" for _, _, p in bias_only)
+    assert all(p == plain for _, _, p in bias_only)
     logit_stage = _paths(model, batch, interventions=(KeyLogitShift(delta=0.5, layers=(0, 2)),))
-    assert [p for t, _, p in logit_stage if t == "text"] == ["explicit", "fused", "explicit"]
+    assert [p for t, _, p in logit_stage if t == "text"] == ["explicit", plain, "explicit"]
+    for name in ("fused", "matmul"):
+        with A.options(plain=name):
+            assert {p for _, _, p in _paths(model, batch, interventions=(KeyBias(delta=0.5),))} == {name}
+    with pytest.raises(ValueError, match="plain="):
+        with A.options(plain="cudnn"):
+            pass
+
+
+def test_fused_function_runs_and_equals_matmul_and_explicit(setup, monkeypatch):
+    """The fused path calls ``jax.nn.dot_product_attention`` itself (counted), on CPU too, and its
+    logits equal the head-major matmul path and the explicit path (a no-op probe on every layer)."""
+    model, _, batch, _ = setup
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    valid = np.asarray(batch.attention_mask, bool)
+    bias = (KeyBias(delta=jnp.array([0.3, -0.4])),)           # a bias stage keeps the plain path
+    logits = {}
+    for name in ("fused", "matmul"):
+        with A.options(plain=name), record_paths() as paths:
+            logits[name] = np.asarray(qwen2_5_vl.forward(model.params, model.config, batch, bias).logits)
+        assert {p for _, _, p in paths} == {name}
+    n_layers = model.config.text.num_hidden_layers + model.config.vision.depth
+    assert len(calls) == n_layers and all(k["implementation"] == ("xla" if jax.default_backend() == "cpu" else None)
+                                          for k in calls)
+    explicit = np.asarray(qwen2_5_vl.forward(model.params, model.config, batch, bias,
+                                             (P.VisualMass(name="m"),)).logits)
+    np.testing.assert_allclose(logits["fused"][valid], logits["matmul"][valid], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(logits["fused"][valid], explicit[valid], atol=1e-6, rtol=0)
 
 
 def test_no_interventions_no_probes_is_bit_identical(setup):

@@ -69,6 +69,43 @@ def test_readers_parquet_and_jsonl(tmp_path, name):
         assert s["answer"] == "yes"
 
 
+_IDS_SCRIPT = """
+import json, sys
+from jaxmm.eval import benchmarks as B
+ds = B.load("chartqa", sys.argv[1])
+print(json.dumps({"ids": [ds[i]["id"] for i in range(len(ds))], "hash": hash(ds[0]["question"])}))
+"""
+
+
+def test_ids_without_a_field_are_the_same_in_every_process(tmp_path):
+    """HF's ChartQA exports have no id column: the id must not depend on the process's str-hash salt
+    (resume and multi-host merges key rows by id)."""
+    import os
+    import subprocess
+    import sys
+
+    q1, q2 = "What is the peak value?", "What is the lowest value?"
+    img1, img2 = {"bytes": png_bytes("coffee"), "path": None}, {"bytes": png_bytes("chelsea"), "path": None}
+    rows = [{"query": q1, "label": "41.5", "type": "human", "image": img1},
+            {"query": q2, "label": "3", "type": "human", "image": img1},          # another question
+            {"query": q1, "label": "7", "type": "human", "image": img2},          # another chart
+            {"query": q1, "label": "41.5", "type": "human", "image": img1}]       # a duplicate row
+    data = write_parquet(tmp_path / "chartqa.parquet", rows)
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", _IDS_SCRIPT, str(data)], env=env, capture_output=True,
+                             text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["hash"] != runs[1]["hash"]          # the salt differs between the two processes
+    ids = runs[0]["ids"]
+    assert runs[1]["ids"] == ids and len(set(ids)) == 4
+    digest = [i.rsplit("-", 1)[0] for i in ids]   # question and image part; the row index follows
+    assert len(set(digest[:3])) == 3 and digest[3] == digest[0]
+    assert ids == [s["id"] for s in B.load("chartqa", data)]
+    assert B.load("chartqa", write_parquet(tmp_path / "one.parquet", [dict(rows[0], id=12)]))[0]["id"] == "12"
+
+
 def test_reader_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         B.load("pope", tmp_path / "missing.parquet")
@@ -173,3 +210,38 @@ def test_over_long_prompts_become_error_rows(tiny_model_dir, tmp_path):
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 3 and all("max_prompt_tokens" in r["error"] for r in rows)
     assert "[3 err]" in table(summarize(rows))
+
+
+def test_stop_token_ids():
+    from types import SimpleNamespace as NS
+
+    from jaxmm.stopping import stop_token_ids
+
+    assert stop_token_ids(NS(eos_token_id=(1, 7)), NS(eos_token_id=9)) == (1, 7, 9)
+    assert stop_token_ids(NS(eos_token_id=(1, 7)), NS(eos_token_id=7)) == (1, 7)   # already there: once
+    assert stop_token_ids(NS(eos_token_id=(1,)), NS(eos_token_id=None)) == (1,)     # no tokenizer eos
+    assert stop_token_ids(NS(eos_token_id=(1,))) == (1,)
+    assert stop_token_ids(NS(eos_token_id=None), NS(eos_token_id=3)) == (3,)
+    assert stop_token_ids(NS(eos_token_id=[5, 5, 2]), object()) == (5, 2)          # HF-style list; no attribute
+    ids = stop_token_ids(NS(eos_token_id=np.int64(4)), NS(eos_token_id=np.int32(6)))
+    assert ids == (4, 6) and all(type(i) is int for i in ids)
+
+
+def test_tokenizer_without_eos_evaluates(tmp_path):
+    """A tokenizer with no eos token (eos_token_id None) stops on the config's eos alone: no error row."""
+    import shutil
+
+    from jaxmm import organism
+    from jaxmm.processing.chat import load_tokenizer
+
+    model = tmp_path / "organism"
+    shutil.copytree(organism.default(), model)
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    tc.pop("eos_token")
+    (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert load_tokenizer(model).eos_token_id is None
+    cfg = EvalConfig(model=str(model), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 1}],
+                     methods=["baseline"], batch_size=1, max_new_tokens=2, heatmaps=0)
+    rows = load_rows(run(cfg, progress=False))
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["prediction"] is not None and 1 <= rows[0]["n_tokens"] <= 2

@@ -5,6 +5,7 @@ and fed the HF image processor's outputs for real photos from scikit-image.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -224,3 +225,53 @@ def test_sharded_checkpoint_loads(tmp_path):
     next(tmp_path.glob("model-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="does not exist"):
         jaxmm.load(tmp_path)
+
+
+def hf_generate_position_ids(model, batch):
+    """The position ids HF's ``generate()`` feeds its language model on the prefill: [4,B,S] =
+    [text; t; h; w] in transformers 5.x (read with a forward pre-hook on ``model.model.language_model``)."""
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    try:
+        with torch.no_grad():
+            model.generate(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
+                           max_new_tokens=1, do_sample=False)
+    finally:
+        hook.remove()
+    return seen[0].numpy()
+
+
+def test_hf_four_row_position_ids_give_the_same_logits(ckpt):
+    _, path, hf_model = ckpt
+    batch = make_batch([["chelsea"], []], "left")
+    hf_pos = hf_generate_position_ids(hf_model, batch)
+    assert hf_pos.shape == (4,) + batch["input_ids"].shape
+    valid = batch["attention_mask"].astype(bool)
+    assert (hf_pos[0] != hf_pos[1])[valid].any()  # the text row is not an M-RoPE row: dropping it matters
+    model = jaxmm.load(path)
+    np.testing.assert_array_equal(np.asarray(model.prepare(**batch, position_ids=hf_pos).position_ids),
+                                  np.asarray(model.prepare(**batch).position_ids))
+    base = np.asarray(model.forward(**batch).logits)
+    for pos in (hf_pos, torch.from_numpy(hf_pos), hf_pos[1:]):
+        got = np.asarray(model.forward(**batch, position_ids=pos).logits)
+        np.testing.assert_allclose(got[valid], base[valid], rtol=0, atol=1e-6)
+    wrong = np.asarray(model.forward(**batch, position_ids=hf_pos[:3]).logits)  # text row taken as t
+    assert np.abs(wrong - base)[valid].max() > 1e-3
+
+
+def test_position_ids_of_the_wrong_shape_are_named(ckpt):
+    _, path, _ = ckpt
+    model = jaxmm.load(path)
+    batch = make_batch([["chelsea"], []], "left")
+    b, s = batch["input_ids"].shape
+    pos = np.asarray(model.prepare(**batch).position_ids)
+    for bad in (np.zeros((5, b, s), np.int64), np.zeros((3, b, s + 1), np.int64), np.zeros((4, b, s - 1), np.int64),
+                np.zeros((b, s + 1), np.int64)):
+        with pytest.raises(ValueError, match=rf"position_ids: expected \[3,B,S\]=\(3, {b}, {s}\), HF's "
+                                             rf"\[4,B,S\]=\(4, {b}, {s}\) .*or \[B,S\]=\({b}, {s}\).*"
+                                             rf"got {re.escape(str(bad.shape))}"):
+            model.forward(**batch, position_ids=bad)
+    with pytest.raises(ValueError, match="position_ids: expected an integer array"):
+        model.forward(**batch, position_ids=pos.astype(np.float32))

@@ -1,6 +1,6 @@
 """M-RoPE position ids and rope_deltas against transformers' ``get_rope_index`` (called with
 ``mm_token_type_ids``), decoding positions against ``compute_3d_position_ids``,
-``_prepare_position_ids_for_generation`` and ``generate()``, and named errors."""
+a cached continuation forward and ``generate()``, and named errors."""
 
 import numpy as np
 import pytest
@@ -181,19 +181,56 @@ def test_decode_matches_compute_3d_position_ids_without_mask(hf_model):
     np.testing.assert_array_equal(got, ref.numpy())
 
 
-def test_decode_matches_continuation_with_mask(hf_model):
-    """``_prepare_position_ids_for_generation`` continuing from a cache: cumsum(mask) − 1 + rope_deltas."""
-    (ids, am), grids = _prompt()
-    _, deltas = ours(ids, am, grids)
-    hf_model.model.rope_deltas = torch.tensor(deltas)
-    n_new, b, s = 2, *ids.shape
-    full_ids = np.concatenate([ids, np.full((b, n_new), 5)], 1)
+class _Captured(Exception):
+    pass
+
+
+def _continuation_positions(model, ids, am, pixel_values, grids, n_new):
+    """The M-RoPE position ids [3, B, n_new] HF's forward gives ``n_new`` continuation tokens after
+    a cached prompt: a prefill forward with ``use_cache=True``, then a forward of the new tokens with
+    the full attention mask and the cache; the positions are read where they reach
+    ``model.model.language_model``. HF builds them from the full mask (``cumsum(mask) - 1 +
+    rope_deltas``, [3 or 4, B, S + n_new]) and the forward is stopped there, before the layers, which
+    would reject that length: the last ``n_new`` columns are the new tokens'."""
+    t = lambda x: torch.tensor(np.asarray(x))
+    b = len(ids)
+    new = np.full((b, n_new), 5)
     full_am = np.concatenate([am, np.ones((b, n_new), am.dtype)], 1)
-    kwargs = dict(attention_mask=torch.tensor(full_am), past_key_values=_fake_cache(hf_model, b, s),
-                  mm_token_type_ids=torch.tensor(mm_token_type_ids(full_ids, IMG, VID)),
-                  image_grid_thw=torch.tensor(grids))
-    ref = hf_model._prepare_position_ids_for_generation(torch.tensor(full_ids), kwargs)
-    ref = np.broadcast_to(ref.numpy()[..., -n_new:], (3, b, n_new))
+    with torch.no_grad():
+        prefill = model(input_ids=t(ids), attention_mask=t(am), pixel_values=pixel_values, image_grid_thw=t(grids),
+                        mm_token_type_ids=t(mm_token_type_ids(ids, IMG, VID)), use_cache=True)
+        seen = []
+
+        def stop(mod, args, kw):
+            seen.append(kw["position_ids"].clone())
+            raise _Captured
+
+        hook = model.model.language_model.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            model(input_ids=t(new), attention_mask=t(full_am), cache=prefill.cache,
+                  mm_token_type_ids=t(mm_token_type_ids(new, IMG, VID)), image_grid_thw=t(grids), use_cache=True)
+        except _Captured:
+            pass
+        finally:
+            hook.remove()
+    (pos,) = seen
+    pos = pos.numpy()
+    if pos.shape[0] == 4:  # [text; t; h; w]: the M-RoPE axes are rows 1..3
+        pos = pos[1:]
+    assert pos.shape[:2] == (3, b) and pos.shape[-1] in (n_new, ids.shape[1] + n_new), pos.shape
+    return np.broadcast_to(pos[..., -n_new:], (3, b, n_new))
+
+
+def test_decode_matches_continuation_with_mask(hf_model):
+    """HF's forward continuing from a cache: cumsum(mask) − 1 + rope_deltas."""
+    (ids, am), grids = _prompt()
+    pv = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14)
+    n_new, s = 3, ids.shape[1]
+    ref = _continuation_positions(hf_model, ids, am, pv, grids, n_new)
+    # every row is off a plain continuation arange(S, S + n) — the image shifts row 0 (rope_deltas −3),
+    # left padding rows 1 and 2 — so the comparison below can tell a wrong decode_position_ids
+    assert (ref != np.arange(s, s + n_new)).any(axis=(0, 2)).all()
+    _, deltas = ours(ids, am, grids)
     np.testing.assert_array_equal(decode_position_ids(deltas, am.sum(-1), n_new), ref)
     np.testing.assert_array_equal(decode_position_ids(deltas[:, 0], am.sum(-1), n_new), ref)
 

@@ -6,10 +6,16 @@ for TextVQA/DocVQA), ``score`` (name of the rule in :mod:`jaxmm.eval.scoring`), 
 and ``task``. Files: parquet with image bytes (HF datasets' export: an ``image`` column holding
 bytes or ``{"bytes": …}``) or JSONL plus an image folder (``image`` holds a path relative to the
 JSONL file). Field names follow each benchmark's published schema.
+
+Ids are the benchmark's own (question id, index, …) and must be the same in every process: the
+harness resumes and merges hosts' rows by ``(benchmark, id, method)``. A row without one (ChartQA's
+HF exports have none) gets :func:`stable_id` of its question and image plus its row index — never
+Python's ``hash``, which is salted per process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -61,6 +67,26 @@ def decode_image(value):
     return Image.open(value).convert("RGB")
 
 
+def stable_id(*parts) -> str:
+    """16 hex digits of the sha1 of ``parts`` (bytes, or anything ``str`` writes): the same in every
+    process and on every host."""
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(bytes(p) if isinstance(p, (bytes, bytearray)) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _image_ref(value):
+    """What identifies a row's image across hosts: its encoded bytes, or its file name (not the
+    absolute path, which depends on where each host keeps the data)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return value
+    return "" if value is None else Path(str(value)).name
+
+
 def _options(row, letters="ABCDEFGH"):
     return "\n".join(f"{l}. {row[l]}" for l in letters if row.get(l) not in (None, "", "nan"))
 
@@ -99,7 +125,8 @@ def _hallusion(row):
 
 
 def _chartqa(row):
-    return dict(id=str(row.get("id", row.get("question_id", hash(row.get("query", row.get("question")))))),
+    rid = row.get("id") if row.get("id") is not None else row.get("question_id")
+    return dict(id=None if rid is None else str(rid),       # None: _to_sample derives a stable one
                 question=f"{row.get('query', row.get('question'))}\n{SHORT_INSTRUCTION}",
                 answer=str(row.get("label", row.get("answer"))), score="relaxed", task=row.get("type"))
 
@@ -126,13 +153,17 @@ READERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
-def _to_sample(name: str, row: dict) -> dict:
+def _to_sample(name: str, row: dict, index: int | None = None) -> dict:
+    """``row`` (number ``index`` of its file) -> a sample. A reader that finds no id in the row
+    returns ``id=None``; the id is then ``{stable_id(question, image)}-{index}``."""
     try:
         s = READERS[name](row)
     except KeyError as e:
         raise ValueError(f"{name}: a row lacks the field {e} of the benchmark's schema") from None
     s["benchmark"] = name
     s["image"] = row.get("image") if "image" in row else row.get("decoded_image")
+    if s["id"] is None:
+        s["id"] = stable_id(s["question"], _image_ref(s["image"])) + ("" if index is None else f"-{index}")
     return s
 
 
@@ -163,4 +194,4 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
     rows = read_table(path)[:limit] if limit else read_table(path)
-    return grain.MapDataset.source(rows).map(lambda row: _to_sample(name, row))
+    return grain.MapDataset.source(rows).map_with_index(lambda i, row: _to_sample(name, row, i))

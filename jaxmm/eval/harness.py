@@ -348,6 +348,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
     from jaxmm.processing.regions import region_weights
+    from jaxmm.stopping import stop_token_ids
 
     convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
                                            {"type": "text", "text": s["question"]}]}] for s in samples]
@@ -365,7 +366,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
     probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12),
               P.AttentionWeights(name="last_layer", layers=(nl - 1,)))
     t0 = time.perf_counter()
-    stop = list(model.config.eos_token_id) + [model.tokenizer.eos_token_id]
+    stop = stop_token_ids(model.config, model.tokenizer)
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
                    pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -12,12 +12,11 @@ Numeric leaves broadcast as: scalar; [B] per sample; [B,H] per sample and head.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, Site, static_field
+from jaxmm.attention import Intervention, Site, register, static_field
 
 _FIELDS = {"image": "image_mask", "video": "video_mask", "system": "system_mask",
            "question": "question_mask", "generated": "generated_mask", "region": "region_weight"}
@@ -38,8 +37,7 @@ def per_sample(x) -> jax.Array:
     return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim else x
 
 
-def _iv(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+_iv = register
 
 
 @_iv

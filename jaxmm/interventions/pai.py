@@ -4,8 +4,9 @@ Attention amplification, pre-softmax, on the last query row, at layers ``start �
 
     z_ij ← z_ij + α·|z_ij|    for j ∈ V (image keys), i = the last query        [code]
 
-"Last query" is the last position of each call: the final prompt token at prefill and the new
-token at every decode step. Defaults α = 0.2, layers 2–32 (LLaVA-1.5); :func:`pai` maps the range
+"Last query" is each row's last non-padding query of a call (``site.last_query``): the final
+prompt token at prefill — also in a right-padded batch, where it is not the last column — and the
+new token at every decode step. Defaults α = 0.2, layers 2–32 (LLaVA-1.5); :func:`pai` maps the range
 onto any depth (``end`` defaults to the number of layers).
 
 The optional contrast with a text-only pass (:func:`pai_contrast`) is a logits processor:
@@ -29,7 +30,7 @@ class PAI(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def logits(self, z, site):
-        last = (site.query_pos == site.query_end)[None, None, :, None]          # [1,1,T,1]
+        last = (site.query_pos[None, :] == site.last_query[:, None])[:, None, :, None]   # [B,1,T,1]
         edit = z + per_sample(self.alpha) * jnp.abs(z) * key_set(site, "image")
         return jnp.where(last & site.mask, edit, z)
 

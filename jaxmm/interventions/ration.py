@@ -18,8 +18,9 @@ Two phases inside one ``generate`` call (``prefill_probes`` then ``after_prefill
    d_b·H_min/(H̄+1e-6); d_a = 0.8, d_b = 1.2. Key layers: a configuration input; default the
    top-``top_k`` layers of the ranking (``top_k`` = 4 is ours). Intervention: z_ij ← z_ij / τ for
    j ∈ V at the key layers, for every later query — a logits stage here (equal to scaling the image
-   keys by 1/τ; on Qwen3-VL's k_norm the key trick would be a no-op, the logits form is not). With
-   ``generate(..., reprefill=True)`` the prompt is run again under τ ("prefill and decode").
+   keys by 1/τ; on Qwen3-VL's k_norm the key trick would be a no-op, the logits form is not).
+   "Prefill and decode": RATION sets ``replans_prompt``, so ``generate`` runs the prompt again
+   under τ by default (``reprefill=False`` applies τ to generated tokens only).
 
 Per-sample: each row gets its own ranking, route, key layers and τ ([B, L] leaves).
 """
@@ -90,6 +91,8 @@ class RATION(Intervention):
     task: jax.Array | None = None
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
+
+    replans_prompt = True    # generate re-runs the prompt under the plan (prefill and decode)
 
     def has_stage(self, name):
         return name == "logits" and self.tau is not None

@@ -9,10 +9,10 @@ Visual Attention Sink in Large Multimodal Models", ICLR 2025; methods.md "Relate
 * Redistribution [paper]: in those rows, sink weights × p (p = 0.6); the freed mass goes to the
   non-sink image keys in proportion to their weights (row sums unchanged). Layers ≥ 2.
 
-At prefill the sink set comes from the layer's own hidden states (``site.hidden``); for decoding,
-:meth:`VAR.after_prefill` stores the prefill's sink sets ([L,B,K]; generated tokens are never sinks).
-Limitation: the unplanned (prefill) pass sees the hidden states of its own query chunk only, so
-prompts longer than ``jaxmm.attention.QUERY_CHUNK`` get sinks from their first chunk's keys there.
+At prefill the sink set comes from the layer's own hidden states of every key the call writes
+(``site.call_hidden`` at ``site.call_pos``, whole even when the explicit path runs in query
+chunks); for decoding, :meth:`VAR.after_prefill` stores the prefill's sink sets ([L,B,K];
+generated tokens are never sinks).
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ class VAR(Intervention):
     def weights(self, a, site):
         if self.sinks is not None:
             sinks = self.sinks[site.layer]
-        else:   # phase 1 = a prefill: the queries are keys 0..T-1 (a cache may hold more, empty, keys)
-            t, k = site.hidden.shape[1], a.shape[-1]
-            sinks = sink_tokens(site.hidden, site.layout.image_mask[:, :t], self.dims, self.tau)
-            sinks = jnp.pad(sinks, ((0, 0), (0, k - t)))
+        else:   # phase 1 = a prefill: the call's tokens are the keys at call_pos (a cache holds more)
+            pos = site.call_pos
+            image = jnp.take(site.layout.image_mask, pos, axis=1)                        # [B,T]
+            own = sink_tokens(site.call_hidden, image, self.dims, self.tau)
+            sinks = jnp.zeros(site.layout.image_mask.shape, bool).at[:, pos].set(own)
         return redistribute(a, site.layout.image_mask, sinks, self.p, self.min_mass, self.max_share)
 
 

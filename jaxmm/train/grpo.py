@@ -222,11 +222,12 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     """Samples G completions per prompt under the current policy and scores them. Returns the
     teacher-forced batch, tokens, mask, old and reference log-probs, rewards and texts."""
     from jaxmm.generate import Sampling, generate
+    from jaxmm.stopping import stop_token_ids
     from jaxmm.train.sft import assemble
 
     params, ivs = assemble(state, cfg)
     prompt, info, rep, region = _prompts(model, samples, cfg.group_size)
-    stop = [t for t in (*model.config.eos_token_id, model.tokenizer.eos_token_id) if t is not None]
+    stop = stop_token_ids(model.config, model.tokenizer)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
                    sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,

@@ -25,6 +25,31 @@ def _np(x, name: str):
         raise TypeError(f"{name}: cannot be read as an array ({type(x).__name__})") from e
 
 
+def mrope_position_ids(position_ids, shape: tuple[int, int]) -> np.ndarray:
+    """Position ids as HF passes them -> the M-RoPE rows [3,B,S] (t, h, w).
+
+    Accepts [3,B,S]; HF's [4,B,S] = [text; t; h; w] (transformers >= 5.x builds these in
+    ``generate``: the text row only feeds its attention mask, so it is dropped and rows 1..3 kept);
+    or [B,S] 1-D positions, used on all three axes. ``shape`` is input_ids' (B, S).
+
+    Raises:
+        ValueError: naming ``position_ids``, the accepted shapes and the shape given.
+    """
+    pos = _np(position_ids, "position_ids")
+    if pos.ndim == 2 and pos.shape == tuple(shape):
+        pos = np.broadcast_to(pos[None], (3,) + pos.shape)
+    elif pos.ndim == 3 and pos.shape[0] == 4 and pos.shape[1:] == tuple(shape):
+        pos = pos[1:]
+    if pos.shape != (3,) + tuple(shape):
+        b, s = shape
+        raise ValueError(f"position_ids: expected [3,B,S]=(3, {b}, {s}), HF's [4,B,S]=(4, {b}, {s}) "
+                         f"([text; t; h; w]) or [B,S]=({b}, {s}) for input_ids [B,S]=({b}, {s}), "
+                         f"got {pos.shape}")
+    if not np.issubdtype(pos.dtype, np.integer):
+        raise ValueError(f"position_ids: expected an integer array, got {pos.dtype}")
+    return pos
+
+
 def prepare_batch(config: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixel_values=None,
                   image_grid_thw=None, position_ids=None, system_spans=None,
                   question_spans=None) -> Batch:
@@ -35,7 +60,9 @@ def prepare_batch(config: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixe
         attention_mask: {0,1} [B,S]; default all ones. Left or right padding.
         pixel_values: float [N, C·T·P·P] as the HF/jaxmm image processor returns them.
         image_grid_thw: int [n_images, 3] (t, h, w in patches), images in row-major order of the batch.
-        position_ids: optional int [3,B,S] to override the computed M-RoPE positions.
+        position_ids: optional int positions to override the computed M-RoPE ones: [3,B,S] (t, h, w),
+            HF's [4,B,S] ([text; t; h; w], the text row is dropped) or [B,S] (the same on all three
+            axes); see :func:`mrope_position_ids`.
         system_spans, question_spans: optional per-row lists of half-open (start, end) spans,
             carried in the TokenLayout for attention methods.
 
@@ -87,11 +114,7 @@ def prepare_batch(config: Qwen2_5_VLConfig, input_ids, attention_mask=None, pixe
             spatial_merge_size=config.vision.spatial_merge_size,
             tokens_per_second=config.vision.tokens_per_second)
     else:
-        position_ids = _np(position_ids, "position_ids")
-        if position_ids.ndim == 2:
-            position_ids = np.broadcast_to(position_ids[None], (3,) + position_ids.shape)
-        if position_ids.shape != (3,) + ids.shape:
-            raise ValueError(f"position_ids: expected [3,B,S]={(3,) + ids.shape}, got {position_ids.shape}")
+        position_ids = mrope_position_ids(position_ids, ids.shape)
     layout = build_token_layout(
         ids, am, grid, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
         spatial_merge_size=config.vision.spatial_merge_size, system_spans=system_spans,

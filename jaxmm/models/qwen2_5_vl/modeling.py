@@ -48,8 +48,11 @@ class Linear(nnx.Module):
         self.bias = _param((dout,), dtype, names[1:]) if bias else None
 
     def __call__(self, x: Array) -> Array:
-        y = x @ self.kernel[...]
-        return y if self.bias is None else y + self.bias[...]
+        # one rounding, as torch's F.linear (addmm): accumulate and add the bias in float32
+        y = jnp.matmul(x, self.kernel[...], preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(jnp.result_type(x, self.kernel[...]))
 
 
 class RMSNorm(nnx.Module):
@@ -74,7 +77,13 @@ class SwiGLU(nnx.Module):
         self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, names=("mlp", "embed"))
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(in_float32(jax.nn.silu)(self.gate_proj(x)) * self.up_proj(x))
+
+
+def in_float32(fn):
+    """``fn`` computed in float32 and rounded once to the input's dtype (torch's activations on
+    bf16 tensors compute in float32 internally)."""
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def rotate_half(x: Array) -> Array:
@@ -140,7 +149,7 @@ class PatchMerger(nnx.Module):
     def __call__(self, x: Array) -> Array:
         x = self.ln_q(x)
         x = x.reshape(-1, self.mlp_0.kernel.shape[0])
-        return self.mlp_2(jax.nn.gelu(self.mlp_0(x), approximate=False))
+        return self.mlp_2(in_float32(lambda h: jax.nn.gelu(h, approximate=False))(self.mlp_0(x)))
 
 
 class VisionTransformer(nnx.Module):
@@ -303,6 +312,68 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs
             image_grid_thw, int(round(cfg.num_position_embeddings ** 0.5)), m)))
            if cfg.num_position_embeddings else {}),
     )
+
+
+def _pad_segments(seg: Segments, n: int, n_b: int, width: int, rows: int) -> Segments:
+    """``seg`` (over n positions) grown to ``rows`` segments of ``width`` slots over n_b positions:
+    positions n … n_b−1 fill the new segments (each gets at least one; more segments when they do
+    not fit), so no segment is empty and the real ones are unchanged."""
+    index, valid = np.asarray(seg.index), np.asarray(seg.valid)
+    n_seg, old_width = index.shape
+    extra = n_b - n
+    n_new = max(rows - n_seg, -(-extra // width))
+    sizes = np.full(n_new, extra // n_new)
+    sizes[: extra % n_new] += 1
+    if extra < n_new:
+        raise ValueError(f"vision padding: {extra} padding patches cannot fill {n_new} segments")
+    lengths = np.concatenate([valid.sum(-1), sizes])
+    slot = np.arange(width)
+    idx = np.zeros((len(lengths), width), np.int64)
+    starts = np.concatenate([[n], n + np.cumsum(sizes)[:-1]])
+    idx[:n_seg, :old_width] = index
+    idx[n_seg:] = np.where(slot[None] < sizes[:, None], starts[:, None] + slot[None], 0)
+    val = slot[None] < lengths[:, None]
+    flat = np.zeros(n_b, np.int64)
+    rows_, cols = np.nonzero(val)
+    flat[idx[rows_, cols]] = rows_ * width + cols
+    return Segments(idx.astype(np.int32), val, flat.astype(np.int32))
+
+
+def pad_vision(pixel_values, vis: VisionInputs, cfg: VisionConfig, multiple: int = 256, width: int = 64,
+               rows: int = 8) -> tuple[np.ndarray, VisionInputs]:
+    """Host side: pads the packed vision inputs of a batch to bucketed shapes, so that images of
+    similar size share one compiled program (``generate``'s bucketing).
+
+    The N patches grow to a multiple of ``multiple`` with zero patches that form extra attention
+    segments of their own (they never attend to or from a real patch) and extra merged tokens at the
+    end of the tower's output, which :func:`splice` never reads; segment tables grow to multiples of
+    ``rows`` segments and ``width`` slots. The real patches' values are unchanged — except in
+    vision-tower probes, whose segment axis then holds the padding segments too.
+
+    Returns ``(pixel_values [N_b, C·T·P·P], VisionInputs)``.
+    """
+    pv = np.asarray(pixel_values)
+    unit = cfg.spatial_merge_size ** 2
+    n = pv.shape[0]
+    bk = lambda x, m: -(-x // m) * m
+    segs = {}
+    need = 1
+    for name in ("frames", "windows"):
+        seg = getattr(vis, name)
+        segs[name] = (bk(seg.index.shape[0] + 1, rows), bk(seg.index.shape[1], width))
+        need = max(need, segs[name][0] - seg.index.shape[0])
+    n_b = bk(n + need * unit, multiple)
+    m, m_b = n // unit, n_b // unit
+    window_index = np.concatenate([np.asarray(vis.window_index), np.arange(m, m_b)]).astype(np.int32)
+    pad = lambda x, fill=0: None if x is None else np.concatenate(
+        [np.asarray(x), np.full((n_b - n,) + np.shape(x)[1:], fill, np.asarray(x).dtype)])
+    new = VisionInputs(
+        window_index=window_index, reverse_index=np.argsort(window_index).astype(np.int32),
+        rotary_pos=pad(vis.rotary_pos),
+        frames=_pad_segments(vis.frames, n, n_b, segs["frames"][1], segs["frames"][0]),
+        windows=_pad_segments(vis.windows, n, n_b, segs["windows"][1], segs["windows"][0]),
+        interp_index=pad(vis.interp_index), interp_weight=pad(vis.interp_weight))
+    return pad(pv).astype(pv.dtype), new
 
 
 # ----------------------------------------------------------------------------- text decoder

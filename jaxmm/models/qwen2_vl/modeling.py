@@ -38,8 +38,7 @@ class VisionMlp(base.nnx.Module):
         self.fc2 = base.Linear(hidden, dim, bias=True, dtype=dtype, names=("mlp", "embed"))
 
     def __call__(self, x):
-        h = self.fc1(x)
-        return self.fc2(h * jax.nn.sigmoid(1.702 * h))
+        return self.fc2(base.in_float32(lambda h: h * jax.nn.sigmoid(1.702 * h))(self.fc1(x)))
 
 
 class VisionBlock(base.VisionBlock):

@@ -35,7 +35,7 @@ class VisionMlp(base.nnx.Module):
         self.linear_fc2 = base.Linear(hidden, dim, bias=True, dtype=dtype, names=("mlp", "embed"))
 
     def __call__(self, x):
-        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=True))
+        return self.linear_fc2(base.in_float32(lambda h: jax.nn.gelu(h, approximate=True))(self.linear_fc1(x)))
 
 
 class VisionBlock(qwen2_vl.VisionBlock):
@@ -55,7 +55,7 @@ class PatchMerger(base.nnx.Module):
     def __call__(self, x):
         c4 = self.linear_fc1.kernel.shape[0]
         x = self.norm(x.reshape(-1, c4)) if self.postshuffle else self.norm(x).reshape(-1, c4)
-        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=False))
+        return self.linear_fc2(base.in_float32(lambda h: jax.nn.gelu(h, approximate=False))(self.linear_fc1(x)))
 
 
 class Embedding(base.nnx.Module):
