@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm.models.qwen2_5_vl.modeling import Batch, KVCache, forward
+from jaxmm.stopping import stop_token_ids
 
 Array = jax.Array
 
@@ -354,7 +355,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     if reprefill is None:
         reprefill = replans_prompt(interventions)
     s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
-    stop = tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens)
+    stop = stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)
     full = extend_for_decoding(batch, max_len)
     vision_read = _reads_vision(interventions) or _reads_vision(probes)
     pre = prefill_batch(batch, full, rows, None if vision_read else config)
@@ -390,7 +391,7 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     if reprefill is None:
         reprefill = replans_prompt(interventions)
     s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
-    stop = np.asarray(tuple(config.eos_token_id) if stop_tokens is None else tuple(stop_tokens), np.int64)
+    stop = np.asarray(stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens), np.int64)
     full = extend_for_decoding(batch, max_len)
     pre = prefill_batch(batch, full, rows, None if _reads_vision(interventions) else config)
     last, cache, next_pos, _, ivs = _prefill_jit(params, config, pre, max_len, tuple(interventions), (),

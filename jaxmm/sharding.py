@@ -192,7 +192,9 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     sampling = Sampling() if sampling is None else sampling
     b, s = batch.input_ids.shape
     max_len = max_len or bucket(s + max_new_tokens)
-    stop = jnp.asarray(tuple(config.eos_token_id if stop_tokens is None else stop_tokens) or (-1,), jnp.int32)
+    from jaxmm.stopping import stop_token_ids
+
+    stop = jnp.asarray((stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)) or (-1,), jnp.int32)
     pad = jnp.int32(pad_token_id)
     full = extend_for_decoding(batch, max_len)
 

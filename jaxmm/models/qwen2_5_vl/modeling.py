@@ -322,10 +322,10 @@ def _pad_segments(seg: Segments, n: int, n_b: int, width: int, rows: int) -> Seg
     n_seg, old_width = index.shape
     extra = n_b - n
     n_new = max(rows - n_seg, -(-extra // width))
-    sizes = np.full(n_new, extra // n_new)
-    sizes[: extra % n_new] += 1
     if extra < n_new:
         raise ValueError(f"vision padding: {extra} padding patches cannot fill {n_new} segments")
+    sizes = np.full(n_new, extra // n_new)
+    sizes[: extra % n_new] += 1
     lengths = np.concatenate([valid.sum(-1), sizes])
     slot = np.arange(width)
     idx = np.zeros((len(lengths), width), np.int64)
