@@ -103,6 +103,14 @@ def extend_for_decoding(batch: Batch, max_len: int) -> Batch:
     return dataclasses.replace(batch, attention_mask=am, layout=layout)
 
 
+def decode_side(full: Batch) -> Batch:
+    """The decode steps' batch: the key-side fields over the cache (``attention_mask``, layout) of
+    ``full`` (:func:`extend_for_decoding`), without the prompt's tokens, positions and vision inputs
+    (each step brings its own token and position), so that every prompt of one bucket decodes with
+    one compiled program."""
+    return dataclasses.replace(full, input_ids=None, position_ids=None, pixel_values=None, vision=None)
+
+
 def _squeeze_query(results: dict, probes) -> dict:
     """Per decode step: drop the query axis (length 1, at each probe's ``query_axis``) of the values."""
     axes = {p.name: p.query_axis for p in probes if p.kind == "attention"}
@@ -364,7 +372,8 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         c_s, c_rows, _ = _plan_shapes(contrast.batch, max_new_tokens, max_len)
         c_full = extend_for_decoding(contrast.batch, max_len)
         contrast = dataclasses.replace(contrast, batch=prefill_batch(contrast.batch, c_full, c_rows),
-                                       full=c_full, prompt_len=np.int32(c_s))
+                                       full=decode_side(c_full), prompt_len=np.int32(c_s))
+    full = decode_side(full)
     if mesh is not None:
         from jaxmm.sharding import batch_shardings
 
@@ -394,6 +403,7 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     stop = np.asarray(stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens), np.int64)
     full = extend_for_decoding(batch, max_len)
     pre = prefill_batch(batch, full, rows, None if _reads_vision(interventions) else config)
+    full = decode_side(full)
     last, cache, next_pos, _, ivs = _prefill_jit(params, config, pre, max_len, tuple(interventions), (),
                                                  reprefill, jnp.int32(s))
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)

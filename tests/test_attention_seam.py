@@ -148,13 +148,14 @@ def test_fused_function_runs_and_equals_matmul_and_explicit(setup, monkeypatch):
     logits = {}
     for name in ("fused", "matmul"):
         with A.options(plain=name), record_paths() as paths:
-            logits[name] = np.asarray(qwen2_5_vl.forward(model.params, model.config, batch, bias).logits)
+            logits[name] = np.asarray(jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias).logits)(
+                model.params, batch))
         assert {p for _, _, p in paths} == {name}
     n_layers = model.config.text.num_hidden_layers + model.config.vision.depth
     assert len(calls) == n_layers and all(k["implementation"] == ("xla" if jax.default_backend() == "cpu" else None)
                                           for k in calls)
-    explicit = np.asarray(qwen2_5_vl.forward(model.params, model.config, batch, bias,
-                                             (P.VisualMass(name="m"),)).logits)
+    explicit = np.asarray(jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias,
+                                                                  (P.VisualMass(name="m"),)).logits)(model.params, batch))
     np.testing.assert_allclose(logits["fused"][valid], logits["matmul"][valid], atol=1e-6, rtol=0)
     np.testing.assert_allclose(logits["fused"][valid], explicit[valid], atol=1e-6, rtol=0)
 
@@ -259,13 +260,14 @@ class LowRankBias(jaxmm.Intervention):
 
 
 def test_pre_rope_bias_keeps_fused_path_and_trains(setup):
-    """RAVE's shape of intervention: bias from pre-RoPE q̃, k̃; fused path; grads reach its leaves."""
+    """RAVE's shape of intervention: bias from pre-RoPE q̃, k̃; the plain path (fused or matmul, never
+    the explicit weights); grads reach its leaves."""
     model, _, batch, _ = setup
     t = model.config.text
     rng = np.random.default_rng(0)
     iv = LowRankBias(u=jnp.asarray(0.3 * rng.standard_normal((t.num_attention_heads, 4, t.head_dim)), jnp.float32),
                      w=jnp.asarray(0.3 * rng.standard_normal((t.num_key_value_heads, 4, t.head_dim)), jnp.float32))
-    assert all(p == "fused" for _, _, p in _paths(model, batch, interventions=(iv,)))
+    assert all(p == A.plain_path() for _, _, p in _paths(model, batch, interventions=(iv,)))
     valid = np.asarray(batch.attention_mask, bool)
     base = np.asarray(model.forward(batch=batch).logits)
     biased = np.asarray(model.forward(batch=batch, interventions=[iv]).logits)

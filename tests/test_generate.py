@@ -191,3 +191,37 @@ def test_after_prefill_replans_inside_one_generate_call(setup):
     np.testing.assert_allclose(np.asarray(out.probes["visual_mass"]["text"].values), want, rtol=1e-5, atol=1e-6)
     unplanned = generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], probes=probes)
     assert not np.allclose(np.asarray(unplanned.probes["visual_mass"]["text"].values), want)
+
+
+def _shifted(raw, extra):
+    """The same rows with ``extra`` more columns of left padding (a prompt ``extra`` tokens longer)."""
+    pad = lambda x: np.concatenate([np.zeros((x.shape[0], extra), x.dtype), x], 1)
+    return dict(raw, input_ids=pad(raw["input_ids"]), attention_mask=pad(raw["attention_mask"]))
+
+
+def test_prompts_and_images_of_similar_size_share_one_program(setup, monkeypatch):
+    """Bucketing: prompts of S and S+3 tokens, and a batch whose images have other patch counts,
+    run one compiled generate (jit cache grows by one entry), and give the tokens and logits of a
+    run without bucketing (prefill rows = S, vision inputs unpadded) at every real step."""
+    import jaxmm.generate as G
+
+    _, model, _ = setup
+    raw = make_batch([["astronaut"], ["chelsea"]], "left")          # S = 36, 196 patches, 15 windows
+    other = make_batch([["chelsea"], ["coffee"]], "left")           # S = 35, 192 patches, 12 windows
+    batches = {"raw": raw, "longer": _shifted(raw, 3), "other images": other}
+    assert len({G.bucket(b["input_ids"].shape[1], G.PROMPT_BUCKET) for b in batches.values()}) == 1
+    assert len({b["input_ids"].shape[1] for b in batches.values()}) == 3
+    assert other["pixel_values"].shape != raw["pixel_values"].shape
+    kw = dict(max_new_tokens=6, stop_tokens=[], output_logits=True)
+    run = lambda b: generate(model.params, model.config, model.prepare(**b), **kw)
+    G._generate.clear_cache()
+    bucketed = {k: run(b) for k, b in batches.items()}
+    assert G._generate._cache_size() == 1, "prompts of one bucket compiled more than one program"
+    monkeypatch.setattr(G, "PROMPT_BUCKET", 1)                  # prefill rows = S exactly
+    monkeypatch.setattr(G, "_reads_vision", lambda objs: True)  # no vision padding
+    for k, b in batches.items():
+        exact = run(b)
+        np.testing.assert_array_equal(np.asarray(bucketed[k].tokens), np.asarray(exact.tokens), err_msg=k)
+        ref = np.asarray(exact.logits)
+        np.testing.assert_allclose(np.asarray(bucketed[k].logits), ref, atol=1e-6 * (1 + np.abs(ref).max()), rtol=0,
+                                   err_msg=k)

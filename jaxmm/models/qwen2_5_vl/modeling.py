@@ -346,8 +346,9 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg: VisionConfig, multiple: int
 
     The N patches grow to a multiple of ``multiple`` with zero patches that form extra attention
     segments of their own (they never attend to or from a real patch) and extra merged tokens at the
-    end of the tower's output, which :func:`splice` never reads; segment tables grow to multiples of
-    ``rows`` segments and ``width`` slots. The real patches' values are unchanged — except in
+    end of the tower's output, which :func:`splice` never reads; segment tables grow to a power of
+    two segments (at least ``rows``; one more than there were, for the padding) and a multiple of
+    ``width`` slots. The real patches' values are unchanged — except in
     vision-tower probes, whose segment axis then holds the padding segments too.
 
     Returns ``(pixel_values [N_b, C·T·P·P], VisionInputs)``.
@@ -360,7 +361,7 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg: VisionConfig, multiple: int
     need = 1
     for name in ("frames", "windows"):
         seg = getattr(vis, name)
-        segs[name] = (bk(seg.index.shape[0] + 1, rows), bk(seg.index.shape[1], width))
+        segs[name] = (max(rows, 1 << int(seg.index.shape[0]).bit_length()), bk(seg.index.shape[1], width))
         need = max(need, segs[name][0] - seg.index.shape[0])
     n_b = bk(n + need * unit, multiple)
     m, m_b = n // unit, n_b // unit
