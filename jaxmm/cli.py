@@ -209,6 +209,7 @@ METHOD_HELP = ("intervention to apply, repeatable, in order: a name (pai, avar, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="jaxmm", description=__doc__.splitlines()[0])
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="one probed forward on a photo (default: the embedded organism)")
     d.add_argument("--model", help="HF checkpoint directory (default: build/use the embedded organism)")
@@ -269,7 +270,14 @@ def main(argv=None) -> int:
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     i.set_defaults(fn=inspect)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        # bad input (a config field, a file, a run directory in use): one line, no traceback
+        if args.debug or type(e).__module__.split(".")[0] in ("jax", "jaxlib"):
+            raise
+        print(f"jaxmm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

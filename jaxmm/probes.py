@@ -1,4 +1,4 @@
-"""Probes: the shared primitives of ``shared/spec/methods.md``, one implementation each.
+"""Probes: the attention primitives the methods share (docs/methods.md), one implementation each.
 
 Every primitive is a pure function of the attention weights ``a`` [B,H,T,K] (float32, rows sum to
 1) and boolean/float key sets [B,K] taken from the :class:`~jaxmm.processing.layout.TokenLayout`;

@@ -1,6 +1,7 @@
 """The embedded organism (a real HF checkpoint directory) and the command line."""
 
 import numpy as np
+import pytest
 import torch
 
 import jaxmm
@@ -64,3 +65,18 @@ def test_inspect_renders_a_heatmap(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "answer:" in text and str(out) in text
     assert Image.open(out).size[0] > 200
+
+
+def test_bad_input_ends_in_one_line_without_traceback(tmp_path, capsys):
+    from jaxmm.cli import main
+
+    assert main(["eval", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxmm eval: error:") and "missing.yaml" in err and "\n" not in err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("batchsize: 2\n")
+    assert main(["eval", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown field(s) ['batchsize']" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="batchsize"):
+        main(["--debug", "eval", "--config", str(cfg)])

@@ -13,7 +13,7 @@ import tiny
 from jaxmm.data.grounded import generate_samples, make_sample
 from jaxmm.eval import benchmarks as B
 from jaxmm.eval import scoring as S
-from jaxmm.eval.harness import EvalConfig, run
+from jaxmm.eval.harness import EvalConfig, SettingsChanged, _Lock, method_name, run
 from jaxmm.eval.report import load_rows, summarize, table
 
 
@@ -52,9 +52,9 @@ SCHEMAS = {
 def test_readers_parquet_and_jsonl(tmp_path, name):
     row, _, rule = SCHEMAS[name]
     row = dict(row, image={"bytes": png_bytes(), "path": None})
-    ds = B.load(name, write_parquet(tmp_path / f"{name}.parquet", [row, row]))
+    ds = B.load(name, write_parquet(tmp_path / f"{name}.parquet", [row]))
     s = ds[0]
-    assert len(ds) == 2 and s["score"] == rule and s["benchmark"] == name and s["question"]
+    assert len(ds) == 1 and s["score"] == rule and s["benchmark"] == name and s["question"]
     assert B.decode_image(s["image"]).size == (64, 48)
     # JSONL + image folder
     (tmp_path / "images").mkdir(exist_ok=True)
@@ -245,3 +245,50 @@ def test_tokenizer_without_eos_evaluates(tmp_path):
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["prediction"] is not None and 1 <= rows[0]["n_tokens"] <= 2
+
+
+def test_resume_refuses_other_settings_and_a_second_concurrent_run(tiny_model_dir, tmp_path):
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 2}],
+                     methods=["baseline"], batch_size=2, max_new_tokens=3, heatmaps=0)
+    out = run(cfg, progress=False)
+    assert len(load_rows(out)) == 2
+    # more samples and another method extend the same run
+    more = EvalConfig(**{**cfg.__dict__, "benchmarks": [{"name": "grounded", "limit": 3}], "methods": ["baseline", "pai"]})
+    assert len(load_rows(run(more, progress=False))) == 6
+    # a setting that changes rows is refused, naming the field and both values
+    short = EvalConfig(**{**cfg.__dict__, "max_new_tokens": 1})
+    with pytest.raises(SettingsChanged, match=r"max_new_tokens: 3 -> 1"):
+        run(short, progress=False)
+    styled = EvalConfig(**{**cfg.__dict__, "benchmarks": [{"name": "grounded", "limit": 2, "contrast": 0.9}]})
+    with pytest.raises(SettingsChanged, match="benchmarks"):
+        run(styled, progress=False)
+    assert len(load_rows(out)) == 6                       # nothing was written
+    # ... or written beside it when asked
+    new = run(EvalConfig(**{**short.__dict__, "if_changed": "new"}), progress=False)
+    assert new != out and new.name.startswith("run-") and len(load_rows(new)) == 2
+    assert json.loads((new / "settings.json").read_text())["settings"]["max_new_tokens"] == 1
+    # a second run on a directory in use fails at once
+    held = _Lock(out / ".lock")
+    try:
+        with pytest.raises(RuntimeError, match="in use by another jaxmm eval"):
+            run(cfg, progress=False)
+    finally:
+        held.release()
+    run(cfg, progress=False)                              # free again
+
+
+def test_duplicate_ids_and_wrong_schema_fail_at_load(tmp_path):
+    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(), "path": None}) for i in (0, 1, 0)]
+    with pytest.raises(ValueError, match=r"dup.parquet: id '0' appears in rows 0 and 2"):
+        B.load("pope", write_parquet(tmp_path / "dup.parquet", rows))
+    mmstar = write_parquet(tmp_path / "mmstar.parquet", [dict(SCHEMAS["mmstar"][0])])
+    with pytest.raises(ValueError, match=r"mmstar.parquet: pope: a row lacks the field .* \(first row"):
+        B.load("pope", mmstar)
+
+
+def test_method_columns_carry_their_parameters():
+    from jaxmm.interventions import KeyLogitShift
+
+    assert method_name({"method": "avar", "alpha_sys": 0.05}) == "avar:alpha_sys=0.05"
+    a, b = method_name(KeyLogitShift(delta=0.5)), method_name(KeyLogitShift(delta=50.0))
+    assert a != b and "delta=0.5" in a and "delta=50.0" in b

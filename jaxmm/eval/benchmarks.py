@@ -194,4 +194,26 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
     rows = read_table(path)[:limit] if limit else read_table(path)
+    check_ids(name, path, rows)
     return grain.MapDataset.source(rows).map_with_index(lambda i, row: _to_sample(name, row, i))
+
+
+def check_ids(name: str, path, rows: list[dict]) -> None:
+    """Fails fast on a file that is not benchmark ``name``'s schema (its first row lacks a field)
+    or that repeats an id (rows are resumed and merged by id, so a repeat would be dropped).
+
+    Raises:
+        ValueError: naming the file, the missing field or the repeated id and its two rows.
+    """
+    first = {}
+    for i, row in enumerate(rows):
+        try:
+            sid = _to_sample(name, row, i)["id"]
+        except ValueError as e:
+            if i == 0:
+                raise ValueError(f"{path}: {e} (first row; fields found: {sorted(row)})") from None
+            continue                     # one malformed row later in the file: an error row at run time
+        if sid in first:
+            raise ValueError(f"{path}: id {sid!r} appears in rows {first[sid]} and {i}; benchmark ids must be "
+                             "unique (results are resumed and merged by id)")
+        first[sid] = i

@@ -25,6 +25,14 @@ the work through files in the shared output directory, no collective on the data
 Resuming: every process skips the rows in ``results.jsonl`` and in every rank file, so a killed
 run resumes with any number of processes; a single-process rerun first merges rank files left by
 a multi-process run. A single-process run with no rank files behaves exactly as before.
+
+A run directory is defined by its settings (:func:`run_settings`: model and weights' identity,
+dtype, benchmarks, decoding; stored in ``settings.json`` with their hash): resuming it with other
+settings raises :class:`SettingsChanged` naming each changed field, or with ``if_changed="new"``
+writes to ``<out>-<hash>`` beside it. Methods are columns named with their parameters
+(:func:`method_name`), so adding a method or raising a benchmark's ``limit`` extends a run. An
+exclusive lock on the directory (``.lock``; per rank in a multi-process run) makes a second
+concurrent run on it fail at once.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class EvalConfig:
     max_prompt_tokens: int = 4096
     heatmaps: int = 2                   # samples per benchmark rendered as attention heatmaps
     seed: int = 0
+    if_changed: str = "refuse"          # resuming `out` with other settings: "refuse" or "new" (out-<hash>)
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> "EvalConfig":
@@ -89,12 +98,103 @@ def _set(d, keys, value):
 
 
 def method_name(spec) -> str:
+    """A method's column name: its name plus its parameters (``"avar:alpha_sys=0.05"``), so two
+    settings of one method are two columns. An intervention object is named by its class and the
+    values of its fields (arrays by their contents)."""
     if isinstance(spec, str):
         return spec
     if isinstance(spec, dict):
         rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
         return spec["method"] + (f":{rest}" if rest else "")
+    if dataclasses.is_dataclass(spec):
+        def show(v):
+            if hasattr(v, "shape") and hasattr(v, "dtype"):
+                a = np.asarray(v)
+                return str(a.item()) if a.size == 1 else "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (
+                    " …]" if a.size > 8 else "]")
+            return str(v)
+        rest = ",".join(f"{f.name}={show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
+                        if getattr(spec, f.name) is not None)
+        return type(spec).__name__.lower() + (f":{rest}" if rest else "")
     return type(spec).__name__.lower()
+
+
+ROW_SETTINGS = ("model", "weights", "dtype", "benchmarks", "max_new_tokens", "max_prompt_tokens", "seed")
+
+
+def _weights_identity(model_dir) -> list:
+    """What identifies a checkpoint's weights without reading them: each ``*.safetensors`` file's
+    name, size, modification time and a hash of its header (tensor names, shapes, offsets), and a
+    hash of ``config.json``."""
+    import hashlib
+
+    if model_dir is None:
+        return ["organism"]
+    d = Path(model_dir)
+    out = []
+    for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("config.json")):
+        st = f.stat()
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if f.suffix == ".safetensors" and len(head) == 8:
+                head += fh.read(int.from_bytes(head, "little"))
+            else:
+                head += fh.read()
+        out.append([f.name, st.st_size, st.st_mtime_ns, hashlib.sha1(head).hexdigest()[:16]])
+    return out
+
+
+def run_settings(cfg: EvalConfig) -> dict:
+    """Everything that changes a result row (not ``out``, ``batch_size``, ``heatmaps``; methods are
+    columns named with their parameters, so adding one extends a run): the model path and its
+    weights' identity, dtype, each benchmark's spec (but its ``limit``: more samples extend a run),
+    decoding and prompt limits, seed."""
+    return {"model": None if cfg.model is None else str(Path(cfg.model).resolve()),
+            "weights": _weights_identity(cfg.model), "dtype": cfg.dtype,
+            "benchmarks": [{k: v for k, v in dict(b).items() if k != "limit"} for b in cfg.benchmarks],
+            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "seed": cfg.seed}
+
+
+def _settings_hash(settings: dict) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class SettingsChanged(ValueError):
+    """Resuming an output directory whose rows were made with other settings."""
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    f = out_dir / "settings.json"
+    if not f.exists():
+        return
+    old = json.loads(f.read_text()).get("settings", {})
+    changed = [k for k in ROW_SETTINGS if json.dumps(old.get(k), sort_keys=True, default=str)
+               != json.dumps(settings.get(k), sort_keys=True, default=str)]
+    if changed:
+        show = lambda v: json.dumps(v, default=str)[:120]
+        what = "; ".join(f"{k}: {show(old.get(k))} -> {show(settings.get(k))}" for k in changed)
+        raise SettingsChanged(f"{out_dir} holds rows made with other settings ({what}). Use another `out`, "
+                              "or `if_changed=new` to write a new run directory beside it")
+
+
+class _Lock:
+    """An exclusive, non-blocking ``flock`` on ``<out>/.lock[.rank{r}]`` for the run's duration."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path, self.f = path, open(path, "a")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise RuntimeError(f"{path.parent} is in use by another jaxmm eval (lock {path.name} is held); "
+                               "wait for it to finish or use another `out`") from None
+
+    def release(self):
+        self.f.close()
 
 
 def _repair(path: Path):
@@ -173,17 +273,38 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     """
     import jax
 
+    if cfg.if_changed not in ("refuse", "new"):
+        raise ValueError(f"if_changed={cfg.if_changed!r}: expected 'refuse' or 'new'")
+    rank, n_proc = jax.process_index(), jax.process_count()
+    settings = run_settings(cfg)
+    out_dir = Path(cfg.out)
+    try:
+        _check_settings(out_dir, settings)
+    except SettingsChanged:
+        if cfg.if_changed == "refuse":
+            raise
+        out_dir = out_dir.with_name(f"{out_dir.name}-{_settings_hash(settings)}")
+        _check_settings(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(out_dir / (".lock" if n_proc == 1 else f".lock.rank{rank}"))
+    try:
+        return _run(cfg, out_dir, settings, rank, n_proc, progress)
+    finally:
+        lock.release()
+
+
+def _run(cfg, out_dir, settings, rank, n_proc, progress):
     import jaxmm
     from jaxmm import organism
     from jaxmm.eval import benchmarks as B
     from jaxmm.eval.report import write_report
     from jaxmm.sharding import host_samples
 
-    rank, n_proc = jax.process_index(), jax.process_count()
-    out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        tmp = out_dir / "settings.json.tmp"
+        tmp.write_text(json.dumps({"hash": _settings_hash(settings), "settings": settings}, indent=2, default=str))
+        tmp.replace(out_dir / "settings.json")
     merged = out_dir / "results.jsonl"
     resumed_ranks = n_proc == 1 and bool(_rank_files(out_dir))
     if resumed_ranks:           # resuming a multi-process run on one process: its rows count as done
