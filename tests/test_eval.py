@@ -292,3 +292,26 @@ def test_method_columns_carry_their_parameters():
     assert method_name({"method": "avar", "alpha_sys": 0.05}) == "avar:alpha_sys=0.05"
     a, b = method_name(KeyLogitShift(delta=0.5)), method_name(KeyLogitShift(delta=50.0))
     assert a != b and "delta=0.5" in a and "delta=50.0" in b
+
+
+def test_pope_metrics_equal_a_hand_computation():
+    from jaxmm.eval.report import pope_metrics, task_accuracy
+
+    # (split, answer, parsed prediction): adversarial TP=2 FP=1 FN=1 TN=1 + 1 unparsed (gt yes)
+    cases = [("adversarial", "yes", "yes"), ("adversarial", "yes", "yes"), ("adversarial", "no", "yes"),
+             ("adversarial", "yes", "no"), ("adversarial", "no", "no"), ("adversarial", "yes", None),
+             ("random", "no", "no"), ("random", "yes", "yes")]
+    rows = [{"benchmark": "pope", "id": str(i), "method": "baseline", "task": t, "answer": a, "parsed": p,
+             "score": float(p == a)} for i, (t, a, p) in enumerate(cases)]
+    rows.append({"benchmark": "pope", "id": "e", "method": "baseline", "task": "random", "error": "x"})
+    m = pope_metrics(rows)
+    adv = m[("baseline", "adversarial")]
+    prec, rec = 2 / 3, 2 / 3                          # TP / (TP + FP), TP / (TP + FN): FN counts "no" only
+    assert adv["n"] == 6 and adv["unparsed"] == 1
+    np.testing.assert_allclose([adv["accuracy"], adv["precision"], adv["recall"], adv["f1"], adv["yes_ratio"]],
+                               [3 / 6, prec, rec, 2 * prec * rec / (prec + rec), 3 / 6])
+    assert m[("baseline", "random")] == {"n": 2, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
+                                         "yes_ratio": 0.5, "unparsed": 0}
+    assert m[("baseline", "all")]["n"] == 8 and m[("baseline", "all")]["precision"] == 3 / 4
+    t = task_accuracy(rows)
+    assert t[("pope", "adversarial", "baseline")] == {"accuracy": 0.5, "n": 6, "unparsed": 1}

@@ -72,6 +72,44 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def pope_metrics(rows: list[dict]) -> dict:
+    """POPE's scores per (method, split): {(method, split): {"n", "accuracy", "precision", "recall",
+    "f1", "yes_ratio", "unparsed"}}, split = the row's ``task`` (random / popular / adversarial),
+    plus split ``"all"``. "yes" is the positive class, as in POPE's evaluation and lmms-eval's
+    ``pope_aggregate_*``: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 their harmonic mean,
+    yes ratio = share of answers "yes"; an unparsed answer (neither yes nor no) is wrong, counts in
+    no class and is counted. Error rows are left out. Fractions in [0, 1] (0 where undefined)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("benchmark") == "pope" and "error" not in r:
+            groups[(r["method"], r.get("task") or "?")].append(r)
+            groups[(r["method"], "all")].append(r)
+    out = {}
+    for key, rs in groups.items():
+        pred = [r.get("parsed") for r in rs]
+        gt = [str(r["answer"]).strip().lower() for r in rs]
+        tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gt))
+        fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gt))
+        fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gt))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        out[key] = {"n": len(rs), "accuracy": sum(p == g for p, g in zip(pred, gt)) / len(rs), "precision": prec,
+                    "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+                    "yes_ratio": sum(p == "yes" for p in pred) / len(rs), "unparsed": sum(p is None for p in pred)}
+    return out
+
+
+def task_accuracy(rows: list[dict]) -> dict:
+    """Accuracy per (benchmark, task, method) over rows without error: {key: {"accuracy", "n",
+    "unparsed"}} (the benchmark's category field: MMStar's ``category``, POPE's split, …)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if "error" not in r and r.get("task") is not None:
+            groups[(r["benchmark"], r["task"], r["method"])].append(r)
+    return {k: {"accuracy": float(np.mean([r["score"] for r in rs])), "n": len(rs),
+                "unparsed": sum(r.get("parsed") is None for r in rs)} for k, rs in groups.items()}
+
+
 def _fmt(x, pct=False):
     if x is None:
         return "–"
@@ -137,6 +175,19 @@ def write_report(out_dir: str | Path) -> Path:
     attn = ["| benchmark | method | n | VAS | visual entropy | region ratio |", "|---|---|---|---|---|---|"]
     for (b, m), s in sorted(summary.items()):
         attn.append(f"| {b} | {m} | {s['n']} | {_fmt(s['vas'])} | {_fmt(s['visual_entropy'])} | {_fmt(s['region_ratio'])} |")
+    tasks = ["| benchmark | task | method | n | accuracy (%) | unparsed |", "|---|---|---|---|---|---|"]
+    for (b, t, m), s in sorted(task_accuracy(rows).items()):
+        tasks.append(f"| {b} | {t} | {m} | {s['n']} | {_fmt(s['accuracy'], pct=True)} | {s['unparsed']} |")
+    pope = ["| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1], kv[0][0])):
+        pope.append(f"| {split} | {m} | {s['n']} | " + " | ".join(_fmt(s[k], pct=True) for k in (
+            "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
+    extra = []
+    if len(tasks) > 2:
+        extra += ["## Accuracy per task", "", "\n".join(tasks), ""]
+    if len(pope) > 2:
+        extra += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
     heatmaps = sorted({r["heatmap"] for r in rows if r.get("heatmap")})
     cfg = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
     text = "\n".join([
@@ -144,6 +195,7 @@ def write_report(out_dir: str | Path) -> Path:
         f"Model: `{cfg.get('model') or 'embedded organism'}` · rows: {len(rows)} · "
         f"errors: {sum('error' in r for r in rows)}", "",
         "## Accuracy (%) — delta against baseline in parentheses", "", table(summary), "",
+        *extra,
         "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "", "\n".join(attn), "",
         "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
         "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",
