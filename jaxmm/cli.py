@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     g.add_argument("--pai-contrast", type=float, metavar="GAMMA", help="PAI's contrast with a text-only pass")
     g.set_defaults(fn=generate)
     e = sub.add_parser("eval", help="benchmarks x methods grid, resumable; writes results.jsonl and report.md")
-    e.add_argument("--config", help="YAML (configs/eval/); default: the organism on the grounded benchmark")
+    e.add_argument("--config", help="a packaged config's name (organism, the default) or a YAML file")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--distributed", action="store_true",

@@ -315,3 +315,16 @@ def test_pope_metrics_equal_a_hand_computation():
     assert m[("baseline", "all")]["n"] == 8 and m[("baseline", "all")]["precision"] == 3 / 4
     t = task_accuracy(rows)
     assert t[("pope", "adversarial", "baseline")] == {"accuracy": 0.5, "n": 6, "unparsed": 1}
+
+
+def test_packaged_config_resolves_by_name_from_any_directory(tmp_path, monkeypatch):
+    from jaxmm.eval.harness import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = EvalConfig.from_yaml("organism", ["benchmarks.0.limit=3"])
+    assert cfg.model is None and cfg.benchmarks[0]["limit"] == 3 and "ration" in cfg.methods
+    assert EvalConfig.from_yaml(None) == EvalConfig.from_yaml("organism")      # no config = the README's job
+    with pytest.raises(FileNotFoundError, match=r"'organsim'.*packaged: \['organism'\]"):
+        resolve_config("organsim")
+    (tmp_path / "mine.yaml").write_text("methods: [baseline]\n")
+    assert EvalConfig.from_yaml("mine.yaml").methods == ["baseline"]

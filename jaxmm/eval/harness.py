@@ -1,6 +1,6 @@
 """The evaluation harness: a model × methods × benchmarks grid, resumable, written as it goes.
 
-    jaxmm eval --config configs/eval/organism.yaml batch_size=4 benchmarks.0.limit=16
+    jaxmm eval --config organism batch_size=4 benchmarks.0.limit=16
 
 Results go to ``<out>/results.jsonl``, one row per (benchmark, sample, method), appended and
 flushed batch by batch; a rerun skips the rows already there (a killed run loses at most the batch
@@ -52,7 +52,8 @@ from jaxmm.eval import scoring
 
 @dataclasses.dataclass
 class EvalConfig:
-    """Schema of ``configs/eval/*.yaml`` (dotted overrides on the command line)."""
+    """Schema of the eval configs (``jaxmm/configs/eval/*.yaml``, or any YAML file; dotted
+    overrides on the command line)."""
 
     model: str | None = None            # HF checkpoint dir; None = the embedded organism
     dtype: str = "float32"
@@ -70,7 +71,7 @@ class EvalConfig:
     def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> "EvalConfig":
         import yaml
 
-        d = yaml.safe_load(Path(path).read_text()) if path else {}
+        d = yaml.safe_load(resolve_config(path).read_text())
         d = d or {}
         for ov in overrides:
             if "=" not in ov:
@@ -82,6 +83,27 @@ class EvalConfig:
         if unknown:
             raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+PACKAGED = Path(__file__).resolve().parents[1] / "configs" / "eval"
+
+
+def resolve_config(name: str | Path | None) -> Path:
+    """An eval config: a YAML file's path, or the name of one shipped in the package
+    (``jaxmm/configs/eval/<name>.yaml``; ``None`` = ``organism``, the README's main job).
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged name (the packaged names are listed).
+    """
+    name = "organism" if name is None else name
+    path = Path(name)
+    if path.exists():
+        return path
+    packaged = PACKAGED / f"{name}.yaml"
+    if path.suffix == "" and len(path.parts) == 1 and packaged.exists():
+        return packaged
+    known = sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+    raise FileNotFoundError(f"eval config {str(name)!r}: no such file, nor a packaged config (packaged: {known})")
 
 
 def _set(d, keys, value):
