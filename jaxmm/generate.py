@@ -1,8 +1,8 @@
 """Generation: prefill, then a jit-compiled decode loop over a static KV cache.
 
 The whole of :func:`generate` is one ``jax.jit`` program: prefill over the (left-padded) prompt,
-``after_prefill`` re-planning of interventions, then ``lax.scan`` over ``max_new_tokens`` decode
-steps. Interventions apply at prefill and at every step; probes are collected at every step.
+``after_prefill`` re-planning of interventions, then a ``lax.while_loop`` of at most
+``max_new_tokens`` decode steps that ends once every row has stopped. Interventions apply at prefill and at every step; probes are collected at every step.
 :func:`prefill_and_plan` and :func:`decode_step` are the same pieces, jitted one by one, for
 :func:`stream`. PAI's contrast decodes a text-only stream in lockstep (:class:`Contrast`).
 
@@ -55,7 +55,9 @@ class GenerateOutput:
     including the first stop token); logits [B,T_new,V] float32 of each step (if requested, else
     None); probes ``{name: {tower: LayerStack(values [B, T_new, L_probed, ...], layers)}}`` from the
     decode steps (the query axis of size 1 removed); prefill_probes as the forward returns them;
-    text: the decoded completions when generating from chat messages (``Model.generate``)."""
+    text: the decoded completions when generating from chat messages (``Model.generate``);
+    steps: int32 scalar, the decode steps run (≤ T_new: decoding ends once every row has stopped;
+    the steps not run hold pad tokens and zero logits and probe values)."""
 
     tokens: Any
     lengths: Any
@@ -63,6 +65,7 @@ class GenerateOutput:
     probes: Any = None
     prefill_probes: Any = None
     text: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    steps: Any = None
 
 
 def bucket(n: int, multiple: int = 64) -> int:
@@ -253,14 +256,29 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
         return (out.logits[:, 0], out.cache, done, text), ys
 
     init = (last, cache, jnp.zeros((b,), bool), text)
-    _, (tokens, logits, step_probes) = jax.lax.scan(body, init, (jnp.arange(max_new_tokens), keys))
+    # A while loop, not a scan: decoding ends once every row has stopped. Step t's outputs go to row t
+    # of buffers; the steps never run keep pad_token_id tokens and zero logits / probe values.
+    ys_shape = jax.eval_shape(lambda c: body(c, (jnp.int32(0), keys[0]))[1], init)
+    bufs = jax.tree_util.tree_map(lambda y: jnp.zeros((max_new_tokens,) + y.shape, y.dtype), ys_shape)
+    bufs = (jnp.full_like(bufs[0], pad_token_id),) + bufs[1:]
+
+    def cond(state):
+        t, carry, _ = state
+        return (t < max_new_tokens) & ~jnp.all(carry[2])
+
+    def loop(state):
+        t, carry, bufs = state
+        carry, ys = body(carry, (t, keys[t]))
+        return t + 1, carry, jax.tree_util.tree_map(lambda buf, y: buf.at[t].set(y), bufs, ys)
+
+    steps, _, (tokens, logits, step_probes) = jax.lax.while_loop(cond, loop, (jnp.int32(0), init, bufs))
     # Step t's forward consumed generated token t: its probes describe token t as the query.
     # Stacked over steps the values are [T_new, L, B, ...]; return [B, T_new, L, ...].
     step_probes = jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 2, 0), step_probes)
     tokens = tokens.T
     return GenerateOutput(tokens=tokens, lengths=_lengths(tokens, stop_tokens),
                           logits=None if logits is None else jnp.moveaxis(logits, 0, 1),
-                          probes=step_probes, prefill_probes=pre.probes)
+                          probes=step_probes, prefill_probes=pre.probes, steps=steps)
 
 
 def _lengths(tokens: Array, stop_tokens: Array) -> Array:

@@ -225,3 +225,25 @@ def test_prompts_and_images_of_similar_size_share_one_program(setup, monkeypatch
         ref = np.asarray(exact.logits)
         np.testing.assert_allclose(np.asarray(bucketed[k].logits), ref, atol=1e-6 * (1 + np.abs(ref).max()), rtol=0,
                                    err_msg=k)
+
+
+def test_decoding_ends_when_every_row_has_stopped(setup):
+    """Same tokens as decoding every step (cut at each row's first stop token, pad after), in
+    fewer steps; the steps not run hold pad tokens and zero logits."""
+    _, model, raw = setup
+    batch = model.prepare(**raw)
+    full = generate(model.params, model.config, batch, max_new_tokens=NEW, stop_tokens=[], output_logits=True)
+    t = np.asarray(full.tokens)
+    assert int(full.steps) == NEW
+    stop = sorted({int(t[0, 2]), int(t[1, 4])})
+    out = generate(model.params, model.config, batch, max_new_tokens=NEW, stop_tokens=stop, pad_token_id=0,
+                   output_logits=True)
+    want = t.copy()
+    for r in range(t.shape[0]):
+        first = int(np.flatnonzero(np.isin(t[r], stop))[0])
+        want[r, first + 1:] = 0
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
+    steps = int(out.steps)
+    assert steps == max(int(np.flatnonzero(np.isin(t[r], stop))[0]) for r in range(2)) + 1 < NEW
+    np.testing.assert_allclose(np.asarray(out.logits)[:, :steps], np.asarray(full.logits)[:, :steps], atol=1e-5, rtol=0)
+    assert not np.asarray(out.logits)[:, steps:].any()
