@@ -506,8 +506,11 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
         w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
                            boxes, sizes, grid, model.config.vision.patch_size, model.config.vision.spatial_merge_size)
         batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
-    probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12),
-              P.AttentionWeights(name="last_layer", layers=(nl - 1,)))
+    index_of = lambda s: int(s["id"].rsplit("-", 1)[-1]) if s["id"].rsplit("-", 1)[-1].isdigit() else None
+    drawn = [cfg.heatmaps and index_of(s) is not None and index_of(s) < cfg.heatmaps for s in samples]
+    probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12))
+    if any(drawn):      # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
+        probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)
     t0 = time.perf_counter()
     stop = stop_token_ids(model.config, model.tokenizer)
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
@@ -515,7 +518,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     seconds = (time.perf_counter() - t0) / len(samples)
     rows = []
-    heat = np.asarray(out.probes["last_layer"]["text"].values)      # [B,T,1,H,K]
+    heat = np.asarray(out.probes["last_layer"]["text"].values) if any(drawn) else None      # [B,T,1,H,K]
     for b, s in enumerate(samples):
         pred = model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
         parsed, sc = score(s, pred)
@@ -523,8 +526,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
                "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
                "score": sc, "n_tokens": int(lengths[b]), "seconds": seconds}
         row.update(_metrics(out, b, lengths[b], b in boxes))
-        index = int(s["id"].rsplit("-", 1)[-1]) if s["id"].rsplit("-", 1)[-1].isdigit() else None
-        if cfg.heatmaps and index is not None and index < cfg.heatmaps:
+        if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])
             att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys]
             gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
