@@ -531,7 +531,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
             att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys]
             gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
             fig = out_dir / "figures" / f"heatmap_{s['benchmark']}_{s['id']}_{mname.replace(':', '_').replace(',', '_')}.png"
-            title = f"{s['id']} · {mname}"
+            title = f"{s['id']} · {mname} · Q: {s['question']} · answer: {s['answer']} · prediction: {pred}"
             if render:
                 render_heatmap(s["image"], att.reshape(gh, gw), fig, title=title, box=s.get("box"))
             row["heatmap"] = str(fig.relative_to(out_dir))

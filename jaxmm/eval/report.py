@@ -32,8 +32,13 @@ def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", bo
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=9)
     axes[1].imshow(image)
-    axes[1].imshow(attention, cmap="jet", alpha=0.5, extent=(0, w, h, 0), interpolation="nearest")
-    axes[1].set_title(f"attention of generated tokens\n(last layer, mean over heads) {title}", fontsize=8)
+    im = axes[1].imshow(attention, cmap="jet", alpha=0.5, extent=(0, w, h, 0), interpolation="nearest")
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="attention weight")
+    axes[1].set_title("attention of generated tokens\n(last layer, mean over heads and tokens)", fontsize=8)
+    if title:
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 90)[:4]), fontsize=7)
     if box is not None:
         from matplotlib.patches import Rectangle
 
@@ -151,13 +156,15 @@ def write_report(out_dir: str | Path) -> Path:
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     # VAS against accuracy
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4))
     for (b, m), s in sorted(summary.items()):
         if s["vas"] is not None and s["accuracy"] is not None:
-            ax.scatter(s["vas"], 100 * s["accuracy"])
-            ax.annotate(f"{m} · {b}", (s["vas"], 100 * s["accuracy"]), fontsize=7)
-    ax.set_xlabel("VAS (image / system attention, mean over generated tokens)")
+            ax.scatter(s["vas"], 100 * s["accuracy"], label=f"{m} · {b}", s=30)
+    ax.set_xlabel("VAS = attention mass on image tokens / on system tokens\n(mean over generated tokens, layers, heads)",
+                  fontsize=8)
     ax.set_ylabel("accuracy (%)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(figs / "vas_vs_accuracy.png", dpi=100)
     plt.close(fig)
@@ -166,9 +173,11 @@ def write_report(out_dir: str | Path) -> Path:
     for (b, m), s in sorted(summary.items()):
         if s["per_layer"]:
             ax.plot(range(len(s["per_layer"])), s["per_layer"], marker="o", label=f"{m} · {b}")
+            ax.set_xticks(range(len(s["per_layer"])))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("visual entropy H_V (nats)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(figs / "visual_entropy_per_layer.png", dpi=100)
     plt.close(fig)
@@ -196,7 +205,13 @@ def write_report(out_dir: str | Path) -> Path:
         f"errors: {sum('error' in r for r in rows)}", "",
         "## Accuracy (%) — delta against baseline in parentheses", "", table(summary), "",
         *extra,
-        "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "", "\n".join(attn), "",
+        "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "",
+        "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
+        "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
+        "per-token means): it is often far above 1, since the image holds many tokens and the system "
+        "prompt few, and it grows when the answer looks at the image rather than at the prompt. Visual entropy is the entropy (nats) of the attention within the "
+        "image; region ratio is the mean attention on the evidence box over the mean on the image.", "",
+        "\n".join(attn), "",
         "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
         "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",
         *[f"![{Path(h).stem}]({h})" for h in heatmaps], ""])
