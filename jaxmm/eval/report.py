@@ -38,7 +38,8 @@ def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", bo
     if title:
         import textwrap
 
-        fig.suptitle("\n".join(textwrap.wrap(title, 90)[:4]), fontsize=7)
+        shown = "".join(c if c.isprintable() else " " for c in title)      # model output may hold control chars
+        fig.suptitle("\n".join(textwrap.wrap(shown, 90)[:4]), fontsize=7)
     if box is not None:
         from matplotlib.patches import Rectangle
 
