@@ -328,3 +328,19 @@ def test_packaged_config_resolves_by_name_from_any_directory(tmp_path, monkeypat
         resolve_config("organsim")
     (tmp_path / "mine.yaml").write_text("methods: [baseline]\n")
     assert EvalConfig.from_yaml("mine.yaml").methods == ["baseline"]
+
+
+def test_a_directory_or_glob_of_parquet_shards_is_one_benchmark(tmp_path):
+    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(), "path": None}) for i in range(5)]
+    d = tmp_path / "pope"
+    d.mkdir()
+    write_parquet(d / "test-00000-of-00002.parquet", rows[:3])
+    write_parquet(d / "test-00001-of-00002.parquet", rows[3:])
+    for path in (d, str(d / "test-*.parquet")):
+        ds = B.load("pope", path)
+        assert [ds[i]["id"] for i in range(len(ds))] == ["0", "1", "2", "3", "4"]
+    write_parquet(d / "test-00002-of-00002.parquet", rows[1:2])       # a shard repeating an id
+    with pytest.raises(ValueError, match="id '1' appears in rows 1 and 5"):
+        B.load("pope", d)
+    with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl"):
+        B.load("pope", str(tmp_path / "none-*.parquet"))

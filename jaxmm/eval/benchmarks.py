@@ -29,9 +29,35 @@ YES_NO_INSTRUCTION = "Answer yes or no."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
+def shards(path: str | Path) -> list[Path]:
+    """The files of a benchmark: one file, every ``*.parquet`` / ``*.jsonl`` in a directory (HF
+    datasets' shards, e.g. ``test-00000-of-00003.parquet``), or a glob (``/data/pope/*.parquet``);
+    in name order.
+
+    Raises:
+        FileNotFoundError: no such file, or a directory/glob that matches no data file.
+    """
+    import glob
+
+    text = str(path)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text))
+    elif Path(text).is_dir():
+        files = sorted(p for p in Path(text).iterdir() if p.suffix in (".parquet", ".jsonl"))
+    else:
+        return [Path(text)]
+    if not files:
+        raise FileNotFoundError(f"benchmark path {text}: no .parquet or .jsonl files there")
+    return files
+
+
 def read_table(path: str | Path) -> list[dict]:
-    """Rows of a ``.parquet`` or ``.jsonl`` file as dicts (JSONL image paths made absolute)."""
-    path = Path(path)
+    """Rows of a ``.parquet`` or ``.jsonl`` file, or of every shard of a directory or glob
+    (:func:`shards`, concatenated in name order), as dicts (JSONL image paths made absolute)."""
+    files = shards(path)
+    if len(files) > 1:
+        return [row for f in files for row in read_table(f)]
+    path = files[0]
     if not path.exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if path.suffix == ".parquet":
