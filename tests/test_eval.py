@@ -344,3 +344,18 @@ def test_a_directory_or_glob_of_parquet_shards_is_one_benchmark(tmp_path):
         B.load("pope", d)
     with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl"):
         B.load("pope", str(tmp_path / "none-*.parquet"))
+
+
+def test_weights_identity_tells_a_fine_tune_from_its_base(tiny_model_dir, tmp_path):
+    import shutil
+
+    from jaxmm.eval.harness import _weights_identity
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert _weights_identity(copy) == _weights_identity(tiny_model_dir)       # a copy (other path, times)
+    f = copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                              # same header, one weight byte
+    f.write_bytes(bytes(data))
+    assert _weights_identity(copy) != _weights_identity(tiny_model_dir)
