@@ -2,7 +2,8 @@
 
 The whole of :func:`generate` is one ``jax.jit`` program: prefill over the (left-padded) prompt,
 ``after_prefill`` re-planning of interventions, then a ``lax.while_loop`` of at most
-``max_new_tokens`` decode steps that ends once every row has stopped. Interventions apply at prefill and at every step; probes are collected at every step.
+``max_new_tokens`` decode steps that ends once every row has stopped. Interventions apply at
+prefill and at every step; probes are collected at every step.
 :func:`prefill_and_plan` and :func:`decode_step` are the same pieces, jitted one by one, for
 :func:`stream`. PAI's contrast decodes a text-only stream in lockstep (:class:`Contrast`).
 

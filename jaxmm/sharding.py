@@ -200,9 +200,9 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     full = extend_for_decoding(batch, max_len)
 
     def fn(p, prompt, full, key):
-        out = _generate(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling, key, stop,
-                        pad, tuple(interventions), tuple(probes), output_logits, replans_prompt(interventions),
-                        None, mesh)
+        out = _generate(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
+                        key, stop, pad, tuple(interventions), tuple(probes), output_logits,
+                        replans_prompt(interventions), None, mesh)
         return dataclasses.replace(out, prefill_probes=None)
 
     rep = NamedSharding(mesh, PartitionSpec())

@@ -54,10 +54,10 @@ def shards(path: str | Path) -> list[Path]:
 def read_table(path: str | Path) -> list[dict]:
     """Rows of a ``.parquet`` or ``.jsonl`` file, or of every shard of a directory or glob
     (:func:`shards`, concatenated in name order), as dicts (JSONL image paths made absolute)."""
-    files = shards(path)
-    if len(files) > 1:
-        return [row for f in files for row in read_table(f)]
-    path = files[0]
+    return [row for f in shards(path) for row in _read_file(f)]
+
+
+def _read_file(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if path.suffix == ".parquet":

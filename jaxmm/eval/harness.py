@@ -38,6 +38,7 @@ concurrent run on it fail at once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -129,19 +130,20 @@ def method_name(spec) -> str:
         rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
         return spec["method"] + (f":{rest}" if rest else "")
     if dataclasses.is_dataclass(spec):
-        def show(v):
-            if hasattr(v, "shape") and hasattr(v, "dtype"):
-                a = np.asarray(v)
-                return str(a.item()) if a.size == 1 else "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (
-                    " …]" if a.size > 8 else "]")
-            return str(v)
-        rest = ",".join(f"{f.name}={show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
+        rest = ",".join(f"{f.name}={_show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
                         if getattr(spec, f.name) is not None)
         return type(spec).__name__.lower() + (f":{rest}" if rest else "")
     return type(spec).__name__.lower()
 
 
-ROW_SETTINGS = ("model", "weights", "dtype", "benchmarks", "max_new_tokens", "max_prompt_tokens", "seed")
+def _show(v) -> str:
+    """A field's value in a column name: arrays by their (first 8) entries."""
+    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+        return str(v)
+    a = np.asarray(v)
+    if a.size == 1:
+        return str(a.item())
+    return "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (" …]" if a.size > 8 else "]")
 
 
 def _weights_identity(model_dir) -> list:
@@ -149,8 +151,6 @@ def _weights_identity(model_dir) -> list:
     file's name, size and a hash of its header (tensor names, shapes, offsets) and of 1 MiB of its
     data at four evenly spaced offsets (so a fine-tune of the same architecture differs), and a
     hash of ``config.json``. The same on every host that holds a copy (no paths, no times)."""
-    import hashlib
-
     if model_dir is None:
         return ["organism"]
     d = Path(model_dir)
@@ -183,8 +183,6 @@ def run_settings(cfg: EvalConfig) -> dict:
 
 
 def _settings_hash(settings: dict) -> str:
-    import hashlib
-
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -197,11 +195,11 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     if not f.exists():
         return
     old = json.loads(f.read_text()).get("settings", {})
-    changed = [k for k in ROW_SETTINGS if json.dumps(old.get(k), sort_keys=True, default=str)
-               != json.dumps(settings.get(k), sort_keys=True, default=str)]
+    new = json.loads(json.dumps(settings, default=str))          # as stored (tuples as lists, …)
+    changed = [k for k in new if old.get(k) != new[k]]
     if changed:
         show = lambda v: json.dumps(v, default=str)[:120]
-        what = "; ".join(f"{k}: {show(old.get(k))} -> {show(settings.get(k))}" for k in changed)
+        what = "; ".join(f"{k}: {show(old.get(k))} -> {show(new[k])}" for k in changed)
         raise SettingsChanged(f"{out_dir} holds rows made with other settings ({what}). Use another `out`, "
                               "or `if_changed=new` to write a new run directory beside it")
 
@@ -511,8 +509,8 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
         w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
                            boxes, sizes, grid, model.config.vision.patch_size, model.config.vision.spatial_merge_size)
         batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
-    index_of = lambda s: int(s["id"].rsplit("-", 1)[-1]) if s["id"].rsplit("-", 1)[-1].isdigit() else None
-    drawn = [cfg.heatmaps and index_of(s) is not None and index_of(s) < cfg.heatmaps for s in samples]
+    index = [s["id"].rsplit("-", 1)[-1] for s in samples]          # heatmaps for samples 0 … heatmaps−1
+    drawn = [i.isdigit() and int(i) < cfg.heatmaps for i in index]
     probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12))
     if any(drawn):      # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
         probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)

@@ -210,8 +210,8 @@ def write_report(out_dir: str | Path) -> Path:
         "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
         "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
         "per-token means): it is often far above 1, since the image holds many tokens and the system "
-        "prompt few, and it grows when the answer looks at the image rather than at the prompt. Visual entropy is the entropy (nats) of the attention within the "
-        "image; region ratio is the mean attention on the evidence box over the mean on the image.", "",
+        "prompt few, and it grows when the answer looks at the image rather than at the prompt. "
+        "Visual entropy is the entropy (nats) of the attention within the image; region ratio is the mean attention on the evidence box over the mean on the image.", "",
         "\n".join(attn), "",
         "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
         "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",
