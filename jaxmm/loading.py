@@ -104,6 +104,12 @@ class Model:
             self._image_processor = ImageProcessor.from_pretrained(self.path)
         return self._image_processor
 
+    @image_processor.setter
+    def image_processor(self, processor):
+        """Replaces the image processor, e.g. with other pixel bounds:
+        ``model.image_processor = dataclasses.replace(model.image_processor, max_pixels=1280 * 28 * 28)``."""
+        self._image_processor = processor
+
     def prepare_chat(self, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None):
         """One conversation (a list of messages) or several -> (left-padded ``Batch``, info) with
         ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``.

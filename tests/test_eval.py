@@ -268,7 +268,7 @@ def test_resume_refuses_other_settings_and_a_second_concurrent_run(tiny_model_di
     assert new != out and new.name.startswith("run-") and len(load_rows(new)) == 2
     assert json.loads((new / "settings.json").read_text())["settings"]["max_new_tokens"] == 1
     # a second run on a directory in use fails at once
-    held = _Lock(out / ".lock")
+    held = _Lock(out / ".lock.rank0")
     try:
         with pytest.raises(RuntimeError, match="in use by another jaxmm eval"):
             run(cfg, progress=False)
@@ -359,3 +359,41 @@ def test_weights_identity_tells_a_fine_tune_from_its_base(tiny_model_dir, tmp_pa
     data[len(data) // 2] ^= 0xFF                                              # same header, one weight byte
     f.write_bytes(bytes(data))
     assert _weights_identity(copy) != _weights_identity(tiny_model_dir)
+
+
+def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_model_dir, tmp_path):
+    """``mesh:`` places the model on a data x fsdp x tensor mesh of the (8 fake CPU) devices and
+    generates as one program: the rows equal a run on one device. Pixel bounds change the prompts,
+    so they are run settings."""
+    from jaxmm.eval.harness import mesh_axes
+
+    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None})
+            for i in range(5)]
+    data = write_parquet(tmp_path / "pope.parquet", rows)
+    base = dict(model=str(tiny_model_dir), benchmarks=[{"name": "pope", "path": str(data)}],
+                methods=["baseline", "pai"], batch_size=4, max_new_tokens=4, heatmaps=1)
+    one = load_rows(run(EvalConfig(out=str(tmp_path / "one"), **base), progress=False))
+    sharded_out = run(EvalConfig(out=str(tmp_path / "mesh"), mesh={"data": 2, "fsdp": 2, "tensor": 2}, **base),
+                      progress=False)
+    sharded = load_rows(sharded_out)
+    key = lambda r: (r["id"], r["method"])
+    assert len(one) == len(sharded) == 10 and all("error" not in r for r in sharded)
+    assert sorted((key(r), r["prediction"], r["n_tokens"]) for r in one) == \
+        sorted((key(r), r["prediction"], r["n_tokens"]) for r in sharded)
+    np.testing.assert_allclose([r["vas"] for r in sorted(sharded, key=key)], [r["vas"] for r in sorted(one, key=key)],
+                               rtol=1e-4)
+    assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 2
+    with pytest.raises(ValueError, match=r"mesh: unknown axis \['model'\]"):
+        run(EvalConfig(out=str(tmp_path / "bad"), mesh={"model": 8}, **base), progress=False)
+    with pytest.raises(ValueError, match=r"= 6 devices, but 8"):
+        run(EvalConfig(out=str(tmp_path / "bad"), mesh={"fsdp": 3, "tensor": 2}, **base), progress=False)
+    assert mesh_axes({"fsdp": 4, "tensor": 2}) == {"data": 1, "fsdp": 4, "tensor": 2}
+    # a smaller max_pixels: fewer image tokens per prompt, and a resume with it is refused
+    small = EvalConfig(out=str(tmp_path / "one"), **{**base, "methods": ["baseline"]}, max_pixels=28 * 28 * 4)
+    with pytest.raises(SettingsChanged, match=r"max_pixels: null -> 3136"):
+        run(small, progress=False)
+    fewer = load_rows(run(EvalConfig(**{**small.__dict__, "out": str(tmp_path / "small")}), progress=False))
+    assert len(fewer) == 5 and all("error" not in r for r in fewer)
+    tokens = {r["id"]: r["prompt_tokens"] for r in one if r["method"] == "baseline"}
+    assert all(r["prompt_tokens"] <= tokens[r["id"]] for r in fewer)
+    assert sum(r["prompt_tokens"] for r in fewer) < sum(tokens.values())

@@ -60,7 +60,8 @@ def test_two_processes_equal_one(tmp_path):
 def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_path):
     """Each process evaluates every other sample; process 0 alone renders the figures (process 1's
     heatmaps from the maps in its rows), merges the rows and writes the report: the merged rows and
-    figures equal a single-process run's. A single-process rerun resumes from the rank files."""
+    figures equal a single-process run's. A single-process rerun resumes from the rank files. With a
+    mesh over both processes (one sharded model) the rows and figures are again the same."""
     import json
 
     from jaxmm import organism
@@ -103,6 +104,26 @@ def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_pat
     (two / "results.jsonl").unlink()
     run(EvalConfig(out=str(two), **cfg), progress=False)
     assert (two / "results.jsonl").read_text() == merged
+
+    # one model sharded over both processes' devices (fsdp=2 x tensor=2): every process runs every
+    # sample, process 0 alone writes; the rows and figures are the single-process run's
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    mesh = tmp_path / "mesh"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(model), str(mesh), "fsdp=2,tensor=2"],
+                              env=env) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    c = rows(mesh)
+    assert list(c) == list(a)
+    for k in a:
+        assert list(a[k]) == list(c[k]), k
+        for f in set(a[k]) - floats - {"seconds"}:
+            assert a[k][f] == c[k][f], (k, f)
+        for f in floats & set(a[k]):
+            np.testing.assert_allclose(np.asarray(a[k][f], float), np.asarray(c[k][f], float), rtol=1e-4)
+    assert not list(mesh.glob("results.rank*.jsonl")) and (mesh / "report.md").exists()
+    assert figs(mesh) == figs(single)
 
 
 def test_two_process_sft_on_a_global_mesh_equals_one_process(tmp_path):

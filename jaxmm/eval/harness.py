@@ -6,7 +6,8 @@ Results go to ``<out>/results.jsonl``, one row per (benchmark, sample, method), 
 flushed batch by batch; a rerun skips the rows already there (a killed run loses at most the batch
 in flight). A sample that fails (unreadable image, prompt over ``max_prompt_tokens``) becomes a
 row with its ``error`` and the run goes on. Each row holds the prompt, prediction, parsed answer,
-score and per-sample attention metrics over the generated tokens (mean over tokens, layers and
+score, prompt and completion lengths in tokens (``prompt_tokens``, ``n_tokens``) and per-sample
+attention metrics over the generated tokens (mean over tokens, layers and
 heads): ``vas`` (AVAR), ``visual_entropy``, ``region_ratio`` where the sample has an evidence box,
 and ``visual_entropy_per_layer``. The report (:mod:`jaxmm.eval.report`) is written at the end.
 
@@ -31,8 +32,14 @@ dtype, benchmarks, decoding; stored in ``settings.json`` with their hash): resum
 settings raises :class:`SettingsChanged` naming each changed field, or with ``if_changed="new"``
 writes to ``<out>-<hash>`` beside it. Methods are columns named with their parameters
 (:func:`method_name`), so adding a method or raising a benchmark's ``limit`` extends a run. An
-exclusive lock on the directory (``.lock``; per rank in a multi-process run) makes a second
-concurrent run on it fail at once.
+exclusive lock on the directory (``.lock.rank{r}``, one per process) makes a second concurrent run
+on it fail at once, whatever the process counts of the two.
+
+A model too large for one process's devices (32B, 72B) is evaluated with ``mesh: {data, fsdp,
+tensor}``: the mesh spans every device of every process, the model is placed on it by its logical
+axes (:mod:`jaxmm.sharding`) and generation runs as one program over all of them. Every process then
+prepares every batch (the same samples, in the same order) and process 0 alone writes the rows to
+``results.jsonl``; there are no rank files.
 """
 
 from __future__ import annotations
@@ -67,6 +74,10 @@ class EvalConfig:
     heatmaps: int = 2                   # samples per benchmark rendered as attention heatmaps
     seed: int = 0
     if_changed: str = "refuse"          # resuming `out` with other settings: "refuse" or "new" (out-<hash>)
+    min_pixels: int | None = None       # image resolution bounds (pixel counts); None = the checkpoint's
+    max_pixels: int | None = None
+    mesh: dict | None = None            # {data, fsdp, tensor}: one model sharded over every device of
+                                        # every process (see run()); None = a whole model per process
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> "EvalConfig":
@@ -175,11 +186,13 @@ def run_settings(cfg: EvalConfig) -> dict:
     """Everything that changes a result row (not ``out``, ``batch_size``, ``heatmaps``; methods are
     columns named with their parameters, so adding one extends a run): the model path and its
     weights' identity, dtype, each benchmark's spec (but its ``limit``: more samples extend a run),
-    decoding and prompt limits, seed."""
+    decoding and prompt limits, image resolution bounds, seed. Not the ``mesh``: the same model
+    split another way gives the same rows (up to float rounding)."""
     return {"model": None if cfg.model is None else str(Path(cfg.model).resolve()),
             "weights": _weights_identity(cfg.model), "dtype": cfg.dtype,
             "benchmarks": [{k: v for k, v in dict(b).items() if k != "limit"} for b in cfg.benchmarks],
-            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "seed": cfg.seed}
+            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "seed": cfg.seed,
+            "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
 
 
 def _settings_hash(settings: dict) -> str:
@@ -205,7 +218,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
 
 
 class _Lock:
-    """An exclusive, non-blocking ``flock`` on ``<out>/.lock[.rank{r}]`` for the run's duration."""
+    """An exclusive, non-blocking ``flock`` on ``<out>/.lock.rank{r}`` for the run's duration."""
 
     def __init__(self, path: Path):
         import fcntl
@@ -301,6 +314,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     if cfg.if_changed not in ("refuse", "new"):
         raise ValueError(f"if_changed={cfg.if_changed!r}: expected 'refuse' or 'new'")
     rank, n_proc = jax.process_index(), jax.process_count()
+    mesh_axes(cfg.mesh)                 # a bad mesh fails before anything is written
     settings = run_settings(cfg)
     out_dir = Path(cfg.out)
     try:
@@ -311,7 +325,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
         out_dir = out_dir.with_name(f"{out_dir.name}-{_settings_hash(settings)}")
         _check_settings(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _Lock(out_dir / (".lock" if n_proc == 1 else f".lock.rank{rank}"))
+    lock = _Lock(out_dir / f".lock.rank{rank}")
     try:
         return _run(cfg, out_dir, settings, rank, n_proc, progress)
     finally:
@@ -325,22 +339,37 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     from jaxmm.eval.report import write_report
     from jaxmm.sharding import host_samples
 
+    from jaxmm.sharding import make_mesh
+
+    mesh = None if cfg.mesh is None else make_mesh(**mesh_axes(cfg.mesh))
+    spmd = mesh is not None and n_proc > 1      # one program over every process: process 0 writes the rows
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         tmp = out_dir / "settings.json.tmp"
         tmp.write_text(json.dumps({"hash": _settings_hash(settings), "settings": settings}, indent=2, default=str))
         tmp.replace(out_dir / "settings.json")
     merged = out_dir / "results.jsonl"
-    resumed_ranks = n_proc == 1 and bool(_rank_files(out_dir))
-    if resumed_ranks:           # resuming a multi-process run on one process: its rows count as done
+    single_writer = n_proc == 1 or spmd
+    resumed_ranks = single_writer and bool(_rank_files(out_dir))
+    if resumed_ranks and rank == 0:     # resuming a per-process run with one writer: its rows count as done
         _repair(merged)
         merge_rank_files(out_dir)
-    results = merged if n_proc == 1 else out_dir / f"results.rank{rank}.jsonl"
-    _repair(results)
+    if spmd:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxmm-eval-resume-merged")
+    results = merged if single_writer else out_dir / f"results.rank{rank}.jsonl"
+    if rank == 0 or not single_writer:
+        _repair(results)
     done = _done_rows(results)
-    if n_proc > 1:      # rows any process already wrote, whatever the process count was then
+    if n_proc > 1 and not spmd:     # rows any process already wrote, whatever the process count was then
         done |= _done_rows(merged).union(*(_done_rows(f) for f in _rank_files(out_dir)))
-    model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype)
+    model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype, mesh=mesh)
+    if cfg.min_pixels is not None or cfg.max_pixels is not None:
+        proc = model.image_processor
+        model.image_processor = dataclasses.replace(
+            proc, min_pixels=proc.min_pixels if cfg.min_pixels is None else cfg.min_pixels,
+            max_pixels=proc.max_pixels if cfg.max_pixels is None else cfg.max_pixels)
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
     total = 0
@@ -351,16 +380,16 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
         ds = B.load(name, spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed), **spec)
         datasets.append(ds)
         total += len(ds) * len(methods)
-    if resumed_ranks:
+    if resumed_ranks and rank == 0:
         render_deferred_heatmaps(out_dir, datasets)
     bar = None
-    if progress:
+    if progress and (rank == 0 or not spmd):
         from tqdm import tqdm
 
         bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
     for k, ds in enumerate(datasets):
         for mname, ivs in methods:
-            todo = list(host_samples(len(ds)))
+            todo = list(range(len(ds)) if spmd else host_samples(len(ds)))
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
                 rows, ok = [], []
@@ -379,15 +408,20 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
                     except Exception as e:  # noqa: BLE001
                         rows.append(_error_row(s, mname, e))
                 if ok:
-                    rows += _run_batch(model, ok, mname, ivs, cfg, nl, out_dir, render=rank == 0)
+                    rows += _run_batch(model, ok, mname, ivs, cfg, nl, out_dir, render=rank == 0, mesh=mesh)
                 rows = [r for r in rows if (r["benchmark"], r["id"], r["method"]) not in done]
-                _append(results, rows)
+                if rank == 0 or not spmd:
+                    _append(results, rows)
                 done.update((r["benchmark"], r["id"], r["method"]) for r in rows)
                 if bar is not None:
                     bar.update(len(chunk))
     if bar is not None:
         bar.close()
-    if n_proc > 1:
+    if spmd:
+        multihost_utils.sync_global_devices("jaxmm-eval-rows-written")
+        if rank != 0:
+            return out_dir
+    elif n_proc > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxmm-eval-rows-written")
@@ -470,25 +504,59 @@ def merge_rank_files(out_dir: Path) -> Path:
     return out_dir / "results.jsonl"
 
 
+def mesh_axes(mesh) -> dict | None:
+    """The eval config's ``mesh`` ({data, fsdp, tensor}: positive integers, missing axes 1) as
+    :func:`jaxmm.sharding.make_mesh` keywords; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: not a mapping, an unknown axis, or a size that is not a positive integer.
+    """
+    if mesh is None:
+        return None
+    if not isinstance(mesh, dict):
+        raise ValueError(f"mesh={mesh!r}: expected a mapping such as {{data: 1, fsdp: 4, tensor: 2}}")
+    unknown = set(mesh) - {"data", "fsdp", "tensor"}
+    if unknown:
+        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; the axes are data, fsdp, tensor")
+    for k, v in mesh.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"mesh.{k}={v!r}: expected a positive integer")
+    return {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
+
+
+def _on_host(tree):
+    """Arrays of a generate output as numpy on this process: arrays split over other processes'
+    devices (a mesh spanning hosts) are gathered first."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def _error_row(s, method, e):
     return {"benchmark": s["benchmark"], "id": s["id"], "method": method, "question": s.get("question"),
             "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
 
 
-def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
+def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir, render=True, mesh=None):
     """Generates for a batch; on failure retries one by one so only the failing samples are lost."""
     try:
-        return _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render)
+        return _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render, mesh)
     except Exception as e:  # noqa: BLE001
         if len(samples) == 1:
             return [_error_row(samples[0], mname, e)]
         rows = []
         for s in samples:
-            rows += _run_batch(model, [s], mname, ivs, cfg, nl, out_dir, render)
+            rows += _run_batch(model, [s], mname, ivs, cfg, nl, out_dir, render, mesh)
         return rows
 
 
-def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
+def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, mesh=None):
     """Rows of one batch. ``render=False`` (processes other than 0): a heatmap row carries its map in
     ``heatmap_data`` instead of writing the figure (:func:`render_deferred_heatmaps`)."""
     from jaxmm.eval.report import render_heatmap
@@ -517,8 +585,10 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
     t0 = time.perf_counter()
     stop = stop_token_ids(model.config, model.tokenizer)
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
-                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes)
+                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes, mesh=mesh)
+    out = _on_host(out)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)
     seconds = (time.perf_counter() - t0) / len(samples)
     rows = []
     heat = np.asarray(out.probes["last_layer"]["text"].values) if any(drawn) else None      # [B,T,1,H,K]
@@ -527,7 +597,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True):
         parsed, sc = score(s, pred)
         row = {"benchmark": s["benchmark"], "id": s["id"], "method": mname, "task": s.get("task"),
                "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
-               "score": sc, "n_tokens": int(lengths[b]), "seconds": seconds}
+               "score": sc, "n_tokens": int(lengths[b]), "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
         row.update(_metrics(out, b, lengths[b], b in boxes))
         if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])
