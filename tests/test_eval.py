@@ -168,7 +168,32 @@ def test_end_to_end_grid_report_and_figures(tiny_model_dir, tmp_path):
     figs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert "vas_vs_accuracy.png" in figs and "visual_entropy_per_layer.png" in figs
     assert sum(f.startswith("heatmap_") for f in figs) == 2 * 3
-    assert "baseline" in table(summarize(rows))
+    # config order (not sorted), the benchmark's metric named, one grid per sample stacking 3 methods
+    assert "| benchmark | metric (%) | baseline | vrga | avar:alpha_sys=0.05 |" in report
+    assert "| grounded | exact match | " in report
+    from PIL import Image
+
+    grids = [f for f in figs if f.startswith("grid_grounded_")]
+    assert len(grids) == 2 and all(f"figures/{g}" in report for g in grids)
+    one = Image.open(out / "figures" / next(f for f in figs if f.startswith("heatmap_")))
+    assert Image.open(out / "figures" / grids[0]).size == (one.width, 3 * one.height)
+
+
+def test_the_score_table_names_each_metric_and_counts_unparsed_answers():
+    """Each benchmark's row names its own metric; unparsed answers and errors are counted; the
+    orders are the ones given."""
+    row = lambda b, m, metric, score, parsed="x", **kw: dict(benchmark=b, method=m, metric=metric, score=score,
+                                                           parsed=parsed, **kw)
+    rows = [row("mmstar", "baseline", "accuracy", 1.0, "A"), row("mmstar", "baseline", "accuracy", 0.0, None),
+            row("mmstar", "pai", "accuracy", 1.0, "A"), row("mmstar", "pai", "accuracy", 1.0, "B"),
+            row("chartqa", "baseline", "relaxed accuracy", 1.0), row("chartqa", "pai", "relaxed accuracy", 0.0),
+            row("docvqa", "baseline", "ANLS", 0.75), row("docvqa", "pai", "ANLS", 0.5),
+            dict(benchmark="docvqa", method="pai", error="ValueError: bad image")]
+    t = table(summarize(rows), ["mmstar", "chartqa", "docvqa"], ["pai", "baseline"]).splitlines()
+    assert t[0] == "| benchmark | metric (%) | pai | baseline |"
+    assert t[2] == "| mmstar | accuracy | 100.0 (+50.0) | 50.0 [1 unparsed] |"
+    assert t[3] == "| chartqa | relaxed accuracy | 0.0 (-100.0) | 100.0 |"
+    assert t[4] == "| docvqa | ANLS | 50.0 (-25.0) [1 err] | 75.0 |"
 
 
 def test_resume_after_a_kill_and_error_rows(tiny_model_dir, tmp_path):
@@ -324,7 +349,7 @@ def test_packaged_config_resolves_by_name_from_any_directory(tmp_path, monkeypat
     cfg = EvalConfig.from_yaml("organism", ["benchmarks.0.limit=3"])
     assert cfg.model is None and cfg.benchmarks[0]["limit"] == 3 and "ration" in cfg.methods
     assert EvalConfig.from_yaml(None) == EvalConfig.from_yaml("organism")      # no config = the README's job
-    with pytest.raises(FileNotFoundError, match=r"'organsim'.*packaged: \['organism'\]"):
+    with pytest.raises(FileNotFoundError, match=r"'organsim'.*packaged: \[.*'organism'.*\]"):
         resolve_config("organsim")
     (tmp_path / "mine.yaml").write_text("methods: [baseline]\n")
     assert EvalConfig.from_yaml("mine.yaml").methods == ["baseline"]
@@ -385,9 +410,14 @@ def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_m
     assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 2
     with pytest.raises(ValueError, match=r"mesh: unknown axis \['model'\]"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"model": 8}, **base), progress=False)
-    with pytest.raises(ValueError, match=r"= 6 devices, but 8"):
+    with pytest.raises(ValueError, match=r"tensor = 6, but there are 8 devices"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"fsdp": 3, "tensor": 2}, **base), progress=False)
     assert mesh_axes({"fsdp": 4, "tensor": 2}) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert mesh_axes({"fsdp": -1, "tensor": 2}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}   # -1: the rest
+    for bad, msg in [({"fsdp": -1, "data": -1}, "only one axis may be -1"), ({"fsdp": -1, "tensor": 3}, "not a multiple"),
+                     ({"tensor": 0}, r"mesh.tensor=0: expected a positive integer")]:
+        with pytest.raises(ValueError, match=msg):
+            mesh_axes(bad, 8)
     # a smaller max_pixels: fewer image tokens per prompt, and a resume with it is refused
     small = EvalConfig(out=str(tmp_path / "one"), **{**base, "methods": ["baseline"]}, max_pixels=28 * 28 * 4)
     with pytest.raises(SettingsChanged, match=r"max_pixels: null -> 3136"):
@@ -397,3 +427,59 @@ def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_m
     tokens = {r["id"]: r["prompt_tokens"] for r in one if r["method"] == "baseline"}
     assert all(r["prompt_tokens"] <= tokens[r["id"]] for r in fewer)
     assert sum(r["prompt_tokens"] for r in fewer) < sum(tokens.values())
+
+
+@pytest.mark.parametrize("name,benchmark", [("qwen2_5_vl_7b_mmstar", "mmstar"), ("qwen2_5_vl_7b_pope", "pope")])
+def test_the_real_checkpoint_configs_validate_and_run(name, benchmark, tiny_model_dir, tmp_path, monkeypatch):
+    """The packaged Qwen2.5-VL-7B configs: their methods build against the 7B config, their mesh
+    fills any device count, and the job runs as shipped with only the model and data paths (and a
+    small limit) overridden."""
+    from pathlib import Path
+
+    from jaxmm.eval.harness import mesh_axes
+    from jaxmm.plan import _load_config
+
+    cfg = EvalConfig.from_yaml(name)
+    assert cfg.dtype == "bfloat16" and cfg.min_pixels < cfg.max_pixels and cfg.benchmarks[0]["name"] == benchmark
+    assert mesh_axes(cfg.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1} and mesh_axes(cfg.mesh, 1)["fsdp"] == 1
+    _, config = _load_config(Path(__file__).parents[1] / "configs" / "models" / "qwen2_5_vl_7b.yaml")
+    import jaxmm.interventions as I
+
+    assert len(I.build([m for m in cfg.methods if m != "baseline"], config)) == len(cfg.methods) - 1
+    ids = {"pope": ("question_id", str), "mmstar": ("index", int)}[benchmark]
+    rows = [dict(SCHEMAS[benchmark][0], image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None},
+                 **{ids[0]: ids[1](i)}) for i in range(3)]
+    (tmp_path / "data").mkdir()
+    write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", rows)
+    monkeypatch.chdir(tmp_path)
+    cfg = EvalConfig.from_yaml(name, [f"model={tiny_model_dir}", "benchmarks.0.path=data", "benchmarks.0.limit=3",
+                                      "methods=[baseline,pai]", "heatmaps=1"])
+    got = load_rows(run(cfg, progress=False))
+    assert len(got) == 6 and all("error" not in r for r in got), got
+    assert (tmp_path / cfg.out / "report.md").exists()
+
+
+def test_the_packaged_config_runs_from_another_directory_after_a_non_editable_install(tmp_path):
+    """``pip install`` (not ``-e``) of the repository into a fresh target, then ``jaxmm eval
+    --config organism`` from a directory without ``configs/``: the config ships in the package."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
+                    str(repo)], check=True, cwd=tmp_path, timeout=600)
+    assert not (site / "jaxmm" / "__editable__").exists() and (site / "jaxmm" / "configs" / "eval" / "organism.yaml").exists()
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import sys, jaxmm, jaxmm.cli; assert jaxmm.__file__.startswith(sys.argv[1]), jaxmm.__file__; "
+            "sys.exit(jaxmm.cli.main(sys.argv[2:]))")
+    done = subprocess.run([sys.executable, "-c", code, str(site), "eval", "--config", "organism", "--no-progress",
+                           "benchmarks.0.limit=2", "methods=[baseline]", "heatmaps=0", "out=run"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "grounded" in done.stdout and (work / "run" / "report.md").exists()
+    assert len((work / "run" / "results.jsonl").read_text().splitlines()) == 2

@@ -16,6 +16,16 @@ def test_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
+def test_the_tpu_script_installs_tpu_jax_at_the_pinned_version():
+    pin = re.search(r'"jax==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    script = (ROOT / "launch" / "tpu_pod.sh").read_text()
+    line = next(l for l in script.splitlines() if l.startswith("jax_version="))
+    line = line.replace('$(dirname "$0")', shlex.quote(str(ROOT / "launch")))
+    got = subprocess.run(["bash", "-c", line + '; echo "$jax_version"'], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert got == pin and "'jax[tpu]==$jax_version'" in script
+
+
 def test_commands_in_the_guide_exist():
     text = (ROOT / "launch" / "README.md").read_text()
     cmds = {c.replace("…", "").strip() for c in re.findall(r'["`](jaxmm [^"`]*)["`]', text)}
@@ -41,7 +51,8 @@ def test_guide_paths_modules_and_helpers_exist():
 
     text = (ROOT / "launch" / "README.md").read_text()
     paths = set(re.findall(r"configs/[\w/]+\.yaml", text))
-    assert paths and all((ROOT / p).exists() for p in paths), sorted(p for p in paths if not (ROOT / p).exists())
+    exists = lambda p: (ROOT / p).exists() or (ROOT / "jaxmm" / p).exists()       # repo or packaged configs
+    assert paths and all(map(exists, paths)), sorted(p for p in paths if not exists(p))
     checks = re.findall(r"python -m jaxmm\.launch_check ([^\"`\n]*)", text)
     assert checks
     for args in checks:

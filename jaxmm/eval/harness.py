@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -308,13 +309,20 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     after a barrier, process 0 alone renders the other processes' heatmaps, merges every rank file
     into ``results.jsonl`` and writes the report and figures (see the module docstring). Only
     process 0's return value has the report. Single-process runs write ``results.jsonl`` directly.
+    With ``cfg.mesh`` one model is sharded over every device of every process, every process runs
+    every sample and process 0 alone writes.
+
+    Raises:
+        SettingsChanged: ``out`` holds a run with other settings (``if_changed="refuse"``).
+        ValueError: a bad ``if_changed`` or ``mesh``, or a mesh that the devices do not fill.
+        RuntimeError: another run holds ``out``'s lock.
     """
     import jax
 
     if cfg.if_changed not in ("refuse", "new"):
         raise ValueError(f"if_changed={cfg.if_changed!r}: expected 'refuse' or 'new'")
     rank, n_proc = jax.process_index(), jax.process_count()
-    mesh_axes(cfg.mesh)                 # a bad mesh fails before anything is written
+    mesh_axes(cfg.mesh, jax.device_count())     # a bad mesh fails before anything is written
     settings = run_settings(cfg)
     out_dir = Path(cfg.out)
     try:
@@ -333,15 +341,15 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
 
 
 def _run(cfg, out_dir, settings, rank, n_proc, progress):
+    import jax
+
     import jaxmm
     from jaxmm import organism
     from jaxmm.eval import benchmarks as B
     from jaxmm.eval.report import write_report
-    from jaxmm.sharding import host_samples
+    from jaxmm.sharding import host_samples, make_mesh
 
-    from jaxmm.sharding import make_mesh
-
-    mesh = None if cfg.mesh is None else make_mesh(**mesh_axes(cfg.mesh))
+    mesh = None if cfg.mesh is None else make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
     spmd = mesh is not None and n_proc > 1      # one program over every process: process 0 writes the rows
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -504,12 +512,15 @@ def merge_rank_files(out_dir: Path) -> Path:
     return out_dir / "results.jsonl"
 
 
-def mesh_axes(mesh) -> dict | None:
-    """The eval config's ``mesh`` ({data, fsdp, tensor}: positive integers, missing axes 1) as
-    :func:`jaxmm.sharding.make_mesh` keywords; ``None`` stays ``None``.
+def mesh_axes(mesh, devices: int | None = None) -> dict | None:
+    """The eval config's ``mesh`` ({data, fsdp, tensor}: positive integers, missing axes 1; one axis
+    may be -1, "the rest of the devices") as :func:`jaxmm.sharding.make_mesh` keywords; ``None``
+    stays ``None``. ``devices`` (all processes' devices) resolves the -1 axis; without it a -1
+    stays -1.
 
     Raises:
-        ValueError: not a mapping, an unknown axis, or a size that is not a positive integer.
+        ValueError: not a mapping, an unknown axis, a size that is neither a positive integer nor -1,
+            two -1 axes, or (with ``devices``) axes that do not multiply to the device count.
     """
     if mesh is None:
         return None
@@ -519,9 +530,21 @@ def mesh_axes(mesh) -> dict | None:
     if unknown:
         raise ValueError(f"mesh: unknown axis {sorted(unknown)}; the axes are data, fsdp, tensor")
     for k, v in mesh.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"mesh.{k}={v!r}: expected a positive integer")
-    return {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
+        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+            raise ValueError(f"mesh.{k}={v!r}: expected a positive integer (or -1: the rest of the devices)")
+    axes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
+    rest = [k for k, v in axes.items() if v == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh: only one axis may be -1, got {rest}")
+    if rest and devices is not None:
+        fixed = math.prod(v for v in axes.values() if v != -1)
+        if devices % fixed:
+            raise ValueError(f"mesh {mesh}: {devices} devices are not a multiple of the other axes' {fixed}")
+        axes[rest[0]] = devices // fixed
+    if devices is not None and math.prod(axes.values()) != devices:
+        raise ValueError(f"mesh {mesh}: data x fsdp x tensor = {math.prod(axes.values())}, but there are {devices} "
+                         "devices (all processes'); use -1 for one axis to take the rest")
+    return axes
 
 
 def _on_host(tree):
@@ -597,7 +620,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
         parsed, sc = score(s, pred)
         row = {"benchmark": s["benchmark"], "id": s["id"], "method": mname, "task": s.get("task"),
                "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
-               "score": sc, "n_tokens": int(lengths[b]), "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
+               "score": sc, "metric": scoring.METRIC[s["score"]], "n_tokens": int(lengths[b]), "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
         row.update(_metrics(out, b, lengths[b], b in boxes))
         if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])

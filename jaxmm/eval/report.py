@@ -1,7 +1,8 @@
 """Evaluation report: ``report.md`` with accuracy and attention tables, and PNG figures.
 
 Figures (``figures/``): attention heatmaps over the image for chosen samples and methods (written
-by the harness as it goes), ``vas_vs_accuracy.png`` (per method and benchmark) and
+by the harness as it goes), stacked into one ``grid_<benchmark>_<id>.png`` per sample across the
+methods, ``vas_vs_accuracy.png`` (per method and benchmark) and
 ``visual_entropy_per_layer.png`` (mean over samples, per method).
 """
 
@@ -63,7 +64,11 @@ def load_rows(out_dir: Path) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """{(benchmark, method): {"accuracy", "n", "errors", "vas", "visual_entropy", "region_ratio", "per_layer"}}."""
+    """{(benchmark, method): {"accuracy", "metric", "n", "errors", "unparsed", "vas", "visual_entropy",
+    "region_ratio", "per_layer"}}: means over the rows without error. ``accuracy`` is the mean of
+    the benchmark's own score (``metric`` names it: accuracy, relaxed accuracy, ANLS, VQA
+    accuracy, exact match); ``unparsed`` counts answers the scorer could not read (no option
+    letter, neither yes nor no)."""
     groups = defaultdict(list)
     for r in rows:
         groups[(r["benchmark"], r["method"])].append(r)
@@ -72,10 +77,30 @@ def summarize(rows: list[dict]) -> dict:
         ok = [r for r in rs if "error" not in r]
         mean = lambda k: float(np.mean([r[k] for r in ok if r.get(k) is not None])) if any(r.get(k) is not None for r in ok) else None
         layers = [r["visual_entropy_per_layer"] for r in ok if r.get("visual_entropy_per_layer")]
-        out[key] = {"accuracy": mean("score"), "n": len(ok), "errors": len(rs) - len(ok), "vas": mean("vas"),
+        metric = next((r["metric"] for r in ok if r.get("metric")), "accuracy")
+        out[key] = {"accuracy": mean("score"), "metric": metric, "n": len(ok), "errors": len(rs) - len(ok),
+                    "unparsed": sum(r.get("parsed") is None for r in ok), "vas": mean("vas"),
                     "visual_entropy": mean("visual_entropy"), "region_ratio": mean("region_ratio"),
                     "per_layer": np.mean(layers, 0).tolist() if layers else None}
     return out
+
+
+def config_order(rows: list[dict], config: dict | None = None) -> tuple[list[str], list[str]]:
+    """Benchmark and method names in the run config's order (``config.json``: its ``benchmarks``
+    and ``methods``), then any other name of ``rows`` in order of appearance."""
+    from jaxmm.eval.harness import method_name
+
+    config = config or {}
+    benches = [b["name"] if isinstance(b, dict) else str(b) for b in config.get("benchmarks", [])]
+    methods = [method_name(m) for m in config.get("methods", [])]
+    for r in rows:
+        if r["benchmark"] not in benches:
+            benches.append(r["benchmark"])
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    present = {(r["benchmark"], r["method"]) for r in rows}
+    return ([b for b in dict.fromkeys(benches) if any(pb == b for pb, _ in present)],
+            [m for m in dict.fromkeys(methods) if any(pm == m for _, pm in present)])
 
 
 def pope_metrics(rows: list[dict]) -> dict:
@@ -122,17 +147,17 @@ def _fmt(x, pct=False):
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
-def table(summary: dict) -> str:
-    """Markdown accuracy table, benchmark × method, with deltas against ``baseline``."""
-    benches = sorted({b for b, _ in summary})
-    methods = []
-    for _, m in summary:
-        if m not in methods:
-            methods.append(m)
-    methods.sort(key=lambda m: (m != "baseline", m))
-    lines = ["| benchmark | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+def table(summary: dict, benchmarks: list[str] | None = None, methods: list[str] | None = None) -> str:
+    """Markdown score table, benchmark × method (in the given orders; default: sorted, baseline
+    first), each benchmark's metric named, deltas against ``baseline`` in points, unparsed answers
+    and error rows counted in brackets."""
+    benches = benchmarks or sorted({b for b, _ in summary})
+    if methods is None:
+        methods = sorted({m for _, m in summary}, key=lambda m: (m != "baseline", m))
+    lines = ["| benchmark | metric (%) | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for b in benches:
         base = summary.get((b, "baseline"), {}).get("accuracy")
+        metric = next((summary[(b, m)]["metric"] for m in methods if (b, m) in summary), "accuracy")
         cells = []
         for m in methods:
             s = summary.get((b, m))
@@ -142,23 +167,52 @@ def table(summary: dict) -> str:
             cell = _fmt(s["accuracy"], pct=True)
             if m != "baseline" and base is not None and s["accuracy"] is not None:
                 cell += f" ({100 * (s['accuracy'] - base):+.1f})"
+            if s.get("unparsed"):
+                cell += f" [{s['unparsed']} unparsed]"
             if s["errors"]:
                 cell += f" [{s['errors']} err]"
             cells.append(cell)
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append(f"| {b} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def heatmap_grids(out_dir: Path, rows: list[dict], methods: list[str]) -> list[str]:
+    """One figure per sample stacking its heatmaps of every method (in ``methods`` order) from the
+    PNGs the harness wrote: ``figures/grid_<benchmark>_<id>.png``; returns their paths relative to
+    ``out_dir``."""
+    from PIL import Image
+
+    by_sample = defaultdict(dict)
+    for r in rows:
+        if r.get("heatmap") and (out_dir / r["heatmap"]).exists():
+            by_sample[(r["benchmark"], r["id"])][r["method"]] = out_dir / r["heatmap"]
+    out = []
+    for (b, i), figs in sorted(by_sample.items()):
+        images = [Image.open(figs[m]).convert("RGB") for m in methods if m in figs]
+        grid = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)), "white")
+        y = 0
+        for im in images:
+            grid.paste(im, (0, y))
+            y += im.height
+        path = Path("figures") / f"grid_{b}_{i}.png"
+        grid.save(out_dir / path)
+        out.append(str(path))
+    return out
 
 
 def write_report(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     rows = load_rows(out_dir)
     summary = summarize(rows)
+    cfg = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
+    benches, methods = config_order(rows, cfg)
+    ordered = [((b, m), summary[(b, m)]) for b in benches for m in methods if (b, m) in summary]
     plt = _plt()
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     # VAS against accuracy
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (b, m), s in sorted(summary.items()):
+    for (b, m), s in ordered:
         if s["vas"] is not None and s["accuracy"] is not None:
             ax.scatter(s["vas"], 100 * s["accuracy"], label=f"{m} · {b}", s=30)
     ax.set_xlabel("VAS = attention mass on image tokens / on system tokens\n(mean over generated tokens, layers, heads)",
@@ -171,7 +225,7 @@ def write_report(out_dir: str | Path) -> Path:
     plt.close(fig)
     # visual entropy per layer
     fig, ax = plt.subplots(figsize=(5, 4))
-    for (b, m), s in sorted(summary.items()):
+    for (b, m), s in ordered:
         if s["per_layer"]:
             ax.plot(range(len(s["per_layer"])), s["per_layer"], marker="o", label=f"{m} · {b}")
             ax.set_xticks(range(len(s["per_layer"])))
@@ -183,14 +237,16 @@ def write_report(out_dir: str | Path) -> Path:
     fig.savefig(figs / "visual_entropy_per_layer.png", dpi=100)
     plt.close(fig)
     attn = ["| benchmark | method | n | VAS | visual entropy | region ratio |", "|---|---|---|---|---|---|"]
-    for (b, m), s in sorted(summary.items()):
+    for (b, m), s in ordered:
         attn.append(f"| {b} | {m} | {s['n']} | {_fmt(s['vas'])} | {_fmt(s['visual_entropy'])} | {_fmt(s['region_ratio'])} |")
     tasks = ["| benchmark | task | method | n | accuracy (%) | unparsed |", "|---|---|---|---|---|---|"]
-    for (b, t, m), s in sorted(task_accuracy(rows).items()):
+    for (b, t, m), s in sorted(task_accuracy(rows).items(), key=lambda kv: (benches.index(kv[0][0]), str(kv[0][1]),
+                                                                            methods.index(kv[0][2]))):
         tasks.append(f"| {b} | {t} | {m} | {s['n']} | {_fmt(s['accuracy'], pct=True)} | {s['unparsed']} |")
     pope = ["| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1], kv[0][0])):
+    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1],
+                                                                              methods.index(kv[0][0]))):
         pope.append(f"| {split} | {m} | {s['n']} | " + " | ".join(_fmt(s[k], pct=True) for k in (
             "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
     extra = []
@@ -198,13 +254,13 @@ def write_report(out_dir: str | Path) -> Path:
         extra += ["## Accuracy per task", "", "\n".join(tasks), ""]
     if len(pope) > 2:
         extra += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
-    heatmaps = sorted({r["heatmap"] for r in rows if r.get("heatmap")})
-    cfg = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
+    grids = heatmap_grids(out_dir, rows, methods)
     text = "\n".join([
         "# Evaluation report", "",
         f"Model: `{cfg.get('model') or 'embedded organism'}` · rows: {len(rows)} · "
         f"errors: {sum('error' in r for r in rows)}", "",
-        "## Accuracy (%) — delta against baseline in parentheses", "", table(summary), "",
+        "## Scores (%) — each benchmark's own metric; delta against baseline in points", "",
+        table(summary, benches, methods), "",
         *extra,
         "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "",
         "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
@@ -215,7 +271,8 @@ def write_report(out_dir: str | Path) -> Path:
         "\n".join(attn), "",
         "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
         "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",
-        *[f"![{Path(h).stem}]({h})" for h in heatmaps], ""])
+        "Attention heatmaps, one figure per sample (a row per method):", "",
+        *[f"![{Path(h).stem}]({h})" for h in grids], ""])
     path = out_dir / "report.md"
     path.write_text(text)
     return path

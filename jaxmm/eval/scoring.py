@@ -9,6 +9,7 @@
 * ``vqa``: TextVQA's soft accuracy min(1, #matching references / 3).
 
 The text scored is the ``<answer>`` span when the model produced one, else the whole completion.
+:data:`METRIC` names the score each rule gives, as the benchmark's authors name it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import re
 
 from jaxmm.processing.chat import extract_answer
+
+METRIC = {"option_letter": "accuracy", "yes_no": "accuracy", "exact": "exact match", "relaxed": "relaxed accuracy",
+          "anls": "ANLS", "vqa": "VQA accuracy"}
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s.\-]")
