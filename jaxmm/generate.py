@@ -188,11 +188,13 @@ class Contrast:
     """PAI's logit contrast against a text-only pass (:func:`jaxmm.interventions.pai_contrast`):
     ``batch`` is the same prompts without their images (:func:`text_only`), decoded in lockstep
     with its own cache; each step's token is chosen from
-    γ(log p_mm − log p_text) + log p_text, with tokens below log(cutoff) + max log p_mm excluded."""
+    γ(log p_mm − log p_text) + log p_text, with tokens below log(cutoff) + max log p_mm excluded
+    (``variant``: as in :func:`~jaxmm.interventions.pai_contrast`)."""
 
     batch: Any
     gamma: float = dataclasses.field(default=1.1, metadata=dict(static=True))
     cutoff: float = dataclasses.field(default=0.1, metadata=dict(static=True))
+    variant: str = dataclasses.field(default="paper", metadata=dict(static=True))
     prompt_len: Any = None      # set by generate (its bucketed prefill batch holds more rows)
     full: Any = None            # its decode-side batch over the cache (set by generate)
 
@@ -240,7 +242,7 @@ def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max
             return logits
         from jaxmm.interventions.pai import pai_contrast
 
-        return pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff)
+        return pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff, contrast.variant)
 
     def body(carry, xs):
         logits, cache, done, text = carry

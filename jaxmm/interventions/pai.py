@@ -11,7 +11,13 @@ onto any depth (``end`` defaults to the number of layers).
 
 The optional contrast with a text-only pass (:func:`pai_contrast`) is a logits processor:
 ``log p ← γ (log p_mm − log p_text) + log p_text``, tokens with ``log p_mm < log 0.1 + max log p_mm``
-set to −∞; γ = 1.1.
+set to −∞; γ = 1.1 (the README's commands; the evaluation scripts default to γ = 2).
+
+``variant="released"`` follows the authors' code (LALBJ/PAI, ``attention.py``, ``CFG.py``,
+``model_loader.py``) where it differs: the edited row is the call's last column (``[:, :, -1]``,
+shared by the batch: a right-padded row's own last token is not edited), the image keys are one
+span per row from the first to the last image token (text between two images included), and
+the contrast at γ = 1 returns log p_mm with no cutoff. docs/methods.md lists every difference.
 """
 
 from __future__ import annotations
@@ -23,28 +29,64 @@ from jaxmm.attention import Intervention, static_field
 from jaxmm.interventions.keys import _iv, key_set, per_sample
 
 
+VARIANTS = ("paper", "released")
+
+
+def _check_variant(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"PAI: variant={variant!r}; expected one of {VARIANTS}")
+
+
 @_iv
 class PAI(Intervention):
     alpha: jax.Array = 0.2
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
+    variant: str = static_field("paper")
+
+    def __post_init__(self):
+        _check_variant(self.variant)
 
     def logits(self, z, site):
-        last = (site.query_pos[None, :] == site.last_query[:, None])[:, None, :, None]   # [B,1,T,1]
-        edit = z + per_sample(self.alpha) * jnp.abs(z) * key_set(site, "image")
+        if self.variant == "released":
+            # released: attention.py:91 edits row -1 of the call, the same column for every row
+            row = jnp.broadcast_to(jnp.max(site.last_query), site.last_query.shape)
+            keys = image_span(site.layout.image_mask)[:, None, None, :]
+        else:
+            row, keys = site.last_query, key_set(site, "image")
+        last = (site.query_pos[None, :] == row[:, None])[:, None, :, None]               # [B,1,T,1]
+        edit = z + per_sample(self.alpha) * jnp.abs(z) * keys
         return jnp.where(last & site.mask, edit, z)
 
 
-def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None) -> PAI:
+def image_span(image_mask: jax.Array) -> jax.Array:
+    """image_mask [B,K] bool -> float32 [B,K]: every key from a row's first image key to its last.
+
+    released: attention.py:91 slices ``img_start_idx:img_end_idx``, one span per prompt
+    (model_loader.py:121-122: the first image position + 576 LLaVA-1.5 image tokens).
+    """
+    k = jnp.arange(image_mask.shape[-1])
+    first = jnp.min(jnp.where(image_mask, k, image_mask.shape[-1]), -1, keepdims=True)
+    last = jnp.max(jnp.where(image_mask, k, -1), -1, keepdims=True)
+    return ((k >= first) & (k <= last)).astype(jnp.float32)
+
+
+def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper") -> PAI:
     """PAI on layers ``start … end−1`` (default: 2 … num_layers−1)."""
     end = num_layers if end is None else min(end, num_layers)
-    return PAI(alpha=alpha, layers=tuple(range(start, end)))
+    return PAI(alpha=alpha, layers=tuple(range(start, end)), variant=variant)
 
 
-def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1) -> jax.Array:
-    """PAI's image-vs-text contrast on next-token logits [..., V] -> contrasted log-probabilities."""
+def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1,
+                 variant: str = "paper") -> jax.Array:
+    """PAI's image-vs-text contrast on next-token logits [..., V] -> contrasted log-probabilities
+    (float32 [..., V]; ``variant="released"``: at γ = 1, log p_mm with no cutoff)."""
+    _check_variant(variant)
     lp_mm = jax.nn.log_softmax(logits_mm.astype(jnp.float32), -1)
     lp_tx = jax.nn.log_softmax(logits_text.astype(jnp.float32), -1)
     out = gamma * (lp_mm - lp_tx) + lp_tx
     keep = lp_mm >= jnp.log(cutoff) + jnp.max(lp_mm, -1, keepdims=True)
-    return jnp.where(keep, out, -jnp.inf)
+    out = jnp.where(keep, out, -jnp.inf)
+    if variant == "released":
+        out = jnp.where(gamma == 1, lp_mm, out)          # released: CFG.py:29-31 returns log p_mm at γ = 1
+    return out
