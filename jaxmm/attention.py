@@ -69,6 +69,8 @@ class Site:
         call_pos, call_hidden: ``query_pos`` [T] and ``hidden`` [B,T,E] of the whole call, never
             split into query chunks: for interventions that need a property of every key this call
             writes (VAR's sink tokens at prefill). Set by :func:`attend`.
+        residual, call_residual: the layer's input before its norm (the residual stream) [B,T,E],
+            of the queries and of the whole call (text tower; VAR's released sink test).
         last_query: int32 [B], per row the key position of the last non-padding query of this call
             (by ``layout.attention_mask``; the last query when there is no layout), −1 for a row
             with none. Set by :func:`attend`; chunks share it.
@@ -85,6 +87,8 @@ class Site:
     hidden: Array | None = None
     call_pos: Array | None = None
     call_hidden: Array | None = None
+    residual: Array | None = None
+    call_residual: Array | None = None
     last_query: Array | None = None
 
 
@@ -286,7 +290,8 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     prs = [p for p in probes if p.applies(site)]
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
-    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden)
+    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden,
+                               call_residual=site.residual)
     last = _last_query(site)
     if last is None:
         last = jnp.full((q.shape[0],), site.query_pos[-1], jnp.int32)
@@ -363,6 +368,7 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
     qpos = jnp.pad(site.query_pos, (0, pad), constant_values=-1)   # padding rows match no position
     q_pre = pad_rows(site.q_pre, -3)
     hidden = pad_rows(site.hidden, -2)
+    residual = pad_rows(site.residual, -2)
     tp = n * chunk
 
     def one(i):
@@ -370,6 +376,7 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
         sub = dataclasses.replace(site, query_pos=jax.lax.dynamic_slice_in_dim(qpos, s, chunk),
                                   q_pre=_take_rows(q_pre, s, chunk, tp, -3),
                                   hidden=_take_rows(hidden, s, chunk, tp, -2),
+                                  residual=_take_rows(residual, s, chunk, tp, -2),
                                   mask=_take_rows(maskp, s, chunk, tp, -2))
         return _explicit(_take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2),
                          scale, ivs, prs, sub)

@@ -53,9 +53,9 @@ def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads
     return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads)
 
 
-def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2):
+def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2, variant="paper"):
     return VAR(dims=tuple(dims), tau=tau, p=p, min_mass=min_mass, max_share=max_share,
-               layers=tuple(range(start, cfg.text.num_hidden_layers)))
+               layers=tuple(range(start, cfg.text.num_hidden_layers)), variant=variant)
 
 
 def _rave(cfg, path=None, **init):

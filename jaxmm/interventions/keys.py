@@ -31,6 +31,15 @@ def key_set(site: Site, keys: str) -> jax.Array:
     return getattr(site.layout, _FIELDS[keys]).astype(jnp.float32)[:, None, None, :]
 
 
+def image_span(image_mask: jax.Array) -> jax.Array:
+    """image_mask [B,K] bool -> bool [B,K]: every key from a row's first image key to its last (the
+    text between two images included), the one image slice of the PAI and VAR releases."""
+    k = jnp.arange(image_mask.shape[-1])
+    first = jnp.min(jnp.where(image_mask, k, image_mask.shape[-1]), -1, keepdims=True)
+    last = jnp.max(jnp.where(image_mask, k, -1), -1, keepdims=True)
+    return (k >= first) & (k <= last)
+
+
 def per_sample(x) -> jax.Array:
     """Scalar, [B] or [B,H] leaf -> broadcastable to [B,H,T,K]."""
     x = jnp.asarray(x, jnp.float32)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, static_field
-from jaxmm.interventions.keys import _iv, key_set, per_sample
+from jaxmm.interventions.keys import _iv, image_span, key_set, per_sample
 
 
 VARIANTS = ("paper", "released")
@@ -51,24 +51,14 @@ class PAI(Intervention):
         if self.variant == "released":
             # released: attention.py:91 edits row -1 of the call, the same column for every row
             row = jnp.broadcast_to(jnp.max(site.last_query), site.last_query.shape)
-            keys = image_span(site.layout.image_mask)[:, None, None, :]
+            # released: attention.py:91 slices img_start_idx:img_end_idx, one span per prompt
+            # (model_loader.py:121-122: the first image position + 576 LLaVA-1.5 image tokens)
+            keys = image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
         else:
             row, keys = site.last_query, key_set(site, "image")
         last = (site.query_pos[None, :] == row[:, None])[:, None, :, None]               # [B,1,T,1]
         edit = z + per_sample(self.alpha) * jnp.abs(z) * keys
         return jnp.where(last & site.mask, edit, z)
-
-
-def image_span(image_mask: jax.Array) -> jax.Array:
-    """image_mask [B,K] bool -> float32 [B,K]: every key from a row's first image key to its last.
-
-    released: attention.py:91 slices ``img_start_idx:img_end_idx``, one span per prompt
-    (model_loader.py:121-122: the first image position + 576 LLaVA-1.5 image tokens).
-    """
-    k = jnp.arange(image_mask.shape[-1])
-    first = jnp.min(jnp.where(image_mask, k, image_mask.shape[-1]), -1, keepdims=True)
-    last = jnp.max(jnp.where(image_mask, k, -1), -1, keepdims=True)
-    return ((k >= first) & (k <= last)).astype(jnp.float32)
 
 
 def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper") -> PAI:

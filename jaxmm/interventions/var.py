@@ -13,6 +13,15 @@ At prefill the sink set comes from the layer's own hidden states of every key th
 (``site.call_hidden`` at ``site.call_pos``, whole even when the explicit path runs in query
 chunks); for decoding, :meth:`VAR.after_prefill` stores the prefill's sink sets ([L,B,K];
 generated tokens are never sinks).
+
+``variant="released"`` follows the authors' code (seilk/VisAttnSink, ``src/logic/logic.py``,
+``src/model/llava.py``) where it differs: sinks are every token (text too) whose weightless RMS norm
+of the layer's input (the residual stream, before the layer's own norm) exceeds τ on D_sink; the
+image keys are one span per row (first to last image token); a head row is image-centric when
+Σ_span a ≥ 0.2 and Σ_{span∩sink} a / Σ_span (a + 1e-6) ≤ 0.5, in a row whose span holds a sink,
+and, at prefill, only rows after the span are edited; there every sink weight (text sinks too) ×
+p and the freed mass goes to the span's non-sink keys in proportion. docs/methods.md lists every
+difference.
 """
 
 from __future__ import annotations
@@ -23,8 +32,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Probe, Site, static_field
-from jaxmm.interventions.keys import _iv
+from jaxmm.interventions.keys import _iv, image_span
 from jaxmm.probes import _probe
+
+VARIANTS = ("paper", "released")
+
+
+def _check_variant(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"VAR: variant={variant!r}; expected one of {VARIANTS}")
 
 
 def sink_tokens(hidden: jax.Array, image: jax.Array, dims: tuple[int, ...], tau: float = 20.0) -> jax.Array:
@@ -33,6 +49,18 @@ def sink_tokens(hidden: jax.Array, image: jax.Array, dims: tuple[int, ...], tau:
         return jnp.zeros(image.shape, bool)
     peak = jnp.max(jnp.abs(hidden[..., list(dims)].astype(jnp.float32)), -1)
     return (peak > tau) & image
+
+
+def released_sink_tokens(residual: jax.Array, dims: tuple[int, ...], tau: float = 20.0) -> jax.Array:
+    """residual [B,S,E] (the layer's input, before its norm) -> sinks [B,S] bool, every token.
+
+    released: logic.py:99-109 (x·rsqrt(mean x² + 1e-6) in float32, no norm weight; text tokens too).
+    """
+    if not dims:
+        return jnp.zeros(residual.shape[:-1], bool)
+    x = residual.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+    return jnp.max(jnp.abs(x[..., list(dims)]), -1) > tau
 
 
 @_probe
@@ -45,9 +73,12 @@ class SinkTokens(Probe):
     query_axis: int = static_field(-1)
     dims: tuple[int, ...] = static_field(())
     tau: float = static_field(20.0)
+    variant: str = static_field("paper")
 
     def __call__(self, a, site: Site):
         qp = site.query_pos
+        if self.variant == "released":
+            return (released_sink_tokens(site.residual, self.dims, self.tau) & (qp >= 0)[None]).astype(jnp.float32)
         image = site.layout.image_mask[:, jnp.clip(qp, 0)] & (qp >= 0)[None]            # [B,T]
         return sink_tokens(site.hidden, image, self.dims, self.tau).astype(jnp.float32)
 
@@ -65,6 +96,29 @@ def redistribute(a, image, sinks, p: float = 0.6, min_mass: float = 0.2, max_sha
     return jnp.where(centric, edited, a)
 
 
+def redistribute_released(a, span, sinks, query_pos, p: float = 0.6, min_mass: float = 0.2, max_share: float = 0.5):
+    """The released VAR edit of weights a [B,H,T,K]; span/sinks [B,K] bool, query_pos [T]."""
+    spn = span.astype(jnp.float32)[:, None, None, :]
+    vis = (sinks & span).astype(jnp.float32)[:, None, None, :]            # logic.py:189
+    snk = sinks.astype(jnp.float32)[:, None, None, :]                     # text sinks too: logic.py:190,196
+    # logic.py:123-125: no sink in the span -> no head is selected
+    has_vis = jnp.any(sinks & span, -1)[:, None, None, None]
+    # logic.py:129: the denominator adds 1e-6 per span key
+    portion = jnp.sum(a * vis, -1, keepdims=True) / jnp.sum((a + 1e-6) * spn, -1, keepdims=True)
+    m_v = jnp.sum(a * spn, -1, keepdims=True)                             # logic.py:130
+    end = jnp.max(jnp.where(span, jnp.arange(span.shape[-1]), -1), -1)    # the span's last key [B]
+    # logic.py:179: at prefill only query rows after the span (a decoded row always is)
+    after = (query_pos[None, :] > end[:, None])[:, None, :, None]
+    rest = a * spn * (1 - vis)                                            # logic.py:204
+    total = jnp.sum(rest, -1, keepdims=True)
+    centric = has_vis & (portion <= max_share) & (m_v >= min_mass) & after   # logic.py:133-138
+    centric = centric & (total > 0)           # ours: logic.py:207 divides 0/0 (a NaN row) there
+    freed = (1 - p) * jnp.sum(a * snk, -1, keepdims=True)                 # logic.py:200-201
+    ratio = rest / jnp.where(total > 0, total, 1.0)                       # logic.py:207
+    edited = a * (1 - snk * (1 - p)) + freed * ratio                      # logic.py:196-197, 210
+    return jnp.where(centric, edited, a)
+
+
 @_iv
 class VAR(Intervention):
     dims: tuple[int, ...] = static_field(())
@@ -75,9 +129,13 @@ class VAR(Intervention):
     sinks: jax.Array | None = None             # [L,B,K] after prefill
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
+    variant: str = static_field("paper")
+
+    def __post_init__(self):
+        _check_variant(self.variant)
 
     def prefill_probes(self):
-        return (SinkTokens(dims=self.dims, tau=self.tau, layers=self.layers),)
+        return (SinkTokens(dims=self.dims, tau=self.tau, layers=self.layers, variant=self.variant),)
 
     def after_prefill(self, probe_results, layout):
         s = probe_results["var_sinks"]["text"]
@@ -87,13 +145,21 @@ class VAR(Intervention):
         return dataclasses.replace(self, sinks=full)
 
     def weights(self, a, site):
+        released = self.variant == "released"
         if self.sinks is not None:
             sinks = self.sinks[site.layer]
         else:   # phase 1 = a prefill: the call's tokens are the keys at call_pos (a cache holds more)
             pos = site.call_pos
-            image = jnp.take(site.layout.image_mask, pos, axis=1)                        # [B,T]
-            own = sink_tokens(site.call_hidden, image, self.dims, self.tau)
+            if released:    # released: llava.py:314-316, sinks from this layer's input at prefill
+                own = released_sink_tokens(site.call_residual, self.dims, self.tau)
+            else:
+                image = jnp.take(site.layout.image_mask, pos, axis=1)                    # [B,T]
+                own = sink_tokens(site.call_hidden, image, self.dims, self.tau)
             sinks = jnp.zeros(site.layout.image_mask.shape, bool).at[:, pos].set(own)
+        if released:
+            span = image_span(site.layout.image_mask)      # released: logic.py:122 (im, pa: one slice)
+            return redistribute_released(a, span, sinks, site.query_pos,
+                                         self.p, self.min_mass, self.max_share)
         return redistribute(a, site.layout.image_mask, sinks, self.p, self.min_mass, self.max_share)
 
 

@@ -454,7 +454,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
 
     def __call__(self, x, cos, sin, mask, site, interventions, probes, cache=None):
-        h, res, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, site, interventions, probes, cache)
+        h, res, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, dataclasses.replace(site, residual=x),
+                                    interventions, probes, cache)
         y = x + h
         y = y + self.mlp(self.post_attention_layernorm(y))
         for p in probes:
