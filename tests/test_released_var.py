@@ -154,3 +154,27 @@ def test_released_config_builds_the_released_variant(setup):
     assert (iv.tau, iv.p, iv.min_mass, iv.max_share) == (paper.tau, paper.p, paper.min_mass, paper.max_share) == (20.0, 0.6, 0.2, 0.5)
     (probe,) = iv.prefill_probes()
     assert probe.variant == "released"
+
+
+def test_released_var_is_unchanged_by_query_chunks(setup):
+    """The sink test reads the layer input of every key of the call, also when the explicit path
+    runs in query chunks: chunked and unchunked forwards, stored sinks and generations agree."""
+    import jaxmm.attention as A
+    from jaxmm.generate import generate
+
+    _, model, raw, batch = setup
+    ivs = I.build([dict(SPEC, variant="released")], model.config)
+    out = {}
+    for chunk in (None, 7):
+        with A.options(query_chunk=chunk):
+            fwd = qwen2_5_vl.forward_jit(model.params, model.config, batch, ivs, ivs[0].prefill_probes())
+            gen = generate(model.params, model.config, batch, max_new_tokens=3, stop_tokens=[], interventions=ivs,
+                           output_logits=True)
+        out[chunk] = (np.asarray(fwd.logits), np.asarray(fwd.probes["var_sinks"]["text"].values),
+                      np.asarray(gen.tokens), np.asarray(gen.logits))
+    valid = raw["attention_mask"].astype(bool)
+    assert out[None][1].any()
+    np.testing.assert_allclose(out[7][0][valid], out[None][0][valid], atol=1e-5)
+    np.testing.assert_array_equal(out[7][1], out[None][1])
+    np.testing.assert_array_equal(out[7][2], out[None][2])
+    np.testing.assert_allclose(out[7][3], out[None][3], atol=1e-5)

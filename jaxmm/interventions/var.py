@@ -1,11 +1,11 @@
 """VAR — visual attention redistribution from sink tokens (Kang et al., "See What You Are Told:
-Visual Attention Sink in Large Multimodal Models", ICLR 2025; methods.md "Related baselines").
+Visual Attention Sink in Large Multimodal Models", ICLR 2025; code seilk/VisAttnSink).
 
 * Sink tokens [paper]: keys whose normalised hidden state has a massive activation,
   max_{d ∈ D_sink} |RMSNorm(x)_d| > τ (τ = 20). D_sink is model-specific and must be given
-  (``dims``; empty = no sinks). Only image keys are considered [inferred].
+  (``dims``; empty = no sinks). Only image keys are considered (the release takes text tokens too).
 * Image-centric heads [paper]: per (head, query row), image mass m_V ≥ 0.2 and sink share
-  Σ_{V∩sink} a / m_V ≤ 0.5 [share definition inferred].
+  Σ_{V∩sink} a / m_V ≤ 0.5 (the release's share, with 1e-6 per image key in the denominator).
 * Redistribution [paper]: in those rows, sink weights × p (p = 0.6); the freed mass goes to the
   non-sink image keys in proportion to their weights (row sums unchanged). Layers ≥ 2.
 
