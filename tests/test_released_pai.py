@@ -33,6 +33,13 @@ def setup(tmp_path_factory):
     return hf_model, model, raw, model.prepare(**raw)
 
 
+@pytest.fixture(scope="module")
+def left(setup):
+    hf_model, model, _, _ = setup
+    raw = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")
+    return hf_model, model, raw, model.prepare(**raw)
+
+
 def released_edit(raw, alpha, start, end):
     """attention.py:73-75, 90-94 with model_loader.py:121-122: on layers start..end-1 the logits are
     clamped at the dtype minimum, then row -1 gets z + α|z| on keys img_start_idx:img_end_idx (here
@@ -103,6 +110,32 @@ def test_released_contrast_matches_the_released_logits_processor(gamma):
         assert np.isinf(paper).any() and not np.isinf(got).any()
     else:
         np.testing.assert_array_equal(paper, got)
+
+
+def test_released_with_the_contrast_edits_generated_tokens_only(left):
+    """With --use-cfg the release's prefill runs with the edit switched off (attention.py:90,125;
+    CFG.py:32-33,48-49): the first step's logits are the plain model's, and the step that feeds token
+    0 is the release's forward over prompt + token 0 with row -1 edited."""
+    from jaxmm.generate import generate
+
+    hf_model, model, raw, batch = left
+    n = model.config.text.num_hidden_layers
+    ivs = I.build([f"pai:alpha={ALPHA},start={START},variant=released,use_cfg=true"], model.config)
+    valid = raw["attention_mask"].astype(bool)
+    np.testing.assert_allclose(_logits(model, batch, ivs)[valid], _logits(model, batch, [])[valid], atol=1e-5)
+    run = lambda ivs_: generate(model.params, model.config, batch, max_new_tokens=2, stop_tokens=[],
+                                interventions=ivs_, output_logits=True)
+    out, plain = run(ivs), run(())
+    np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(plain.logits[:, 0]), atol=1e-5)
+    tok = np.asarray(out.tokens)[:, :1]
+    assert not np.isin(tok, [tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, tiny.VISION_START, tiny.VISION_END]).any()
+    ext = dict(raw, input_ids=np.concatenate([raw["input_ids"], tok], 1),
+               attention_mask=np.concatenate([raw["attention_mask"], np.ones_like(tok)], 1))
+    ref = hf_run(hf_model, ext, released_edit(ext, ALPHA, START, n)).logits.numpy()[:, -1]
+    assert np.abs(ref - hf_run(hf_model, ext).logits.numpy()[:, -1]).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(out.logits[:, 1]), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="use_cfg=True applies to variant='released' only"):
+        I.build(["pai:use_cfg=true"], model.config)
 
 
 def test_unknown_variant_is_refused(setup):

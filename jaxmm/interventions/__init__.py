@@ -36,8 +36,8 @@ def _layers(cfg, spec):
     return tuple(int(i) for i in spec)
 
 
-def _pai(cfg, alpha=0.2, start=2, end=None, variant="paper"):
-    return pai(cfg.text.num_hidden_layers, alpha, start, end, variant)
+def _pai(cfg, alpha=0.2, start=2, end=None, variant="paper", use_cfg=False):
+    return pai(cfg.text.num_hidden_layers, alpha, start, end, variant, use_cfg)
 
 
 def _avar(cfg, alpha_img=0.15, alpha_sys=0.0, on="logits", renormalize=False, layers=None):

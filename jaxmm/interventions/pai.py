@@ -17,7 +17,9 @@ set to −∞; γ = 1.1 (the README's commands; the evaluation scripts default t
 ``model_loader.py``) where it differs: the edited row is the call's last column (``[:, :, -1]``,
 shared by the batch: a right-padded row's own last token is not edited), the image keys are one
 span per row from the first to the last image token (text between two images included), and
-the contrast at γ = 1 returns log p_mm with no cutoff. docs/methods.md lists every difference.
+the contrast at γ = 1 returns log p_mm with no cutoff; with ``use_cfg=True`` (the run also uses the
+contrast, as the README's commands do) the prompt's prefill is not edited, only generated tokens.
+docs/methods.md lists every difference.
 """
 
 from __future__ import annotations
@@ -43,14 +45,23 @@ class PAI(Intervention):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     variant: str = static_field("paper")
+    use_cfg: bool = static_field(False)     # released only: the run also decodes with the contrast
 
     def __post_init__(self):
         _check_variant(self.variant)
+        if self.use_cfg and self.variant != "released":
+            raise ValueError(f"PAI: use_cfg={self.use_cfg!r} applies to variant='released' only")
 
     def logits(self, z, site):
         if self.variant == "released":
             # released: attention.py:91 edits row -1 of the call, the same column for every row
             row = jnp.broadcast_to(jnp.max(site.last_query), site.last_query.shape)
+            if self.use_cfg:
+                # released: attention.py:90,125 with CFG.py:32-33,48-49: with --use-cfg the flag is set
+                # at setup and first cleared by the logits processor, so the prompt's prefill is not
+                # edited; only generated queries are
+                gen = jnp.take_along_axis(site.layout.generated_mask, jnp.clip(row, 0)[:, None], axis=1)[:, 0]
+                row = jnp.where(gen, row, -2)                                        # -2: no query row
             # released: attention.py:91 slices img_start_idx:img_end_idx, one span per prompt
             # (model_loader.py:121-122: the first image position + 576 LLaVA-1.5 image tokens)
             keys = image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
@@ -61,10 +72,11 @@ class PAI(Intervention):
         return jnp.where(last & site.mask, edit, z)
 
 
-def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper") -> PAI:
+def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper",
+        use_cfg: bool = False) -> PAI:
     """PAI on layers ``start … end−1`` (default: 2 … num_layers−1)."""
     end = num_layers if end is None else min(end, num_layers)
-    return PAI(alpha=alpha, layers=tuple(range(start, end)), variant=variant)
+    return PAI(alpha=alpha, layers=tuple(range(start, end)), variant=variant, use_cfg=use_cfg)
 
 
 def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1,
