@@ -150,6 +150,6 @@ def test_released_config_builds_the_released_variant(setup):
     _, model, _, _ = setup
     (iv,) = I.build(str(ROOT / "configs/methods/pai_released.yaml"), model.config)
     (paper,) = I.build(str(ROOT / "configs/methods/pai.yaml"), model.config)
-    assert isinstance(iv, I.PAI) and iv.variant == "released" and paper.variant == "paper"
+    assert isinstance(iv, I.PAI) and iv.variant == "released" and paper.variant == "paper" and not iv.use_cfg
     assert iv.layers == paper.layers == tuple(range(2, model.config.text.num_hidden_layers))
     assert float(iv.alpha) == float(paper.alpha) == 0.2
