@@ -60,8 +60,13 @@ class GRPOConfig:
     grad_accum: int = 1
     clip_eps: float = 0.2
     kl_beta: float = 0.001
+    loss_variant: str = "paper"           # "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
+    clip_eps_high: float | None = None    # upper clip (None = clip_eps); EasyR1: 0.3
+    dual_clip: float = 3.0                # "easyr1" only: dual clip on negative advantages
+    adv_eps: float = 1e-4                 # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
     rewards: dict = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
+    sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
     lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
@@ -81,8 +86,12 @@ class GRPOConfig:
             raise ValueError(f"rewards: unknown reward(s) {sorted(bad)}; expected some of {REWARDS}")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: group-normalised advantages need G >= 2")
-        if self.vars_variant not in ("paper", "released"):
-            raise ValueError(f"vars_variant={self.vars_variant!r}; expected 'paper' or 'released'")
+        from jaxmm.objectives.grpo import LOSS_VARIANTS
+
+        for name, allowed in (("vars_variant", ("paper", "released")), ("sayo_variant", ("paper", "released")),
+                              ("loss_variant", LOSS_VARIANTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
@@ -175,8 +184,8 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     from jaxmm.eval.benchmarks import _to_sample
 
     acc = np.array([score_answer(_to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
-    fmt = np.array([format_reward(t, int(n)) for t, n in zip(texts, lengths)], np.float32)
-    selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top)
+    fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
+    selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout
     ratt = np.asarray(r_att(scored["weights"], lay.image_mask, lay.region_weight > 0, selected))
     vars_ = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.asarray(acc > 0),
@@ -202,7 +211,8 @@ def make_update(config, cfg: GRPOConfig, tx, mask_tree):
         params, ivs = assemble(state, cfg)
         s = batch.input_ids.shape[1] - tokens.shape[1]
         lp, _ = completion_logprobs(forward(params, config, batch, ivs).logits, tokens, s, cfg.temperature)
-        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps)
+        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps,
+                         variant=cfg.loss_variant, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip)
         m = mask.astype(jnp.float32)
         kl = jnp.sum(k3_kl(lp, ref_lp) * m) / jnp.maximum(jnp.sum(m), 1.0)
         return loss, {"kl": kl}
@@ -291,7 +301,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
         batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(model, cfg, state, ref_params, samples,
                                                                            step, score_fn)
         r = total_reward(cfg, rewards)
-        adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size)
+        adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size, eps=cfg.adv_eps)
         for _ in range(cfg.updates_per_rollout):
             state, opt_state, m = update(state, opt_state, batch, tokens, mask, scored["logp"], ref_lp, adv)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
