@@ -66,6 +66,7 @@ class GRPOConfig:
     adv_eps: float = 1e-4                 # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
     rewards: dict = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
+    vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
@@ -157,6 +158,13 @@ def make_score_fn(config, cfg: GRPOConfig):
     last = config.text.num_hidden_layers - 1
     probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass(),
               RegionRatio(eps=1e-12))                       # as the eval harness logs it
+    released = cfg.vars_variant == "released"
+    if released:
+        from jaxmm.objectives.avar import FirstKeysMass
+
+        # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:59-60 (layers past the model's are skipped)
+        layers = _vars_layers(config.text.num_hidden_layers, cfg)
+        probes += (VisualMass(name="vars_image_mass", layers=layers), FirstKeysMass(layers=layers))
 
     @jax.jit
     def score(params, ivs, batch, tokens):
@@ -168,9 +176,15 @@ def make_score_fn(config, cfg: GRPOConfig):
                 "weights": out.probes["last_layer"]["text"].values[0][:, :, q],                  # [B,H,T,K]
                 "m_v": out.probes["visual_mass"]["text"].values[..., q],                          # [L,B,H,T]
                 "m_s": out.probes["system_mass"]["text"].values[..., q],
-                "region_ratio": out.probes["region_ratio"]["text"].values[..., q]}              # [L,B,H,T]
+                "region_ratio": out.probes["region_ratio"]["text"].values[..., q],              # [L,B,H,T]
+                **({"vars_m_v": out.probes["vars_image_mass"]["text"].values,                  # [L',B,H,S+T]
+                    "vars_m_s": out.probes["first_keys_mass"]["text"].values} if released else {})}
 
     return score
+
+
+def _vars_layers(n: int, cfg: GRPOConfig):
+    return None if cfg.vars_layers is None else tuple(int(l) for l in cfg.vars_layers if int(l) < n)
 
 
 def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) -> dict[str, np.ndarray]:
@@ -188,8 +202,19 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout
     ratt = np.asarray(r_att(scored["weights"], lay.image_mask, lay.region_weight > 0, selected))
-    vars_ = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.asarray(acc > 0),
-                                   variant=cfg.vars_variant))
+    if cfg.vars_variant == "released":
+        # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:82-90 (every query row of prompt + response;
+        # pad rows left out [ours]); ray_trainer.py:707-709 adds it at every response position and
+        # core_algos.py:199 sums them: × the completion width
+        rows = jnp.asarray(batch.attention_mask, bool)
+        vars_ = np.asarray(vars_reward(scored["vars_m_v"], scored["vars_m_s"], rows, None, variant="released"))
+        vars_ = vars_ * np.float32(mask.shape[1])
+    else:
+        m_v, m_s = scored["m_v"], scored["m_s"]
+        if cfg.vars_layers is not None:
+            keep = jnp.asarray(_vars_layers(m_v.shape[0], cfg), int)
+            m_v, m_s = m_v[keep], m_s[keep]
+        vars_ = np.asarray(vars_reward(m_v, m_s, jnp.asarray(mask), jnp.asarray(acc > 0), variant=cfg.vars_variant))
     vas = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.ones(len(acc), bool)))
     rr = np.moveaxis(np.asarray(scored["region_ratio"], np.float64), 1, 0)          # [B,L,H,T]
     keep = np.isfinite(rr) & np.asarray(mask)[:, None, None, :]
