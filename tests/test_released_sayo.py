@@ -133,5 +133,63 @@ def test_released_grpo_config_loads():
     cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo_released.yaml")
     assert (cfg.loss_variant, cfg.sayo_variant, cfg.kl_beta, cfg.clip_eps, cfg.clip_eps_high) == ("trl", "released", 0.001, 0.2, None)
     assert cfg.rewards == {"r_att": 1.0, "format": 1.0} and cfg.top_p == 0.9 and cfg.clip_norm == 0.8
+    assert cfg.system_prompt == "sayo_released"
     with pytest.raises(ValueError, match=r"sayo_variant='paperr'.*\('paper', 'released'\)"):
         GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo_released.yaml", ["sayo_variant=paperr"])
+
+
+def test_grpo_released_wiring_on_the_organism(tmp_path):
+    """sayo_variant / loss_variant / system_prompt through a real rollout and update: r_att on the
+    release's top-k entropy positions and TRL's loss at the on-policy update, by hand from the
+    teacher-forced forward."""
+    import jax.numpy as jnp
+
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.attention import AttentionWeights
+    from jaxmm.models.qwen2_5_vl.modeling import forward
+    from jaxmm.train.grpo import GRPOConfig, make_score_fn, make_update, rollout
+    from jaxmm.train.sft import dataset, initial_state, optimizer, state_mask
+
+    data = {"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "shape_scale": 0.35, "contrast": 0.5,
+            "tasks": ["grounding"]}
+    cfg = GRPOConfig(out=str(tmp_path / "rel"), group_size=3, prompts_per_step=2, max_new_tokens=8, lr=1e-3,
+                     tensorboard=False, data=data, rewards={"r_att": 1.0, "format": 1.0}, sayo_variant="released",
+                     loss_variant="trl", kl_beta=0.05, system_prompt="sayo_released")
+    model = jaxmm.load(organism.default())
+    state = initial_state(cfg, model.params, model.config)
+    ds = dataset(cfg)
+    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(model, cfg, state, model.params, [ds[0], ds[1]],
+                                                                      0, make_score_fn(model.config, cfg))
+    prompt_text = model.tokenizer.decode(np.asarray(batch.input_ids)[0], skip_special_tokens=False)
+    assert sayo.SYSTEM_PROMPT[:40] in prompt_text and np.asarray(batch.layout.system_mask).sum(1).min() > 20
+    last = model.config.text.num_hidden_layers - 1
+    full = forward(model.params, model.config, batch, probes=(AttentionWeights(layers=(last,)),))
+    s = batch.input_ids.shape[1] - tokens.shape[1]
+    lg = np.asarray(full.logits, np.float64)[:, s - 1:s - 1 + tokens.shape[1]]
+    lp = lg - lg.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    ent = -(np.exp(lp) * lp).sum(-1)
+    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[0][:, :, s:]      # [B,H,T,K]
+    img = np.asarray(batch.layout.image_mask, bool)
+    reg = np.asarray(batch.layout.region_weight) > 0
+    width = int(max(lengths)) - 1
+    k = max(1, int(width * 0.3))
+    for b in range(len(texts)):
+        top = np.argsort(-ent[b, :width], kind="stable")[:k]
+        a_r = att[b][:, top][..., reg[b]].mean()
+        a_v = att[b][:, top][..., img[b]].mean()
+        np.testing.assert_allclose(rewards["r_att"][b], math.tanh(math.log((a_r + 1e-8) / (a_v + 1e-8))), atol=1e-5)
+        assert rewards["format"][b] == released_format(texts[b], int(lengths[b]))
+    rng_ = np.random.default_rng(2)
+    lp_old = np.asarray(scored["logp"], np.float64)
+    ref_lp = lp_old + rng_.normal(0, 0.5, lp_old.shape)
+    adv = rng_.normal(0, 1, len(texts))
+    tx = optimizer(cfg, state)
+    update = make_update(model.config, cfg, tx, state_mask(cfg, state))
+    _, _, m = update(state, tx.init(state), batch, tokens, mask, scored["logp"], jnp.asarray(ref_lp, jnp.float32),
+                     jnp.asarray(adv, jnp.float32))
+    mk = np.asarray(mask, np.float64)
+    kl = np.exp(ref_lp - lp_old) - (ref_lp - lp_old) - 1
+    want = ((-adv[:, None] + 0.05 * kl) * mk).sum() / mk.sum()                   # ratio 1 on-policy
+    np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-4, atol=1e-5)

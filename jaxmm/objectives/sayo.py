@@ -30,6 +30,21 @@ VARIANTS = ("paper", "released")
 ANSWER_PATTERN = r"<answer>(?!.*<answer>)(.*?)</answer>"
 
 
+# released: Sayo train/main.py:66-74, the system turn of every training prompt (the pieces are joined
+# without separators, as there); the user turn is the question with the image first (TRL's
+# prepare_multimodal_messages)
+SYSTEM_PROMPT = (
+    "A conversation between a user and an assistant. The user asks a question, and the assistant must answer it."
+    "The assistant first conducts internal reasoning, followed immediately by the final answer enclosed within "
+    "<answer>...</answer> tags."
+    "Requirements:"
+    "1. The reasoning outside <answer></answer> should be concise, minimal, and essential.\n"
+    "2. The final answer must be correct, complete, and directly address the user\u2019s question.\n"
+    "3. When reasoning, focus on the areas of aim object in the image.\n"
+    "4. You MUST HAVE thinking process before the final answer.\n"
+)
+
+
 def _check(variant):
     if variant not in VARIANTS:
         raise ValueError(f"SAYO: variant={variant!r}; expected one of {VARIANTS}")

@@ -40,6 +40,12 @@ from jaxmm.models.qwen2_5_vl.modeling import forward
 REWARDS = ("accuracy", "format", "r_att", "vars")
 
 
+def _prompts_by_name():
+    from jaxmm.objectives import sayo
+
+    return {"sayo_released": sayo.SYSTEM_PROMPT}
+
+
 @dataclasses.dataclass
 class GRPOConfig:
     """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`)."""
@@ -68,6 +74,7 @@ class GRPOConfig:
     vars_variant: str = "paper"
     vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
+    system_prompt: str | None = None      # a system turn: literal text, or a name in PROMPTS
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
     lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
@@ -102,12 +109,15 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------- rollouts
-def _prompts(model, samples, group_size):
-    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None)."""
+def _prompts(model, samples, group_size, system_prompt=None):
+    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
+    ``system_prompt``: a system turn first (text, or a name in ``_prompts_by_name()``)."""
     from jaxmm.processing.regions import region_weights
 
-    convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                           {"type": "text", "text": s["question"]}]}]
+    system = [] if system_prompt is None else [
+        {"role": "system", "content": _prompts_by_name().get(system_prompt, system_prompt)}]
+    convs = [system + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
+                                                    {"type": "text", "text": s["question"]}]}]
              for s in samples for _ in range(group_size)]
     batch, info = model.prepare_chat(convs, pad_to_multiple_of=32)
     lay = batch.layout
@@ -261,7 +271,7 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     from jaxmm.train.sft import assemble
 
     params, ivs = assemble(state, cfg)
-    prompt, info, rep, region = _prompts(model, samples, cfg.group_size)
+    prompt, info, rep, region = _prompts(model, samples, cfg.group_size, cfg.system_prompt)
     stop = stop_token_ids(model.config, model.tokenizer)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
