@@ -8,6 +8,8 @@ pre-softmax logit or the attention weight, nor which layers: both are options he
 ``on="logits"`` on all layers [ours]. On weights the formula is applied as written (rows are not
 renormalised) unless ``renormalize=True`` [ours]. Defaults α_img = 0.15, α_sys = 0 (the paper
 sweeps α_sys ∈ {0, 0.05, 0.40, 0.60}). α_img and α_sys may be per-sample leaves ([B]).
+The authors' release (lrlbbzl/Qwen-AVAR) has no code for this intervention, so there is no
+``variant="released"`` here (its AGTO and VARS are in :mod:`jaxmm.objectives.avar`).
 """
 
 from __future__ import annotations
