@@ -122,6 +122,19 @@ def test_agto_released_matches_transcription_and_spans_differ_from_default():
     assert abs(float(d_enh) - float(enh)) > 1e-3 and abs(float(d_sup) - float(sup)) > 1e-3
 
 
+def test_intervention_has_no_released_variant():
+    from types import SimpleNamespace
+
+    from jaxmm import interventions as I
+
+    cfg = SimpleNamespace(text=SimpleNamespace(num_hidden_layers=2))
+    assert I.build("avar:variant=paper", cfg)[0] == I.build("avar", cfg)[0]
+    assert I.build(str(ROOT / "configs/methods/avar.yaml"), cfg)[0] == I.build("avar", cfg)[0]
+    for spec in ("avar:variant=released", {"method": "avar", "variant": "released"}):
+        with pytest.raises(ValueError, match=r"variant='released'.*\('paper',\).*no code"):
+            I.build(spec, cfg)
+
+
 def test_unknown_variant_raises():
     z = np.zeros((1, 1, 1, 2))
     with pytest.raises(ValueError, match=r"variant='releasd'.*\('paper', 'released'\)"):
