@@ -15,7 +15,8 @@ One step (methods.md "GRPO", SAYO, AVAR):
 3. Rewards (weighted sum of ``accuracy``, ``format`` (SAYO), ``r_att`` (SAYO, top-``entropy_top``
    entropy tokens, last layer, region = the sample's evidence box) and ``vars`` (AVAR, ``paper`` or
    ``released``)); group-normalised advantages; the clipped objective with k3 KL
-   (:mod:`jaxmm.objectives.grpo`); ``updates_per_rollout`` optax steps on it.
+   (:mod:`jaxmm.objectives.grpo`); ``updates_per_rollout`` optax steps on it. ``loss_variant``,
+   ``vars_variant`` and ``sayo_variant`` select the methods' released readings (docs/methods.md).
 
 The trained state is the backbone or LoRA adapters (``lora:``; the reference is then the frozen
 backbone itself). orbax checkpoints hold them, the optimizer state and the step; metrics go to
@@ -74,7 +75,7 @@ class GRPOConfig:
     vars_variant: str = "paper"
     vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
-    system_prompt: str | None = None      # a system turn: literal text, or a name in PROMPTS
+    system_prompt: str | None = None      # a system turn: literal text, or a name in _prompts_by_name()
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
     lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
