@@ -40,8 +40,9 @@ def _pai(cfg, alpha=0.2, start=2, end=None, variant="paper", use_cfg=False):
     return pai(cfg.text.num_hidden_layers, alpha, start, end, variant, use_cfg)
 
 
-def _avar(cfg, alpha_img=0.15, alpha_sys=0.0, on="logits", renormalize=False, layers=None):
-    return AVAR(alpha_img=alpha_img, alpha_sys=alpha_sys, on=on, renormalize=renormalize, layers=_layers(cfg, layers))
+def _avar(cfg, alpha_img=0.15, alpha_sys=0.0, on="logits", renormalize=False, layers=None, variant="paper"):
+    return AVAR(alpha_img=alpha_img, alpha_sys=alpha_sys, on=on, renormalize=renormalize, layers=_layers(cfg, layers),
+                variant=variant)
 
 
 def _ration(cfg, top_k=4, d_a=0.8, d_b=1.2, thresholds=(0.0, 0.0, 0.0), key_layers=None):

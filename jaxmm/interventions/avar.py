@@ -8,6 +8,9 @@ pre-softmax logit or the attention weight, nor which layers: both are options he
 ``on="logits"`` on all layers [ours]. On weights the formula is applied as written (rows are not
 renormalised) unless ``renormalize=True`` [ours]. Defaults α_img = 0.15, α_sys = 0 (the paper
 sweeps α_sys ∈ {0, 0.05, 0.40, 0.60}). α_img and α_sys may be per-sample leaves ([B]).
+The authors' release (lrlbbzl/Qwen-AVAR) has no code for this intervention: ``variant`` accepts
+only ``"paper"`` and ``"released"`` raises, saying so (its AGTO and VARS are in
+:mod:`jaxmm.objectives.avar`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ class AVAR(Intervention):
     renormalize: bool = static_field(False)
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
+    variant: str = static_field("paper")
 
     def __post_init__(self):
         if self.on not in ("logits", "weights"):
             raise ValueError(f"AVAR: on={self.on!r}; expected 'logits' or 'weights'")
+        if self.variant != "paper":
+            raise ValueError(f"AVAR: variant={self.variant!r}; expected one of ('paper',): lrlbbzl/Qwen-AVAR "
+                             "releases no code for the training-free intervention")
 
     def has_stage(self, name):
         return name == self.on

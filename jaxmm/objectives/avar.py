@@ -9,28 +9,78 @@ masks [B,T] of the queries that count, and the key-set sizes |V|, |S| [B].
   Total ``L = L_LM + α·L_enh + β·L_sup``, α = β = 0.15, ε = 1e-6, Q = the user-turn span.
 * VARS [paper]: ``r_visual = 0`` if wrong else ``mean_{t∈T} mean_l Σ_{k∈V} A_tk / (Σ_{k∈S} A_tk + ε)``
   (heads averaged as well [inferred]); ``r_total = r_acc + λ_v r_visual + λ_f r_format`` (0.3, 0.1).
-  ``variant="released"``: one ratio of total masses over all queries, no correctness gate [code];
-  the released system span (first 20 % of the prompt) and layers 0–7 are the caller's choice of
-  masks and layers.
+  ``variant="released"``: one ratio of total masses over the rows given, no correctness gate [code].
+  The release sums every query row of prompt + response on layers 0–7, with the system span the
+  first ``max(1, response_start // 5)`` tokens where ``response_start`` comes from labels that the
+  RL batch does not have (the fallback, input_ids, makes it 1 token: key 0) — the GRPO trainer's
+  ``vars_variant: released`` passes those rows and masses (:class:`FirstKeysMass`) and adds the
+  reward at every response position (× the completion width).
+* AGTO ``variant="released"``: means divided by ``|Q|·|K| + ε`` instead of ``max(|Q|,1)·max(|K|,1)``;
+  :func:`released_agto_spans` gives the release's S/Q spans (a character offset × 0.4).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxmm.attention import Probe, register, static_field
 
-def _block_mean(mass, queries, n_keys):
-    """mean over q∈Q, k∈K of A: [L,B,H,T] masses -> [L,B,H]."""
+VARIANTS = ("paper", "released")
+
+# released: Qwen-AVAR LlamaFactory/src/llamafactory/train/sft/trainer.py:356-363 (searched in this order)
+USER_MARKERS = ("<|im_start|>user", "<|start_header_id|>user", "[INST]", "user\n", "User:", "<|user|>")
+
+
+def _check(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"AVAR: variant={variant!r}; expected one of {VARIANTS}")
+
+
+def _block_mean(mass, queries, n_keys, eps=None):
+    """mean over q∈Q, k∈K of A: [L,B,H,T] masses -> [L,B,H]. ``eps``: divide by |Q|·|K| + eps."""
     q = queries.astype(jnp.float32)[None, :, None, :]
+    if eps is not None:
+        # released: Qwen-AVAR LlamaFactory/src/llamafactory/train/avar_attention.py:99,122
+        n = (jnp.sum(queries, -1).astype(jnp.float32) * jnp.asarray(n_keys, jnp.float32))[None, :, None]
+        return jnp.sum(mass * q, -1) / (n + eps)
     nq = jnp.maximum(jnp.sum(queries, -1), 1).astype(jnp.float32)[None, :, None]
     return jnp.sum(mass * q, -1) / (nq * jnp.maximum(n_keys, 1).astype(jnp.float32)[None, :, None])
 
 
-def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6):
+def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6, variant: str = "paper"):
     """(L_enh, L_sup), scalars averaged over layers, heads and the batch."""
-    enh = -jnp.mean(jnp.log(_block_mean(m_v, queries, n_image) + eps))
-    sup = jnp.mean(jnp.log(_block_mean(m_s, queries, n_system) + eps))
+    _check(variant)
+    d = eps if variant == "released" else None
+    enh = -jnp.mean(jnp.log(_block_mean(m_v, queries, n_image, d) + eps))
+    sup = jnp.mean(jnp.log(_block_mean(m_s, queries, n_system, d) + eps))
     return enh, sup
+
+
+def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos_first: bool = False):
+    """The release's AGTO system and query spans of one sample -> (system, query) bool [seq_len].
+
+    ``prompt_text``: the decoded ``input_ids[:response_start]`` (special tokens kept). The first
+    user marker found at character offset c gives ``user_start = min(int(c·0.4), response_start)``,
+    else ``min(max(10, response_start // 10), response_start)``; S = [bos_first, user_start)
+    (only when user_start > 0), Q = [user_start, response_start). Host-side (numpy).
+    """
+    import numpy as np
+
+    # released: LlamaFactory/src/llamafactory/train/sft/trainer.py:365-378 (a character offset read as a
+    # token index, × 0.4)
+    user_start = min(max(10, response_start // 10), response_start)
+    for marker in USER_MARKERS:
+        c = prompt_text.find(marker)
+        if c != -1:
+            user_start = min(int(c * 0.4), response_start)
+            break
+    system = np.zeros(seq_len, bool)
+    query = np.zeros(seq_len, bool)
+    if user_start > 0:                       # released: trainer.py:295-300 (BOS excluded when present)
+        system[int(bos_first):user_start] = True
+    if user_start < response_start:          # released: trainer.py:305-306
+        query[user_start:response_start] = True
+    return system, query
 
 
 def agto_total(lm_loss, m_v, m_s, queries, n_image, n_system, alpha: float = 0.15, beta: float = 0.15,
@@ -40,13 +90,15 @@ def agto_total(lm_loss, m_v, m_s, queries, n_image, n_system, alpha: float = 0.1
 
 
 def vars_reward(m_v, m_s, generated, correct, eps: float = 1e-6, variant: str = "paper"):
-    """r_visual [B] from masses [L,B,H,T] over the generated tokens ``generated`` [B,T] (bool)."""
+    """r_visual [B] from masses [L,B,H,T] over the query rows ``generated`` [B,T] (bool)."""
     g = generated.astype(jnp.float32)[None, :, None, :]
     if variant == "paper":
         ratio = m_v / (m_s + eps)                                                   # [L,B,H,T]
         per = jnp.sum(ratio * g, -1) / jnp.maximum(jnp.sum(g, -1), 1.0)            # [L,B,H]
         return jnp.where(correct, jnp.mean(per, axis=(0, 2)), 0.0)
     if variant == "released":
+        # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:71-90 (sums over layers, heads, rows and
+        # keys, then one ratio); no correctness gate: EasyR1/verl/trainer/ray_trainer.py:703-709
         return jnp.sum(m_v * g, axis=(0, 2, 3)) / (jnp.sum(m_s * g, axis=(0, 2, 3)) + eps)
     raise ValueError(f"variant={variant!r}; expected 'paper' or 'released'")
 
@@ -60,6 +112,21 @@ def agto_probes(layers=None):
     from jaxmm.probes import KeyMass, VisualMass
 
     return (VisualMass(layers=layers), KeyMass(layers=layers))
+
+
+@register
+class FirstKeysMass(Probe):
+    """Attention mass on keys 0..n−1 per (b, h, query) -> [B,H,T]: the system span of the released
+    VARS reward in the RL stage (n = 1: EasyR1/verl/trainer/ray_trainer.py:280 falls back to
+    labels = input_ids, so avar_attention.py:224-234 marks max(1, 0 // 5) = 1 token)."""
+
+    name: str = static_field("first_keys_mass")
+    n: int = static_field(1)
+    layers: tuple[int, ...] | None = static_field(None)
+    towers: tuple[str, ...] = static_field(("text",))
+
+    def __call__(self, a, site):
+        return jnp.sum(a[..., :self.n].astype(jnp.float32), -1)
 
 
 def agto_extra_loss(alpha: float = 0.15, beta: float = 0.15, eps: float = 1e-6):

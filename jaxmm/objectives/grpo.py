@@ -6,11 +6,25 @@ estimator, and the clipped per-token objective.
 * k3: ``KL ≈ e^δ − δ − 1`` with ``δ = log π_ref − log π_θ`` clamped to [−20, 20].
 * Loss ``= −mean over completion tokens of [min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) − β·KL]``,
   ρ = exp(log π_θ − log π_old); per-sequence token means, then the batch mean.
+
+``variant`` selects the loss the methods' released RL stages ran with (``LOSS_VARIANTS``):
+
+* ``"easyr1"`` (AVAR's RL stage, EasyR1 as vendored in lrlbbzl/Qwen-AVAR): asymmetric clip
+  ``[1 − ε, 1 + ε_high]`` (0.2 / 0.3) applied to the log-ratio, dual clip ``c`` (3) on negative
+  advantages, the log-ratio clamped to ±20 before exp, KL = k3 clamped to [−10, 10], one token mean
+  over the whole batch (``Σ m·x / (Σ m + 1e-8)``) for both the policy term and the KL term; the
+  advantage ε is 1e-6 (``group_advantages(eps=1e-6)``).
+* ``"trl"`` (SAYO's, TRL 0.25 ``GRPOTrainer`` defaults, ``loss_type="dapo"``): the symmetric clip,
+  k3 not clamped, ``Σ m·(−min(…) + β·k3) / Σ m`` over the batch.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+
+LOSS_VARIANTS = ("paper", "easyr1", "trl")
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4):
@@ -26,11 +40,55 @@ def k3_kl(logp, logp_ref):
     return jnp.exp(delta) - delta - 1.0
 
 
-def grpo_loss(logp, logp_old, logp_ref, advantages, mask, beta: float = 0.001, clip_eps: float = 0.2):
-    """Per-token log-probs [B,T] of the sampled tokens, advantages [B], completion mask [B,T]."""
+def grpo_loss(logp, logp_old, logp_ref, advantages, mask, beta: float = 0.001, clip_eps: float = 0.2,
+              variant: str = "paper", clip_eps_high: float | None = None, dual_clip: float = 3.0):
+    """Per-token log-probs [B,T] of the sampled tokens, advantages [B], completion mask [B,T] -> scalar.
+
+    ``clip_eps_high`` (None = ``clip_eps``) and ``dual_clip`` are used by ``variant="easyr1"``;
+    ``clip_eps_high`` also by ``"trl"``.
+    """
+    if variant not in LOSS_VARIANTS:
+        raise ValueError(f"grpo_loss: variant={variant!r}; expected one of {LOSS_VARIANTS}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if variant == "easyr1":
+        return _easyr1_loss(logp, logp_old, logp_ref, advantages, mask, beta, clip_eps, high, dual_clip)
+    if variant == "trl":
+        return _trl_loss(logp, logp_old, logp_ref, advantages, mask, beta, clip_eps, high)
     ratio = jnp.exp(logp - logp_old)
     a = advantages[:, None]
     obj = jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * a) - beta * k3_kl(logp, logp_ref)
     m = mask.astype(jnp.float32)
     per_seq = jnp.sum(obj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
     return -jnp.mean(per_seq)
+
+
+def _easyr1_loss(logp, logp_old, logp_ref, advantages, mask, beta, low, high, dual):
+    m = mask.astype(jnp.float32)
+    a = advantages[:, None]
+    log_ratio = logp - logp_old
+    # released: Qwen-AVAR EasyR1/verl/trainer/core_algos.py:478-481 (clamp ±20 before exp; the clip
+    # applied to the log-ratio, bounds log(1 − low), log(1 + high))
+    ratio = jnp.exp(jnp.clip(log_ratio, -20.0, 20.0))
+    clipped = jnp.exp(jnp.clip(log_ratio, math.log(1.0 - low), math.log(1.0 + high)))
+    # released: core_algos.py:497-504 (dual clip: −A·c bounds the loss of negative-advantage tokens)
+    pg_high = jnp.maximum(-a * ratio, -a * clipped)
+    pg = jnp.where(a < 0, jnp.minimum(pg_high, -a * dual), pg_high)
+    # released: core_algos.py:591-594 (low_var_kl: δ clamped ±20, k3 clamped to [−10, 10])
+    delta = jnp.clip(logp_ref - logp, -20.0, 20.0)
+    kl = jnp.clip(jnp.exp(delta) - delta - 1.0, -10.0, 10.0)
+    # released: core_algos.py:402-403 + EasyR1/verl/utils/torch_functional.py:75 (loss_avg_mode "token":
+    # Σ m·x / (Σ m + 1e-8) over the batch); EasyR1/verl/workers/actor/dp_actor.py:347-348 (pg + kl_coef·kl)
+    token_mean = lambda x: jnp.sum(x * m) / (jnp.sum(m) + 1e-8)
+    return token_mean(pg) + beta * token_mean(kl)
+
+
+def _trl_loss(logp, logp_old, logp_ref, advantages, mask, beta, low, high):
+    # TRL 0.25 GRPOTrainer._compute_loss (Sayo requirements.txt pins trl==0.25.1; Sayo's trainer keeps it):
+    # per-token −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)A) + β·k3 (k3 not clamped), loss_type "dapo" = the
+    # sum over the batch's completion tokens / their number
+    m = mask.astype(jnp.float32)
+    a = advantages[:, None]
+    ratio = jnp.exp(logp - logp_old)
+    delta = logp_ref - logp
+    per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - low, 1 + high) * a) + beta * (jnp.exp(delta) - delta - 1.0)
+    return jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)

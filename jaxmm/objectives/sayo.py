@@ -9,6 +9,11 @@
   the paper's diagnostic R_a = ½(1 + r_att).
 * Format reward [code]: 1 if exactly one ``<answer>…</answer>``, times min(1, 0.6·100/L) when L > 100
   and 0.6·L/60 when L < 60 (L = completion tokens).
+
+``variant="released"`` (:func:`select_high_entropy`, :func:`format_reward`) follows the release
+exactly: top-k over the padded completion width, k = max(1, ⌊0.3·(W − 1)⌋), and the format regex
+:data:`ANSWER_PATTERN` (satisfied by the last of several ``<answer>`` blocks). r_att itself is the
+release's rule (a mean over the concatenated key values of equal-length rows = the mean of row means).
 """
 
 from __future__ import annotations
@@ -17,6 +22,32 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+VARIANTS = ("paper", "released")
+
+# released: Sayo train/reward/format_rewards.py:4,6 (re.search with re.DOTALL | re.MULTILINE)
+ANSWER_PATTERN = r"<answer>(?!.*<answer>)(.*?)</answer>"
+
+
+# released: Sayo train/main.py:66-74, the system turn of every training prompt (the pieces are joined
+# without separators, as there); the user turn is the question with the image first (TRL's
+# prepare_multimodal_messages)
+SYSTEM_PROMPT = (
+    "A conversation between a user and an assistant. The user asks a question, and the assistant must answer it."
+    "The assistant first conducts internal reasoning, followed immediately by the final answer enclosed within "
+    "<answer>...</answer> tags."
+    "Requirements:"
+    "1. The reasoning outside <answer></answer> should be concise, minimal, and essential.\n"
+    "2. The final answer must be correct, complete, and directly address the user\u2019s question.\n"
+    "3. When reasoning, focus on the areas of aim object in the image.\n"
+    "4. You MUST HAVE thinking process before the final answer.\n"
+)
+
+
+def _check(variant):
+    if variant not in VARIANTS:
+        raise ValueError(f"SAYO: variant={variant!r}; expected one of {VARIANTS}")
 
 
 def token_entropy(logits, temperature: float = 1.0):
@@ -25,8 +56,27 @@ def token_entropy(logits, temperature: float = 1.0):
     return -jnp.sum(jnp.exp(lp) * lp, -1)
 
 
-def select_high_entropy(entropy, completion, frac: float = 0.3):
-    """[B,T] entropies and completion mask -> bool [B,T]: the top ⌈frac·n⌉ completion positions."""
+def select_high_entropy(entropy, completion, frac: float = 0.3, variant: str = "paper"):
+    """[B,T] entropies and completion mask -> bool [B,T]: the top ⌈frac·n⌉ completion positions.
+
+    ``variant="released"`` (host-side: needs concrete arrays): W = the longest completion (the
+    width the release pads completions to); the last position is dropped, and the top
+    k = max(1, ⌊frac·(W − 1)⌋) of positions 0..W−2 are kept in every row, padding included.
+    """
+    _check(variant)
+    if variant == "released":
+        # released: Sayo train/trainer/grpo_trainer.py, _get_entropies_mask (entropies[:, :-1]: the last
+        # position is dropped; completions are right-padded to the longest one)
+        width = int(np.max(np.sum(np.asarray(completion), -1))) - 1
+        if width < 1:
+            return jnp.zeros(jnp.shape(completion), bool)
+        # released: Sayo train/trainer/grpo_trainer.py get_top_entropy_indices_list (k = max(1, int(W·0.3)),
+        # torch.topk over the padded width, the completion mask not consulted)
+        k = max(1, int(width * frac))
+        pos = jnp.arange(jnp.shape(entropy)[-1])[None, :]
+        masked = jnp.where(pos < width, entropy, -jnp.inf)
+        rank = jnp.argsort(jnp.argsort(-masked, -1, stable=True), -1)
+        return (pos < width) & (rank < k)
     n = jnp.sum(completion, -1)
     k = jnp.ceil(frac * n).astype(jnp.int32)
     masked = jnp.where(completion, entropy, -jnp.inf)
@@ -48,9 +98,15 @@ def r_att(weights, image, region, selected):
     return jnp.tanh(jnp.log((mean_r + 1e-8) / (mean_v + 1e-8)))
 
 
-def format_reward(text: str, n_tokens: int) -> float:
-    """SAYO's format reward of one completion."""
-    if len(re.findall(r"<answer>.*?</answer>", text, flags=re.S)) != 1:
+def format_reward(text: str, n_tokens: int, variant: str = "paper") -> float:
+    """SAYO's format reward of one completion. ``variant="released"``: 1 when
+    :data:`ANSWER_PATTERN` matches anywhere (so several ``<answer>`` blocks also pass: the last one
+    matches), times the same length coefficients."""
+    _check(variant)
+    if variant == "released":
+        if re.search(ANSWER_PATTERN, text, re.DOTALL | re.MULTILINE) is None:   # released: format_rewards.py:6-7
+            return 0.0
+    elif len(re.findall(r"<answer>.*?</answer>", text, flags=re.S)) != 1:
         return 0.0
     if n_tokens > 100:
         return min(1.0, 0.6 * 100 / n_tokens)

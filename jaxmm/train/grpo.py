@@ -15,7 +15,8 @@ One step (methods.md "GRPO", SAYO, AVAR):
 3. Rewards (weighted sum of ``accuracy``, ``format`` (SAYO), ``r_att`` (SAYO, top-``entropy_top``
    entropy tokens, last layer, region = the sample's evidence box) and ``vars`` (AVAR, ``paper`` or
    ``released``)); group-normalised advantages; the clipped objective with k3 KL
-   (:mod:`jaxmm.objectives.grpo`); ``updates_per_rollout`` optax steps on it.
+   (:mod:`jaxmm.objectives.grpo`); ``updates_per_rollout`` optax steps on it. ``loss_variant``,
+   ``vars_variant`` and ``sayo_variant`` select the methods' released readings (docs/methods.md).
 
 The trained state is the backbone or LoRA adapters (``lora:``; the reference is then the frozen
 backbone itself). orbax checkpoints hold them, the optimizer state and the step; metrics go to
@@ -40,6 +41,12 @@ from jaxmm.models.qwen2_5_vl.modeling import forward
 REWARDS = ("accuracy", "format", "r_att", "vars")
 
 
+def _prompts_by_name():
+    from jaxmm.objectives import sayo
+
+    return {"sayo_released": sayo.SYSTEM_PROMPT}
+
+
 @dataclasses.dataclass
 class GRPOConfig:
     """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`)."""
@@ -60,8 +67,15 @@ class GRPOConfig:
     grad_accum: int = 1
     clip_eps: float = 0.2
     kl_beta: float = 0.001
+    loss_variant: str = "paper"           # "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
+    clip_eps_high: float | None = None    # upper clip (None = clip_eps); EasyR1: 0.3
+    dual_clip: float = 3.0                # "easyr1" only: dual clip on negative advantages
+    adv_eps: float = 1e-4                 # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
     rewards: dict = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
+    vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
+    sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
+    system_prompt: str | None = None      # a system turn: literal text, or a name in _prompts_by_name()
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
     lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
@@ -81,8 +95,12 @@ class GRPOConfig:
             raise ValueError(f"rewards: unknown reward(s) {sorted(bad)}; expected some of {REWARDS}")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: group-normalised advantages need G >= 2")
-        if self.vars_variant not in ("paper", "released"):
-            raise ValueError(f"vars_variant={self.vars_variant!r}; expected 'paper' or 'released'")
+        from jaxmm.objectives.grpo import LOSS_VARIANTS
+
+        for name, allowed in (("vars_variant", ("paper", "released")), ("sayo_variant", ("paper", "released")),
+                              ("loss_variant", LOSS_VARIANTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
@@ -92,12 +110,15 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------- rollouts
-def _prompts(model, samples, group_size):
-    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None)."""
+def _prompts(model, samples, group_size, system_prompt=None):
+    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
+    ``system_prompt``: a system turn first (text, or a name in ``_prompts_by_name()``)."""
     from jaxmm.processing.regions import region_weights
 
-    convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                           {"type": "text", "text": s["question"]}]}]
+    system = [] if system_prompt is None else [
+        {"role": "system", "content": _prompts_by_name().get(system_prompt, system_prompt)}]
+    convs = [system + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
+                                                    {"type": "text", "text": s["question"]}]}]
              for s in samples for _ in range(group_size)]
     batch, info = model.prepare_chat(convs, pad_to_multiple_of=32)
     lay = batch.layout
@@ -148,6 +169,13 @@ def make_score_fn(config, cfg: GRPOConfig):
     last = config.text.num_hidden_layers - 1
     probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass(),
               RegionRatio(eps=1e-12))                       # as the eval harness logs it
+    released = cfg.vars_variant == "released"
+    if released:
+        from jaxmm.objectives.avar import FirstKeysMass
+
+        # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:59-60 (layers past the model's are skipped)
+        layers = _vars_layers(config.text.num_hidden_layers, cfg)
+        probes += (VisualMass(name="vars_image_mass", layers=layers), FirstKeysMass(layers=layers))
 
     @jax.jit
     def score(params, ivs, batch, tokens):
@@ -159,9 +187,15 @@ def make_score_fn(config, cfg: GRPOConfig):
                 "weights": out.probes["last_layer"]["text"].values[0][:, :, q],                  # [B,H,T,K]
                 "m_v": out.probes["visual_mass"]["text"].values[..., q],                          # [L,B,H,T]
                 "m_s": out.probes["system_mass"]["text"].values[..., q],
-                "region_ratio": out.probes["region_ratio"]["text"].values[..., q]}              # [L,B,H,T]
+                "region_ratio": out.probes["region_ratio"]["text"].values[..., q],              # [L,B,H,T]
+                **({"vars_m_v": out.probes["vars_image_mass"]["text"].values,                  # [L',B,H,S+T]
+                    "vars_m_s": out.probes["first_keys_mass"]["text"].values} if released else {})}
 
     return score
+
+
+def _vars_layers(n: int, cfg: GRPOConfig):
+    return None if cfg.vars_layers is None else tuple(int(l) for l in cfg.vars_layers if int(l) < n)
 
 
 def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) -> dict[str, np.ndarray]:
@@ -175,12 +209,23 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     from jaxmm.eval.benchmarks import _to_sample
 
     acc = np.array([score_answer(_to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
-    fmt = np.array([format_reward(t, int(n)) for t, n in zip(texts, lengths)], np.float32)
-    selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top)
+    fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
+    selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout
     ratt = np.asarray(r_att(scored["weights"], lay.image_mask, lay.region_weight > 0, selected))
-    vars_ = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.asarray(acc > 0),
-                                   variant=cfg.vars_variant))
+    if cfg.vars_variant == "released":
+        # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:82-90 (every query row of prompt + response;
+        # pad rows left out [ours]); ray_trainer.py:707-709 adds it at every response position and
+        # core_algos.py:199 sums them: × the completion width
+        rows = jnp.asarray(batch.attention_mask, bool)
+        vars_ = np.asarray(vars_reward(scored["vars_m_v"], scored["vars_m_s"], rows, None, variant="released"))
+        vars_ = vars_ * np.float32(mask.shape[1])
+    else:
+        m_v, m_s = scored["m_v"], scored["m_s"]
+        if cfg.vars_layers is not None:
+            keep = jnp.asarray(_vars_layers(m_v.shape[0], cfg), int)
+            m_v, m_s = m_v[keep], m_s[keep]
+        vars_ = np.asarray(vars_reward(m_v, m_s, jnp.asarray(mask), jnp.asarray(acc > 0), variant=cfg.vars_variant))
     vas = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.ones(len(acc), bool)))
     rr = np.moveaxis(np.asarray(scored["region_ratio"], np.float64), 1, 0)          # [B,L,H,T]
     keep = np.isfinite(rr) & np.asarray(mask)[:, None, None, :]
@@ -202,7 +247,8 @@ def make_update(config, cfg: GRPOConfig, tx, mask_tree):
         params, ivs = assemble(state, cfg)
         s = batch.input_ids.shape[1] - tokens.shape[1]
         lp, _ = completion_logprobs(forward(params, config, batch, ivs).logits, tokens, s, cfg.temperature)
-        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps)
+        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps,
+                         variant=cfg.loss_variant, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip)
         m = mask.astype(jnp.float32)
         kl = jnp.sum(k3_kl(lp, ref_lp) * m) / jnp.maximum(jnp.sum(m), 1.0)
         return loss, {"kl": kl}
@@ -226,7 +272,7 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     from jaxmm.train.sft import assemble
 
     params, ivs = assemble(state, cfg)
-    prompt, info, rep, region = _prompts(model, samples, cfg.group_size)
+    prompt, info, rep, region = _prompts(model, samples, cfg.group_size, cfg.system_prompt)
     stop = stop_token_ids(model.config, model.tokenizer)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
@@ -291,7 +337,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
         batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(model, cfg, state, ref_params, samples,
                                                                            step, score_fn)
         r = total_reward(cfg, rewards)
-        adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size)
+        adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size, eps=cfg.adv_eps)
         for _ in range(cfg.updates_per_rollout):
             state, opt_state, m = update(state, opt_state, batch, tokens, mask, scored["logp"], ref_lp, adv)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
