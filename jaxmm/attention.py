@@ -69,6 +69,8 @@ class Site:
         call_pos, call_hidden: ``query_pos`` [T] and ``hidden`` [B,T,E] of the whole call, never
             split into query chunks: for interventions that need a property of every key this call
             writes (VAR's sink tokens at prefill). Set by :func:`attend`.
+        call_q_pre: ``q_pre`` [B,T,H,D] of the whole call, never split into query chunks (RATION's
+            released τ, a statistic over every query of the prompt). Set by :func:`attend`.
         last_query: int32 [B], per row the key position of the last non-padding query of this call
             (by ``layout.attention_mask``; the last query when there is no layout), −1 for a row
             with none. Set by :func:`attend`; chunks share it.
@@ -86,6 +88,7 @@ class Site:
     call_pos: Array | None = None
     call_hidden: Array | None = None
     last_query: Array | None = None
+    call_q_pre: Array | None = None
 
 
 def _selects(obj, site: Site) -> bool:
@@ -286,7 +289,8 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     prs = [p for p in probes if p.applies(site)]
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
-    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden)
+    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden,
+                               call_q_pre=site.q_pre)
     last = _last_query(site)
     if last is None:
         last = jnp.full((q.shape[0],), site.query_pos[-1], jnp.int32)
