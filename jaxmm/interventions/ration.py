@@ -6,8 +6,8 @@ Two phases inside one ``generate`` call (``prefill_probes`` then ``after_prefill
 1. **Layer probe** [code]: s_l = mean_{j∈V, d} |h_out[l,j,d] − h_in[l,j,d]| per decoder layer
    (:class:`~jaxmm.probes.ResidualUpdate`); layers ranked by s_l, descending (rank 0 = largest).
 2. **Task routing** [code, rules ours]: δ_l = (L_max − l) − rank(l), L_max = L − 1. The released
-   router applies rules to δ at layers 9–14, 19, 23, 24 of a 28-layer backbone, but the rules
-   themselves are not in methods.md: jaxmm's default router is ours and configurable — ``ocr`` if
+   router applies rules to δ at layers 9–14, 19, 23, 24 of a 28-layer backbone (those rules are
+   :func:`route_released`, ``variant="released"``); jaxmm's default router is ours and configurable — ``ocr`` if
    mean δ over layers 9–14 ≥ ``thresholds[0]``, else ``grounding`` if δ_19 ≥ ``thresholds[1]``,
    else ``recognition`` if mean δ over 23–24 ≥ ``thresholds[2]``, else ``counting`` (the released
    default). Rule layers are given in 28-layer coordinates and mapped to a backbone of L layers as
