@@ -53,8 +53,9 @@ def _ration(cfg, top_k=4, d_a=None, d_b=None, thresholds=(0.0, 0.0, 0.0), key_la
                   variant=variant)
 
 
-def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64):
-    return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads)
+def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64, variant="paper"):
+    return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads,
+                variant=variant)
 
 
 def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2):
