@@ -186,3 +186,49 @@ def test_released_config_builds_the_released_variant(setup):
     iv = I.build([ROOT / "configs" / "methods" / "vrga_released.yaml"], model.config)[0]
     assert (iv.variant, iv.factor, iv.fa, iv.border_frac, iv.min_focus, iv.background_heads) == (
         "released", 1.5, 1, 0.2, 10, 64)
+    assert (iv.head_mask, iv.head_mask_topk, iv.head_mask_after) == (None, 5, 5)
+
+
+@pytest.mark.parametrize("mask_type", ["R_high_HR_low", "R_low_to_high"])
+def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_type):
+    """modeling_qwen2_5_vl.py:1022-1040 with compute_R_H_ratio_three (topk 2 of the tiny model's 4
+    heads) and mask_visual_tokens_in_heads, in layers > 0 (the release: > 5), on the decode rows."""
+    hf_model, model, raw, batch = setup
+    ids = raw["input_ids"][0]
+    vs0 = int(np.flatnonzero(ids == tiny.VISION_START)[0])
+    ve = int(np.flatnonzero(ids == tiny.VISION_END)[0])
+    n, topk, eps = len(ids), 2, 1e-12
+    chosen = []
+
+    def edit(layer, z, a, allowed):
+        if a is None or layer <= 0:
+            return None, None
+        a = a.clone()
+        for q in (n - 2, n - 1):
+            m = a[:, :, q, :q + 1].double().mean(0).numpy()              # [H, keys in the cache]
+            r = np.array([m[h, vs0:ve].mean() / (m[h].mean() + eps) for h in range(m.shape[0])])
+            p = m[:, vs0:ve] / (m[:, vs0:ve].sum(-1, keepdims=True) + eps)
+            hr = -(p * np.log(p + eps)).sum(-1) / (r + eps)
+            if mask_type == "R_high_HR_low":
+                cand = np.flatnonzero(r > np.median(r))
+                heads = cand[np.argsort(hr[cand])[:topk]] if len(cand) >= topk else cand
+            else:
+                heads = np.argsort(r)[:topk]
+            chosen.append((layer, q, tuple(sorted(heads))))
+            v = a[0, :, q].double()
+            for h in heads:
+                v[h, vs0:ve] = 0.0
+            v = v / (v.sum(-1, keepdim=True) + 1e-12)
+            v = v / v.sum(-1, keepdim=True)
+            v = v / (v.sum(-1, keepdim=True) + 1e-8)
+            a[0, :, q] = v.float()
+        return None, a
+
+    ref = hf_run(hf_model, raw, edit)
+    assert len({c[2] for c in chosen}) > 1                      # the selection changes across steps/layers
+    iv = I.build([{"method": "vrga", "variant": "released", "head_mask": mask_type, "head_mask_topk": topk,
+                   "head_mask_after": 0}], model.config)[0]
+    assert iv.prefill_probes() == ()
+    compare(model, batch, raw, ref, (iv,), range(model.config.text.num_hidden_layers))
+    with pytest.raises(ValueError, match="head_mask"):
+        I.build([{"method": "vrga", "head_mask": mask_type}], model.config)

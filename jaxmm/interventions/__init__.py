@@ -53,9 +53,10 @@ def _ration(cfg, top_k=4, d_a=None, d_b=None, thresholds=(0.0, 0.0, 0.0), key_la
                   variant=variant)
 
 
-def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64, variant="paper"):
+def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64, variant="paper",
+          head_mask=None, head_mask_topk=5, head_mask_after=5):
     return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads,
-                variant=variant)
+                variant=variant, head_mask=head_mask, head_mask_topk=head_mask_topk, head_mask_after=head_mask_after)
 
 
 def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2):

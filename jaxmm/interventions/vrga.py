@@ -38,8 +38,8 @@ question tokens) − 1; R's denominator is the mean over every prompt key; the f
 the background pool; Norm is division by the sum (no Norm without background heads); the border
 exclusion and the focus-token neighbourhoods are in slice coordinates; μ, σ (ddof 1) of ρ are
 taken at the release's indices ``ρ[~mask_flat]``; ``fa=2`` also zeroes the image slice of rows that
-fail the gate. The released head-masking ablation (re-selected at each decode step) is not
-implemented (docs).
+fail the gate. The released head-masking ablation (heads re-selected at each decode step) is
+``head_mask=`` with :func:`released_head_mask`.
 """
 
 from __future__ import annotations
@@ -186,17 +186,29 @@ class VRGA(Intervention):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     variant: str = static_field("paper")       # or "released" (module doc)
+    # the released head-masking ablation instead of the boost (variant="released" only): heads
+    # re-selected at every decode step in layers > head_mask_after (:func:`released_head_mask`)
+    head_mask: str | None = static_field(None)   # "R_high_HR_low" or "R_low_to_high"
+    head_mask_topk: int = static_field(5)
+    head_mask_after: int = static_field(5)
 
     def __post_init__(self):
         check_variant(self.variant)
+        if self.head_mask is not None and (self.variant != "released" or self.head_mask not in HEAD_MASKS):
+            raise ValueError(f"VRGA: head_mask={self.head_mask!r} needs variant='released' and one of "
+                             f"{list(HEAD_MASKS)}")
 
     def has_stage(self, name):
-        return name == "weights" and self.boost is not None
+        return name == "weights" and (self.boost is not None or self.head_mask is not None)
 
     def prefill_probes(self):
+        if self.head_mask is not None:
+            return ()
         return (QuestionRow(variant=self.variant),)
 
     def after_prefill(self, probe_results, layout):
+        if self.head_mask is not None:
+            return self
         if self.variant == "released":
             return self._released_plan(probe_results, layout)
         rows = probe_results["vrga_row"]["text"].values                             # [L,B,H,K]
@@ -321,6 +333,8 @@ class VRGA(Intervention):
         return jnp.where(generated[..., None], edited, a)
 
     def weights(self, a, site):
+        if self.head_mask is not None:
+            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after)
         if self.variant == "released":
             return self._released_weights(a, site)
         img = site.layout.image_mask
@@ -340,6 +354,46 @@ class VRGA(Intervention):
             edited = a * (1.0 - imgf * (1.0 - sel))
         edited = edited / jnp.sum(edited, -1, keepdims=True)
         return jnp.where(gate[..., None], edited, a)
+
+
+HEAD_MASKS = ("R_high_HR_low", "R_low_to_high")
+
+
+def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5):
+    """The released head-masking ablation (modeling_qwen2_5_vl.py:1022-1040): at decode steps
+    (generated queries) of layers > ``after``, heads chosen from the batch-mean row (:728-795) —
+    ``R_high_HR_low``: among heads with R above the median, the ``topk`` of lowest H/R (all of them
+    when fewer); ``R_low_to_high``: the ``topk`` of lowest R — have their image slice zeroed, then
+    each row is renormalised (+1e-12, :801-822; then :1104-1105). The release's third choice,
+    ``random_choose`` (``np.random.choice``, unseeded), is not reproduced. a [B,H,T,K]."""
+    if site.layer <= after:                                                  # :1023
+        return a
+    eps = 1e-12
+    vs = vision_slice(site.layout).astype(jnp.float32)[:, None, None, :]
+    mean = jnp.mean(a, 0)                                                    # [H,T,K] (:747)
+    vm = vs[0]
+    n_slice = jnp.sum(vm, -1)
+    n = jnp.sum(site.mask[0], -1).astype(jnp.float32)                        # the keys in the cache
+    r = (jnp.sum(mean * vm, -1) / n_slice) / (jnp.sum(mean, -1) / n + eps)   # :755
+    p = mean * vm / (jnp.sum(mean * vm, -1, keepdims=True) + eps)
+    h = -jnp.sum(p * jnp.log(p + eps) * vm, -1)                              # :756-757
+    hr = h / (r + eps)
+    if mask_type == "R_high_HR_low":                                        # :778-782
+        cand = r > jnp.median(r, axis=0, keepdims=True)
+        order = jnp.argsort(jnp.where(cand, hr, jnp.inf), axis=0)
+        rank = jnp.argsort(order, axis=0)
+        heads = cand & (rank < topk)
+    else:                                                                    # :785
+        rank = jnp.argsort(jnp.argsort(r, axis=0), axis=0)
+        heads = rank < topk
+    zero = heads.astype(jnp.float32)[None, :, :, None] * vs                  # [B,H,T,K]
+    edited = a * (1.0 - zero)
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-12)           # :819-820
+    edited = edited / jnp.sum(edited, -1, keepdims=True)                     # :1104
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)            # :1105
+    generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
+        site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :, None]
+    return jnp.where(generated, edited, a)
 
 
 @_iv
