@@ -71,6 +71,8 @@ class Site:
             writes (VAR's sink tokens at prefill). Set by :func:`attend`.
         residual, call_residual: the layer's input before its norm (the residual stream) [B,T,E],
             of the queries and of the whole call (text tower; VAR's released sink test).
+        call_q_pre: ``q_pre`` [B,T,H,D] of the whole call, never split into query chunks (RATION's
+            released τ, a statistic over every query of the prompt). Set by :func:`attend`.
         last_query: int32 [B], per row the key position of the last non-padding query of this call
             (by ``layout.attention_mask``; the last query when there is no layout), −1 for a row
             with none. Set by :func:`attend`; chunks share it.
@@ -90,6 +92,7 @@ class Site:
     residual: Array | None = None
     call_residual: Array | None = None
     last_query: Array | None = None
+    call_q_pre: Array | None = None
 
 
 def _selects(obj, site: Site) -> bool:
@@ -291,7 +294,7 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
     site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden,
-                               call_residual=site.residual)
+                               call_residual=site.residual, call_q_pre=site.q_pre)
     last = _last_query(site)
     if last is None:
         last = jnp.full((q.shape[0],), site.query_pos[-1], jnp.int32)

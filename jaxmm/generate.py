@@ -178,7 +178,11 @@ def prefill_and_plan(params, config, batch: Batch, max_len: int, interventions=(
                                          tuple(probes) + plan_probes, prompt_len)
     interventions = tuple(iv.after_prefill(pre.probes, batch.layout) for iv in interventions)
     if plan_probes and reprefill:
-        last, cache, next_pos, _ = prefill(params, config, batch, max_len, interventions, (), prompt_len)
+        again = tuple(p for iv in interventions for p in getattr(iv, "reprefill_probes", tuple)())
+        last, cache, next_pos, pre2 = prefill(params, config, batch, max_len, interventions, again, prompt_len)
+        if again:   # a plan that also depends on the prompt's run under it (RATION's released τ)
+            interventions = tuple(iv.after_reprefill(pre2.probes, batch.layout) if hasattr(iv, "after_reprefill")
+                                  else iv for iv in interventions)
     return last, cache, next_pos, pre, interventions
 
 

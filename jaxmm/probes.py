@@ -245,6 +245,7 @@ class ResidualUpdate(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     kind: str = static_field("residual")
+    row0_span: bool = static_field(False)   # RATION's release: keys from row 0's first to last image token
 
     def selects(self, site: Site) -> bool:
         return site.tower in self.towers and (self.layers is None or site.layer in self.layers)
@@ -252,5 +253,10 @@ class ResidualUpdate(Probe):
     def residual(self, h_in, h_out, site: Site):
         k = h_in.shape[1]
         q0 = site.query_pos[0]
-        image = jax.lax.dynamic_slice_in_dim(site.layout.image_mask, q0, k, axis=1)
+        image = site.layout.image_mask
+        if self.row0_span:
+            from jaxmm.interventions.ration import image_span
+
+            image = image_span(image)
+        image = jax.lax.dynamic_slice_in_dim(image, q0, k, axis=1)
         return residual_update(h_in, h_out, image)

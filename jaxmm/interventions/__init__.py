@@ -45,13 +45,19 @@ def _avar(cfg, alpha_img=0.15, alpha_sys=0.0, on="logits", renormalize=False, la
                 variant=variant)
 
 
-def _ration(cfg, top_k=4, d_a=0.8, d_b=1.2, thresholds=(0.0, 0.0, 0.0), key_layers=None):
+def _ration(cfg, top_k=4, d_a=None, d_b=None, thresholds=(0.0, 0.0, 0.0), key_layers=None, variant="paper"):
+    """d_a, d_b default to 0.8, 1.2 (paper) or the lmms-eval wrapper's 1.0, 1.0 (released)."""
+    d_a = d_a if d_a is not None else (1.0 if variant == "released" else 0.8)
+    d_b = d_b if d_b is not None else (1.0 if variant == "released" else 1.2)
     return RATION(num_layers=cfg.text.num_hidden_layers, top_k=top_k, d_a=d_a, d_b=d_b,
-                  thresholds=tuple(thresholds), key_layers=None if key_layers is None else tuple(key_layers))
+                  thresholds=tuple(thresholds), key_layers=None if key_layers is None else tuple(key_layers),
+                  variant=variant)
 
 
-def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64):
-    return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads)
+def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64, variant="paper",
+          head_mask=None, head_mask_topk=5, head_mask_after=5):
+    return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads,
+                variant=variant, head_mask=head_mask, head_mask_topk=head_mask_topk, head_mask_after=head_mask_after)
 
 
 def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2, variant="paper"):

@@ -29,6 +29,17 @@ computed in :meth:`VRGA.after_prefill` from the row ``a`` [L,B,H,K] ([code] unle
   then the row is renormalised ("radius-3 neighbourhoods", read as raster distance [inferred]).
 
 The EFR-guided head-masking ablation is :func:`efr_head_mask` (zero the visual heads' weights).
+
+``variant="released"`` follows the authors' ``models/modeling_qwen2_5_vl.py`` (transformers 4.52.4,
+eager attention) and ``eval/eval_qwen.py`` instead, quirks included (each marked
+``# released: file:line``; table in docs/methods.md "Released variant"): one image per sample; the
+image slice runs from ``<|vision_start|>`` to the last image token; q* = vision_end + (number of
+question tokens) − 1; R's denominator is the mean over every prompt key; the first 63 heads are
+the background pool; Norm is division by the sum (no Norm without background heads); the border
+exclusion and the focus-token neighbourhoods are in slice coordinates; μ, σ (ddof 1) of ρ are
+taken at the release's indices ``ρ[~mask_flat]``; ``fa=2`` also zeroes the image slice of rows that
+fail the gate. The released head-masking ablation (heads re-selected at each decode step) is
+``head_mask=`` with :func:`released_head_mask`.
 """
 
 from __future__ import annotations
@@ -41,6 +52,37 @@ import jax.numpy as jnp
 from jaxmm.attention import Intervention, Probe, Site, static_field
 from jaxmm.interventions.keys import _iv
 from jaxmm.probes import _probe
+
+
+VARIANTS = ("paper", "released")
+MODEL = "VRGA/models/modeling_qwen2_5_vl.py"     # the released file the line numbers below refer to
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"VRGA: variant={variant!r}; expected one of {list(VARIANTS)}")
+
+
+def vision_slice(layout) -> jax.Array:
+    """[B,K] bool: ``<|vision_start|>`` (the key before the first image token) through the last image
+    token of each row — the released ``attn[vision_start:vision_end]`` (eval/eval_qwen.py:261-262)."""
+    img = layout.image_mask
+    k = img.shape[-1]
+    first = jnp.argmax(img, -1)[:, None]
+    last = (k - 1 - jnp.argmax(img[:, ::-1], -1))[:, None]
+    pos = jnp.arange(k)[None]
+    return (pos >= first - 1) & (pos <= last) & img.any(-1, keepdims=True)
+
+
+def released_question_position(layout) -> jax.Array:
+    """[B] q* = vision_end + len(question tokens) − 1 (eval/eval_qwen.py:263-264, modeling:1586): the
+    question's second-to-last token when the question follows ``<|vision_end|>``; jaxmm's default
+    row when no question is marked."""
+    img = layout.image_mask
+    k = img.shape[-1]
+    vision_end = k - jnp.argmax(img[:, ::-1], -1)
+    nq = jnp.sum(layout.question_mask, -1)
+    return jnp.where(nq > 0, vision_end + nq - 1, last_question_position(layout)).astype(jnp.int32)
 
 
 def last_question_position(layout) -> jax.Array:
@@ -62,9 +104,11 @@ class QuestionRow(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     query_axis: int | None = static_field(None)
+    variant: str = static_field("paper")         # "released": the row of :func:`released_question_position`
 
     def __call__(self, a, site: Site):
-        pos = last_question_position(site.layout)                                   # [B]
+        where = released_question_position if self.variant == "released" else last_question_position
+        pos = where(site.layout)                                                    # [B]
         sel = (site.query_pos[None, :] == pos[:, None]).astype(a.dtype)             # [B,T]
         return jnp.einsum("bhtk,bt->bhk", a, sel)
 
@@ -141,14 +185,32 @@ class VRGA(Intervention):
     focus: jax.Array | None = None            # [B,K]
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
+    variant: str = static_field("paper")       # or "released" (module doc)
+    # the released head-masking ablation instead of the boost (variant="released" only): heads
+    # re-selected at every decode step in layers > head_mask_after (:func:`released_head_mask`)
+    head_mask: str | None = static_field(None)   # "R_high_HR_low" or "R_low_to_high"
+    head_mask_topk: int = static_field(5)
+    head_mask_after: int = static_field(5)
+
+    def __post_init__(self):
+        check_variant(self.variant)
+        if self.head_mask is not None and (self.variant != "released" or self.head_mask not in HEAD_MASKS):
+            raise ValueError(f"VRGA: head_mask={self.head_mask!r} needs variant='released' and one of "
+                             f"{list(HEAD_MASKS)}")
 
     def has_stage(self, name):
-        return name == "weights" and self.boost is not None
+        return name == "weights" and (self.boost is not None or self.head_mask is not None)
 
     def prefill_probes(self):
-        return (QuestionRow(),)
+        if self.head_mask is not None:
+            return ()
+        return (QuestionRow(variant=self.variant),)
 
     def after_prefill(self, probe_results, layout):
+        if self.head_mask is not None:
+            return self
+        if self.variant == "released":
+            return self._released_plan(probe_results, layout)
         rows = probe_results["vrga_row"]["text"].values                             # [L,B,H,K]
         k = rows.shape[-1]
         lay = jax.tree_util.tree_map(lambda x: x[:, :k], layout)
@@ -173,7 +235,108 @@ class VRGA(Intervention):
         grow = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
         return dataclasses.replace(self, boost=grow(boost), focus=grow(focus), visual_heads=hv)
 
+    def _released_plan(self, probe_results, layout):
+        """Phase 1 as released (modeling_qwen2_5_vl.py:1584-1765), row by row."""
+        rows = probe_results["vrga_row"]["text"].values.astype(jnp.float32)         # [L,B,H,K]
+        k = rows.shape[-1]
+        lay = jax.tree_util.tree_map(lambda x: x[:, :k], layout)
+        flat = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)      # [B, L·H, K]
+        eps = 1e-12
+        vs = vision_slice(lay)                                                      # [B,K]
+        vsf = vs.astype(jnp.float32)[:, None, :]
+        n_slice = jnp.sum(vsf, -1)                                                  # [B,1]
+        n_all = jnp.sum((lay.attention_mask > 0) & ~lay.generated_mask, -1).astype(jnp.float32)[:, None]
+        total = jnp.sum(flat, -1)
+        att = jnp.where(total[..., None] > 0, flat / (total[..., None] + eps), flat)  # :1606-1611
+        image_att = att * vsf                                                       # :1614
+        img_sum = jnp.sum(image_att, -1)
+        norm = image_att / (img_sum[..., None] + eps)
+        h = jnp.where(img_sum > 0, -jnp.sum(norm * jnp.log(norm + eps) * vsf, -1), 0.0)  # :1617-1621
+        # released: :1624 — att.mean() over every key of the prompt (seq_len_all), not those q* sees
+        r = (img_sum / n_slice) / (jnp.sum(att, -1) / n_all + eps)
+        efr = h / (r + eps)                                                         # :1627
+        finite = jnp.isfinite(efr) & jnp.isfinite(r)                                # :1639-1647
+        t1 = jnp.nanpercentile(jnp.where(finite, efr, jnp.nan), 5, axis=-1, keepdims=True)
+        t2 = jnp.nanpercentile(jnp.where(finite, r, jnp.nan), 95, axis=-1, keepdims=True)
+        hv = finite & (efr <= t1) & (r >= t2)                                       # :1661
+        hv = jnp.where(hv.any(-1, keepdims=True), hv, finite & (r >= t2))           # :1671-1674
+        # released: :1658-1665 — `i += 1` before `i < 64`: the first 63 (finite) heads
+        hb = finite & (jnp.cumsum(finite, -1) < self.background_heads) & (r < 0.01)
+        mean_of = lambda sel: jnp.einsum("bnk,bn->bk", image_att, sel.astype(jnp.float32)) / jnp.maximum(
+            jnp.sum(sel, -1, keepdims=True), 1)
+        need, bg = mean_of(hv), mean_of(hb)                                         # :1677-1685
+        # released: :1687-1690 — Norm = division by the sum, applied only when there are background heads
+        edited = jnp.maximum(need / jnp.sum(need, -1, keepdims=True) - bg / jnp.sum(bg, -1, keepdims=True), 0.0)
+        edited = edited / jnp.sum(edited, -1, keepdims=True)
+        need = jnp.where(hb.any(-1, keepdims=True), edited, need)
+        # border exclusion in slice coordinates (slice index 0 = <|vision_start|>): :1696-1721
+        start = jnp.argmax(vs, -1)[:, None]
+        sidx = jnp.arange(k)[None] - start                                          # slice index
+        gw = jnp.take_along_axis(lay.grid_hw[..., 1], jnp.argmax(lay.image_mask, -1)[:, None], 1)
+        gh = n_slice.astype(jnp.int32) // gw
+        row, col = sidx // gw, sidx % gw
+        cand = vs & (row < gh)
+        prio = jnp.where(cand & (row < 2) & (col < 2), 0, jnp.where(cand & (row == 0), 1,
+                                                                     jnp.where(cand & (col == 0), 2, 3)))
+        order = jnp.where(prio < 3, prio * (2 * k) + sidx, 8 * k)
+        rank = jnp.argsort(jnp.argsort(order, -1), -1)
+        t_max = jnp.floor(n_slice * self.border_frac).astype(jnp.int32)            # :1700
+        masked = (prio < 3) & (rank < t_max)
+        n_masked = jnp.sum(masked, -1, keepdims=True)
+        att_mean = jnp.sum(jnp.where(masked, 0.0, need), -1, keepdims=True) / ((n_slice - n_masked) + eps)  # :1724-1728
+        rho = need / (att_mean + eps)                                               # :1731
+        rho = jnp.where(masked, -1e9, rho)                                          # :1734
+        # released: :1747 — ρ[~mask_flat] with integer indices: ρ at slice index n_slice − 1 − m for
+        # each masked slice index m (bitwise not counts from the end), μ and σ (ddof 1) over those
+        picked = jnp.zeros_like(vs)
+        mirror = (n_slice.astype(jnp.int32) - 1 - sidx) + start                    # key of ρ[-(m+1)]
+        picked = picked.at[jnp.arange(vs.shape[0])[:, None], jnp.where(masked, mirror, k)].set(
+            True, mode="drop")
+        n_p = jnp.sum(picked, -1, keepdims=True).astype(jnp.float32)
+        mu = jnp.sum(jnp.where(picked, rho, 0.0), -1, keepdims=True) / n_p
+        sigma = jnp.sqrt(jnp.sum(jnp.where(picked, (rho - mu) ** 2, 0.0), -1, keepdims=True) / (n_p - 1))
+        focus = vs & (rho > mu + 0.6 * sigma)                                       # :1753-1756
+        top = jnp.argsort(jnp.where(vs, -rho, jnp.inf), -1, stable=True)[:, :self.min_focus]
+        topmask = jnp.zeros_like(vs).at[jnp.arange(vs.shape[0])[:, None], top].set(True) & vs
+        focus = jnp.where(jnp.sum(focus, -1, keepdims=True) < self.min_focus, topmask, focus)   # :1759-1760
+        # phase-2 keep set (:930-941, :969-982): focus slice index in [3, |slice|), ± radius, clipped
+        radius = 2 if self.fa == 1 else 3
+        ok = focus & (sidx >= 3)
+        boost = jnp.zeros_like(vs)
+        for d in range(-radius, radius + 1):
+            boost = boost | (jnp.roll(ok, d, -1) & (jnp.arange(k) - d >= 0)[None] & (jnp.arange(k) - d < k)[None])
+        boost = boost & vs
+        pad = layout.image_mask.shape[-1] - k
+        grow = lambda x: jnp.pad(x, ((0, 0), (0, pad)))
+        return dataclasses.replace(self, boost=grow(boost), focus=grow(focus), visual_heads=hv)
+
+    def _released_weights(self, a, site):
+        """Phase 2 as released (modeling_qwen2_5_vl.py:882-1000, 1104-1105) on generated queries."""
+        vs = vision_slice(site.layout).astype(jnp.float32)[:, None, None, :]
+        att = a / jnp.sum(a, -1, keepdims=True)                                     # :916-917
+        image_att = att * vs
+        h = -jnp.sum(image_att * jnp.log(image_att + 1e-12) * vs, -1)              # :920-921
+        n = jnp.sum(site.mask, -1).astype(jnp.float32)        # the keys in the cache (batch of one)
+        r = (jnp.sum(image_att, -1) / jnp.sum(vs, -1)) / (jnp.sum(att, -1) / n)    # :924
+        generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
+            site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :]    # q == 1 (:886)
+        gate = (r > 0.6) & (r > 0.2 * h)                                            # :925
+        sel = self.boost.astype(jnp.float32)[:, None, None, :]
+        if self.fa == 1:
+            edited = jnp.where(gate[..., None], a * (1.0 + (self.factor - 1.0) * sel), a)   # :947
+        else:
+            # released: :996-997 — the slice of every row, gated or not, is multiplied by the keep mask
+            keep = jnp.where(gate[..., None], sel, 0.0)
+            edited = a * (1.0 - vs * (1.0 - keep))
+        edited = edited / jnp.sum(edited, -1, keepdims=True)                        # :1104
+        edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)              # :1105
+        return jnp.where(generated[..., None], edited, a)
+
     def weights(self, a, site):
+        if self.head_mask is not None:
+            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after)
+        if self.variant == "released":
+            return self._released_weights(a, site)
         img = site.layout.image_mask
         imgf = img.astype(jnp.float32)[:, None, None, :]
         m = jnp.sum(a * imgf, -1)
@@ -191,6 +354,46 @@ class VRGA(Intervention):
             edited = a * (1.0 - imgf * (1.0 - sel))
         edited = edited / jnp.sum(edited, -1, keepdims=True)
         return jnp.where(gate[..., None], edited, a)
+
+
+HEAD_MASKS = ("R_high_HR_low", "R_low_to_high")
+
+
+def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5):
+    """The released head-masking ablation (modeling_qwen2_5_vl.py:1022-1040): at decode steps
+    (generated queries) of layers > ``after``, heads chosen from the batch-mean row (:728-795) —
+    ``R_high_HR_low``: among heads with R above the median, the ``topk`` of lowest H/R (all of them
+    when fewer); ``R_low_to_high``: the ``topk`` of lowest R — have their image slice zeroed, then
+    each row is renormalised (+1e-12, :801-822; then :1104-1105). The release's third choice,
+    ``random_choose`` (``np.random.choice``, unseeded), is not reproduced. a [B,H,T,K]."""
+    if site.layer <= after:                                                  # :1023
+        return a
+    eps = 1e-12
+    vs = vision_slice(site.layout).astype(jnp.float32)[:, None, None, :]
+    mean = jnp.mean(a, 0)                                                    # [H,T,K] (:747)
+    vm = vs[0]
+    n_slice = jnp.sum(vm, -1)
+    n = jnp.sum(site.mask[0], -1).astype(jnp.float32)                        # the keys in the cache
+    r = (jnp.sum(mean * vm, -1) / n_slice) / (jnp.sum(mean, -1) / n + eps)   # :755
+    p = mean * vm / (jnp.sum(mean * vm, -1, keepdims=True) + eps)
+    h = -jnp.sum(p * jnp.log(p + eps) * vm, -1)                              # :756-757
+    hr = h / (r + eps)
+    if mask_type == "R_high_HR_low":                                        # :778-782
+        cand = r > jnp.median(r, axis=0, keepdims=True)
+        order = jnp.argsort(jnp.where(cand, hr, jnp.inf), axis=0)
+        rank = jnp.argsort(order, axis=0)
+        heads = cand & (rank < topk)
+    else:                                                                    # :785
+        rank = jnp.argsort(jnp.argsort(r, axis=0), axis=0)
+        heads = rank < topk
+    zero = heads.astype(jnp.float32)[None, :, :, None] * vs                  # [B,H,T,K]
+    edited = a * (1.0 - zero)
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-12)           # :819-820
+    edited = edited / jnp.sum(edited, -1, keepdims=True)                     # :1104
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)            # :1105
+    generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
+        site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :, None]
+    return jnp.where(generated, edited, a)
 
 
 @_iv
