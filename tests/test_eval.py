@@ -483,3 +483,33 @@ def test_the_packaged_config_runs_from_another_directory_after_a_non_editable_in
     assert done.returncode == 0, done.stderr[-2000:]
     assert "grounded" in done.stdout and (work / "run" / "report.md").exists()
     assert len((work / "run" / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_named_prompt_formats_the_question_and_is_a_run_setting(tiny_model_dir, tmp_path):
+    """``prompt: vrga`` in a benchmark spec: the user text is the released template around the
+    question without the benchmark's instruction; ``sayo`` adds its system turn; changing the prompt
+    of a run is refused; an unknown name fails before anything is written."""
+    from jaxmm.prompts import PROMPTS
+
+    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(), "path": None}) for i in range(2)]
+    data = str(write_parquet(tmp_path / "pope.parquet", rows))
+    base = dict(model=str(tiny_model_dir), methods=["baseline"], batch_size=2, max_new_tokens=3, heatmaps=0)
+    plain = load_rows(run(EvalConfig(out=str(tmp_path / "plain"), benchmarks=[{"name": "pope", "path": data}], **base),
+                          progress=False))
+    vrga = load_rows(run(EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga"}],
+                                    **base), progress=False))
+    q = SCHEMAS["pope"][0]["question"]
+    assert plain[0]["question"] == f"{q} {B.YES_NO_INSTRUCTION}"
+    assert [r["question"] for r in vrga] == [PROMPTS["vrga"].user.format(question=q)] * 2
+    sayo = load_rows(run(EvalConfig(out=str(tmp_path / "sayo"), benchmarks=[{"name": "pope", "path": data, "prompt": "sayo"}],
+                                    **base), progress=False))
+    assert sayo[0]["question"] == q
+    extra = sayo[0]["prompt_tokens"] - plain[0]["prompt_tokens"]     # the system turn, less the instruction
+    assert extra > 20, extra
+    with pytest.raises(SettingsChanged, match="benchmarks"):
+        run(EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga_think"}],
+                       **base), progress=False)
+    with pytest.raises(ValueError, match="prompt 'vgra': unknown"):
+        run(EvalConfig(out=str(tmp_path / "bad"), benchmarks=[{"name": "pope", "path": data, "prompt": "vgra"}], **base),
+            progress=False)
+    assert not (tmp_path / "bad").exists()

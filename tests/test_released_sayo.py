@@ -133,7 +133,7 @@ def test_released_grpo_config_loads():
     cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo_released.yaml")
     assert (cfg.loss_variant, cfg.sayo_variant, cfg.kl_beta, cfg.clip_eps, cfg.clip_eps_high) == ("trl", "released", 0.001, 0.2, None)
     assert cfg.rewards == {"r_att": 1.0, "format": 1.0} and cfg.top_p == 0.9 and cfg.clip_norm == 0.8
-    assert cfg.system_prompt == "sayo_released"
+    assert cfg.system_prompt == "sayo"
     with pytest.raises(ValueError, match=r"sayo_variant='paperr'.*\('paper', 'released'\)"):
         GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo_released.yaml", ["sayo_variant=paperr"])
 
@@ -155,7 +155,7 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
             "tasks": ["grounding"]}
     cfg = GRPOConfig(out=str(tmp_path / "rel"), group_size=3, prompts_per_step=2, max_new_tokens=8, lr=1e-3,
                      tensorboard=False, data=data, rewards={"r_att": 1.0, "format": 1.0}, sayo_variant="released",
-                     loss_variant="trl", kl_beta=0.05, system_prompt="sayo_released")
+                     loss_variant="trl", kl_beta=0.05, system_prompt="sayo")
     model = jaxmm.load(organism.default())
     state = initial_state(cfg, model.params, model.config)
     ds = dataset(cfg)

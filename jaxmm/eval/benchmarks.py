@@ -1,7 +1,8 @@
 """Benchmark readers: the files benchmarks are published in -> grain datasets of uniform samples.
 
 A sample is a dict: ``id``, ``image`` (PIL, decoded lazily by the grain map), ``question`` (the
-prompt text, with the benchmark's standard instruction), ``answer`` (reference: a string, or a list
+prompt text, with the benchmark's standard instruction), ``raw_question`` (the same without that
+instruction: what a named prompt of :mod:`jaxmm.prompts` formats), ``answer`` (reference: a string, or a list
 for TextVQA/DocVQA), ``score`` (name of the rule in :mod:`jaxmm.eval.scoring`), optional ``box``
 and ``task``. Files: parquet with image bytes (HF datasets' export: an ``image`` column holding
 bytes or ``{"bytes": …}``) or JSONL plus an image folder (``image`` holds a path relative to the
@@ -118,13 +119,14 @@ def _options(row, letters="ABCDEFGH"):
 
 
 def _mmstar(row):
-    return dict(id=str(row["index"]), question=f"{row['question']}\n{LETTER_INSTRUCTION}", answer=row["answer"],
-                score="option_letter", task=row.get("category"))
+    return dict(id=str(row["index"]), question=f"{row['question']}\n{LETTER_INSTRUCTION}", raw_question=row["question"],
+                answer=row["answer"], score="option_letter", task=row.get("category"))
 
 
 def _mmbench(row):
     hint = f"{row['hint']}\n" if row.get("hint") not in (None, "", "nan") else ""
-    return dict(id=str(row["index"]), question=f"{hint}{row['question']}\n{_options(row)}\n{LETTER_INSTRUCTION}",
+    raw = f"{hint}{row['question']}\n{_options(row)}"
+    return dict(id=str(row["index"]), question=f"{raw}\n{LETTER_INSTRUCTION}", raw_question=raw,
                 answer=row["answer"], score="option_letter", task=row.get("category"))
 
 
@@ -140,31 +142,33 @@ def _mathvista(row):
 
 def _pope(row):
     return dict(id=str(row["question_id"]), question=f"{row['question']} {YES_NO_INSTRUCTION}",
-                answer=row["answer"].strip().lower(), score="yes_no", task=row.get("category"))
+                raw_question=row["question"], answer=row["answer"].strip().lower(), score="yes_no",
+                task=row.get("category"))
 
 
 def _hallusion(row):
     gt = "yes" if str(row["gt_answer"]).strip() in ("1", "yes") else "no"
     rid = f"{row.get('category', '')}-{row.get('subcategory', '')}-{row.get('set_id', '')}-{row.get('figure_id', '')}-{row.get('question_id', '')}"
-    return dict(id=rid, question=f"{row['question']} {YES_NO_INSTRUCTION}", answer=gt, score="yes_no",
-                task=row.get("category"))
+    return dict(id=rid, question=f"{row['question']} {YES_NO_INSTRUCTION}", raw_question=row["question"], answer=gt,
+                score="yes_no", task=row.get("category"))
 
 
 def _chartqa(row):
     rid = row.get("id") if row.get("id") is not None else row.get("question_id")
+    raw = row.get("query", row.get("question"))
     return dict(id=None if rid is None else str(rid),       # None: _to_sample derives a stable one
-                question=f"{row.get('query', row.get('question'))}\n{SHORT_INSTRUCTION}",
+                question=f"{raw}\n{SHORT_INSTRUCTION}", raw_question=raw,
                 answer=str(row.get("label", row.get("answer"))), score="relaxed", task=row.get("type"))
 
 
 def _textvqa(row):
     return dict(id=str(row["question_id"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
-                answer=list(row["answers"]), score="vqa")
+                raw_question=row["question"], answer=list(row["answers"]), score="vqa")
 
 
 def _docvqa(row):
     return dict(id=str(row["questionId"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
-                answer=list(row["answers"]), score="anls")
+                raw_question=row["question"], answer=list(row["answers"]), score="anls")
 
 
 def _grounded(row):
@@ -187,6 +191,7 @@ def _to_sample(name: str, row: dict, index: int | None = None) -> dict:
     except KeyError as e:
         raise ValueError(f"{name}: a row lacks the field {e} of the benchmark's schema") from None
     s["benchmark"] = name
+    s.setdefault("raw_question", s["question"])      # MathVista's query and grounded: no added instruction
     s["image"] = row.get("image") if "image" in row else row.get("decoded_image")
     if s["id"] is None:
         s["id"] = stable_id(s["question"], _image_ref(s["image"])) + ("" if index is None else f"-{index}")

@@ -56,13 +56,17 @@ from typing import Any
 import numpy as np
 
 from jaxmm import probes as P
+from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
 
 
 @dataclasses.dataclass
 class EvalConfig:
     """Schema of the eval configs (``jaxmm/configs/eval/*.yaml``, or any YAML file; dotted
-    overrides on the command line)."""
+    overrides on the command line). A benchmark spec is ``{name, path, limit, seed, prompt}`` (plus
+    the grounded generator's ``image_size`` and style): ``prompt`` names a released prompt of
+    :data:`jaxmm.prompts.PROMPTS` (``vrga``, ``vrga_think``, ``sayo``) that replaces the benchmark's
+    standard instruction; ``None`` keeps it."""
 
     model: str | None = None            # HF checkpoint dir; None = the embedded organism
     dtype: str = "float32"
@@ -322,7 +326,10 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     if cfg.if_changed not in ("refuse", "new"):
         raise ValueError(f"if_changed={cfg.if_changed!r}: expected 'refuse' or 'new'")
     rank, n_proc = jax.process_index(), jax.process_count()
-    mesh_axes(cfg.mesh, jax.device_count())     # a bad mesh fails before anything is written
+    mesh_axes(cfg.mesh, jax.device_count())     # a bad mesh or prompt name fails before anything is written
+    for b in cfg.benchmarks:
+        if dict(b).get("prompt") is not None:
+            get_prompt(b["prompt"])
     settings = run_settings(cfg)
     out_dir = Path(cfg.out)
     try:
@@ -381,10 +388,12 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
     total = 0
-    datasets = []
+    datasets, prompts = [], []
     for spec in cfg.benchmarks:
         spec = dict(spec)
         name = spec.pop("name")
+        prompts.append(None if spec.get("prompt") is None else get_prompt(spec.pop("prompt")))
+        spec.pop("prompt", None)
         ds = B.load(name, spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed), **spec)
         datasets.append(ds)
         total += len(ds) * len(methods)
@@ -412,6 +421,9 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
                     try:
                         s["image"] = B.decode_image(s["image"])
                         s["_source"] = (k, i)       # for process 0 to render another process's heatmap
+                        if prompts[k] is not None:  # a named prompt: its user text and system turn
+                            s["question"] = prompts[k].user.format(question=s["raw_question"])
+                            s["_system"] = prompts[k].system
                         ok.append(s)
                     except Exception as e:  # noqa: BLE001
                         rows.append(_error_row(s, mname, e))
@@ -587,8 +599,9 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     from jaxmm.processing.regions import region_weights
     from jaxmm.stopping import stop_token_ids
 
-    convs = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                           {"type": "text", "text": s["question"]}]}] for s in samples]
+    convs = [([] if s.get("_system") is None else [{"role": "system", "content": s["_system"]}])
+             + [{"role": "user", "content": [{"type": "image", "image": s["image"]}, {"type": "text", "text": s["question"]}]}]
+             for s in samples]
     batch, info = model.prepare_chat(convs)
     if batch.input_ids.shape[1] > cfg.max_prompt_tokens:
         raise ValueError(f"prompt of {batch.input_ids.shape[1]} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")

@@ -24,25 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmm.prompts import PROMPTS
+
 VARIANTS = ("paper", "released")
 
 # released: Sayo train/reward/format_rewards.py:4,6 (re.search with re.DOTALL | re.MULTILINE)
 ANSWER_PATTERN = r"<answer>(?!.*<answer>)(.*?)</answer>"
 
 
-# released: Sayo train/main.py:66-74, the system turn of every training prompt (the pieces are joined
-# without separators, as there); the user turn is the question with the image first (TRL's
-# prepare_multimodal_messages)
-SYSTEM_PROMPT = (
-    "A conversation between a user and an assistant. The user asks a question, and the assistant must answer it."
-    "The assistant first conducts internal reasoning, followed immediately by the final answer enclosed within "
-    "<answer>...</answer> tags."
-    "Requirements:"
-    "1. The reasoning outside <answer></answer> should be concise, minimal, and essential.\n"
-    "2. The final answer must be correct, complete, and directly address the user\u2019s question.\n"
-    "3. When reasoning, focus on the areas of aim object in the image.\n"
-    "4. You MUST HAVE thinking process before the final answer.\n"
-)
+# released: Sayo train/main.py:66-74, the system turn of every training prompt (jaxmm.prompts)
+SYSTEM_PROMPT = PROMPTS["sayo"].system
 
 
 def _check(variant):

@@ -41,12 +41,6 @@ from jaxmm.models.qwen2_5_vl.modeling import forward
 REWARDS = ("accuracy", "format", "r_att", "vars")
 
 
-def _prompts_by_name():
-    from jaxmm.objectives import sayo
-
-    return {"sayo_released": sayo.SYSTEM_PROMPT}
-
-
 @dataclasses.dataclass
 class GRPOConfig:
     """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`)."""
@@ -75,7 +69,7 @@ class GRPOConfig:
     vars_variant: str = "paper"
     vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
-    system_prompt: str | None = None      # a system turn: literal text, or a name in _prompts_by_name()
+    system_prompt: str | None = None      # a system turn: literal text, or the name of a jaxmm.prompts prompt
     entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
     freeze: list = dataclasses.field(default_factory=list)
     lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
@@ -112,11 +106,15 @@ class GRPOConfig:
 # ----------------------------------------------------------------------------- rollouts
 def _prompts(model, samples, group_size, system_prompt=None):
     """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
-    ``system_prompt``: a system turn first (text, or a name in ``_prompts_by_name()``)."""
+    ``system_prompt``: a system turn first (text, or the name of a :data:`jaxmm.prompts.PROMPTS`
+    prompt with a system turn, e.g. ``sayo``)."""
     from jaxmm.processing.regions import region_weights
 
-    system = [] if system_prompt is None else [
-        {"role": "system", "content": _prompts_by_name().get(system_prompt, system_prompt)}]
+    from jaxmm.prompts import PROMPTS
+
+    named = PROMPTS.get(system_prompt)
+    text = named.system if named is not None and named.system is not None else system_prompt
+    system = [] if text is None else [{"role": "system", "content": text}]
     convs = [system + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
                                                     {"type": "text", "text": s["question"]}]}]
              for s in samples for _ in range(group_size)]
