@@ -255,8 +255,8 @@ class ResidualUpdate(Probe):
         q0 = site.query_pos[0]
         image = site.layout.image_mask
         if self.row0_span:
-            from jaxmm.interventions.ration import image_span
+            from jaxmm.interventions.ration import row0_image_span
 
-            image = image_span(image)
+            image = row0_image_span(image)
         image = jax.lax.dynamic_slice_in_dim(image, q0, k, axis=1)
         return residual_update(h_in, h_out, image)

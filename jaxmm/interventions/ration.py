@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Probe, Site, static_field
-from jaxmm.interventions.keys import _iv, key_set
+from jaxmm.interventions.keys import _iv, image_span, key_set
 from jaxmm.probes import ResidualUpdate, _probe, visual_entropy
 
 TASKS = ("ocr", "grounding", "recognition", "counting")
@@ -57,15 +57,10 @@ def check_variant(variant: str) -> None:
         raise ValueError(f"RATION: variant={variant!r}; expected one of {list(VARIANTS)}")
 
 
-def image_span(image_mask: jax.Array) -> jax.Array:
+def row0_image_span(image_mask: jax.Array) -> jax.Array:
     """[B,K] bool -> [B,K]: every key from row 0's first to its last image token, for every row.
     released: entropy_qwen_vl/mixin.py:77,100,149 (idxs of input_ids[0]) and controller.py:28-31."""
-    row = image_mask[0]
-    k = row.shape[-1]
-    first = jnp.argmax(row)
-    last = k - 1 - jnp.argmax(row[::-1])
-    span = (jnp.arange(k) >= first) & (jnp.arange(k) <= last) & row.any()
-    return jnp.broadcast_to(span, image_mask.shape)
+    return jnp.broadcast_to(image_span(image_mask[:1]), image_mask.shape)
 
 
 def released_entropy(q, k, span, key_ok):
@@ -103,7 +98,7 @@ class PreRopeVisualEntropy(Probe):
         if self.variant == "released":
             t = site.call_pos.shape[0]
             ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)
-            span = jnp.take(image_span(site.layout.image_mask), site.call_pos, axis=1)
+            span = jnp.take(row0_image_span(site.layout.image_mask), site.call_pos, axis=1)
             return released_entropy(site.q_pre, site.k_pre[:, :t], span, ok)
         q, k = site.q_pre.astype(jnp.float32), site.k_pre.astype(jnp.float32)     # [B,T,H,D], [B,K,G,D]
         k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
@@ -200,12 +195,12 @@ class RATION(Intervention):
                                  "generate with reprefill=True (the default)")
             # released: controller.py:39-40 (τ only from a multi-token call), :43 (q from the edited hs)
             ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)        # [T]
-            span = jnp.take(image_span(site.layout.image_mask), site.call_pos, axis=1)
+            span = jnp.take(row0_image_span(site.layout.image_mask), site.call_pos, axis=1)
             h = released_entropy(site.call_q_pre, site.k_pre[:, :t], span, ok)                     # [B,H,T]
             h = jnp.sum(h * ok, -1) / jnp.maximum(jnp.sum(ok), 1)    # released: controller.py:10 (all queries)
             tau = released_tau(h, self.task == 3, self.d_a, self.d_b)
         factor = 1.0 + self.key[:, site.layer] * (1.0 / tau - 1.0)
-        span = image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
+        span = row0_image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
         # released: controller.py:77-86 (image keys x 1/τ before the cache: = image logits / τ)
         edit = z * (1.0 + (factor[:, None, None, None] - 1.0) * span)
         return jnp.where(site.mask, edit, z)

@@ -26,7 +26,8 @@ computed in :meth:`VRGA.after_prefill` from the row ``a`` [L,B,H,K] ([code] unle
 * Soft (``fa=1``, default): focus tokens and their ±2 raster neighbours (same image; in-image
   positions < 3 skipped) get a_j ← 1.5·a_j, then the row is renormalised (= +log 1.5 on logits).
 * Hard (``fa=2``): image keys farther than 3 raster positions from every focus token are zeroed,
-  then the row is renormalised ("radius-3 neighbourhoods", read as raster distance [inferred]).
+  then the row is renormalised ("radius-3 neighbourhoods" read as raster distance [ours]; the
+  release takes ±3 positions along the image slice: ``variant="released"``).
 
 The EFR-guided head-masking ablation is :func:`efr_head_mask` (zero the visual heads' weights).
 

@@ -2,7 +2,7 @@
 estimator, and the clipped per-token objective.
 
 * ``A_i = (r_i − mean_g r) / (std_g r + 1e-4)`` over each group of G completions of one prompt
-  (sample standard deviation, ddof = 1, as ``torch.std`` [inferred]).
+  (sample standard deviation, ddof = 1: ``torch.std`` in TRL and EasyR1, which SAYO and AVAR ran).
 * k3: ``KL ≈ e^δ − δ − 1`` with ``δ = log π_ref − log π_θ`` clamped to [−20, 20].
 * Loss ``= −mean over completion tokens of [min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) − β·KL]``,
   ρ = exp(log π_θ − log π_old); per-sequence token means, then the batch mean.
