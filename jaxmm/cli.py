@@ -110,7 +110,7 @@ def generate(args) -> int:
 
 def evaluate(args) -> int:
     from jaxmm.eval.harness import EvalConfig, run
-    from jaxmm.eval.report import load_rows, summarize, table
+    from jaxmm.eval.report import load_rows, run_config, score_tables
 
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
     if args.distributed:       # multi-host: coordinator and process id from the TPU/SLURM environment
@@ -121,7 +121,7 @@ def evaluate(args) -> int:
     import jax
 
     if jax.process_index() == 0:
-        print(table(summarize(load_rows(out))))
+        print(score_tables(load_rows(out), run_config(out)))
     print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
     return 0
 

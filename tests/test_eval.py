@@ -194,6 +194,16 @@ def test_the_score_table_names_each_metric_and_counts_unparsed_answers():
     assert t[2] == "| mmstar | accuracy | 100.0 (+50.0) | 50.0 [1 unparsed] |"
     assert t[3] == "| chartqa | relaxed accuracy | 0.0 (-100.0) | 100.0 |"
     assert t[4] == "| docvqa | ANLS | 50.0 (-25.0) [1 err] | 75.0 |"
+    # per task, wide: a column per method, deltas against baseline, unparsed answers counted
+    from jaxmm.eval.report import score_tables
+
+    for r, task in zip(rows, ["coarse", "fine", "coarse", "fine"]):
+        r["task"] = task
+    text = score_tables(rows, {"benchmarks": [{"name": "mmstar"}, {"name": "chartqa"}, {"name": "docvqa"}],
+                               "methods": ["pai", "baseline"]})
+    assert "| mmstar | coarse | 1 | 100.0 (+0.0) | 100.0 |" in text
+    assert "| mmstar | fine | 1 | 100.0 (+100.0) | 0.0 [1 unparsed] |" in text
+    assert text.index("## Scores (%)") < text.index("## Scores per task (%)") and "POPE" not in text
 
 
 def test_resume_after_a_kill_and_error_rows(tiny_model_dir, tmp_path):

@@ -200,11 +200,69 @@ def heatmap_grids(out_dir: Path, rows: list[dict], methods: list[str]) -> list[s
     return out
 
 
+def task_table(rows: list[dict], benchmarks: list[str], methods: list[str]) -> str:
+    """Markdown score table per (benchmark, task) × method, in the given orders: the benchmark's
+    metric in %, the delta against ``baseline`` in points, unparsed answers in brackets; ``n`` is
+    the number of scored rows of the first method ("" when there are no tasks)."""
+    acc = task_accuracy(rows)
+    keys = sorted({(b, t) for b, t, _ in acc}, key=lambda bt: (benchmarks.index(bt[0]), str(bt[1])))
+    if not keys:
+        return ""
+    lines = ["| benchmark | task | n | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for b, t in keys:
+        base = acc.get((b, t, "baseline"), {}).get("accuracy")
+        n = next((acc[(b, t, m)]["n"] for m in methods if (b, t, m) in acc), 0)
+        cells = []
+        for m in methods:
+            x = acc.get((b, t, m))
+            if x is None:
+                cells.append("–")
+                continue
+            cell = _fmt(x["accuracy"], pct=True)
+            if m != "baseline" and base is not None:
+                cell += f" ({100 * (x['accuracy'] - base):+.1f})"
+            if x["unparsed"]:
+                cell += f" [{x['unparsed']} unparsed]"
+            cells.append(cell)
+        lines.append(f"| {b} | {t} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def score_tables(rows: list[dict], config: dict | None = None) -> str:
+    """The report's score sections as markdown, in the run config's order: scores per benchmark
+    (each benchmark's own metric), per task, and POPE's per-split scores when POPE was run. What
+    ``jaxmm eval`` prints when it ends."""
+    summary = summarize(rows)
+    benches, methods = config_order(rows, config)
+    out = ["## Scores (%) — each benchmark's own metric; delta against baseline in points", "",
+           table(summary, benches, methods), ""]
+    tasks = task_table(rows, benches, methods)
+    if tasks:
+        out += ["## Scores per task (%)", "", tasks, ""]
+    pope = ["| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1],
+                                                                              methods.index(kv[0][0]))):
+        pope.append(f"| {split} | {m} | {s['n']} | " + " | ".join(_fmt(s[k], pct=True) for k in (
+            "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
+    if len(pope) > 2:
+        out += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
+    return "\n".join(out).rstrip()
+
+
+def run_config(out_dir: str | Path) -> dict:
+    """The run's ``config.json`` ({} when there is none)."""
+    f = Path(out_dir) / "config.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
 def write_report(out_dir: str | Path) -> Path:
+    """Writes ``report.md`` and the figures of the run in ``out_dir`` from its ``results.jsonl``;
+    returns the report's path."""
     out_dir = Path(out_dir)
     rows = load_rows(out_dir)
     summary = summarize(rows)
-    cfg = json.loads((out_dir / "config.json").read_text()) if (out_dir / "config.json").exists() else {}
+    cfg = run_config(out_dir)
     benches, methods = config_order(rows, cfg)
     ordered = [((b, m), summary[(b, m)]) for b in benches for m in methods if (b, m) in summary]
     plt = _plt()
@@ -239,29 +297,12 @@ def write_report(out_dir: str | Path) -> Path:
     attn = ["| benchmark | method | n | VAS | visual entropy | region ratio |", "|---|---|---|---|---|---|"]
     for (b, m), s in ordered:
         attn.append(f"| {b} | {m} | {s['n']} | {_fmt(s['vas'])} | {_fmt(s['visual_entropy'])} | {_fmt(s['region_ratio'])} |")
-    tasks = ["| benchmark | task | method | n | accuracy (%) | unparsed |", "|---|---|---|---|---|---|"]
-    for (b, t, m), s in sorted(task_accuracy(rows).items(), key=lambda kv: (benches.index(kv[0][0]), str(kv[0][1]),
-                                                                            methods.index(kv[0][2]))):
-        tasks.append(f"| {b} | {t} | {m} | {s['n']} | {_fmt(s['accuracy'], pct=True)} | {s['unparsed']} |")
-    pope = ["| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1],
-                                                                              methods.index(kv[0][0]))):
-        pope.append(f"| {split} | {m} | {s['n']} | " + " | ".join(_fmt(s[k], pct=True) for k in (
-            "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
-    extra = []
-    if len(tasks) > 2:
-        extra += ["## Accuracy per task", "", "\n".join(tasks), ""]
-    if len(pope) > 2:
-        extra += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
     grids = heatmap_grids(out_dir, rows, methods)
     text = "\n".join([
         "# Evaluation report", "",
         f"Model: `{cfg.get('model') or 'embedded organism'}` · rows: {len(rows)} · "
         f"errors: {sum('error' in r for r in rows)}", "",
-        "## Scores (%) — each benchmark's own metric; delta against baseline in points", "",
-        table(summary, benches, methods), "",
-        *extra,
+        score_tables(rows, cfg), "",
         "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "",
         "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
         "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
