@@ -26,6 +26,7 @@ from jaxmm.interventions import rave
 from jaxmm.interventions.ration import PreRopeVisualEntropy
 from jaxmm.interventions.var import SinkTokens
 from jaxmm.interventions.vrga import QuestionRow
+from jaxmm.objectives.avar import FirstKeysMass
 from test_qwen2_5_vl_parity import make_batch
 
 CHUNK = 7
@@ -80,6 +81,7 @@ PROBES = {
     "PreRopeVisualEntropy": lambda: PreRopeVisualEntropy(name="pre_rope_entropy", layers=PROBE_LAYERS),
     "QuestionRow": lambda: QuestionRow(name="question_row", layers=PROBE_LAYERS),
     "SinkTokens": lambda: SinkTokens(name="sinks", layers=PROBE_LAYERS, **SINK),
+    "FirstKeysMass": lambda: FirstKeysMass(n=3, layers=PROBE_LAYERS),
 }
 
 
