@@ -212,6 +212,8 @@ class Qwen2_5_VLConfig:
                        tie_word_embeddings=bool(tie), eos_token_id=eos, model_type=cls.MODEL_TYPE, **top)
         except TypeError as e:  # wrong types inside the json
             raise ConfigError(f"{source}: {e}") from e
+        except ConfigError as e:  # inconsistent values (__post_init__): name the file they came from
+            raise ConfigError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Qwen2_5_VLConfig":
