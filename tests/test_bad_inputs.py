@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import shutil
 import struct
 import warnings
@@ -279,6 +280,9 @@ def test_decompression_bomb_says_so(tmp_path, org, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)        # 40 000 pixels > twice the limit
     raises(ValueError, lambda: org[1].prepare_chat(_chat(_png(tmp_path / "s.png"), big)), "image 1", str(big),
            "decompression bomb")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30_000)        # over the limit, not twice: PIL warns
+    with pytest.warns(Image.DecompressionBombWarning, match=re.escape(f"image 1 ({big}): possible decompression bomb")):
+        org[1].prepare_chat(_chat(_png(tmp_path / "s.png"), big))
 
 
 def test_16_bit_greyscale_warns_that_it_is_clipped(tmp_path, org):

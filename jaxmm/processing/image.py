@@ -102,6 +102,10 @@ def open_image(source: Any, index: int = 0) -> Any:
 
     Decodes at once (``Image.load``), so a corrupt or truncated file fails here, named.
 
+    Warns:
+        PIL.Image.DecompressionBombWarning: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (but
+            not twice as many), naming the image.
+
     Raises:
         FileNotFoundError: no such file (names the image's index and path).
         ValueError: not an image PIL can read, corrupt or truncated data, or more pixels than PIL's
@@ -112,7 +116,15 @@ def open_image(source: Any, index: int = 0) -> Any:
         return source
     name = image_name(index, source)
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        for w in caught:      # PIL's warning above MAX_IMAGE_PIXELS (it refuses at twice that), named
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                warnings.warn(f"{name}: possible decompression bomb ({w.message})", Image.DecompressionBombWarning,
+                              stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except FileNotFoundError:
         raise FileNotFoundError(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
