@@ -25,6 +25,7 @@ by ``pad_token_id``, as transformers does.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import partial
 from typing import Any, Sequence
 
@@ -334,6 +335,35 @@ def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
     return out
 
 
+def check_max_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as an int.
+
+    Raises:
+        ValueError: not a positive integer (bools, floats, strings, 0 and negatives are refused;
+            transformers also refuses 0).
+    """
+    if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {type(max_new_tokens).__name__} "
+                         f"{max_new_tokens!r}")
+    return int(max_new_tokens)
+
+
+def _warn_past_positions(config, batch: Batch, max_new_tokens: int) -> None:
+    """Warns, as transformers' ``MaxLengthCriteria`` does (it warns and goes on), when the longest
+    prompt row plus ``max_new_tokens`` exceeds ``config.text.max_position_embeddings``."""
+    limit = getattr(getattr(config, "text", None), "max_position_embeddings", None)
+    if limit is None:
+        return
+    longest = int(np.asarray(batch.attention_mask).sum(1).max())
+    if longest + max_new_tokens > limit:
+        what = (f"the prompt ({longest} tokens) is longer than" if longest > limit else
+                f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds")
+        warnings.warn(f"{what} the model's max_position_embeddings ({limit}, from config.json); as in "
+                      f"transformers, generation goes on, but depending on the model you may observe "
+                      f"degraded output or nothing at all", stacklevel=3)
+
+
 def _plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None):
     """(prompt length S, prefill rows, cache length) of a generation."""
     s = batch.input_ids.shape[1]
@@ -377,9 +407,15 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     Prompts whose length rounds to the same :data:`PROMPT_BUCKET` (and images whose patch counts
     round alike) reuse one compiled program; see the module docstring.
 
+    Warns:
+        UserWarning: the longest prompt + ``max_new_tokens`` exceeds the config's
+            ``max_position_embeddings`` (transformers warns likewise and goes on).
+
     Raises:
-        ValueError: right-padded prompts, sampling without a key, a ``max_len`` too short.
+        ValueError: ``max_new_tokens`` not a positive integer, right-padded prompts, sampling
+            without a key, a ``max_len`` too short.
     """
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     am = np.asarray(batch.attention_mask)
     if (am[:, -1] == 0).any():
         raise ValueError("generate() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
@@ -388,6 +424,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
     if reprefill is None:
         reprefill = replans_prompt(interventions)
     s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
+    _warn_past_positions(config, batch, max_new_tokens)
     stop = stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)
     full = extend_for_decoding(batch, max_len)
     vision_read = _reads_vision(interventions) or _reads_vision(probes)
@@ -419,12 +456,15 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
            interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None):
     """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
     they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
-    the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``)."""
+    the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``). Raises and
+    warns as :func:`generate`."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     if sampling.temperature > 0 and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
     if reprefill is None:
         reprefill = replans_prompt(interventions)
     s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
+    _warn_past_positions(config, batch, max_new_tokens)
     stop = np.asarray(stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens), np.int64)
     full = extend_for_decoding(batch, max_len)
     pre = prefill_batch(batch, full, rows, None if _reads_vision(interventions) else config)

@@ -8,7 +8,7 @@ forwards to the family's pure, jitted ``forward``. Research code that wants the 
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -118,22 +118,48 @@ class Model:
         over batches of varying prompts (training) reuse compiled shapes.
 
         Image parts carry the image itself: ``{"type": "image", "image": PIL image | array | path}``.
+
+        Raises:
+            TypeError: ``conversations`` is a bare string (or not a list) instead of chat messages.
+            ValueError: malformed messages (naming the conversation and message), an image part
+                without an image, an image that cannot be read or processed; image errors name the
+                image's index in the prompt (and ``conversation i`` when there are several) and its
+                file path.
+            FileNotFoundError: an image path that does not exist.
         """
-        from PIL import Image
+        from jaxmm.processing.chat import _check_messages, batch_prompts, images_of
+        from jaxmm.processing.image import open_image
 
-        from jaxmm.processing.chat import batch_prompts, images_of
-
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
+            raise TypeError(f"expected chat messages, a list of {{'role': ..., 'content': ...}} dicts (or a list "
+                            f"of such lists), got {type(conversations).__name__} {str(conversations)[:60]!r}; "
+                            f"e.g. [{{'role': 'user', 'content': 'Describe the image.'}}]")
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        images, counts = [], []
-        for c in conversations:
-            imgs = [Image.open(i) if isinstance(i, (str, Path)) else i for i in images_of(c)]
-            if any(i is None for i in imgs):
-                raise ValueError("an image part has no 'image' entry (give the PIL image, array or path)")
-            images += imgs
+        several = len(conversations) > 1
+        images, counts, patches, grids = [], [], [], []
+        for ci, c in enumerate(conversations):
+            where = f"conversation {ci}, " if several else ""
+            if isinstance(c, (str, bytes)):
+                raise TypeError(f"{where or 'conversation 0, '}got a string {c[:60]!r} instead of a list of "
+                                f"{{'role': ..., 'content': ...}} messages")
+            try:
+                _check_messages(c)
+            except ValueError as e:
+                raise ValueError(f"{where}{e}") from None
             counts.append([])
-            for im in imgs:
-                _, grid = self.image_processor.preprocess_one(im)
+            for j, src in enumerate(images_of(c)):
+                if src is None:
+                    raise ValueError(f"{where}image {j}: an image part has no 'image' entry (give the PIL "
+                                     f"image, array or path)")
+                try:
+                    im = open_image(src, j)
+                    x, grid = self.image_processor.preprocess_one(im, j)
+                except (ValueError, TypeError, FileNotFoundError) as e:
+                    raise type(e)(f"{where}{e}") from None
+                images.append(im)
+                patches.append(x)
+                grids.append(grid)
                 counts[-1].append(self.image_processor.num_image_tokens(grid))
         enc = batch_prompts(conversations, self.tokenizer, counts, padding_side="left",
                             add_generation_prompt=add_generation_prompt)
@@ -144,7 +170,9 @@ class Model:
                    "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
                    "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
                    "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]]}
-        pix = self.image_processor(images) if images else {}
+        # the patches computed above: image_processor(images) concatenates the same preprocess_one outputs
+        pix = ({"pixel_values": np.concatenate(patches, 0), "image_grid_thw": np.array(grids, np.int64)}
+               if images else {})
         batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
                              pix.get("image_grid_thw"), system_spans=enc["system_spans"],
                              question_spans=enc["question_spans"])
@@ -162,10 +190,16 @@ class Model:
 
         Returns the :class:`~jaxmm.generate.GenerateOutput`; from messages it also carries ``text``
         (list of decoded completions, special tokens removed).
+
+        Raises:
+            ValueError: ``max_new_tokens`` not a positive integer (checked before any work), and
+                :meth:`prepare_chat`'s and :func:`jaxmm.generate.generate`'s errors.
+            TypeError: a bare string instead of chat messages.
         """
-        from jaxmm.generate import Contrast, Sampling, generate, text_only
+        from jaxmm.generate import Contrast, Sampling, check_max_new_tokens, generate, text_only
         from jaxmm.stopping import stop_token_ids
 
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         chat = not hasattr(messages_or_batch, "input_ids")
         batch = self.prepare_chat(messages_or_batch)[0] if chat else messages_or_batch
         if stop_tokens is None:
@@ -185,15 +219,45 @@ class Model:
 
 
 def family_of(path: str | Path):
-    """The model-family module for the checkpoint directory ``path`` (by its config's model_type)."""
+    """The model-family module for the checkpoint directory ``path`` (by its config's model_type).
+
+    Raises:
+        FileNotFoundError: no config.json in ``path``.
+        ConfigError: config.json is not valid JSON (names the file and the JSON problem), or its
+            ``model_type`` is missing or not supported.
+    """
+    from jaxmm.models.qwen2_5_vl.config import ConfigError, read_config_json
+
     cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
-    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    model_type = read_config_json(cfg_file).get("model_type")
     family = _FAMILIES.get(model_type)
     if family is None:
-        raise ValueError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(_FAMILIES)})")
+        raise ConfigError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(_FAMILIES)})")
     return family
+
+
+#: Tensors only one family has (its vision MLP's names), to tell a config.json's model_type from
+#: the family the weights were saved by.
+_FINGERPRINTS = {"qwen2_5_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.gate_proj\.weight"),
+                 "qwen2_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.fc1\.weight"),
+                 "qwen3_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.linear_fc1\.weight")}
+
+
+def _check_family(ckpt, config_file: Path, model_type: str) -> None:
+    """Raises CheckpointError when the weights carry another family's tensors and none of ``model_type``'s."""
+    found = {}
+    for key in ckpt.keys():
+        for fam, pat in _FINGERPRINTS.items():
+            if fam not in found and pat.fullmatch(key):
+                found[fam] = key
+    others = [f for f in found if f != model_type]
+    if others and model_type not in found:
+        key = found[others[0]]
+        raise CheckpointError(f"{config_file} says model_type={model_type!r}, but the weights are a "
+                              f"{others[0]!r} checkpoint (tensor {key!r} in {ckpt.file(key).name} is a "
+                              f"{others[0]} vision-MLP tensor); use the config.json saved with these weights")
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> Model:
@@ -210,8 +274,11 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
 
     Raises:
         FileNotFoundError: no config.json / no weights.
-        ConfigError: a config.json field is missing or inconsistent.
-        CheckpointError: a missing, unexpected or mis-shaped tensor, a truncated file, a pickle file.
+        ConfigError: config.json is not valid JSON, or a field is missing, of the wrong type or
+            inconsistent (names the file and the field).
+        CheckpointError: a missing, unexpected or mis-shaped tensor, a truncated file, a pickle file,
+            a non-float tensor for a float parameter, weights of another family than config.json's
+            ``model_type``.
     """
     from jaxmm.checkpoint import store
 
@@ -230,6 +297,7 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
         arrays = store.restore(path, expected, np.dtype(_DTYPES[dtype]), shardings)
     else:
         ckpt = open_checkpoint(path)
+        _check_family(ckpt, path / "config.json", config.MODEL_TYPE)
         ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
         try:
             arrays = convert(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]), ignore=ignore)

@@ -12,6 +12,7 @@ tensor), and the largest single-layer activation of the explicit attention path
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def _load_config(path):
 
     from jaxmm.loading import _FAMILIES
 
-    d = yaml.safe_load(Path(path).read_text())
+    text = Path(path).read_text()
+    try:
+        d = json.loads(text)       # JSON is YAML, but PyYAML (YAML 1.1) reads JSON's 1e-06 as a string
+    except json.JSONDecodeError:
+        d = yaml.safe_load(text)
     family = _FAMILIES[d.get("model_type", "qwen2_5_vl")]
     return family, family.Config.from_dict(d, source=str(path))
 

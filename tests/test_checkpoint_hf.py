@@ -194,7 +194,7 @@ def test_corrupt_header(tmp_path, header):
 def test_huge_header_length_is_not_read(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match="over safetensors' limit of 100000000"):
         open_checkpoint(tmp_path)
 
 

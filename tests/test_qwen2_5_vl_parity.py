@@ -189,7 +189,7 @@ def test_config_that_does_not_match_weights_is_reported(ckpt, tmp_path):
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "vision_config": {}}))
+    tiny.hf_config("gqa_untied").save_pretrained(tmp_path)     # a complete config.json: no 7B defaults now
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="safetensors"):
         jaxmm.load(tmp_path)

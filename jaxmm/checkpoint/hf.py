@@ -27,12 +27,19 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
           "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+#: safetensors' own cap on the JSON header (``MAX_HEADER_SIZE`` in the Rust crate): 100 MB.
+MAX_HEADER_SIZE = 100_000_000
 
 CONVERT_HINT = (
     "jaxmm never unpickles checkpoints. Convert to safetensors first, e.g.\n"
     "  python -c \"from transformers import AutoModelForImageTextToText as M; "
     "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"\n"
     "or torch.load(f, weights_only=True) followed by safetensors.torch.save_file.")
+
+
+_FLOAT_DTYPES = {np.dtype(DTYPES[c]) for c in _FLOAT_CODES}
 
 
 class CheckpointError(ValueError):
@@ -48,6 +55,15 @@ class _Entry:
     end: int
 
 
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    """For a file that is not valid safetensors: raises if it starts as ``torch.save`` writes (a zip
+    archive, or a pickle of protocol 2..5)."""
+    if head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5):
+        kind = "a zip archive" if head[:2] == b"PK" else f"a pickle (protocol {head[1]})"
+        raise CheckpointError(f"{path}: not a safetensors file but {kind}, as torch.save writes (a .bin "
+                              f"or .pt checkpoint, renamed?). {CONVERT_HINT}")
+
+
 def _read_header(path: Path) -> dict[str, _Entry]:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -55,12 +71,19 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_SIZE:
+            _refuse_pickle(path, head)
+            raise CheckpointError(f"{path}: not a safetensors file: its first 8 bytes give a header of {n} "
+                                  f"bytes, over safetensors' limit of {MAX_HEADER_SIZE} (the file has "
+                                  f"{size} bytes)")
         if 8 + n > size:
+            _refuse_pickle(path, head)
             raise CheckpointError(f"{path}: truncated safetensors file: header of {n} bytes but the file "
                                   f"has {size} bytes")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            _refuse_pickle(path, head)
             raise CheckpointError(f"{path}: corrupt safetensors header of {n} bytes ({e}); "
                                   f"the file has {size} bytes") from None
     if not isinstance(header, dict):
@@ -142,8 +165,9 @@ def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
         A :class:`SafetensorsCheckpoint` (``keys``, ``shape``, ``dtype``, ``file``, ``get``).
 
     Raises:
-        CheckpointError: pickle files only (with how to convert), a truncated or corrupt file, an
-            index naming a missing shard or a tensor its shard lacks.
+        CheckpointError: pickle files only, or a ``.safetensors`` file that is really a pickle or
+            zip (``torch.save``), both with how to convert; a header over safetensors' 100 MB cap; a
+            truncated or corrupt file; an index naming a missing shard or a tensor its shard lacks.
         FileNotFoundError: no weights at all.
     """
     path = Path(path)
@@ -276,7 +300,8 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
 
     Raises:
         CheckpointError: listing, all at once, unexpected tensors, tensors filling the same
-            parameter twice, mis-shaped tensors and missing parameters, each with key and file.
+            parameter twice, mis-shaped tensors, integer or bool tensors for float parameters and
+            missing parameters, each with key and file.
     """
     rules = tuple(rules)
     ignore = tuple(re.compile(p) for p in ignore)
@@ -301,6 +326,11 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
                             f"{ckpt.file(source[path]).name} and by {key!r} in {ckpt.file(key).name}")
             continue
         want = tuple(expected[path].shape)
+        if ckpt.dtype(key) not in _FLOAT_CODES and np.dtype(expected[path].dtype) in _FLOAT_DTYPES:
+            problems.append(f"tensor {key!r} in {ckpt.file(key).name} has dtype {ckpt.dtype(key)}, but parameter "
+                            f"{_fmt(path)} is a float weight (a quantised or corrupt checkpoint?); jaxmm "
+                            f"reads F32, F16, BF16 (and F64, F8) weights")
+            continue
         try:
             w = rule.apply(ckpt.get(key), want)
         except ValueError as e:

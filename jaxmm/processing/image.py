@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,6 +90,61 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+def image_name(index: int, image: Any = None) -> str:
+    """``"image 1"``, or ``"image 1 (photos/cat.png)"`` for a PIL image opened from a file: how
+    errors name an image."""
+    path = getattr(image, "filename", None) if isinstance(image, Image.Image) else image
+    return f"image {index} ({path})" if isinstance(path, (str, Path)) and str(path) else f"image {index}"
+
+
+def open_image(source: Any, index: int = 0) -> Any:
+    """A path -> the decoded PIL image (other inputs are returned as they are).
+
+    Decodes at once (``Image.load``), so a corrupt or truncated file fails here, named.
+
+    Warns:
+        PIL.Image.DecompressionBombWarning: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (but
+            not twice as many), naming the image.
+
+    Raises:
+        FileNotFoundError: no such file (names the image's index and path).
+        ValueError: not an image PIL can read, corrupt or truncated data, or more pixels than PIL's
+            decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, twice over), each naming the
+            image's index and path.
+    """
+    if not isinstance(source, (str, Path)):
+        return source
+    name = image_name(index, source)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        for w in caught:      # PIL's warning above MAX_IMAGE_PIXELS (it refuses at twice that), named
+            if issubclass(w.category, Image.DecompressionBombWarning):
+                warnings.warn(f"{name}: possible decompression bomb ({w.message})", Image.DecompressionBombWarning,
+                              stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: no such file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (Image.UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name}: not an image file PIL can read ({e})") from None
+    _decode(image, name)
+    return image
+
+
+def _decode(image: Image.Image, name: str) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for corrupt / truncated data
+        raise ValueError(f"{name}: cannot decode the image data ({type(e).__name__}: {e}); is the file "
+                         f"truncated or corrupt?") from None
+
+
 def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> np.ndarray:
     """One input image -> uint8 ``[C, H, W]`` (C = 3 when ``convert_rgb``), as HF's
     ``PilBackend.process_image``.
@@ -99,11 +155,22 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
         index: the image's position in the batch, named in error messages.
         convert_rgb: HF's ``do_convert_rgb`` (see the module docstring for the rules).
 
+    Warns:
+        UserWarning: a 16-bit or 32-bit greyscale PIL image (modes ``I;16*``, ``I``, ``F``): RGB
+            conversion clips every value above 255 to 255, as transformers does.
+
     Raises:
         TypeError: ``image`` is neither a PIL image nor a numpy array.
-        ValueError: an array of the wrong shape or dtype, or an image that is not 8-bit.
+        ValueError: an array of the wrong shape or dtype, an image that is not 8-bit, or PIL image
+            data that cannot be decoded (all naming the image's index, and its file when it has one).
     """
     if isinstance(image, Image.Image):
+        name = image_name(index, image)
+        _decode(image, name)
+        if convert_rgb and (image.mode.startswith("I") or image.mode == "F"):
+            warnings.warn(f"{name}: PIL mode {image.mode!r} (16/32-bit greyscale) is converted to 8-bit RGB "
+                          f"by clipping values above 255 to 255, as transformers does; scale it to 0..255 "
+                          f"first to keep its range", stacklevel=3)
         if convert_rgb:
             if "A" in image.getbands() or image.info.get("transparency") is not None:
                 white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -112,7 +179,7 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
                 image = image.convert("RGB")
         x = np.array(image)
         if x.dtype != np.uint8:
-            raise ValueError(f"image {index}: PIL mode {image.mode!r} gives {x.dtype} pixels, expected 8-bit "
+            raise ValueError(f"{name}: PIL mode {image.mode!r} gives {x.dtype} pixels, expected 8-bit "
                              f"(enable do_convert_rgb or convert the image to RGB)")
         return x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)
 
@@ -297,7 +364,12 @@ class ImageProcessor:
     def preprocess_one(self, image: Any, index: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One image -> (patches float32 ``[h*w, C*T*P*P]``, ``(1, h, w)`` in patches).
 
-        ``index`` is the image's position in the batch, named in error messages.
+        ``index`` is the image's position in the batch, named in error messages (with the image's
+        file, when it was opened from one).
+
+        Raises:
+            TypeError, ValueError: as :func:`to_channels_first`; an aspect ratio over 200 (HF's
+                ``smart_resize`` limit) naming the image.
         """
         x = to_channels_first(image, index, self.do_convert_rgb)               # uint8 [C, H, W]
         c, height, width = x.shape
@@ -305,7 +377,7 @@ class ImageProcessor:
             try:
                 new_h, new_w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
             except ValueError as e:
-                raise ValueError(f"image {index}: {e}") from None
+                raise ValueError(f"{image_name(index, image)}: {e}") from None
             x = _pil_resize(x, new_h, new_w, int(self.resample))
         c, height, width = x.shape
         if height % self.factor or width % self.factor or height == 0 or width == 0:

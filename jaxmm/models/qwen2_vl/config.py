@@ -12,16 +12,20 @@ from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 class Qwen2VLConfig(Qwen2_5_VLConfig):
     MODEL_TYPE = "qwen2_vl"
+    # transformers' configuration_qwen2_vl.py: the vision tower's width is embed_dim, hidden_size its
+    # output (the text width); intermediate = embed_dim * mlp_ratio.
+    REQUIRED_VISION = ("depth", "embed_dim", "hidden_size", "num_heads")
+    VISION_DEFAULTS = {"hidden_act": "quick_gelu", "mlp_ratio": 4, "in_channels": 3, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2}
 
     @staticmethod
     def vision_fields(vis: dict) -> dict:
         out = dict(vis)
-        embed = int(vis.get("embed_dim", 1280))
-        out["out_hidden_size"] = vis.get("hidden_size", 3584)
+        embed = vis["embed_dim"]
+        out["out_hidden_size"] = vis["hidden_size"]
         out["hidden_size"] = embed
-        out["intermediate_size"] = int(embed * vis.get("mlp_ratio", 4))
-        out["hidden_act"] = vis.get("hidden_act", "quick_gelu")
-        out["fullatt_block_indexes"] = tuple(range(int(vis.get("depth", 32))))
+        out["intermediate_size"] = int(embed * vis["mlp_ratio"])
+        out["fullatt_block_indexes"] = tuple(range(vis["depth"]))
         out["windowed"] = False
         out["tokens_per_second"] = 1
         out.setdefault("window_size", 112)

@@ -9,17 +9,20 @@ from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 class Qwen3VLConfig(Qwen2_5_VLConfig):
     MODEL_TYPE = "qwen3_vl"
+    # transformers' configuration_qwen3_vl.py defaults (rope_theta 5e5, patch 16, ...); head_dim 128,
+    # attention_bias false and mrope_section [24, 20, 20] (modeling_qwen3_vl.py) in text_fields.
+    TEXT_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 128000,
+                     "rope_theta": 500000.0}
+    VISION_DEFAULTS = {"hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
+                       "deepstack_visual_indexes": (8, 16, 24)}
 
     @staticmethod
     def vision_fields(vis: dict) -> dict:
         out = dict(vis)
-        depth = int(vis.get("depth", 27))
-        out["fullatt_block_indexes"] = tuple(range(depth))
+        out["fullatt_block_indexes"] = tuple(range(vis["depth"]))
         out["windowed"] = False
         out["patch_bias"] = True
-        out["hidden_act"] = vis.get("hidden_act", "gelu_pytorch_tanh")
-        out.setdefault("num_position_embeddings", 2304)
-        out.setdefault("deepstack_visual_indexes", (8, 16, 24))
         out.setdefault("window_size", 112)
         out["tokens_per_second"] = 1
         return out
