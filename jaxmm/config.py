@@ -23,7 +23,7 @@ from typing import Annotated, Any, Sequence
 
 import pydantic
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict, is_typeddict
 
 
 class ConfigError(ValueError):
@@ -156,8 +156,9 @@ def apply_override(d: dict, override: str, defaults: dict | None = None) -> tupl
                 raise ConfigError(f"override {override!r}: {where} is a list; expected an index, got {k!r}")
             j = int(k)
             if not 0 <= j < len(node):
-                raise ConfigError(f"override {override!r}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'}"
-                                  f" (indices 0..{len(node) - 1}), no index {j}; set the whole list with "
+                has = (f"has {len(node)} entr{'y' if len(node) == 1 else 'ies'} (indices 0..{len(node) - 1})" if node
+                       else "is an empty list")
+                raise ConfigError(f"override {override!r}: {where} {has}, no index {j}; set the whole list with "
                                   f"{where}=[...] to add one")
             k = j
         elif not isinstance(node, dict):
@@ -207,7 +208,7 @@ def _known_keys(cls, path) -> list | None:
 
 
 def _is_record(tp) -> bool:
-    return (dataclasses.is_dataclass(tp) or typing.is_typeddict(tp)
+    return (dataclasses.is_dataclass(tp) or is_typeddict(tp)
             or (isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)))
 
 
@@ -253,9 +254,6 @@ def _what(err, cls, path) -> str:
         if err["loc"] and isinstance(err["loc"][-1], int):
             return f"too few entries (no entry {err['loc'][-1]})"
         return "missing (a required field)"
-    if t in ("extra_forbidden", "unexpected_keyword_argument"):
-        known = _known_keys(cls, path[:-1])
-        return "unknown field" + (f"; known: {known}" if known else "")
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if t in bounds:
         return f"expected a number {bounds[t]} {next(iter(ctx.values()))}"
@@ -283,11 +281,23 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
         return pydantic.TypeAdapter(cls).validate_python(data)
     except pydantic.ValidationError as e:
         parts: dict = {}
+        unknown: dict = {}          # parent path -> the unknown keys under it: one message per section
         for err in e.errors():
             path = _path(err["loc"], data)
-            parts.setdefault(path, []).append(err)
+            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and path:
+                unknown.setdefault(path[:-1], []).append(path[-1])
+                parts.setdefault(path[:-1], [])
+            else:
+                parts.setdefault(path, []).append(err)
         msgs = []
+        for parent, keys in unknown.items():
+            known = _known_keys(cls, parent)
+            msgs.append(_where(parent + (keys[0],), source, lines, origins, data)
+                        + (f"{'.'.join(map(str, parent))}: " if parent else "")
+                        + f"unknown field(s) {sorted(map(str, keys))}" + (f"; known: {known}" if known else ""))
         for path, errs in parts.items():
+            if not errs:
+                continue
             whats = list(dict.fromkeys(_what(err, cls, path) for err in errs))
             what = whats[0] + "".join(" or " + w.removeprefix("expected ") for w in whats[1:])
             msgs.append(_where(path, source, lines, origins, data) + _field(path, errs[0], what))
@@ -297,7 +307,8 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
 def _field(path, err, what) -> str:
     name = ".".join(map(str, path))
     absent = err["type"] in ("missing", "missing_keyword_argument") and not isinstance(err["loc"][-1], int)
-    if absent or not path:
+    named = err["type"] == "value_error" and str(err.get("input")) in what    # the value is in the message
+    if absent or not path or named:
         return f"{name + ': ' if name else ''}{what}"
     return f"{name}: {what}, got {_show(err.get('input'))}"
 
@@ -308,7 +319,7 @@ def _where(path, source, lines, origins, data) -> str:
         return f"override {hits[-1]!r}: "
     if not path and origins:
         return f"{source or 'config'} with overrides {[o for _, o in origins]}: "
-    for n in range(len(path), -1, -1):
+    for n in range(len(path), 0, -1):
         if path[:n] in lines and source:
             return f"{source}:{lines[path[:n]]}: "
     return f"{source}: " if source else "config: "

@@ -66,12 +66,24 @@ def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtyp
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}."""
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2} (missing axes are left out).
+
+    Raises:
+        ValueError: a part that is not AXIS=N, an unknown or repeated axis, or a size that is not a
+            positive integer; the message names the part.
+    """
     mesh = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        if k not in ("data", "fsdp", "tensor") or not v.isdigit():
-            raise ValueError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N")
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = part.partition("=")
+        k, v = k.strip(), v.strip()
+        if not eq:
+            raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=N (expected data=N,fsdp=N,tensor=N)")
+        if k not in ("data", "fsdp", "tensor"):
+            raise ValueError(f"--mesh {text!r}: unknown axis {k!r}; the axes are data, fsdp, tensor")
+        if k in mesh:
+            raise ValueError(f"--mesh {text!r}: axis {k!r} given twice")
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"--mesh {text!r}: {k}={v!r}: expected a positive integer")
         mesh[k] = int(v)
     return mesh
 
