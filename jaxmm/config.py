@@ -83,8 +83,9 @@ def read_yaml(path: str | Path) -> tuple[dict, dict]:
     lines from 1). An empty file is ``{}``.
 
     Raises:
-        ConfigError: the file is not valid YAML (naming file, line and column) or its top level is
-            not a mapping.
+        ConfigError: the file is not valid YAML (naming file, line and column), a key is given
+            twice or reads as a boolean (a bare ``on``/``yes``/``no``), or the top level is not a
+            mapping.
         OSError: the file cannot be read.
     """
     import yaml
@@ -108,10 +109,17 @@ def read_yaml(path: str | Path) -> tuple[dict, dict]:
     def walk(n, prefix):
         lines[prefix] = n.start_mark.line + 1
         if isinstance(n, yaml.MappingNode):
+            seen = {}
             for k, v in n.value:
-                lines[prefix + (k.value,)] = k.start_mark.line + 1
+                line, key = k.start_mark.line + 1, ".".join(map(str, prefix + (k.value,)))
+                if k.tag == "tag:yaml.org,2002:bool":
+                    raise ConfigError(f"{path}:{line}: key {key!r} reads as a boolean in YAML 1.1; "
+                                      f"quote it (\"{k.value}\": ...)")
+                if k.value in seen:
+                    raise ConfigError(f"{path}:{line}: key {key!r} given twice (first at line {seen[k.value]})")
+                seen[k.value] = line
                 walk(v, prefix + (k.value,))
-                lines[prefix + (k.value,)] = k.start_mark.line + 1
+                lines[prefix + (k.value,)] = line
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
                 walk(v, prefix + (i,))

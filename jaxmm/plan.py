@@ -23,12 +23,20 @@ GiB = 2 ** 30
 
 
 def _load_config(path):
-    import yaml
+    """A model config YAML/JSON -> (family, config).
 
+    Raises:
+        jaxmm.config.ConfigError (a ValueError): invalid YAML (file and line), not a mapping, or an
+            unknown ``model_type`` (the known ones listed).
+    """
+    from jaxmm.config import ConfigError, read_yaml
     from jaxmm.loading import _FAMILIES
 
-    d = yaml.safe_load(Path(path).read_text())
-    family = _FAMILIES[d.get("model_type", "qwen2_5_vl")]
+    d, _ = read_yaml(path)
+    kind = d.get("model_type", "qwen2_5_vl")
+    if kind not in _FAMILIES:
+        raise ConfigError(f"{path}: model_type {kind!r} is not a known family; known: {sorted(_FAMILIES)}")
+    family = _FAMILIES[kind]
     return family, family.Config.from_dict(d, source=str(path))
 
 

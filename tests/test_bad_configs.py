@@ -31,6 +31,8 @@ def _check(message: str, *needles: str):
 # (kind, YAML text, what the message must name besides the file)
 BAD_YAML = [
     ("eval", "batch_size: [1, 2\n", ["not valid YAML", ":2:"]),
+    ("eval", "out: a\nbatch_size: 2\nout: b\n", [":3: key 'out' given twice (first at line 1)"]),
+    ("eval", "methods:\n  - {method: avar, on: weights}\n", [":2: key 'methods.0.on' reads as a boolean", '"on"']),
     ("eval", "- baseline\n- pai\n", ["expected a mapping of config fields", "list"]),
     ("eval", "out: x\nbatch_size: eight\n", [":2: batch_size:", "valid integer", "'eight'"]),
     ("eval", "benchmarks:\n  - {name: grounded, limit: two}\n", [":2: benchmarks.0.limit:", "'two'"]),
@@ -169,6 +171,20 @@ def test_a_bad_mesh_string_names_the_part(text, needles):
     with pytest.raises(ValueError) as e:
         parse_mesh(text)
     _check(str(e.value), repr(text), *needles)
+
+
+def test_plan_model_config_errors_name_the_file(tmp_path):
+    from jaxmm.plan import plan
+
+    bad = tmp_path / "m.yaml"
+    bad.write_text("model_type: llama\n")
+    with pytest.raises(ConfigError) as e:
+        plan(bad, {})
+    _check(str(e.value), str(bad), "model_type 'llama'", "qwen2_5_vl")
+    bad.write_text("model_type: [qwen\n")
+    with pytest.raises(ConfigError) as e:
+        plan(bad, {})
+    _check(str(e.value), f"{bad}:2:", "not valid YAML")
 
 
 def test_good_mesh_strings_and_config_meshes():
