@@ -71,19 +71,19 @@ class GRPOConfig:
     grad_accum: PosInt = 1
     clip_eps: PosFloat = 0.2
     kl_beta: NonNegFloat = 0.001
-    loss_variant: str = "paper"           # "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
-    clip_eps_high: PosFloat | None = None    # upper clip (None = clip_eps); EasyR1: 0.3
-    dual_clip: PosFloat = 3.0                # "easyr1" only: dual clip on negative advantages
-    adv_eps: PosFloat = 1e-4                 # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
+    loss_variant: str = "paper"           # checked in __post_init__ (its message names the choices); "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
+    clip_eps_high: PosFloat | None = None # upper clip (None = clip_eps); EasyR1: 0.3
+    dual_clip: PosFloat = 3.0             # "easyr1" only: dual clip on negative advantages
+    adv_eps: PosFloat = 1e-4              # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
     rewards: dict[str, Float] = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
-    vars_layers: list[NonNegInt] | None = None       # VARS layers (None = all); AVAR's released script: 0..7
+    vars_layers: list[NonNegInt] | None = None  # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
     system_prompt: str | None = None      # a system turn: literal text, or the name of a jaxmm.prompts prompt
-    entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3              # SAYO: fraction of completion tokens r_att is computed on
+    entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3   # SAYO: fraction of completion tokens r_att is computed on
     freeze: list[Regex] = dataclasses.field(default_factory=list)
-    lora: LoraSpec | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
-    rave: RaveSpec | None = None              # train a RAVE module with the policy (as in SFT)
+    lora: LoraSpec | None = None          # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
+    rave: RaveSpec | None = None          # train a RAVE module with the policy (as in SFT)
     data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
                                                              "image_size": 112, "shape_scale": 0.35,
                                                              "contrast": 0.5})
@@ -109,7 +109,6 @@ class GRPOConfig:
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
         """See :func:`jaxmm.train.sft.config_from_yaml` (raises :class:`jaxmm.config.ConfigError`)."""
-
         return config_from_yaml(cls, path, overrides)
 
 
