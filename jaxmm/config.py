@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Sequence
@@ -272,6 +273,11 @@ def _what(err, cls, path) -> str:
     return msg.replace("Input should be ", "expected ", 1)
 
 
+@functools.cache
+def _adapter(cls) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
+
+
 def validate(cls, data: dict, source: str | None = None, lines: dict | None = None,
              origins: Sequence[tuple] = ()):
     """``cls`` (a config dataclass, or any type pydantic validates) built from ``data``, checked
@@ -286,7 +292,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
     """
     lines = lines or {}
     try:
-        return pydantic.TypeAdapter(cls).validate_python(data)
+        return _adapter(cls).validate_python(data)
     except pydantic.ValidationError as e:
         parts: dict = {}
         unknown: dict = {}          # parent path -> the unknown keys under it: one message per section
