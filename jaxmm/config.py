@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Sequence
@@ -231,17 +232,17 @@ def _fields(tp) -> dict:
 def _record(tp):
     """``tp`` without ``Annotated`` and ``| None`` (a dataclass, TypedDict or list type)."""
     tp = _strip(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [_strip(a) for a in typing.get_args(tp) if a is not type(None)]
         recs = [a for a in args if _is_record(a) or typing.get_origin(a) is list]
         return recs[0] if recs else None
     return tp
 
 
-def _path(loc, data) -> tuple:
-    """A pydantic error location without its union/validator tags: only the keys and indices that
-    exist in the input (plus a final missing or unknown key)."""
-    out, node = [], data
+def _path(err, data) -> tuple:
+    """A pydantic error's location without its union/validator tags: only the keys and indices that
+    exist in the input (plus, for a missing field, its name)."""
+    out, node, loc = [], data, err["loc"]
     for i, k in enumerate(loc):
         if isinstance(node, dict) and k in node:
             out.append(k)
@@ -249,11 +250,9 @@ def _path(loc, data) -> tuple:
         elif isinstance(node, (list, tuple)) and isinstance(k, int) and 0 <= k < len(node):
             out.append(k)
             node = node[k]
-        elif isinstance(node, dict) and isinstance(k, str) and i == len(loc) - 1:
-            out.append(k)       # a missing required key
-        elif dataclasses.is_dataclass(node) and hasattr(node, str(k)):
+        elif (isinstance(node, dict) and isinstance(k, str) and i == len(loc) - 1
+              and err["type"] in ("missing", "missing_keyword_argument")):
             out.append(k)
-            node = getattr(node, k)
     return tuple(out)
 
 
@@ -297,7 +296,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
         parts: dict = {}
         unknown: dict = {}          # parent path -> the unknown keys under it: one message per section
         for err in e.errors():
-            path = _path(err["loc"], data)
+            path = _path(err, data)
             if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and path:
                 unknown.setdefault(path[:-1], []).append(path[-1])
                 parts.setdefault(path[:-1], [])
