@@ -253,6 +253,27 @@ def test_cli_takes_overrides_after_options_and_readme_commands(monkeypatch):
     assert seen[-1][0] == EvalConfig.from_yaml("organism") and seen[-1][1] is True
 
 
+@pytest.mark.parametrize("command,module,config", [("train", "jaxmm.train.sft", "configs/train/rave.yaml"),
+                                                   ("grpo", "jaxmm.train.grpo", "configs/train/grpo_sayo.yaml")])
+def test_cli_train_and_grpo_take_overrides_after_options(monkeypatch, command, module, config):
+    import importlib
+
+    from jaxmm import cli
+
+    seen = []
+
+    def fake_train(cfg, progress=True):
+        seen.append((cfg, progress))
+        raise _Ran
+
+    monkeypatch.setattr(importlib.import_module(module), "train", fake_train)
+    with pytest.raises(_Ran):
+        cli.main([command, "steps=2", "--config", str(ROOT / config), "lr=3e-4", "--no-progress", "keep=1"])
+    cfg, progress = seen[-1]
+    assert (cfg.steps, cfg.lr, cfg.keep, progress) == (2, 3e-4, 1, False)
+    assert cfg.out == KINDS[command].from_yaml(ROOT / config).out
+
+
 @pytest.mark.parametrize("argv,needles", [
     (["eval", "--config", "organism", "benchmarks.3.limit=2", "--no-progress"], ["benchmarks has 1 entry"]),
     (["eval", "--no-progress", "max_new_tokens=-3"], ["max_new_tokens:", "-3"]),
