@@ -13,7 +13,6 @@ tensor), and the largest single-layer activation of the explicit attention path
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
