@@ -6,8 +6,8 @@
 validates the result against the config dataclass with pydantic (the dataclass's annotations are
 the schema: types, ``Literal`` choices, ranges, nested ``TypedDict`` sections) and builds it. Every
 bad input raises :class:`ConfigError`, a ``ValueError`` whose message is one line naming the
-culprit: the file and line (``run.yaml:3: batch_size: expected a valid integer, got 'eight'``) or
-the override (``override 'max_new_tokens=-3': max_new_tokens: expected > 0, got -3``).
+culprit: the file and line (``run.yaml:3: batch_size: expected a valid integer, …, got 'eight'``) or
+the override (``override 'max_new_tokens=-3': max_new_tokens: expected a number > 0, got -3``).
 
 The annotations below (``PosInt``, ``Mesh``, …) are the building blocks the configs use. YAML 1.1
 reads ``3e-4`` as a string; a ``float`` field accepts it as the number it spells.
@@ -256,7 +256,7 @@ def _path(err, data) -> tuple:
     return tuple(out)
 
 
-def _what(err, cls, path) -> str:
+def _what(err) -> str:
     t, msg, ctx = err["type"], err["msg"], err.get("ctx") or {}
     if t in ("missing", "missing_keyword_argument"):
         if err["loc"] and isinstance(err["loc"][-1], int):
@@ -299,21 +299,18 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
             path = _path(err, data)
             if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and path:
                 unknown.setdefault(path[:-1], []).append(path[-1])
-                parts.setdefault(path[:-1], [])
             else:
                 parts.setdefault(path, []).append(err)
         msgs = []
         for parent, keys in unknown.items():
             known = _known_keys(cls, parent)
-            msgs.append(_where(parent + (keys[0],), source, lines, origins, data)
+            msgs.append(_where(parent + (keys[0],), source, lines, origins)
                         + (f"{'.'.join(map(str, parent))}: " if parent else "")
                         + f"unknown field(s) {sorted(map(str, keys))}" + (f"; known: {known}" if known else ""))
         for path, errs in parts.items():
-            if not errs:
-                continue
-            whats = list(dict.fromkeys(_what(err, cls, path) for err in errs))
+            whats = list(dict.fromkeys(_what(err) for err in errs))
             what = whats[0] + "".join(" or " + w.removeprefix("expected ") for w in whats[1:])
-            msgs.append(_where(path, source, lines, origins, data) + _field(path, errs[0], what))
+            msgs.append(_where(path, source, lines, origins) + _field(path, errs[0], what))
         raise ConfigError("; ".join(msgs)) from None
 
 
@@ -326,7 +323,7 @@ def _field(path, err, what) -> str:
     return f"{name}: {what}, got {_show(err.get('input'))}"
 
 
-def _where(path, source, lines, origins, data) -> str:
+def _where(path, source, lines, origins) -> str:
     hits = [o for p, o in origins if path[: len(p)] == p]
     if hits:
         return f"override {hits[-1]!r}: "
