@@ -269,7 +269,13 @@ def main(argv=None) -> int:
     i.add_argument("--out", default="heatmap.png", help="PNG to write")
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     i.set_defaults(fn=inspect)
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if hasattr(args, "overrides"):      # eval/train/grpo: key=value overrides before or after options
+        rest = list(sys.argv[1:] if argv is None else argv)
+        rest = rest[rest.index(args.command) + 1:]      # the top level's only option is --debug
+        vars(args).update(vars(sub.choices[args.command].parse_intermixed_args(rest)))
+    elif extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ValueError, OSError, RuntimeError) as e:

@@ -24,16 +24,26 @@ GiB = 2 ** 30
 
 
 def _load_config(path):
-    import yaml
+    """A model config YAML/JSON -> (family, config).
 
+    Raises:
+        jaxmm.config.ConfigError (a ValueError): invalid YAML (file and line) or JSON, not a mapping, or an
+            unknown ``model_type`` (the known ones listed).
+    """
+    from jaxmm.config import ConfigError, read_yaml
     from jaxmm.loading import _FAMILIES
 
-    text = Path(path).read_text()
-    try:
-        d = json.loads(text)       # JSON is YAML, but PyYAML (YAML 1.1) reads JSON's 1e-06 as a string
-    except json.JSONDecodeError:
-        d = yaml.safe_load(text)
-    family = _FAMILIES[d.get("model_type", "qwen2_5_vl")]
+    if str(path).endswith(".json"):  # PyYAML (YAML 1.1) would read JSON's 1e-06 as a string
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    else:
+        d, _ = read_yaml(path)
+    kind = d.get("model_type", "qwen2_5_vl")
+    if kind not in _FAMILIES:
+        raise ConfigError(f"{path}: model_type {kind!r} is not a known family; known: {sorted(_FAMILIES)}")
+    family = _FAMILIES[kind]
     return family, family.Config.from_dict(d, source=str(path))
 
 
@@ -71,12 +81,24 @@ def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtyp
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}."""
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2} (missing axes are left out).
+
+    Raises:
+        ValueError: a part that is not AXIS=N, an unknown or repeated axis, or a size that is not a
+            positive integer; the message names the part.
+    """
     mesh = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        if k not in ("data", "fsdp", "tensor") or not v.isdigit():
-            raise ValueError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N")
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = part.partition("=")
+        k, v = k.strip(), v.strip()
+        if not eq:
+            raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=N (expected data=N,fsdp=N,tensor=N)")
+        if k not in ("data", "fsdp", "tensor"):
+            raise ValueError(f"--mesh {text!r}: unknown axis {k!r}; the axes are data, fsdp, tensor")
+        if k in mesh:
+            raise ValueError(f"--mesh {text!r}: axis {k!r} given twice")
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"--mesh {text!r}: {k}={v!r}: expected a positive integer")
         mesh[k] = int(v)
     return mesh
 

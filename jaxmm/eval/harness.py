@@ -51,13 +51,55 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+from pydantic import AfterValidator, ConfigDict, Field
+from typing_extensions import NotRequired, TypedDict
 
 from jaxmm import probes as P
+from jaxmm.config import Dtype, Fraction, Mesh, NonNegInt, PosFloat, PosInt, load as load_config
 from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
+
+
+def _benchmark_name(name: str) -> str:
+    from jaxmm.eval.benchmarks import READERS
+
+    if name not in READERS:
+        raise ValueError(f"unknown benchmark; known: {sorted(READERS)}")
+    return name
+
+
+def _prompt_name(name: str) -> str:
+    get_prompt(name)        # ValueError naming the known prompts
+    return name
+
+
+def _method(spec):
+    """A method column: ``baseline`` or an intervention spec (:func:`jaxmm.interventions.parse`)."""
+    if spec != "baseline":
+        from jaxmm.interventions import parse
+
+        parse(spec)
+    return spec
+
+
+class BenchmarkSpec(TypedDict):
+    """One benchmark of an eval config (see :func:`jaxmm.eval.benchmarks.load`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Annotated[str, AfterValidator(_benchmark_name)]
+    path: NotRequired[str | None]                 # parquet/jsonl file, directory or glob (not for grounded)
+    limit: NotRequired[PosInt | None]             # the first `limit` samples (None = all; grounded: 64)
+    seed: NotRequired[NonNegInt]                  # default: the config's seed
+    prompt: NotRequired[Annotated[str, AfterValidator(_prompt_name)] | None]
+    image_size: NotRequired[PosInt]               # grounded only: square images of this many pixels
+    shape_scale: NotRequired[PosFloat]            # grounded only: style of make_sample
+    contrast: NotRequired[Fraction]
+
+
+MethodSpec = Annotated[str | dict[str, Any], AfterValidator(_method)]
 
 
 @dataclasses.dataclass
@@ -66,40 +108,45 @@ class EvalConfig:
     overrides on the command line). A benchmark spec is ``{name, path, limit, seed, prompt}`` (plus
     the grounded generator's ``image_size`` and style): ``prompt`` names a released prompt of
     :data:`jaxmm.prompts.PROMPTS` (``vrga``, ``vrga_think``, ``sayo``) that replaces the benchmark's
-    standard instruction; ``None`` keeps it."""
+    standard instruction; ``None`` keeps it. The annotations are the schema :meth:`from_yaml`
+    checks (:mod:`jaxmm.config`). ``model`` ``"organism"`` is the same as ``None``."""
 
-    model: str | None = None            # HF checkpoint dir; None = the embedded organism
-    dtype: str = "float32"
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    model: str | None = None            # HF checkpoint dir; None (or "organism") = the embedded organism
+    dtype: Dtype = "float32"
     out: str = "runs/eval"
-    benchmarks: list = dataclasses.field(default_factory=lambda: [{"name": "grounded", "limit": 40}])
-    methods: list = dataclasses.field(default_factory=lambda: ["baseline"])
-    batch_size: int = 8
-    max_new_tokens: int = 16
-    max_prompt_tokens: int = 4096
-    heatmaps: int = 2                   # samples per benchmark rendered as attention heatmaps
-    seed: int = 0
-    if_changed: str = "refuse"          # resuming `out` with other settings: "refuse" or "new" (out-<hash>)
-    min_pixels: int | None = None       # image resolution bounds (pixel counts); None = the checkpoint's
-    max_pixels: int | None = None
-    mesh: dict | None = None            # {data, fsdp, tensor}: one model sharded over every device of
+    benchmarks: Annotated[list[BenchmarkSpec], Field(min_length=1)] = dataclasses.field(
+        default_factory=lambda: [{"name": "grounded", "limit": 40}])
+    methods: Annotated[list[MethodSpec], Field(min_length=1)] = dataclasses.field(
+        default_factory=lambda: ["baseline"])
+    batch_size: PosInt = 8
+    max_new_tokens: PosInt = 16
+    max_prompt_tokens: PosInt = 4096
+    heatmaps: NonNegInt = 2             # samples per benchmark rendered as attention heatmaps
+    seed: NonNegInt = 0
+    if_changed: Literal["refuse", "new"] = "refuse"   # resuming `out` with other settings: refuse, or new (out-<hash>)
+    min_pixels: PosInt | None = None    # image resolution bounds (pixel counts); None = the checkpoint's
+    max_pixels: PosInt | None = None
+    mesh: Mesh | None = None            # {data, fsdp, tensor}: one model sharded over every device of
                                         # every process (see run()); None = a whole model per process
 
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, overrides: list[str] = ()) -> "EvalConfig":
-        import yaml
+    def __post_init__(self):
+        if self.model == "organism":
+            self.model = None
 
-        d = yaml.safe_load(resolve_config(path).read_text())
-        d = d or {}
-        for ov in overrides:
-            if "=" not in ov:
-                raise ValueError(f"override {ov!r}: expected key=value (dotted keys, e.g. benchmarks.0.limit=8)")
-            key, value = ov.split("=", 1)
-            _set(d, key.split("."), yaml.safe_load(value))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "EvalConfig":
+        """The config in ``path`` (a YAML file or a packaged config's name, :func:`resolve_config`;
+        ``None`` = ``organism``) with ``key=value`` overrides, validated (:func:`jaxmm.config.load`).
+
+        Raises:
+            FileNotFoundError: no such file nor packaged config.
+            jaxmm.config.ConfigError (a ValueError): bad YAML, a malformed override, an unknown
+                field, a bad value (wrong type, out of range, unknown benchmark, prompt or method
+                knob), naming the file and line or the override, the field and the value.
+        """
+        return load_config(cls, resolve_config(path), overrides)
 
 
 PACKAGED = Path(__file__).resolve().parents[1] / "configs" / "eval"
@@ -121,19 +168,6 @@ def resolve_config(name: str | Path | None) -> Path:
         return packaged
     known = sorted(p.stem for p in PACKAGED.glob("*.yaml"))
     raise FileNotFoundError(f"eval config {str(name)!r}: no such file, nor a packaged config (packaged: {known})")
-
-
-def _set(d, keys, value):
-    for i, k in enumerate(keys[:-1]):
-        nxt = keys[i + 1]
-        if isinstance(d, list):
-            d = d[int(k)]
-        else:
-            d = d.setdefault(k, [] if nxt.isdigit() else {})
-    if isinstance(d, list):
-        d[int(keys[-1])] = value
-    else:
-        d[keys[-1]] = value
 
 
 def method_name(spec) -> str:

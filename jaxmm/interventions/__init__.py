@@ -12,8 +12,13 @@ knob and its default live in ``configs/methods/``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Optional, Union
 
+from typing_extensions import TypedDict
+
+from jaxmm.config import Float, Int
 from jaxmm.interventions.avar import AVAR
 from jaxmm.interventions.keys import KeyBias, KeyLogitShift, KeyWeightScale, key_set, per_sample
 from jaxmm.interventions.pai import PAI, pai, pai_contrast
@@ -26,6 +31,16 @@ __all__ = ["AVAR", "PAI", "RATION", "RAVE", "VRGA", "VAR", "HeadMask", "KeyBias"
            "build", "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
 
 
+class LayerRange(TypedDict, total=False):
+    """``{start, end}``: layers start … end−1 (``end`` None = the last)."""
+
+    start: Int
+    end: Optional[Int]
+
+
+Layers = Union[list[Int], LayerRange, None]     # None = every layer
+
+
 def _layers(cfg, spec):
     """``None`` (all), a list of indices, or ``{"start": a, "end": b}`` -> static tuple or None."""
     n = cfg.text.num_hidden_layers
@@ -36,16 +51,20 @@ def _layers(cfg, spec):
     return tuple(int(i) for i in spec)
 
 
-def _pai(cfg, alpha=0.2, start=2, end=None, variant="paper", use_cfg=False):
+def _pai(cfg, alpha: Float = 0.2, start: Int = 2, end: Optional[Int] = None, variant: str = "paper",
+         use_cfg: bool = False):
     return pai(cfg.text.num_hidden_layers, alpha, start, end, variant, use_cfg)
 
 
-def _avar(cfg, alpha_img=0.15, alpha_sys=0.0, on="logits", renormalize=False, layers=None, variant="paper"):
+def _avar(cfg, alpha_img: Float = 0.15, alpha_sys: Float = 0.0, on: str = "logits", renormalize: bool = False,
+          layers: Layers = None, variant: str = "paper"):
     return AVAR(alpha_img=alpha_img, alpha_sys=alpha_sys, on=on, renormalize=renormalize, layers=_layers(cfg, layers),
                 variant=variant)
 
 
-def _ration(cfg, top_k=4, d_a=None, d_b=None, thresholds=(0.0, 0.0, 0.0), key_layers=None, variant="paper"):
+def _ration(cfg, top_k: Int = 4, d_a: Optional[Float] = None, d_b: Optional[Float] = None,
+            thresholds: tuple[Float, Float, Float] = (0.0, 0.0, 0.0), key_layers: Optional[list[Int]] = None,
+            variant: str = "paper"):
     """d_a, d_b default to 0.8, 1.2 (paper) or the lmms-eval wrapper's 1.0, 1.0 (released)."""
     d_a = d_a if d_a is not None else (1.0 if variant == "released" else 0.8)
     d_b = d_b if d_b is not None else (1.0 if variant == "released" else 1.2)
@@ -54,18 +73,20 @@ def _ration(cfg, top_k=4, d_a=None, d_b=None, thresholds=(0.0, 0.0, 0.0), key_la
                   variant=variant)
 
 
-def _vrga(cfg, factor=1.5, fa=1, border_frac=0.2, min_focus=10, background_heads=64, variant="paper",
-          head_mask=None, head_mask_topk=5, head_mask_after=5):
+def _vrga(cfg, factor: Float = 1.5, fa: Int = 1, border_frac: Float = 0.2, min_focus: Int = 10,
+          background_heads: Int = 64, variant: str = "paper", head_mask: Optional[str] = None, head_mask_topk: Int = 5,
+          head_mask_after: Int = 5):
     return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads,
                 variant=variant, head_mask=head_mask, head_mask_topk=head_mask_topk, head_mask_after=head_mask_after)
 
 
-def _var(cfg, dims=(), tau=20.0, p=0.6, min_mass=0.2, max_share=0.5, start=2, variant="paper"):
+def _var(cfg, dims: list[Int] = (), tau: Float = 20.0, p: Float = 0.6, min_mass: Float = 0.2, max_share: Float = 0.5,
+         start: Int = 2, variant: str = "paper"):
     return VAR(dims=tuple(dims), tau=tau, p=p, min_mass=min_mass, max_share=max_share,
                layers=tuple(range(start, cfg.text.num_hidden_layers)), variant=variant)
 
 
-def _rave(cfg, path=None, **init):
+def _rave(cfg, path: Optional[str] = None, **init):
     """A trained RAVE module saved with :func:`jaxmm.interventions.rave.save` (``path``), or a fresh
     one (γ = 0: the model unchanged) from ``init``'s knobs."""
     from jaxmm.interventions import rave
@@ -81,11 +102,13 @@ METHODS = {"pai": _pai, "avar": _avar, "ration": _ration, "vrga": _vrga, "var": 
 
 
 def build(specs, config) -> tuple:
-    """Interventions from names, dicts (``{"method": name, knob: value}``), YAML paths or ready
-    intervention objects, in order (they compose in that order).
+    """Interventions from names, ``NAME:knob=value,...`` strings (YAML values: ``ration:key_layers=[3,5]``),
+    dicts (``{"method": name, knob: value}``), YAML paths or ready intervention objects, in order
+    (they compose in that order).
 
     Raises:
-        ValueError: an unknown method name or knob, naming both.
+        ValueError: an unknown method name or knob, or a knob value of the wrong type, naming the
+            spec, the knob and the value (see :func:`parse`).
     """
     if isinstance(specs, (str, dict)) or hasattr(specs, "applies"):
         specs = [specs]
@@ -94,19 +117,7 @@ def build(specs, config) -> tuple:
         if hasattr(spec, "applies"):
             out.append(spec)
             continue
-        if isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml")):
-            import yaml
-
-            spec = yaml.safe_load(Path(spec).read_text())
-        if isinstance(spec, str):
-            name, _, rest = spec.partition(":")
-            kw = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
-            kw = {k: _parse(v) for k, v in kw.items()}
-        else:
-            kw = dict(spec)
-            name = kw.pop("method", None)
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+        name, kw = parse(spec)
         try:
             out.append(METHODS[name](config, **kw))
         except TypeError as e:
@@ -114,7 +125,77 @@ def build(specs, config) -> tuple:
     return tuple(out)
 
 
-def _parse(v: str):
+def parse(spec) -> tuple[str, dict]:
+    """A method spec (a name, ``NAME:knob=value,...``, a ``{"method": name, ...}`` dict or a YAML
+    file's path) -> ``(name, knobs)``, each knob checked against the method's signature (its type:
+    ``"1e-3"`` reads as a float, a list as a list). Needs no model.
+
+    Raises:
+        ValueError: an unreadable YAML file, a malformed ``knob=value``, an unknown method or knob,
+            or a value of the wrong type; the message names the spec, the knob and the value.
+    """
     import yaml
 
-    return yaml.safe_load(v)
+    from jaxmm.config import ConfigError, read_yaml, validate
+
+    shown = spec
+    if isinstance(spec, (str, Path)) and str(spec).endswith((".yaml", ".yml")):
+        spec, _ = read_yaml(spec)
+    if isinstance(spec, str):
+        name, _, rest = spec.partition(":")
+        kw = {}
+        for part in _split(rest):
+            k, eq, v = part.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"method {shown!r}: {part!r} is not knob=value")
+            try:
+                kw[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError as e:
+                raise ValueError(f"method {shown!r}: {k.strip()}={v!r} is not a valid YAML value "
+                                 f"({getattr(e, 'problem', None) or e})") from None
+    elif isinstance(spec, dict):
+        kw = dict(spec)
+        name = kw.pop("method", None)
+    else:
+        raise ValueError(f"method spec {spec!r}: expected a name, NAME:knob=value,..., a mapping with 'method', "
+                         "or a YAML file")
+    if name not in METHODS:
+        raise ValueError(f"method {shown!r}: unknown method {name!r}; known: {sorted(METHODS)}")
+    try:
+        checked = validate(_knobs(name), kw, f"method {str(shown)!r}")
+    except ConfigError as e:
+        raise ValueError(str(e).replace("unknown field", "unknown knob")) from None
+    return name, {**kw, **checked.model_dump(exclude_unset=True)}
+
+
+def _split(rest: str) -> list[str]:
+    """``"a=1,b=[2,3]"`` -> ``["a=1", "b=[2,3]"]``: commas inside brackets or braces stay."""
+    parts, depth, cur = [], 0, ""
+    for ch in rest:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth <= 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p for p in parts if p.strip()]
+
+
+@functools.cache
+def _knobs(name: str):
+    """A pydantic model of method ``name``'s knobs: its factory's keyword arguments, their
+    annotations and defaults (a factory taking ``**init`` also accepts other knobs)."""
+    import inspect
+    import typing
+
+    import pydantic
+
+    fn = METHODS[name]
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    fields = {p.name: (hints.get(p.name, typing.Any), p.default) for p in params
+              if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    extra = "allow" if any(p.kind is p.VAR_KEYWORD for p in params) else "forbid"
+    return pydantic.create_model(f"{name}_knobs", __config__=pydantic.ConfigDict(extra=extra), **fields)

@@ -30,58 +30,68 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pydantic import ConfigDict, Field
 
+from jaxmm.config import Float, Fraction, Int, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
 from jaxmm.models.qwen2_5_vl.modeling import forward
+from jaxmm.train.sft import DataSpec, LoraSpec, RaveSpec, config_from_yaml
 
 REWARDS = ("accuracy", "format", "r_att", "vars")
 
 
 @dataclasses.dataclass
 class GRPOConfig:
-    """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`)."""
+    """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`);
+    the annotations are what :meth:`from_yaml` checks. ``model`` ``None`` is the same as ``"organism"``.
 
-    model: str | None = "organism"        # HF dir; "organism" = the shipped organism
+    Raises:
+        ValueError: an unknown reward, ``group_size`` < 2, an unknown variant.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    model: str | None = "organism"        # HF dir; "organism" (or None) = the shipped organism
     out: str = "runs/grpo"
-    steps: int = 50
-    prompts_per_step: int = 4
-    group_size: int = 4                   # G completions per prompt
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    updates_per_rollout: int = 1
-    lr: float = 1e-4
-    warmup: float = 0.0
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    grad_accum: int = 1
-    clip_eps: float = 0.2
-    kl_beta: float = 0.001
-    loss_variant: str = "paper"           # "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
-    clip_eps_high: float | None = None    # upper clip (None = clip_eps); EasyR1: 0.3
-    dual_clip: float = 3.0                # "easyr1" only: dual clip on negative advantages
-    adv_eps: float = 1e-4                 # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
-    rewards: dict = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
+    steps: PosInt = 50
+    prompts_per_step: PosInt = 4
+    group_size: Int = 4                   # G completions per prompt
+    max_new_tokens: PosInt = 16
+    temperature: PosFloat = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    updates_per_rollout: PosInt = 1
+    lr: PosFloat = 1e-4
+    warmup: Fraction = 0.0
+    weight_decay: NonNegFloat = 0.0
+    clip_norm: PosFloat = 1.0
+    grad_accum: PosInt = 1
+    clip_eps: PosFloat = 0.2
+    kl_beta: NonNegFloat = 0.001
+    loss_variant: str = "paper"           # checked in __post_init__ (its message names the choices); "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
+    clip_eps_high: PosFloat | None = None # upper clip (None = clip_eps); EasyR1: 0.3
+    dual_clip: PosFloat = 3.0             # "easyr1" only: dual clip on negative advantages
+    adv_eps: PosFloat = 1e-4              # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
+    rewards: dict[str, Float] = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
-    vars_layers: list | None = None       # VARS layers (None = all); AVAR's released script: 0..7
+    vars_layers: list[NonNegInt] | None = None  # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
     system_prompt: str | None = None      # a system turn: literal text, or the name of a jaxmm.prompts prompt
-    entropy_top: float = 0.3              # SAYO: fraction of completion tokens r_att is computed on
-    freeze: list = dataclasses.field(default_factory=list)
-    lora: dict | None = None              # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
-    rave: dict | None = None              # train a RAVE module with the policy (as in SFT)
-    data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
+    entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3   # SAYO: fraction of completion tokens r_att is computed on
+    freeze: list[Regex] = dataclasses.field(default_factory=list)
+    lora: LoraSpec | None = None          # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
+    rave: RaveSpec | None = None          # train a RAVE module with the policy (as in SFT)
+    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
                                                              "image_size": 112, "shape_scale": 0.35,
                                                              "contrast": 0.5})
-    save_every: int = 10
-    keep: int = 2
-    log_every: int = 1
+    save_every: PosInt = 10
+    keep: PosInt = 2
+    log_every: PosInt = 1
     tensorboard: bool = True
-    seed: int = 0
+    seed: NonNegInt = 0
 
     def __post_init__(self):
         bad = set(self.rewards) - set(REWARDS)
@@ -98,8 +108,7 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
-        from jaxmm.train.sft import config_from_yaml
-
+        """See :func:`jaxmm.train.sft.config_from_yaml` (raises :class:`jaxmm.config.ConfigError`)."""
         return config_from_yaml(cls, path, overrides)
 
 
@@ -365,7 +374,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxmm.train.grpo", description="GRPO (resumable)")
     ap.add_argument("--config", help="YAML (configs/train/grpo_*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value (dotted keys)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     out = train(GRPOConfig.from_yaml(args.config, args.overrides))
     print(f"GRPO run: {out}")
     return 0

@@ -27,76 +27,115 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from pydantic import ConfigDict, Field
+from typing_extensions import TypedDict
+
+from jaxmm.config import Float, Fraction, Mesh, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
 
 from jaxmm.models.qwen2_5_vl.modeling import forward
 
 
+class LoraSpec(TypedDict, total=False):
+    """``lora:`` of a training config (:class:`jaxmm.train.lora.LoraConfig`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    rank: PosInt
+    alpha: Float
+    targets: Regex | list[Regex]          # regexes over dotted parameter paths
+    seed: NonNegInt
+
+
+class RaveSpec(TypedDict, total=False):
+    """``rave:`` of a training config (:func:`jaxmm.interventions.rave.init`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    layers: list[NonNegInt] | None
+    heads: list[NonNegInt] | None
+    rank: PosInt
+    kind: Literal["bilinear", "mlp"]
+    seed: NonNegInt
+    scale: PosFloat
+
+
+class AgtoSpec(TypedDict, total=False):
+    """``agto:`` AVAR's AGTO losses (:func:`jaxmm.objectives.avar.agto_extra_loss`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    alpha: NonNegFloat
+    beta: NonNegFloat
+    eps: PosFloat
+    layers: list[NonNegInt] | None
+
+
+class DataSpec(TypedDict, total=False):
+    """``data:`` the grounded VQA generator (:func:`dataset`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Literal["grounded"]
+    size: PosInt
+    seed: NonNegInt
+    image_size: PosInt
+    tasks: Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]
+    shape_scale: PosFloat
+    contrast: Fraction
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Schema of ``configs/train/*.yaml``."""
+    """Schema of ``configs/train/*.yaml``; the annotations are what :meth:`from_yaml` checks."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
 
     model: str | None = None             # HF checkpoint dir to start from; None = the seeded random organism
                                           # (training it from scratch); "organism" = the shipped trained one
     out: str = "runs/train"
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: float = 0.1                   # fraction of steps
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    compute_dtype: str = "float32"       # or bfloat16 (master weights stay float32)
-    freeze: list = dataclasses.field(default_factory=list)   # regexes over dotted parameter paths
-    lora: dict | None = None              # {rank, alpha, targets, seed}: train LoRA adapters, backbone frozen
-    rave: dict | None = None              # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
+    steps: PosInt = 100
+    batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    lr: PosFloat = 1e-3
+    warmup: Fraction = 0.1                # fraction of steps
+    weight_decay: NonNegFloat = 0.0
+    clip_norm: PosFloat = 1.0
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"   # master weights stay float32
+    freeze: list[Regex] = dataclasses.field(default_factory=list)   # regexes over dotted parameter paths
+    lora: LoraSpec | None = None          # {rank, alpha, targets, seed}: train LoRA adapters, backbone frozen
+    rave: RaveSpec | None = None          # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
     tensorboard: bool = True              # also write metrics as TensorBoard events (out/tensorboard)
-    agto: dict | None = None              # AVAR's AGTO losses {alpha, beta, eps, layers} added to the LM loss
-    mesh: dict | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
+    agto: AgtoSpec | None = None          # AVAR's AGTO losses {alpha, beta, eps, layers} added to the LM loss
+    mesh: Mesh | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
                                           # call jax.distributed.initialize() first; process 0 writes the logs)
-    seq_len: int = 160                    # prompts + answers are left-padded to this many tokens
-    data: dict = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
-                                                             "image_size": 112})
-    save_every: int = 50
-    keep: int = 2
-    log_every: int = 10
-    seed: int = 0
+    seq_len: PosInt = 160                 # prompts + answers are left-padded to this many tokens
+    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
+                                                                 "image_size": 112})
+    save_every: PosInt = 50
+    keep: PosInt = 2
+    log_every: PosInt = 10
+    seed: NonNegInt = 0
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):
+        """See :func:`config_from_yaml`."""
         return config_from_yaml(cls, path, overrides)
 
 
 def config_from_yaml(cls, path, overrides: Sequence[str] = ()):
-    """A config dataclass ``cls`` from a YAML file (or None) plus ``key=value`` overrides (dotted
-    keys, YAML values). Raises ValueError naming unknown fields."""
-    import yaml
+    """A config dataclass ``cls`` from a YAML file (or None: the defaults) plus ``key=value``
+    overrides (dotted keys, YAML values), validated against its annotations (:func:`jaxmm.config.load`).
 
-    from jaxmm.eval.harness import _set  # same dotted-override syntax as eval
+    Raises:
+        jaxmm.config.ConfigError (a ValueError): bad YAML, a malformed override, an unknown field
+            or a bad value, naming the file and line or the override, the field and the value.
+        OSError: the file cannot be read.
+    """
+    from jaxmm.config import load
 
-    d = (yaml.safe_load(Path(path).read_text()) if path else {}) or {}
-    for ov in overrides:
-        k, v = ov.split("=", 1)
-        _set(d, k.split("."), _scalar(yaml.safe_load(v)))
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"{path or 'config'}: unknown field(s) {sorted(unknown)}")
-    return cls(**d)
-
-
-def _scalar(v):
-    """YAML 1.1 reads ``3e-4`` as a string; a string that is a float literal becomes that float."""
-    if isinstance(v, str):
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
+    return load(cls, path, overrides)
 
 
 # ----------------------------------------------------------------------------- data
@@ -274,9 +313,10 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = None
     if cfg.mesh:
+        from jaxmm.eval.harness import mesh_axes
         from jaxmm.sharding import make_mesh
 
-        mesh = make_mesh(**cfg.mesh)
+        mesh = make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
     model = jaxmm.load(organism.default() if cfg.model == "organism" else cfg.model or organism.build(),
                        dtype="float32", mesh=mesh)
     if cfg.agto:

@@ -1,0 +1,364 @@
+"""One loader for jaxmm's YAML configs (``jaxmm eval``, ``jaxmm train``, ``jaxmm grpo``).
+
+    cfg = load(EvalConfig, "run.yaml", ["batch_size=4", "benchmarks.0.limit=8"])
+
+:func:`load` reads the YAML file, applies ``key=value`` overrides (dotted keys, YAML values), then
+validates the result against the config dataclass with pydantic (the dataclass's annotations are
+the schema: types, ``Literal`` choices, ranges, nested ``TypedDict`` sections) and builds it. Every
+bad input raises :class:`ConfigError`, a ``ValueError`` whose message is one line naming the
+culprit: the file and line (``run.yaml:3: batch_size: expected a valid integer, …, got 'eight'``) or
+the override (``override 'max_new_tokens=-3': max_new_tokens: expected a number > 0, got -3``).
+
+The annotations below (``PosInt``, ``Mesh``, …) are the building blocks the configs use. YAML 1.1
+reads ``3e-4`` as a string; a ``float`` field accepts it as the number it spells.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Sequence
+
+import pydantic
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
+from typing_extensions import TypedDict, is_typeddict
+
+
+class ConfigError(ValueError):
+    """A bad config file, override or field value; the message names it, on one line."""
+
+
+def _not_bool(v):
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not a boolean")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+PosInt = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
+NonNegInt = Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PosFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
+NonNegFloat = Annotated[float, BeforeValidator(_not_bool), Field(ge=0)]
+Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]      # 0 … 1
+Dtype = typing.Literal["float32", "bfloat16", "float16"]
+
+
+def _axis(v: int) -> int:
+    if v < 1 and v != -1:
+        raise ValueError("expected a positive integer (or -1: the rest of the devices)")
+    return v
+
+
+MeshAxis = Annotated[int, BeforeValidator(_not_bool), AfterValidator(_axis)]
+
+
+class Mesh(TypedDict, total=False):
+    """``{data, fsdp, tensor}``: device counts per mesh axis (missing = 1; one may be -1)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    data: MeshAxis
+    fsdp: MeshAxis
+    tensor: MeshAxis
+
+
+def _regex(v: str) -> str:
+    import re
+
+    try:
+        re.compile(v)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression ({e})") from None
+    return v
+
+
+Regex = Annotated[str, AfterValidator(_regex)]
+
+
+# ----------------------------------------------------------------------------- reading and overrides
+def read_yaml(path: str | Path) -> tuple[dict, dict]:
+    """A YAML file's mapping and the line of each key path (``{("benchmarks", 0, "limit"): 4}``;
+    lines from 1). An empty file is ``{}``.
+
+    Raises:
+        ConfigError: the file is not valid YAML (naming file, line and column), a key is given
+            twice or reads as a boolean (a bare ``on``/``yes``/``no``), or the top level is not a
+            mapping.
+        OSError: the file cannot be read.
+    """
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields (key: value lines), "
+                          f"got a {type(data).__name__}: {_show(data)}")
+    lines: dict = {}
+
+    def walk(n, prefix):
+        lines[prefix] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            seen = {}
+            for k, v in n.value:
+                line, key = k.start_mark.line + 1, ".".join(map(str, prefix + (k.value,)))
+                if k.tag == "tag:yaml.org,2002:bool":
+                    raise ConfigError(f"{path}:{line}: key {key!r} reads as a boolean in YAML 1.1; "
+                                      f"quote it (\"{k.value}\": ...)")
+                if k.value in seen:
+                    raise ConfigError(f"{path}:{line}: key {key!r} given twice (first at line {seen[k.value]})")
+                seen[k.value] = line
+                walk(v, prefix + (k.value,))
+                lines[prefix + (k.value,)] = line
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, prefix + (i,))
+
+    walk(node, ())
+    return data, lines
+
+
+def apply_override(d: dict, override: str, defaults: dict | None = None) -> tuple:
+    """Applies one ``key=value`` override (dotted key, YAML value) to ``d`` in place; returns the
+    key path. A list entry is addressed by its index (``benchmarks.0.limit=8``); a missing or
+    ``null`` section becomes a mapping; a top-level field absent from ``d`` starts from its value in
+    ``defaults`` (so ``data.size=100`` keeps the other ``data`` defaults).
+
+    Raises:
+        ConfigError: no ``=``, an empty key part, a value that is not YAML, an index that is not an
+            integer or out of range (naming the list and its length), or a key under a scalar.
+    """
+    import yaml
+
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value (dotted keys, e.g. benchmarks.0.limit=8); "
+                          "there is no '='")
+    key, text = override.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {override!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value {text!r} is not valid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    if defaults and keys[0] not in d and keys[0] in defaults and len(keys) > 1:
+        d[keys[0]] = copy.deepcopy(defaults[keys[0]])
+    path: list = []
+    node: Any = d
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(map(str, path)) or "the config"
+        if isinstance(node, list):
+            if not k.lstrip("-").isdigit():
+                raise ConfigError(f"override {override!r}: {where} is a list; expected an index, got {k!r}")
+            j = int(k)
+            if not 0 <= j < len(node):
+                has = (f"has {len(node)} entr{'y' if len(node) == 1 else 'ies'} (indices 0..{len(node) - 1})" if node
+                       else "is an empty list")
+                raise ConfigError(f"override {override!r}: {where} {has}, no index {j}; set the whole list with "
+                                  f"{where}=[...] to add one")
+            k = j
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {where} is {_show(node)}, not a mapping or list")
+        path.append(k)
+        if last:
+            node[k] = value
+        else:
+            nxt = node[k] if isinstance(node, list) else node.get(k)
+            if nxt is None:
+                if keys[i + 1].isdigit():
+                    raise ConfigError(f"override {override!r}: {'.'.join(map(str, path))} is not set, so it has no "
+                                      f"index {keys[i + 1]}; set the whole list with {'.'.join(map(str, path))}=[...]")
+                nxt = node[k] = {}
+            node = nxt
+    return tuple(path)
+
+
+# ----------------------------------------------------------------------------- validation
+def _show(v, n: int = 80) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _strip(x):
+    while typing.get_origin(x) is Annotated:
+        x = typing.get_args(x)[0]
+    return x
+
+
+def _known_keys(cls, path) -> list | None:
+    """The field names of the section at ``path`` of the schema ``cls`` (None if not a record)."""
+    tp: Any = cls
+    for k in path:
+        tp = _record(tp)
+        if tp is None:
+            return None
+        if isinstance(k, int):
+            args = [a for a in typing.get_args(_strip(tp)) if a is not type(None)]
+            tp = args[0] if args else None
+        else:
+            tp = _fields(tp).get(k) if _is_record(tp) else None
+        if tp is None:
+            return None
+    tp = _record(tp)
+    return sorted(_fields(tp)) if tp is not None and _is_record(tp) else None
+
+
+def _is_record(tp) -> bool:
+    return (dataclasses.is_dataclass(tp) or is_typeddict(tp)
+            or (isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)))
+
+
+def _fields(tp) -> dict:
+    """A record type's field names and annotations."""
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):
+        return {k: f.annotation for k, f in tp.model_fields.items()}
+    return typing.get_type_hints(tp, include_extras=True)
+
+
+def _record(tp):
+    """``tp`` without ``Annotated`` and ``| None`` (a dataclass, TypedDict or list type)."""
+    tp = _strip(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [_strip(a) for a in typing.get_args(tp) if a is not type(None)]
+        recs = [a for a in args if _is_record(a) or typing.get_origin(a) is list]
+        return recs[0] if recs else None
+    return tp
+
+
+def _path(err, data) -> tuple:
+    """A pydantic error's location without its union/validator tags: only the keys and indices that
+    exist in the input (plus, for a missing field, its name)."""
+    out, node, loc = [], data, err["loc"]
+    for i, k in enumerate(loc):
+        if isinstance(node, dict) and k in node:
+            out.append(k)
+            node = node[k]
+        elif isinstance(node, (list, tuple)) and isinstance(k, int) and 0 <= k < len(node):
+            out.append(k)
+            node = node[k]
+        elif (isinstance(node, dict) and isinstance(k, str) and i == len(loc) - 1
+              and err["type"] in ("missing", "missing_keyword_argument")):
+            out.append(k)
+    return tuple(out)
+
+
+def _what(err) -> str:
+    t, msg, ctx = err["type"], err["msg"], err.get("ctx") or {}
+    if t in ("missing", "missing_keyword_argument"):
+        if err["loc"] and isinstance(err["loc"][-1], int):
+            return f"too few entries (no entry {err['loc'][-1]})"
+        return "missing (a required field)"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if t in bounds:
+        return f"expected a number {bounds[t]} {next(iter(ctx.values()))}"
+    if t == "value_error":
+        return msg.removeprefix("Value error, ")
+    if t == "too_short":
+        return f"expected at least {ctx.get('min_length')} entr{'y' if ctx.get('min_length') == 1 else 'ies'}"
+    return msg.replace("Input should be ", "expected ", 1)
+
+
+@functools.cache
+def _adapter(cls) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
+
+
+def validate(cls, data: dict, source: str | None = None, lines: dict | None = None,
+             origins: Sequence[tuple] = ()):
+    """``cls`` (a config dataclass, or any type pydantic validates) built from ``data``, checked
+    against its annotations.
+
+    ``source`` (the file), ``lines`` (key path -> line, :func:`read_yaml`) and ``origins``
+    (``(key path, override)`` pairs, in the order applied) let each error name its culprit.
+
+    Raises:
+        ConfigError: one line per bad field, joined by "; ": where (file:line or override), the
+            field's dotted path, what was expected and the value given.
+    """
+    lines = lines or {}
+    try:
+        return _adapter(cls).validate_python(data)
+    except pydantic.ValidationError as e:
+        parts: dict = {}
+        unknown: dict = {}          # parent path -> the unknown keys under it: one message per section
+        for err in e.errors():
+            path = _path(err, data)
+            if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and path:
+                unknown.setdefault(path[:-1], []).append(path[-1])
+            else:
+                parts.setdefault(path, []).append(err)
+        msgs = []
+        for parent, keys in unknown.items():
+            known = _known_keys(cls, parent)
+            msgs.append(_where(parent + (keys[0],), source, lines, origins)
+                        + (f"{'.'.join(map(str, parent))}: " if parent else "")
+                        + f"unknown field(s) {sorted(map(str, keys))}" + (f"; known: {known}" if known else ""))
+        for path, errs in parts.items():
+            whats = list(dict.fromkeys(_what(err) for err in errs))
+            what = whats[0] + "".join(" or " + w.removeprefix("expected ") for w in whats[1:])
+            msgs.append(_where(path, source, lines, origins) + _field(path, errs[0], what))
+        raise ConfigError("; ".join(msgs)) from None
+
+
+def _field(path, err, what) -> str:
+    name = ".".join(map(str, path))
+    absent = err["type"] in ("missing", "missing_keyword_argument") and not isinstance(err["loc"][-1], int)
+    named = err["type"] == "value_error" and str(err.get("input")) in what    # the value is in the message
+    if absent or not path or named:
+        return f"{name + ': ' if name else ''}{what}"
+    return f"{name}: {what}, got {_show(err.get('input'))}"
+
+
+def _where(path, source, lines, origins) -> str:
+    hits = [o for p, o in origins if path[: len(p)] == p]
+    if hits:
+        return f"override {hits[-1]!r}: "
+    if not path and origins:
+        return f"{source or 'config'} with overrides {[o for _, o in origins]}: "
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines and source:
+            return f"{source}:{lines[path[:n]]}: "
+    return f"{source}: " if source else "config: "
+
+
+def defaults(cls) -> dict:
+    """Each field's default value (a fresh copy of factories' values)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = copy.deepcopy(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def load(cls, path: str | Path | None, overrides: Sequence[str] = ()):
+    """A config dataclass ``cls`` from a YAML file (``None``: the defaults) plus ``key=value``
+    overrides (dotted keys, YAML values; applied in order), validated against ``cls``'s annotations.
+
+    Raises:
+        ConfigError: invalid YAML, a top level that is not a mapping, a malformed override, an
+            unknown field or a bad value, each naming the file (and line) or the override, the
+            field's dotted path and the value.
+        OSError: the file cannot be read (FileNotFoundError: it does not exist).
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    data, lines = read_yaml(path) if path is not None else ({}, {})
+    base = defaults(cls)
+    origins = [(apply_override(data, ov, base), ov) for ov in overrides]
+    return validate(cls, data, None if path is None else str(path), lines, origins)
