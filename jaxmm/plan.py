@@ -27,19 +27,18 @@ def _load_config(path):
     """A model config YAML/JSON -> (family, config).
 
     Raises:
-        jaxmm.config.ConfigError (a ValueError): invalid YAML (file and line) or JSON, not a mapping, or an
+        jaxmm.config.ConfigError (a ValueError): invalid YAML (file and line), not a mapping, or an
             unknown ``model_type`` (the known ones listed).
     """
     from jaxmm.config import ConfigError, read_yaml
     from jaxmm.loading import _FAMILIES
 
-    if str(path).endswith(".json"):  # PyYAML (YAML 1.1) would read JSON's 1e-06 as a string
-        try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-    else:
+    try:    # JSON first (JSON is YAML, but PyYAML, YAML 1.1, reads JSON's 1e-06 as a string)
+        d = json.loads(Path(path).read_text())
+    except json.JSONDecodeError:
         d, _ = read_yaml(path)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got a {type(d).__name__}")
     kind = d.get("model_type", "qwen2_5_vl")
     if kind not in _FAMILIES:
         raise ConfigError(f"{path}: model_type {kind!r} is not a known family; known: {sorted(_FAMILIES)}")
