@@ -4,7 +4,8 @@ No model weights can be downloaded where jaxmm is developed and tested, so the d
 ``jaxmm demo`` runs is built on first use: the same architecture as Qwen2.5-VL (windowed vision
 tower with full-attention blocks, M-RoPE GQA decoder) at toy width, written to disk as a genuine
 Hugging Face checkpoint directory (``config.json``, ``model.safetensors``,
-``preprocessor_config.json``, and a tiny BPE tokenizer with a Qwen-style chat template) and then loaded through the ordinary ``jaxmm.load`` path. Its outputs
+``preprocessor_config.json``, and a tiny BPE tokenizer with a Qwen-style chat template) and then
+loaded through the ordinary ``jaxmm.load`` path. Its outputs
 are meaningless as language; its attention statistics exercise every code path.
 """
 

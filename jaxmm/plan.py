@@ -3,7 +3,8 @@
     jaxmm plan --model configs/models/qwen2_5_vl_72b.yaml --mesh data=1,fsdp=8,tensor=8 --seq 8192 --batch 8
 
 Parameters are placed by their logical axis names through the rule table of
-:mod:`jaxmm.sharding` (``fsdp`` shards ``embed``; ``tensor`` shards heads, kv heads, mlp and vocab; a dimension the axis does not divide stays replicated).
+:mod:`jaxmm.sharding` (``fsdp`` shards ``embed``; ``tensor`` shards heads, kv heads, mlp and vocab;
+a dimension the axis does not divide stays replicated).
 Reported per device: parameters (compute dtype), AdamW state (float32 master copy + two moments,
 sharded like the parameters), the KV cache for ``batch × seq`` (batch over data·fsdp, kv heads over
 tensor), and the largest single-layer activation of the explicit attention path

@@ -3,7 +3,6 @@ cache, training with the backbone frozen, checkpoint groups, save/load, TensorBo
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxmm
 import jaxmm.attention as A
@@ -53,7 +52,7 @@ def test_probes_match_numpy_on_transformers_attentions(setup):
     am = raw["attention_mask"].astype(bool)
     valid_q = am[:, None, :]                                # compare at real query rows
     n_keys = np.cumsum(am, axis=1)[:, None, :]              # causal + padding: keys a query may see
-    for layer, A in enumerate(np_attn(ref)):
+    for layer, A in enumerate(np_attn(ref)):  # noqa: F402 (the weights' A of the papers)
         mV = (A * V[:, None, None]).sum(-1)
         mS = (A * S[:, None, None]).sum(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -93,7 +92,7 @@ def test_region_ratio_and_residual_update_match_numpy(setup):
     out = model.forward(batch=batch, probes=[P.RegionRatio(), P.ResidualUpdate()])
     V = np.asarray(lay.image_mask, bool)
     am = raw["attention_mask"].astype(bool)
-    for layer, A in enumerate(np_attn(ref)):
+    for layer, A in enumerate(np_attn(ref)):  # noqa: F402 (the weights' A of the papers)
         aR = (A * w[:, None, None]).sum(-1) / w.sum(-1)[:, None, None]
         aV = (A * V[:, None, None]).sum(-1) / V.sum(-1)[:, None, None]
         got = _probe_values(out, "region_ratio")[layer]

@@ -14,7 +14,7 @@ from jaxmm import probes as P
 from jaxmm.generate import Sampling, generate
 from jaxmm.interventions import KeyLogitShift
 from jaxmm.models import qwen2_5_vl
-from test_qwen2_5_vl_parity import hf_forward, make_batch
+from test_qwen2_5_vl_parity import make_batch
 
 NEW = 32
 

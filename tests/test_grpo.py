@@ -11,7 +11,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.train.grpo import GRPOConfig, completion_logprobs, make_score_fn, make_update, rollout, train
+from jaxmm.train.grpo import GRPOConfig, make_score_fn, make_update, rollout, train
 from jaxmm.train.sft import final_state, flat_params
 
 GROUNDING = {"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "shape_scale": 0.35, "contrast": 0.5,

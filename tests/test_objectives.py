@@ -83,7 +83,8 @@ def test_grpo_hand_computed_example():
     rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])          # two prompts, G = 3
     adv = np.asarray(grpo.group_advantages(rewards, 3))
     # group 1: mean 1/3, sample std sqrt(1/3) = 0.57735
-    np.testing.assert_allclose(adv[:3], [(2 / 3) / (0.57735027 + 1e-4), (-1 / 3) / (0.57735027 + 1e-4)] + [(-1 / 3) / (0.57735027 + 1e-4)], rtol=1e-5)
+    sd = 0.57735027 + 1e-4
+    np.testing.assert_allclose(adv[:3], [(2 / 3) / sd, (-1 / 3) / sd, (-1 / 3) / sd], rtol=1e-5)
     # group 2: mean 2/3, std sqrt(1/12)
     s = np.sqrt(1 / 12)
     np.testing.assert_allclose(adv[3:], [(1 / 3) / (s + 1e-4), (-1 / 6) / (s + 1e-4), (-1 / 6) / (s + 1e-4)], rtol=1e-5)

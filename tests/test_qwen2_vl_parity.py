@@ -36,7 +36,8 @@ def test_logits_hidden_states_attention_and_positions(ckpt, images, side):
     for i, r in enumerate(ref.attentions):
         assert np.abs(w[i] - r.numpy()).transpose(0, 2, 1, 3)[valid].max() < 1e-5
     ids = torch.from_numpy(batch["input_ids"])
-    pos, deltas = hf_model.model.get_rope_index(ids, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
+    mm_types = torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"]))
+    pos, deltas = hf_model.model.get_rope_index(ids, mm_token_type_ids=mm_types,
                                                 image_grid_thw=torch.from_numpy(batch["image_grid_thw"]),
                                                 attention_mask=torch.from_numpy(batch["attention_mask"]))
     np.testing.assert_array_equal(np.asarray(model.prepare(**batch).position_ids), pos.numpy())

@@ -14,7 +14,7 @@ import torch
 import jaxmm
 import tiny
 from jaxmm import interventions as I
-from jaxmm.attention import AttentionWeights, plan
+from jaxmm.attention import plan
 from jaxmm.generate import generate
 from jaxmm.interventions.ration import TASKS, route_released
 from jaxmm.models import qwen2_5_vl

@@ -131,7 +131,8 @@ def test_released_grpo_config_loads():
     from jaxmm.train.grpo import GRPOConfig
 
     cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo_released.yaml")
-    assert (cfg.loss_variant, cfg.sayo_variant, cfg.kl_beta, cfg.clip_eps, cfg.clip_eps_high) == ("trl", "released", 0.001, 0.2, None)
+    got = (cfg.loss_variant, cfg.sayo_variant, cfg.kl_beta, cfg.clip_eps, cfg.clip_eps_high)
+    assert got == ("trl", "released", 0.001, 0.2, None)
     assert cfg.rewards == {"r_att": 1.0, "format": 1.0} and cfg.top_p == 0.9 and cfg.clip_norm == 0.8
     assert cfg.system_prompt == "sayo"
     with pytest.raises(ValueError, match=r"sayo_variant='paperr'.*\('paper', 'released'\)"):

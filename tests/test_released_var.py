@@ -151,7 +151,8 @@ def test_released_config_builds_the_released_variant(setup):
     (paper,) = I.build(str(ROOT / "configs/methods/var.yaml"), model.config)
     assert isinstance(iv, I.VAR) and iv.variant == "released" and paper.variant == "paper"
     assert iv.layers == paper.layers == tuple(range(2, model.config.text.num_hidden_layers))
-    assert (iv.tau, iv.p, iv.min_mass, iv.max_share) == (paper.tau, paper.p, paper.min_mass, paper.max_share) == (20.0, 0.6, 0.2, 0.5)
+    knobs = lambda x: (x.tau, x.p, x.min_mass, x.max_share)
+    assert knobs(iv) == knobs(paper) == (20.0, 0.6, 0.2, 0.5)
     (probe,) = iv.prefill_probes()
     assert probe.variant == "released"
 

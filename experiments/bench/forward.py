@@ -89,7 +89,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import torch
 
     import jaxmm

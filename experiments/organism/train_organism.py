@@ -73,7 +73,8 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(HERE / "training_curve.png", dpi=100)
     lines = ["# The model organism", "",
-             f"Qwen2.5-VL architecture ({sum(v.size for v in __import__('jax').tree_util.tree_leaves(model.params)):,} parameters; "
+             f"Qwen2.5-VL architecture ({sum(v.size for v in __import__('jax').tree_util.tree_leaves(model.params)):,} "
+             "parameters; "
              "vision 64-wide × 4 blocks with windows and 2 full-attention blocks, decoder 128-wide × 4 layers, "
              "GQA 4/2 heads, tied head), trained from the seeded random organism by "
              f"`python experiments/organism/train_organism.py --stage1 {args.stage1} --steps {args.steps}`: "

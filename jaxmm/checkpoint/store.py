@@ -69,7 +69,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for f in hf_dir.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) and f.name != "model.safetensors.index.json":
+        weights = f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) or f.name == "model.safetensors.index.json"
+        if f.is_file() and not weights:
             shutil.copy(f, tmp / f.name)
     (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "model_type": config.model_type, "params": listing}, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -148,7 +148,7 @@ def _pope(row):
 
 def _hallusion(row):
     gt = "yes" if str(row["gt_answer"]).strip() in ("1", "yes") else "no"
-    rid = f"{row.get('category', '')}-{row.get('subcategory', '')}-{row.get('set_id', '')}-{row.get('figure_id', '')}-{row.get('question_id', '')}"
+    rid = "-".join(str(row.get(k, "")) for k in ("category", "subcategory", "set_id", "figure_id", "question_id"))
     return dict(id=rid, question=f"{row['question']} {YES_NO_INSTRUCTION}", raw_question=row["question"], answer=gt,
                 score="yes_no", task=row.get("category"))
 

@@ -667,7 +667,8 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
         parsed, sc = score(s, pred)
         row = {"benchmark": s["benchmark"], "id": s["id"], "method": mname, "task": s.get("task"),
                "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
-               "score": sc, "metric": scoring.METRIC[s["score"]], "n_tokens": int(lengths[b]), "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
+               "score": sc, "metric": scoring.METRIC[s["score"]], "n_tokens": int(lengths[b]),
+               "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
         row.update(_metrics(out, b, lengths[b], b in boxes))
         if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])

@@ -75,7 +75,11 @@ def summarize(rows: list[dict]) -> dict:
     out = {}
     for key, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
-        mean = lambda k: float(np.mean([r[k] for r in ok if r.get(k) is not None])) if any(r.get(k) is not None for r in ok) else None
+
+        def mean(k):
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            return float(np.mean(vals)) if vals else None
+
         layers = [r["visual_entropy_per_layer"] for r in ok if r.get("visual_entropy_per_layer")]
         metric = next((r["metric"] for r in ok if r.get("metric")), "accuracy")
         out[key] = {"accuracy": mean("score"), "metric": metric, "n": len(ok), "errors": len(rs) - len(ok),
@@ -308,7 +312,8 @@ def write_report(out_dir: str | Path) -> Path:
         "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
         "per-token means): it is often far above 1, since the image holds many tokens and the system "
         "prompt few, and it grows when the answer looks at the image rather than at the prompt. "
-        "Visual entropy is the entropy (nats) of the attention within the image; region ratio is the mean attention on the evidence box over the mean on the image.", "",
+        "Visual entropy is the entropy (nats) of the attention within the image; region ratio is the mean "
+        "attention on the evidence box over the mean on the image.", "",
         "\n".join(attn), "",
         "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
         "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",

@@ -71,7 +71,9 @@ class GRPOConfig:
     grad_accum: PosInt = 1
     clip_eps: PosFloat = 0.2
     kl_beta: NonNegFloat = 0.001
-    loss_variant: str = "paper"           # checked in __post_init__ (its message names the choices); "easyr1" (AVAR's released RL stage) / "trl" (SAYO's): objectives.grpo
+    # loss_variant, checked in __post_init__ (its message names the choices): "paper", "easyr1" (AVAR's
+    # released RL stage) or "trl" (SAYO's); see objectives.grpo
+    loss_variant: str = "paper"
     clip_eps_high: PosFloat | None = None # upper clip (None = clip_eps); EasyR1: 0.3
     dual_clip: PosFloat = 3.0             # "easyr1" only: dual clip on negative advantages
     adv_eps: PosFloat = 1e-4              # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6

@@ -27,7 +27,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp

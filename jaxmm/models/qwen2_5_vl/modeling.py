@@ -209,7 +209,7 @@ class Segments:
     @classmethod
     def from_lengths(cls, lengths) -> "Segments":
         lengths = np.asarray(lengths, np.int64)
-        n_seg, width = len(lengths), int(lengths.max())
+        width = int(lengths.max())
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         slot = np.arange(width)
         valid = slot[None, :] < lengths[:, None]
