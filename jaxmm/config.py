@@ -29,7 +29,8 @@ from typing_extensions import TypedDict, is_typeddict
 
 
 class ConfigError(ValueError):
-    """A bad config file, override or field value; the message names it, on one line."""
+    """A bad config (a YAML config, an override, a field value, a checkpoint's config.json); the
+    message names it, on one line."""
 
 
 def _not_bool(v):

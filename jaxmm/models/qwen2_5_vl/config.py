@@ -15,9 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config.json that is missing a field or holds an inconsistent value."""
+from jaxmm.config import ConfigError  # noqa: F401 (one error type for every bad config: re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
