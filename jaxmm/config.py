@@ -81,6 +81,24 @@ Regex = Annotated[str, AfterValidator(_regex)]
 
 
 # ----------------------------------------------------------------------------- reading and overrides
+def read_json(f: str | Path) -> dict:
+    """The JSON object in file ``f`` (a checkpoint's config.json, a processor config).
+
+    Raises:
+        ConfigError: not valid JSON (names the file and the JSON problem), or not a JSON object.
+        OSError: the file cannot be read.
+    """
+    import json
+
+    try:
+        d = json.loads(Path(f).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: expected a JSON object, got a JSON {type(d).__name__}")
+    return d
+
+
 def read_yaml(path: str | Path) -> tuple[dict, dict]:
     """A YAML file's mapping and the line of each key path (``{("benchmarks", 0, "limit"): 4}``;
     lines from 1). An empty file is ``{}``.

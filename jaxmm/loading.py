@@ -128,7 +128,7 @@ class Model:
             FileNotFoundError: an image path that does not exist.
         """
         from jaxmm.processing.chat import _check_messages, batch_prompts, images_of
-        from jaxmm.processing.image import open_image
+        from jaxmm.processing.image import open_image, pixel_inputs
 
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
             raise TypeError(f"expected chat messages, a list of {{'role': ..., 'content': ...}} dicts (or a list "
@@ -170,9 +170,7 @@ class Model:
                    "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
                    "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
                    "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]]}
-        # the patches computed above: image_processor(images) concatenates the same preprocess_one outputs
-        pix = ({"pixel_values": np.concatenate(patches, 0), "image_grid_thw": np.array(grids, np.int64)}
-               if images else {})
+        pix = pixel_inputs(patches, grids) if images else {}     # the patches computed above
         batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
                              pix.get("image_grid_thw"), system_spans=enc["system_spans"],
                              question_spans=enc["question_spans"])

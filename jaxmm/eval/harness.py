@@ -426,8 +426,8 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     for spec in cfg.benchmarks:
         spec = dict(spec)
         name = spec.pop("name")
-        prompts.append(None if spec.get("prompt") is None else get_prompt(spec.pop("prompt")))
-        spec.pop("prompt", None)
+        prompt = spec.pop("prompt", None)
+        prompts.append(None if prompt is None else get_prompt(prompt))
         ds = B.load(name, spec.pop("path", None), spec.pop("limit", None), spec.pop("seed", cfg.seed), **spec)
         datasets.append(ds)
         total += len(ds) * len(methods)

@@ -102,9 +102,8 @@ def config_order(rows: list[dict], config: dict | None = None) -> tuple[list[str
             benches.append(r["benchmark"])
         if r["method"] not in methods:
             methods.append(r["method"])
-    present = {(r["benchmark"], r["method"]) for r in rows}
-    return ([b for b in dict.fromkeys(benches) if any(pb == b for pb, _ in present)],
-            [m for m in dict.fromkeys(methods) if any(pm == m for _, pm in present)])
+    seen_b, seen_m = {r["benchmark"] for r in rows}, {r["method"] for r in rows}
+    return [b for b in dict.fromkeys(benches) if b in seen_b], [m for m in dict.fromkeys(methods) if m in seen_m]
 
 
 def pope_metrics(rows: list[dict]) -> dict:

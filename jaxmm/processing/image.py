@@ -37,7 +37,6 @@ Deliberate differences from HF, both about numpy input only:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from pathlib import Path
@@ -45,6 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from jaxmm.config import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -301,7 +302,7 @@ class ImageProcessor:
             d = None
             nested = p / PROCESSOR_CONFIG
             if nested.is_file():
-                nd = _read_json(nested)
+                nd = read_json(nested)
                 if isinstance(nd.get("image_processor"), dict):
                     f, d = nested, nd["image_processor"]
             if d is None:
@@ -309,12 +310,12 @@ class ImageProcessor:
                 if not f.is_file():
                     raise FileNotFoundError(f"no image processor config: {f} does not exist (nor an "
                                             f"'image_processor' entry in {nested})")
-                d = _read_json(f)
+                d = read_json(f)
         else:
             f = p
             if not f.is_file():
                 raise FileNotFoundError(f"no image processor config: {f} does not exist")
-            d = _read_json(f)
+            d = read_json(f)
         try:
             return cls(**cls._fields_from_dict(d))
         except ValueError as e:
@@ -419,14 +420,10 @@ class ImageProcessor:
         if len(images) == 0:
             raise ValueError("no images given")
         patches, grids = zip(*(self.preprocess_one(im, i) for i, im in enumerate(images)))
-        return {"pixel_values": np.concatenate(patches, 0), "image_grid_thw": np.array(grids, np.int64)}
+        return pixel_inputs(patches, grids)
 
 
-def _read_json(f: Path) -> dict:
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(d).__name__}")
-    return d
+def pixel_inputs(patches, grids) -> dict:
+    """Per-image :meth:`ImageProcessor.preprocess_one` outputs -> the processor's batch:
+    ``pixel_values`` [Σ patches, C·T·P·P] (concatenated in order) and ``image_grid_thw`` int64 [N,3]."""
+    return {"pixel_values": np.concatenate(patches, 0), "image_grid_thw": np.array(grids, np.int64)}

@@ -11,11 +11,10 @@ Mirrors ``transformers/models/qwen2_5_vl/configuration_qwen2_5_vl.py``. Two layo
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from jaxmm.config import ConfigError  # noqa: F401 (one error type for every bad config: re-exported)
+from jaxmm.config import ConfigError, read_json  # ConfigError re-exported: one error type for every bad config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,13 +236,7 @@ def read_config_json(f: str | Path) -> dict:
     f = Path(f)
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no such file (is {f.parent} a Hugging Face checkpoint directory?)")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{f}: expected a JSON object, got a JSON {type(d).__name__}")
-    return d
+    return read_json(f)
 
 
 # ----------------------------------------------------------------------------- field checks
