@@ -329,6 +329,26 @@ def test_method_columns_carry_their_parameters():
     assert a != b and "delta=0.5" in a and "delta=50.0" in b
 
 
+def test_an_intervention_object_with_array_fields_is_a_method_column(tiny_model_dir, tmp_path):
+    """A HeadMask (an array field) in ``methods``: the run writes config.json and the report, the
+    column is named by the object's fields, and masking every head changes the answers."""
+    import json
+
+    from jaxmm.eval.report import load_rows
+    from jaxmm.interventions import HeadMask
+
+    h = 4
+    every = HeadMask(mask=np.ones(3 * h, np.float32), num_heads=h)     # 3 layers x 4 heads
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), methods=["baseline", every],
+                     benchmarks=[{"name": "grounded", "limit": 3, "image_size": 56}], max_new_tokens=4, heatmaps=0)
+    rows = load_rows(run(cfg, progress=False))
+    assert {r["method"] for r in rows} == {"baseline", method_name(every)} and all("error" not in r for r in rows)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["methods"] == ["baseline", method_name(every)]
+    assert method_name(every) in (tmp_path / "run" / "report.md").read_text()
+    by = {m: [r["prediction"] for r in rows if r["method"] == m] for m in ("baseline", method_name(every))}
+    assert by["baseline"] != by[method_name(every)]
+
+
 def test_pope_metrics_equal_a_hand_computation():
     from jaxmm.eval.report import pope_metrics, task_accuracy
 

@@ -7,6 +7,7 @@ rows marked as generated, as in tests/test_methods.py."""
 import dataclasses
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_released_config_builds_the_released_variant(setup):
     assert (iv.head_mask, iv.head_mask_topk, iv.head_mask_after) == (None, 5, 5)
 
 
-@pytest.mark.parametrize("mask_type", ["R_high_HR_low", "R_low_to_high"])
+@pytest.mark.parametrize("mask_type", ["R_high_HR_low", "R_low_to_high", "random_choose"])
 def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_type):
     """modeling_qwen2_5_vl.py:1022-1040 with compute_R_H_ratio_three (topk 2 of the tiny model's 4
     heads) and mask_visual_tokens_in_heads, in layers > 0 (the release: > 5), on the decode rows."""
@@ -212,6 +213,9 @@ def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_ty
             if mask_type == "R_high_HR_low":
                 cand = np.flatnonzero(r > np.median(r))
                 heads = cand[np.argsort(hr[cand])[:topk]] if len(cand) >= topk else cand
+            elif mask_type == "random_choose":       # the release: np.random.choice; jaxmm: keyed by (seed, layer, q)
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), layer), q)
+                heads = np.asarray(jax.random.permutation(key, m.shape[0]))[:topk]
             else:
                 heads = np.argsort(r)[:topk]
             chosen.append((layer, q, tuple(sorted(heads))))
@@ -227,7 +231,7 @@ def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_ty
     ref = hf_run(hf_model, raw, edit)
     assert len({c[2] for c in chosen}) > 1                      # the selection changes across steps/layers
     iv = I.build([{"method": "vrga", "variant": "released", "head_mask": mask_type, "head_mask_topk": topk,
-                   "head_mask_after": 0}], model.config)[0]
+                   "head_mask_after": 0, "head_mask_seed": 7}], model.config)[0]
     assert iv.prefill_probes() == ()
     compare(model, batch, raw, ref, (iv,), range(model.config.text.num_hidden_layers))
     with pytest.raises(ValueError, match="head_mask"):

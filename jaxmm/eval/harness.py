@@ -393,7 +393,9 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     mesh = None if cfg.mesh is None else make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
     spmd = mesh is not None and n_proc > 1      # one program over every process: process 0 writes the rows
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        written = dataclasses.asdict(cfg)     # an intervention object as a method: by its column name
+        written["methods"] = [m if isinstance(m, (str, dict)) else method_name(m) for m in cfg.methods]
+        (out_dir / "config.json").write_text(json.dumps(written, indent=2))
         tmp = out_dir / "settings.json.tmp"
         tmp.write_text(json.dumps({"hash": _settings_hash(settings), "settings": settings}, indent=2, default=str))
         tmp.replace(out_dir / "settings.json")

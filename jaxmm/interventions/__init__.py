@@ -75,9 +75,10 @@ def _ration(cfg, top_k: Int = 4, d_a: Optional[Float] = None, d_b: Optional[Floa
 
 def _vrga(cfg, factor: Float = 1.5, fa: Int = 1, border_frac: Float = 0.2, min_focus: Int = 10,
           background_heads: Int = 64, variant: str = "paper", head_mask: Optional[str] = None, head_mask_topk: Int = 5,
-          head_mask_after: Int = 5):
+          head_mask_after: Int = 5, head_mask_seed: Int = 0):
     return VRGA(factor=factor, fa=fa, border_frac=border_frac, min_focus=min_focus, background_heads=background_heads,
-                variant=variant, head_mask=head_mask, head_mask_topk=head_mask_topk, head_mask_after=head_mask_after)
+                variant=variant, head_mask=head_mask, head_mask_topk=head_mask_topk, head_mask_after=head_mask_after,
+                head_mask_seed=head_mask_seed)
 
 
 def _var(cfg, dims: list[Int] = (), tau: Float = 20.0, p: Float = 0.6, min_mass: Float = 0.2, max_share: Float = 0.5,

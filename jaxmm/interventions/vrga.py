@@ -192,6 +192,7 @@ class VRGA(Intervention):
     head_mask: str | None = static_field(None)   # "R_high_HR_low" or "R_low_to_high"
     head_mask_topk: int = static_field(5)
     head_mask_after: int = static_field(5)
+    head_mask_seed: int = static_field(0)        # "random_choose": the draw's seed
 
     def __post_init__(self):
         check_variant(self.variant)
@@ -335,7 +336,8 @@ class VRGA(Intervention):
 
     def weights(self, a, site):
         if self.head_mask is not None:
-            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after)
+            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after,
+                                      self.head_mask_seed)
         if self.variant == "released":
             return self._released_weights(a, site)
         img = site.layout.image_mask
@@ -357,16 +359,18 @@ class VRGA(Intervention):
         return jnp.where(gate[..., None], edited, a)
 
 
-HEAD_MASKS = ("R_high_HR_low", "R_low_to_high")
+HEAD_MASKS = ("R_high_HR_low", "R_low_to_high", "random_choose")
 
 
-def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5):
+def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5, seed: int = 0):
     """The released head-masking ablation (modeling_qwen2_5_vl.py:1022-1040): at decode steps
     (generated queries) of layers > ``after``, heads chosen from the batch-mean row (:728-795) —
     ``R_high_HR_low``: among heads with R above the median, the ``topk`` of lowest H/R (all of them
     when fewer); ``R_low_to_high``: the ``topk`` of lowest R — have their image slice zeroed, then
-    each row is renormalised (+1e-12, :801-822; then :1104-1105). The release's third choice,
-    ``random_choose`` (``np.random.choice``, unseeded), is not reproduced. a [B,H,T,K]."""
+    each row is renormalised (+1e-12, :801-822; then :1104-1105); ``random_choose`` (:775): ``topk``
+    heads drawn without replacement at every layer and decode step — the release draws with
+    unseeded ``np.random.choice``, jaxmm from ``jax.random`` keyed by (``seed``, layer, the query's key position),
+    so a run is reproducible. a [B,H,T,K]."""
     if site.layer <= after:                                                  # :1023
         return a
     eps = 1e-12
@@ -384,6 +388,12 @@ def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5):
         order = jnp.argsort(jnp.where(cand, hr, jnp.inf), axis=0)
         rank = jnp.argsort(order, axis=0)
         heads = cand & (rank < topk)
+    elif mask_type == "random_choose":                                      # :775
+        n_heads, t = r.shape
+        base = jax.random.fold_in(jax.random.PRNGKey(seed), site.layer)
+        drawn = jax.vmap(lambda q: jax.random.permutation(jax.random.fold_in(base, q), n_heads)[:min(topk, n_heads)])(
+            site.query_pos)                                                  # [T,topk]
+        heads = jnp.zeros((t, n_heads), bool).at[jnp.arange(t)[:, None], drawn].set(True).T
     else:                                                                    # :785
         rank = jnp.argsort(jnp.argsort(r, axis=0), axis=0)
         heads = rank < topk
