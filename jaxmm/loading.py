@@ -18,9 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm.checkpoint.hf import CheckpointError, convert, open_checkpoint
-from jaxmm.models import qwen2_5_vl, qwen2_vl, qwen3_vl
-
-_FAMILIES = {"qwen2_5_vl": qwen2_5_vl, "qwen2_vl": qwen2_vl, "qwen3_vl": qwen3_vl}
+from jaxmm.models.registry import FAMILIES
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -230,9 +228,9 @@ def family_of(path: str | Path):
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
     model_type = read_config_json(cfg_file).get("model_type")
-    family = _FAMILIES.get(model_type)
+    family = FAMILIES.get(model_type)
     if family is None:
-        raise ConfigError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(_FAMILIES)})")
+        raise ConfigError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(FAMILIES)})")
     return family
 
 

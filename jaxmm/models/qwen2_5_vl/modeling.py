@@ -643,19 +643,23 @@ def text_mask(attention_mask: Array, query_pos: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- pure functional API
-MODEL_CLASSES: dict[str, type] = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}   # families register here
+def _model_class(config) -> type:
+    """The model class registered for ``config.model_type`` in ``jaxmm.models.registry.FAMILIES``."""
+    from jaxmm.models.registry import FAMILIES   # imported here: the registry imports this module
+
+    return FAMILIES[config.model_type].model_class
 
 
 @functools.lru_cache(maxsize=None)
 def graphdef(config: Qwen2_5_VLConfig, dtype: str = "float32"):
     """The static graph of the model for ``config`` (no parameter memory)."""
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[config.model_type](config, jnp.dtype(dtype)))
+    abstract = nnx.eval_shape(lambda: _model_class(config)(config, jnp.dtype(dtype)))
     return nnx.split(abstract)[0]
 
 
 def abstract_params(config: Qwen2_5_VLConfig, dtype: str = "float32") -> nnx.State:
     """Parameter pytree of ShapeDtypeStructs with logical-axis metadata (for loading and sharding)."""
-    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[config.model_type](config, jnp.dtype(dtype)))
+    abstract = nnx.eval_shape(lambda: _model_class(config)(config, jnp.dtype(dtype)))
     return nnx.split(abstract)[1]
 
 

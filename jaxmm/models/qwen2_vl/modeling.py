@@ -73,5 +73,3 @@ class Qwen2VLForConditionalGeneration(base.Qwen2_5_VLForConditionalGeneration):
         super().__init__(config, dtype)
         self.visual = VisionTransformer(config.vision, dtype)
 
-
-base.MODEL_CLASSES["qwen2_vl"] = Qwen2VLForConditionalGeneration

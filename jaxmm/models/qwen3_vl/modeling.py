@@ -97,5 +97,3 @@ class Qwen3VLForConditionalGeneration(base.Qwen2_5_VLForConditionalGeneration):
         super().__init__(config, dtype)
         self.visual = VisionTransformer(config.vision, dtype)
 
-
-base.MODEL_CLASSES["qwen3_vl"] = Qwen3VLForConditionalGeneration

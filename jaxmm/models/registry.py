@@ -1,0 +1,50 @@
+"""The model families jaxmm knows, in one explicit table.
+
+``FAMILIES[model_type]`` is a :class:`Family`: the config class and the functions the loader, the
+planner and the checkpoint converter use. A new family adds its package under ``jaxmm/models/``
+and one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jaxmm.models import qwen2_5_vl, qwen2_vl, qwen3_vl
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family: what ``config.json``'s ``model_type`` selects.
+
+    Fields: ``name`` (the HF ``model_type``), ``Config`` (typed config class, ``from_pretrained``/
+    ``from_dict``), ``model_class`` (the NNX ``...ForConditionalGeneration``), ``KEY_RULES``/``IGNORE``/
+    ``IGNORE_TIED`` (checkpoint key map), ``prepare_batch`` (HF processor outputs -> Batch),
+    ``forward``/``forward_jit``/``graphdef``/``abstract_params`` (the model's pure functions).
+    """
+
+    name: str
+    Config: type
+    model_class: type
+    KEY_RULES: Any
+    IGNORE: Any
+    IGNORE_TIED: Any
+    prepare_batch: Callable
+    forward: Callable
+    forward_jit: Callable
+    graphdef: Callable
+    abstract_params: Callable
+
+
+def _family(name: str, module, model_class: type) -> Family:
+    return Family(name=name, Config=module.Config, model_class=model_class, KEY_RULES=module.KEY_RULES,
+                  IGNORE=module.IGNORE, IGNORE_TIED=module.IGNORE_TIED, prepare_batch=module.prepare_batch,
+                  forward=module.forward, forward_jit=module.forward_jit, graphdef=module.graphdef,
+                  abstract_params=module.abstract_params)
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": _family("qwen2_5_vl", qwen2_5_vl, qwen2_5_vl.Qwen2_5_VLForConditionalGeneration),
+    "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
+    "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
+}
