@@ -448,24 +448,31 @@ def export_hf(params, config, src_dir, out_dir) -> Path:
     return out_dir
 
 
-def final_state(out: str | Path):
+def final_state(out: str | Path, step: int | None = None):
     """The checkpoint groups (``params`` and, if trained, ``lora``, ``rave``; nested dicts) and step
-    of the latest checkpoint in ``out``."""
+    of the latest checkpoint in ``out`` (or of checkpoint ``step``).
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``out``, or none at ``step`` (the kept steps are named).
+    """
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager(Path(out).absolute() / "checkpoints")
-    step = mngr.latest_step()
+    if step is not None and step not in mngr.all_steps():
+        raise FileNotFoundError(f"{out}: no checkpoint at step {step}; kept steps: {sorted(mngr.all_steps())}")
+    step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{out}: no checkpoint (expected {Path(out) / 'checkpoints'}/<step>)")
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
     return {k: v for k, v in restored.state.items() if k != "opt_state"}, step
 
 
-def final_params(out: str | Path):
-    """The parameters of the latest checkpoint in ``out`` with LoRA merged (a nested dict), and its step."""
+def final_params(out: str | Path, step: int | None = None):
+    """The parameters of the latest checkpoint in ``out`` (or of checkpoint ``step``) with LoRA merged
+    (a nested dict), and its step."""
     from jaxmm.train import lora
 
-    groups, step = final_state(out)
+    groups, step = final_state(out, step)
     cfg = json.loads((Path(out) / "config.json").read_text()) if (Path(out) / "config.json").exists() else {}
     return lora.merge(groups["params"], groups.get("lora"), lora.LoraConfig.from_dict(cfg.get("lora"))), step
 
