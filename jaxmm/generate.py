@@ -221,10 +221,13 @@ def text_only(batch: Batch, config) -> Batch:
 
 
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
-def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
+def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
               reprefill=False, contrast=None, mesh=None, prompt_len=None):
-    """``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
+    """The one jitted generation program (prefill, re-plan, decode loop) behind :func:`generate`,
+    :func:`stream`'s callers and :func:`jaxmm.sharding.jit_generate`.
+
+    ``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
     the decode-side batch (:func:`extend_for_decoding`); ``prompt_len``: the prompt's length S
     (traced; default: all rows of ``batch``)."""
     last, cache, next_pos, pre, interventions = prefill_and_plan(
@@ -441,7 +444,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
 
         pre = jax.device_put(pre, batch_shardings(pre, mesh))
         full = jax.device_put(full, batch_shardings(full, mesh))
-    return _generate(params, config, pre, full, max_len, max_new_tokens, sampling, key,
+    return run_generation(params, config, pre, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
                      tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s))
 

@@ -32,7 +32,7 @@ def _load_config(path):
             unknown ``model_type`` (the known ones listed).
     """
     from jaxmm.config import ConfigError, read_yaml
-    from jaxmm.loading import _FAMILIES
+    from jaxmm.families import FAMILIES
 
     try:    # JSON first (JSON is YAML, but PyYAML, YAML 1.1, reads JSON's 1e-06 as a string)
         d = json.loads(Path(path).read_text())
@@ -41,9 +41,9 @@ def _load_config(path):
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields, got a {type(d).__name__}")
     kind = d.get("model_type", "qwen2_5_vl")
-    if kind not in _FAMILIES:
-        raise ConfigError(f"{path}: model_type {kind!r} is not a known family; known: {sorted(_FAMILIES)}")
-    family = _FAMILIES[kind]
+    if kind not in FAMILIES:
+        raise ConfigError(f"{path}: model_type {kind!r} is not a known family; known: {sorted(FAMILIES)}")
+    family = FAMILIES[kind]
     return family, family.Config.from_dict(d, source=str(path))
 
 

@@ -187,8 +187,7 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
 
     import jax.numpy as jnp
 
-    from jaxmm.generate import (Sampling, _generate, batch_with, bucket, decode_side, extend_for_decoding,
-                                replans_prompt)
+    from jaxmm.generate import Sampling, batch_with, bucket, decode_side, extend_for_decoding, replans_prompt, run_generation
 
     sampling = Sampling() if sampling is None else sampling
     b, s = batch.input_ids.shape
@@ -200,7 +199,7 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     full = extend_for_decoding(batch, max_len)
 
     def fn(p, prompt, full, key):
-        out = _generate(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
+        out = run_generation(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
                         key, stop, pad, tuple(interventions), tuple(probes), output_logits,
                         replans_prompt(interventions), None, mesh)
         return dataclasses.replace(out, prefill_probes=None)
