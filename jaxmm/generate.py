@@ -221,10 +221,13 @@ def text_only(batch: Batch, config) -> Batch:
 
 
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
-def _generate(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
+def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
               reprefill=False, contrast=None, mesh=None, prompt_len=None):
-    """``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
+    """The one jitted generation program (prefill, re-plan, decode loop) behind :func:`generate`,
+    :func:`stream`'s callers and :func:`jit_generate`.
+
+    ``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
     the decode-side batch (:func:`extend_for_decoding`); ``prompt_len``: the prompt's length S
     (traced; default: all rows of ``batch``)."""
     last, cache, next_pos, pre, interventions = prefill_and_plan(
@@ -441,7 +444,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
 
         pre = jax.device_put(pre, batch_shardings(pre, mesh))
         full = jax.device_put(full, batch_shardings(full, mesh))
-    return _generate(params, config, pre, full, max_len, max_new_tokens, sampling, key,
+    return run_generation(params, config, pre, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
                      tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s))
 
@@ -482,3 +485,62 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
             return
         out = _step_jit(params, config, full, cache, jnp.asarray(tok, jnp.int32), next_pos + t, ivs, ())
         last, cache = out.logits[:, 0], out.cache
+
+
+# ----------------------------------------------------------------------------- over a mesh
+def jit_prefill(config, mesh: jax.sharding.Mesh, params, batch, max_len: int, interventions=()):
+    """``jax.jit`` of :func:`prefill` with explicit shardings: the KV cache comes out as
+    :func:`jaxmm.sharding.cache_shardings` declares. ``batch`` is the prompt batch extended to
+    ``max_len`` key positions (``batch_with(prompt, extend_for_decoding(prompt, max_len))``). Returns
+    ``f(params, batch) -> (last_logits [B,V], cache, next_pos [B])``."""
+    from jax.sharding import NamedSharding
+
+    from jaxmm.sharding import batch_shardings, batch_spec, cache_shardings, shardings_of
+
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
+    cache = jax.eval_shape(lambda: KVCache.empty(config, batch.input_ids.shape[0], max_len, dtype, pre_rope))
+    bsh = NamedSharding(mesh, batch_spec((batch.input_ids.shape[0],), 0, mesh, 1))
+    logits_sh = NamedSharding(mesh, batch_spec((batch.input_ids.shape[0], 1), 0, mesh, 2))
+    return jax.jit(lambda p, b: prefill(p, config, b, max_len, interventions)[:3],
+                   in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
+                   out_shardings=(logits_sh, cache_shardings(cache, mesh), bsh))
+
+
+def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens: int, *, max_len: int | None = None,
+                 sampling=None, stop_tokens=None, pad_token_id: int = 0, interventions=(), probes=(),
+                 output_logits: bool = False):
+    """``jax.jit`` of the whole of :func:`generate` (prefill + scanned decode, the one program
+    :func:`run_generation`) with explicit in/out shardings: parameters as placed, the prompt
+    ``batch`` [B,S] and its decoding extension by :func:`jaxmm.sharding.batch_shardings`, the KV
+    cache constrained to :func:`jaxmm.sharding.cache_shardings` at every step;
+    out, split over the batch axes on B: tokens [B,T_new], lengths [B], logits [B,T_new,V] (if
+    ``output_logits``), each decode probe's values [B,T_new,…]. ``prefill_probes`` is not returned
+    (None). Returns ``f(params, batch, full, key) -> GenerateOutput`` with
+    ``full = extend_for_decoding(batch, f.max_len)`` and ``f.max_len`` the cache length."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxmm.sharding import batch_shardings, batch_spec, shardings_of
+
+    sampling = Sampling() if sampling is None else sampling
+    b, s = batch.input_ids.shape
+    max_len = max_len or bucket(s + max_new_tokens)
+    stop = jnp.asarray((stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)) or (-1,), jnp.int32)
+    pad = jnp.int32(pad_token_id)
+    full = extend_for_decoding(batch, max_len)
+
+    def fn(p, prompt, full, key):
+        out = run_generation(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
+                        key, stop, pad, tuple(interventions), tuple(probes), output_logits,
+                        replans_prompt(interventions), None, mesh)
+        return dataclasses.replace(out, prefill_probes=None)
+
+    rep = NamedSharding(mesh, PartitionSpec())
+    key = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(fn, params, batch, full, key)
+    per_row = lambda x: NamedSharding(mesh, batch_spec(x.shape, 0, mesh, x.ndim)) if x.ndim and x.shape[0] == b else rep
+    out_sh = jax.tree_util.tree_map(per_row, abstract)
+    f = jax.jit(fn, in_shardings=(shardings_of(params), batch_shardings(batch, mesh), batch_shardings(full, mesh), rep),
+                out_shardings=out_sh)
+    f.max_len = max_len
+    return f

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmm.checkpoint.hf import CheckpointError, convert, open_checkpoint
-from jaxmm.models.registry import FAMILIES
+from jaxmm.models.registry import FAMILIES, family_of  # noqa: F401  (re-exported: jaxmm.loading.family_of)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -125,7 +125,7 @@ class Model:
                 file path.
             FileNotFoundError: an image path that does not exist.
         """
-        from jaxmm.processing.chat import _check_messages, batch_prompts, images_of
+        from jaxmm.processing.chat import batch_prompts, check_messages, images_of
         from jaxmm.processing.image import open_image, pixel_inputs
 
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
@@ -142,7 +142,7 @@ class Model:
                 raise TypeError(f"{where or 'conversation 0, '}got a string {c[:60]!r} instead of a list of "
                                 f"{{'role': ..., 'content': ...}} messages")
             try:
-                _check_messages(c)
+                check_messages(c)
             except ValueError as e:
                 raise ValueError(f"{where}{e}") from None
             counts.append([])
@@ -212,26 +212,6 @@ class Model:
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             out = dataclasses.replace(out, text=tuple(decode(self.tokenizer, t[:n]) for t, n in zip(tokens, lengths)))
         return out
-
-
-def family_of(path: str | Path):
-    """The model-family module for the checkpoint directory ``path`` (by its config's model_type).
-
-    Raises:
-        FileNotFoundError: no config.json in ``path``.
-        ConfigError: config.json is not valid JSON (names the file and the JSON problem), or its
-            ``model_type`` is missing or not supported.
-    """
-    from jaxmm.models.qwen2_5_vl.config import ConfigError, read_config_json
-
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
-    model_type = read_config_json(cfg_file).get("model_type")
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise ConfigError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(FAMILIES)})")
-    return family
 
 
 #: Tensors only one family has (its vision MLP's names), to tell a config.json's model_type from

@@ -115,10 +115,9 @@ def residual_update(h_in: Array, h_out: Array, image: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- probe classes
-_probe = register
 
 
-@_probe
+@register
 class VisualMass(Probe):
     """m_V per (b, h, query) -> [B,H,T]."""
 
@@ -130,7 +129,7 @@ class VisualMass(Probe):
         return visual_mass(a, site.layout.image_mask)
 
 
-@_probe
+@register
 class KeyMass(Probe):
     """Attention mass on a named key set of the layout (``system``, ``question``, ``region``, …)
     per (b, h, query) -> [B,H,T] (AVAR's m_S with ``keys="system"``)."""
@@ -141,12 +140,12 @@ class KeyMass(Probe):
     keys: str = static_field("system")
 
     def __call__(self, a, site: Site):
-        from jaxmm.interventions.keys import _FIELDS
+        from jaxmm.interventions.keys import KEY_FIELDS
 
-        return _ksum(a, getattr(site.layout, _FIELDS[self.keys]))
+        return _ksum(a, getattr(site.layout, KEY_FIELDS[self.keys]))
 
 
-@_probe
+@register
 class VisualEntropy(Probe):
     """H_V per (b, h, query) -> [B,H,T]; ``normalize`` divides by log|V|."""
 
@@ -159,7 +158,7 @@ class VisualEntropy(Probe):
         return visual_entropy(a, site.layout.image_mask, self.normalize, site.log_weights)
 
 
-@_probe
+@register
 class VAS(Probe):
     """AVAR VAS = m_V / (m_S + eps) per (b, h, query) -> [B,H,T]; S = ``layout.system_mask``."""
 
@@ -172,7 +171,7 @@ class VAS(Probe):
         return vas(a, site.layout.image_mask, site.layout.system_mask, self.eps)
 
 
-@_probe
+@register
 class FocusRatio(Probe):
     """VRGA R_img per (b, h, query) -> [B,H,T]; N counts the keys the query may attend to."""
 
@@ -184,7 +183,7 @@ class FocusRatio(Probe):
         return focus_ratio(a, site.layout.image_mask, key_count(site.mask, a))
 
 
-@_probe
+@register
 class EFR(Probe):
     """VRGA EFR = H_img / R_img per (b, h, query) -> [B,H,T]."""
 
@@ -196,7 +195,7 @@ class EFR(Probe):
         return efr(a, site.layout.image_mask, key_count(site.mask, a), site.log_weights)
 
 
-@_probe
+@register
 class RegionRatio(Probe):
     """SAYO ā_R / ā_V per (b, h, query) -> [B,H,T]; R = ``layout.region_weight``."""
 
@@ -209,7 +208,7 @@ class RegionRatio(Probe):
         return region_ratio(a, site.layout.image_mask, site.layout.region_weight, self.eps)
 
 
-@_probe
+@register
 class AttentionRows(Probe):
     """Raw attention rows of chosen queries -> [B,H,P,K] (heatmaps without full maps).
 
@@ -236,7 +235,7 @@ class AttentionRows(Probe):
         return jnp.einsum("bhtk,btp->bhpk", a, sel)
 
 
-@_probe
+@register
 class ResidualUpdate(Probe):
     """RATION's layer probe: mean |h_out − h_in| over image tokens and features, per decoder layer
     -> [B]. Reads hidden states, not attention (``kind = "residual"``); meaningful at prefill."""
@@ -255,7 +254,7 @@ class ResidualUpdate(Probe):
         q0 = site.query_pos[0]
         image = site.layout.image_mask
         if self.row0_span:
-            from jaxmm.interventions.ration import row0_image_span
+            from jaxmm.interventions.keys import row0_image_span
 
             image = row0_image_span(image)
         image = jax.lax.dynamic_slice_in_dim(image, q0, k, axis=1)

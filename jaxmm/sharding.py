@@ -67,7 +67,9 @@ def batch_axes(mesh: jax.sharding.Mesh):
     return axes or None
 
 
-def _batch_spec(shape, dim: int, mesh, ndim: int) -> PartitionSpec:
+def batch_spec(shape, dim: int, mesh, ndim: int) -> PartitionSpec:
+    """A rank-``ndim`` PartitionSpec that splits dimension ``dim`` of an array of ``shape`` over the
+    mesh's batch axes (:func:`batch_axes`) when it divides evenly, every other dimension replicated."""
     axes = batch_axes(mesh)
     n = 1 if axes is None else int(np.prod([mesh.shape[a] for a in axes]))
     spec = [None] * ndim
@@ -113,7 +115,7 @@ def batch_shardings(batch, mesh: jax.sharding.Mesh):
 
     def one(path, x):
         d = batch_dim(path, x, b)
-        return rep if d is None else NamedSharding(mesh, _batch_spec(x.shape, d, mesh, len(x.shape)))
+        return rep if d is None else NamedSharding(mesh, batch_spec(x.shape, d, mesh, len(x.shape)))
 
     return jax.tree_util.tree_map_with_path(one, batch)
 
@@ -126,7 +128,7 @@ def cache_shardings(cache, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     def one(path, x):
         if not hasattr(x, "shape") or x.ndim != 5:
             return NamedSharding(mesh, PartitionSpec())
-        spec = list(_batch_spec(x.shape, 1, mesh, 5))
+        spec = list(batch_spec(x.shape, 1, mesh, 5))
         if kv in mesh.axis_names and mesh.shape[kv] > 1 and x.shape[3] % mesh.shape[kv] == 0:
             spec[3] = kv
         return NamedSharding(mesh, PartitionSpec(*spec))
@@ -146,74 +148,13 @@ def jit_forward(config, mesh: jax.sharding.Mesh, params, batch, interventions=()
     from jaxmm.models.qwen2_5_vl.modeling import forward
 
     v = config.text.vocab_size
-    spec = list(_batch_spec((batch.input_ids.shape[0], 0, v), 0, mesh, 3))
+    spec = list(batch_spec((batch.input_ids.shape[0], 0, v), 0, mesh, 3))
     va = DEFAULT_RULES.get("vocab")
     if va in mesh.axis_names and mesh.shape[va] > 1 and v % mesh.shape[va] == 0:
         spec[2] = va
     return jax.jit(lambda p, b: forward(p, config, b, interventions, probes).logits,
                    in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
                    out_shardings=NamedSharding(mesh, PartitionSpec(*spec)))
-
-
-def jit_prefill(config, mesh: jax.sharding.Mesh, params, batch, max_len: int, interventions=()):
-    """``jax.jit`` of :func:`jaxmm.generate.prefill` with explicit shardings: the KV cache comes out
-    as :func:`cache_shardings` declares. ``batch`` is the prompt batch extended to ``max_len`` key
-    positions (``generate.batch_with(prompt, extend_for_decoding(prompt, max_len))``). Returns
-    ``f(params, batch) -> (last_logits [B,V], cache, next_pos [B])``."""
-    from jaxmm.generate import prefill
-    from jaxmm.models.qwen2_5_vl.modeling import KVCache
-
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
-    cache = jax.eval_shape(lambda: KVCache.empty(config, batch.input_ids.shape[0], max_len, dtype, pre_rope))
-    bsh = NamedSharding(mesh, _batch_spec((batch.input_ids.shape[0],), 0, mesh, 1))
-    logits_sh = NamedSharding(mesh, _batch_spec((batch.input_ids.shape[0], 1), 0, mesh, 2))
-    return jax.jit(lambda p, b: prefill(p, config, b, max_len, interventions)[:3],
-                   in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
-                   out_shardings=(logits_sh, cache_shardings(cache, mesh), bsh))
-
-
-def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens: int, *, max_len: int | None = None,
-                 sampling=None, stop_tokens=None, pad_token_id: int = 0, interventions=(), probes=(),
-                 output_logits: bool = False):
-    """``jax.jit`` of the whole of :func:`jaxmm.generate.generate` (prefill + scanned decode) with
-    explicit in/out shardings: parameters as placed, the prompt ``batch`` [B,S] and its decoding
-    extension by :func:`batch_shardings`, the KV cache constrained to :func:`cache_shardings` at every
-    step; out, split over the batch axes on B: tokens [B,T_new], lengths [B], logits [B,T_new,V] (if
-    ``output_logits``), each decode probe's values [B,T_new,…]. ``prefill_probes`` is not returned
-    (None). Returns ``f(params, batch, full, key) -> GenerateOutput`` with
-    ``full = generate.extend_for_decoding(batch, f.max_len)`` and ``f.max_len`` the cache length."""
-    import dataclasses
-
-    import jax.numpy as jnp
-
-    from jaxmm.generate import (Sampling, _generate, batch_with, bucket, decode_side, extend_for_decoding,
-                                replans_prompt)
-
-    sampling = Sampling() if sampling is None else sampling
-    b, s = batch.input_ids.shape
-    max_len = max_len or bucket(s + max_new_tokens)
-    from jaxmm.stopping import stop_token_ids
-
-    stop = jnp.asarray((stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)) or (-1,), jnp.int32)
-    pad = jnp.int32(pad_token_id)
-    full = extend_for_decoding(batch, max_len)
-
-    def fn(p, prompt, full, key):
-        out = _generate(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
-                        key, stop, pad, tuple(interventions), tuple(probes), output_logits,
-                        replans_prompt(interventions), None, mesh)
-        return dataclasses.replace(out, prefill_probes=None)
-
-    rep = NamedSharding(mesh, PartitionSpec())
-    key = jax.random.PRNGKey(0)
-    abstract = jax.eval_shape(fn, params, batch, full, key)
-    per_row = lambda x: NamedSharding(mesh, _batch_spec(x.shape, 0, mesh, x.ndim)) if x.ndim and x.shape[0] == b else rep
-    out_sh = jax.tree_util.tree_map(per_row, abstract)
-    f = jax.jit(fn, in_shardings=(shardings_of(params), batch_shardings(batch, mesh), batch_shardings(full, mesh), rep),
-                out_shardings=out_sh)
-    f.max_len = max_len
-    return f
 
 
 # ----------------------------------------------------------------------------- per-host data
@@ -307,7 +248,7 @@ def global_batch(local, mesh: jax.sharding.Mesh, global_batch_size: int, shardin
     shapes = [x.shape if d is None else x.shape[:d] + (n,) + x.shape[d + 1:] for (_, x), d in zip(flat, dims)]
     if shardings is None:
         rep = NamedSharding(mesh, PartitionSpec())
-        sh = [rep if d is None else NamedSharding(mesh, _batch_spec(g, d, mesh, len(g))) for g, d in zip(shapes, dims)]
+        sh = [rep if d is None else NamedSharding(mesh, batch_spec(g, d, mesh, len(g))) for g, d in zip(shapes, dims)]
     else:
         sh = treedef.flatten_up_to(shardings)
     if jax.process_count() > 1:

@@ -34,7 +34,8 @@ if pid == 0:
 import json  # noqa: E402
 
 from jaxmm.generate import extend_for_decoding  # noqa: E402
-from jaxmm.sharding import global_batch, host_slice, jit_forward, jit_generate, local_rows, make_mesh  # noqa: E402
+from jaxmm.generate import jit_generate  # noqa: E402
+from jaxmm.sharding import global_batch, host_slice, jit_forward, local_rows, make_mesh  # noqa: E402
 
 mesh = make_mesh(2, 2, 2)
 model = jaxmm.load(ckpt, mesh=mesh)

@@ -214,9 +214,9 @@ def test_prompts_and_images_of_similar_size_share_one_program(setup, monkeypatch
     assert other["pixel_values"].shape != raw["pixel_values"].shape
     kw = dict(max_new_tokens=6, stop_tokens=[], output_logits=True)
     run = lambda b: generate(model.params, model.config, model.prepare(**b), **kw)
-    G._generate.clear_cache()
+    G.run_generation.clear_cache()
     bucketed = {k: run(b) for k, b in batches.items()}
-    assert G._generate._cache_size() == 1, "prompts of one bucket compiled more than one program"
+    assert G.run_generation._cache_size() == 1, "prompts of one bucket compiled more than one program"
     monkeypatch.setattr(G, "PROMPT_BUCKET", 1)                  # prefill rows = S exactly
     monkeypatch.setattr(G, "_reads_vision", lambda objs: True)  # no vision padding
     for k, b in batches.items():

@@ -65,5 +65,9 @@ def test_guide_paths_modules_and_helpers_exist():
     names = set(re.findall(r"jaxmm\.sharding\.(\w+)", text)) | {
         n.strip() for imp in re.findall(r"from jaxmm\.sharding import ([\w, ]+)", text) for n in imp.split(",")}
     names |= set(re.findall(r"`(jit_\w+|host_\w+|batch_shardings|cache_shardings)", text))
-    assert {"host_slice", "local_rows", "global_batch", "is_writer", "jit_generate"} <= names
+    assert {"host_slice", "local_rows", "global_batch", "is_writer"} <= names
     assert all(hasattr(sharding, n) for n in names), sorted(n for n in names if not hasattr(sharding, n))
+    generate = importlib.import_module("jaxmm.generate")
+    gen_names = set(re.findall(r"jaxmm\.generate\.(\w+)", text))
+    assert {"jit_prefill", "jit_generate"} <= gen_names
+    assert all(hasattr(generate, n) for n in gen_names), sorted(n for n in gen_names if not hasattr(generate, n))

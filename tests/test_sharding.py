@@ -83,7 +83,8 @@ def test_explicit_activation_and_kv_cache_shardings(tmp_path):
     the prefill's KV cache come out split as declared and equal one device (1e-5); generation with
     the cache kept sharded gives the same tokens."""
     from jaxmm.generate import batch_with, extend_for_decoding, generate, prefill
-    from jaxmm.sharding import batch_shardings, cache_shardings, jit_forward, jit_prefill, make_mesh
+    from jaxmm.generate import jit_prefill
+    from jaxmm.sharding import batch_shardings, cache_shardings, jit_forward, make_mesh
 
     tiny.save_hf_model("gqa_untied", tmp_path)
     mesh = make_mesh(2, 2, 2)
@@ -122,7 +123,8 @@ def test_jit_generate_with_explicit_shardings(tmp_path):
     tokens, lengths, logits and decode probes come out split over data×fsdp on B, as declared, and
     equal one device (tokens exactly, logits and attention 1e-5)."""
     from jaxmm.generate import extend_for_decoding, generate
-    from jaxmm.sharding import jit_generate, make_mesh
+    from jaxmm.generate import jit_generate
+    from jaxmm.sharding import make_mesh
 
     tiny.save_hf_model("gqa_untied", tmp_path)
     mesh = make_mesh(2, 2, 2)

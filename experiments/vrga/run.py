@@ -66,7 +66,7 @@ def main(argv=None):
     import jaxmm
     from heldout import TASKS, evaluate
     from jaxmm import organism
-    from jaxmm.eval.harness import method_name
+    from jaxmm.eval.report import method_name
     from jaxmm.interventions import HeadMask
 
     model = jaxmm.load(organism.default())

@@ -46,7 +46,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path) -> Path:
     import tensorstore as ts
 
     from jaxmm.checkpoint.hf import iter_converted, open_checkpoint
-    from jaxmm.loading import family_of
+    from jaxmm.models.registry import family_of
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     family = family_of(hf_dir)

@@ -156,7 +156,7 @@ def _hallusion(row):
 def _chartqa(row):
     rid = row.get("id") if row.get("id") is not None else row.get("question_id")
     raw = row.get("query", row.get("question"))
-    return dict(id=None if rid is None else str(rid),       # None: _to_sample derives a stable one
+    return dict(id=None if rid is None else str(rid),       # None: to_sample derives a stable one
                 question=f"{raw}\n{SHORT_INSTRUCTION}", raw_question=raw,
                 answer=str(row.get("label", row.get("answer"))), score="relaxed", task=row.get("type"))
 
@@ -183,7 +183,7 @@ READERS: dict[str, Callable[[dict], dict]] = {
 }
 
 
-def _to_sample(name: str, row: dict, index: int | None = None) -> dict:
+def to_sample(name: str, row: dict, index: int | None = None) -> dict:
     """``row`` (number ``index`` of its file) -> a sample. A reader that finds no id in the row
     returns ``id=None``; the id is then ``{stable_id(question, image)}-{index}``."""
     try:
@@ -219,14 +219,14 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
         n = limit or 64
         size = (image_size, image_size)
         return grain.MapDataset.range(n).map(
-            lambda i: {**_to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"})
+            lambda i: {**to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"})
     if style:
         raise ValueError(f"benchmark {name!r}: unknown field(s) {sorted(style)}")
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
     rows = read_table(path)[:limit] if limit else read_table(path)
     check_ids(name, path, rows)
-    return grain.MapDataset.source(rows).map_with_index(lambda i, row: _to_sample(name, row, i))
+    return grain.MapDataset.source(rows).map_with_index(lambda i, row: to_sample(name, row, i))
 
 
 def check_ids(name: str, path, rows: list[dict]) -> None:
@@ -239,7 +239,7 @@ def check_ids(name: str, path, rows: list[dict]) -> None:
     first = {}
     for i, row in enumerate(rows):
         try:
-            sid = _to_sample(name, row, i)["id"]
+            sid = to_sample(name, row, i)["id"]
         except ValueError as e:
             if i == 0:
                 raise ValueError(f"{path}: {e} (first row; fields found: {sorted(row)})") from None

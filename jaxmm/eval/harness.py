@@ -58,6 +58,7 @@ from pydantic import AfterValidator, ConfigDict, Field
 from typing_extensions import NotRequired, TypedDict
 
 from jaxmm import probes as P
+from jaxmm.eval.report import method_name
 from jaxmm.config import Dtype, Fraction, Mesh, NonNegInt, PosFloat, PosInt, load as load_config
 from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
@@ -168,32 +169,6 @@ def resolve_config(name: str | Path | None) -> Path:
         return packaged
     known = sorted(p.stem for p in PACKAGED.glob("*.yaml"))
     raise FileNotFoundError(f"eval config {str(name)!r}: no such file, nor a packaged config (packaged: {known})")
-
-
-def method_name(spec) -> str:
-    """A method's column name: its name plus its parameters (``"avar:alpha_sys=0.05"``), so two
-    settings of one method are two columns. An intervention object is named by its class and the
-    values of its fields (arrays by their contents)."""
-    if isinstance(spec, str):
-        return spec
-    if isinstance(spec, dict):
-        rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
-        return spec["method"] + (f":{rest}" if rest else "")
-    if dataclasses.is_dataclass(spec):
-        rest = ",".join(f"{f.name}={_show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
-                        if getattr(spec, f.name) is not None)
-        return type(spec).__name__.lower() + (f":{rest}" if rest else "")
-    return type(spec).__name__.lower()
-
-
-def _show(v) -> str:
-    """A field's value in a column name: arrays by their (first 8) entries."""
-    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
-        return str(v)
-    a = np.asarray(v)
-    if a.size == 1:
-        return str(a.item())
-    return "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (" …]" if a.size > 8 else "]")
 
 
 def _weights_identity(model_dir) -> list:

@@ -8,11 +8,38 @@ methods, ``vas_vs_accuracy.png`` (per method and benchmark) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+
+def method_name(spec) -> str:
+    """A method's column name: its name plus its parameters (``"avar:alpha_sys=0.05"``), so two
+    settings of one method are two columns. An intervention object is named by its class and the
+    values of its fields (arrays by their contents)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, dict):
+        rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
+        return spec["method"] + (f":{rest}" if rest else "")
+    if dataclasses.is_dataclass(spec):
+        rest = ",".join(f"{f.name}={_show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
+                        if getattr(spec, f.name) is not None)
+        return type(spec).__name__.lower() + (f":{rest}" if rest else "")
+    return type(spec).__name__.lower()
+
+
+def _show(v) -> str:
+    """A field's value in a column name: arrays by their (first 8) entries."""
+    if not (hasattr(v, "shape") and hasattr(v, "dtype")):
+        return str(v)
+    a = np.asarray(v)
+    if a.size == 1:
+        return str(a.item())
+    return "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (" …]" if a.size > 8 else "]")
 
 
 def _plt():
@@ -92,8 +119,6 @@ def summarize(rows: list[dict]) -> dict:
 def config_order(rows: list[dict], config: dict | None = None) -> tuple[list[str], list[str]]:
     """Benchmark and method names in the run config's order (``config.json``: its ``benchmarks``
     and ``methods``), then any other name of ``rows`` in order of appearance."""
-    from jaxmm.eval.harness import method_name
-
     config = config or {}
     benches = [b["name"] if isinstance(b, dict) else str(b) for b in config.get("benchmarks", [])]
     methods = [method_name(m) for m in config.get("methods", [])]

@@ -18,11 +18,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, static_field
-from jaxmm.interventions.keys import _iv, key_set, per_sample
+from jaxmm.attention import Intervention, register, static_field
+from jaxmm.interventions.keys import key_set, per_sample
 
 
-@_iv
+@register
 class AVAR(Intervention):
     alpha_img: jax.Array = 0.15
     alpha_sys: jax.Array = 0.0

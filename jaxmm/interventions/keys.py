@@ -18,17 +18,19 @@ import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Site, register, static_field
 
-_FIELDS = {"image": "image_mask", "video": "video_mask", "system": "system_mask",
+KEY_FIELDS = {"image": "image_mask", "video": "video_mask", "system": "system_mask",
            "question": "question_mask", "generated": "generated_mask", "region": "region_weight"}
+"""Key-set name (an intervention's or probe's ``keys`` field) -> the boolean [B,T] mask field of
+:class:`jaxmm.processing.layout.Layout` that selects those keys."""
 
 
 def key_set(site: Site, keys: str) -> jax.Array:
     """The key set ``keys`` of ``site.layout`` as float32 [B,1,1,K] (broadcast over heads, queries)."""
-    if keys not in _FIELDS:
-        raise ValueError(f"unknown key set {keys!r}; expected one of {sorted(_FIELDS)}")
+    if keys not in KEY_FIELDS:
+        raise ValueError(f"unknown key set {keys!r}; expected one of {sorted(KEY_FIELDS)}")
     if site.layout is None:
         raise ValueError(f"key set {keys!r} needs a TokenLayout; the {site.tower} tower has none")
-    return getattr(site.layout, _FIELDS[keys]).astype(jnp.float32)[:, None, None, :]
+    return getattr(site.layout, KEY_FIELDS[keys]).astype(jnp.float32)[:, None, None, :]
 
 
 def image_span(image_mask: jax.Array) -> jax.Array:
@@ -40,16 +42,21 @@ def image_span(image_mask: jax.Array) -> jax.Array:
     return (k >= first) & (k <= last)
 
 
+def row0_image_span(image_mask: jax.Array) -> jax.Array:
+    """[B,K] bool -> [B,K]: every key from row 0's first to its last image token, for every row.
+    released: entropy_qwen_vl/mixin.py:77,100,149 (idxs of input_ids[0]) and controller.py:28-31."""
+    return jnp.broadcast_to(image_span(image_mask[:1]), image_mask.shape)
+
+
 def per_sample(x) -> jax.Array:
     """Scalar, [B] or [B,H] leaf -> broadcastable to [B,H,T,K]."""
     x = jnp.asarray(x, jnp.float32)
     return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim else x
 
 
-_iv = register
 
 
-@_iv
+@register
 class KeyLogitShift(Intervention):
     """``logits`` stage: z_ij += delta for j in the key set (explicit path)."""
 
@@ -62,7 +69,7 @@ class KeyLogitShift(Intervention):
         return z + per_sample(self.delta) * key_set(site, self.keys)
 
 
-@_iv
+@register
 class KeyWeightScale(Intervention):
     """``weights`` stage: a_ij *= scale for j in the key set, then renormalise each row."""
 
@@ -77,7 +84,7 @@ class KeyWeightScale(Intervention):
         return a / jnp.sum(a, axis=-1, keepdims=True)
 
 
-@_iv
+@register
 class KeyBias(Intervention):
     """``bias`` stage: additive pre-softmax bias ``delta`` on the key set (keeps the fused path)."""
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, static_field
-from jaxmm.interventions.keys import _iv, image_span, key_set, per_sample
+from jaxmm.attention import Intervention, register, static_field
+from jaxmm.interventions.keys import image_span, key_set, per_sample
 
 
 VARIANTS = ("paper", "released")
@@ -39,7 +39,7 @@ def _check_variant(variant):
         raise ValueError(f"PAI: variant={variant!r}; expected one of {VARIANTS}")
 
 
-@_iv
+@register
 class PAI(Intervention):
     alpha: jax.Array = 0.2
     layers: tuple[int, ...] | None = static_field(None)

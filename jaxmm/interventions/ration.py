@@ -43,9 +43,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, Probe, Site, static_field
-from jaxmm.interventions.keys import _iv, image_span, key_set
-from jaxmm.probes import ResidualUpdate, _probe, visual_entropy
+from jaxmm.attention import Intervention, Probe, Site, register, static_field
+from jaxmm.interventions.keys import key_set, row0_image_span
+from jaxmm.probes import ResidualUpdate, visual_entropy
 
 TASKS = ("ocr", "grounding", "recognition", "counting")
 RULE_LAYERS_28 = ((9, 10, 11, 12, 13, 14), (19,), (23, 24))
@@ -55,12 +55,6 @@ VARIANTS = ("paper", "released")
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"RATION: variant={variant!r}; expected one of {list(VARIANTS)}")
-
-
-def row0_image_span(image_mask: jax.Array) -> jax.Array:
-    """[B,K] bool -> [B,K]: every key from row 0's first to its last image token, for every row.
-    released: entropy_qwen_vl/mixin.py:77,100,149 (idxs of input_ids[0]) and controller.py:28-31."""
-    return jnp.broadcast_to(image_span(image_mask[:1]), image_mask.shape)
 
 
 def released_entropy(q, k, span, key_ok):
@@ -85,7 +79,7 @@ def released_tau(h, up, d_a, d_b):
     return jnp.where(up, h_max / (h_mean + 1e-6) * d_a, h_min / (h_mean + 1e-6) * d_b)
 
 
-@_probe
+@register
 class PreRopeVisualEntropy(Probe):
     """H_V of attention recomputed from pre-RoPE q̃, k̃ (GQA-repeated, no mask) -> [B,H,T]."""
 
@@ -143,7 +137,7 @@ def route_released(delta: jax.Array) -> jax.Array:
     return task.astype(jnp.int32)                                                         # :75-84
 
 
-@_iv
+@register
 class RATION(Intervention):
     """Phase 1 (defaults): no edit, probes collect s_l and the pre-RoPE entropies. Phase 2: ``tau``
     [B,L] and ``key`` [B,L] (1 at key layers) set by :meth:`after_prefill`."""

@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.attention import Intervention, Site, static_field
-from jaxmm.interventions.keys import _iv
+from jaxmm.attention import Intervention, Site, register, static_field
+
 
 KINDS = ("bilinear", "mlp")
 
 
-@_iv
+@register
 class RAVE(Intervention):
     """Learned pair-gating bias on image keys (see the module docstring for shapes)."""
 

@@ -31,9 +31,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, Probe, Site, static_field
-from jaxmm.interventions.keys import _iv, image_span
-from jaxmm.probes import _probe
+from jaxmm.attention import Intervention, Probe, Site, register, static_field
+from jaxmm.interventions.keys import image_span
+
 
 VARIANTS = ("paper", "released")
 
@@ -63,7 +63,7 @@ def released_sink_tokens(residual: jax.Array, dims: tuple[int, ...], tau: float 
     return jnp.max(jnp.abs(x[..., list(dims)]), -1) > tau
 
 
-@_probe
+@register
 class SinkTokens(Probe):
     """The sink set of each layer's keys at prefill -> [B,S] (float 0/1)."""
 
@@ -119,7 +119,7 @@ def redistribute_released(a, span, sinks, query_pos, p: float = 0.6, min_mass: f
     return jnp.where(centric, edited, a)
 
 
-@_iv
+@register
 class VAR(Intervention):
     dims: tuple[int, ...] = static_field(())
     tau: float = static_field(20.0)

@@ -50,9 +50,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Intervention, Probe, Site, static_field
-from jaxmm.interventions.keys import _iv
-from jaxmm.probes import _probe
+from jaxmm.attention import Intervention, Probe, Site, register, static_field
+
 
 
 VARIANTS = ("paper", "released")
@@ -97,7 +96,7 @@ def last_question_position(layout) -> jax.Array:
     return jnp.where(has, last_q, last_p).astype(jnp.int32)
 
 
-@_probe
+@register
 class QuestionRow(Probe):
     """Attention row of the last question token -> [B,H,K] (chunks add up)."""
 
@@ -172,7 +171,7 @@ def neighbourhood(focus, layout, radius: int, skip_below: int = 0):
     return out & layout.image_mask & (raster >= skip_below)
 
 
-@_iv
+@register
 class VRGA(Intervention):
     """Phase 1 (defaults): probes only. Phase 2: ``boost`` [B,K] set by :meth:`after_prefill`."""
 
@@ -407,7 +406,7 @@ def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5, s
     return jnp.where(generated, edited, a)
 
 
-@_iv
+@register
 class HeadMask(Intervention):
     """Zeroes the attention weights (hence the output) of chosen heads: ``mask`` [B, L·H] or
     [L·H] (layer-major, 1 = masked)."""

@@ -8,6 +8,7 @@ and one entry here.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 from jaxmm.models import qwen2_5_vl, qwen2_vl, qwen3_vl
@@ -48,3 +49,23 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
 }
+
+
+def family_of(path: str | Path):
+    """The :class:`Family` of the checkpoint directory ``path`` (by its config's model_type).
+
+    Raises:
+        FileNotFoundError: no config.json in ``path``.
+        ConfigError: config.json is not valid JSON (names the file and the JSON problem), or its
+            ``model_type`` is missing or not supported.
+    """
+    from jaxmm.models.qwen2_5_vl.config import ConfigError, read_config_json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    model_type = read_config_json(cfg_file).get("model_type")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ConfigError(f"{cfg_file}: model_type={model_type!r} is not supported (supported: {sorted(FAMILIES)})")
+    return family

@@ -82,8 +82,9 @@ def load_tokenizer(model_dir: str | Path):
 
 
 # ----------------------------------------------------------------------------- messages
-def _check_messages(messages) -> int:
-    """Validates the HF chat format; returns the number of image parts."""
+def check_messages(messages) -> int:
+    """Validates the HF chat format (a non-empty list of ``{'role', 'content'}`` dicts); returns the
+    number of image parts. Raises ValueError naming the offending message or part."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"messages: expected a non-empty list of {{'role': ..., 'content': ...}} dicts, "
                          f"got {type(messages).__name__}{'' if messages else ' (empty)'}")
@@ -165,7 +166,7 @@ def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None =
             different from ``len(image_token_counts)``, or a count < 1; a template that renders a
             different number of ``<|image_pad|>`` than there are image parts; no chat template.
     """
-    n_images = _check_messages(messages)
+    n_images = check_messages(messages)
     counts = [] if image_token_counts is None else list(image_token_counts)
     if n_images != len(counts):
         raise ValueError(f"messages hold {n_images} images but image_token_counts has {len(counts)}")

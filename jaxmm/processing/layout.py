@@ -103,7 +103,9 @@ class TokenLayout:
 
 
 # --------------------------------------------------------------------------- segmentation
-def _as_numpy(x, name: str):
+def as_numpy(x, name: str):
+    """``x`` (numpy, JAX or torch array, or a list; None passes through) -> a numpy array; ``name``
+    names the tensor in the error raised for anything else."""
     if x is None:
         return None
     if hasattr(x, "detach"):  # torch tensor
@@ -117,6 +119,9 @@ def _as_numpy(x, name: str):
         raise TypeError(f"{name}: cannot be read as an array ({type(x).__name__})") from e
 
 
+_as_numpy = as_numpy  # the old name, still imported by jaxmm/models/qwen2_5_vl/rope.py
+
+
 def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     """``input_ids`` as an int array [B,S] and ``attention_mask`` as int32 [B,S] (all ones if None).
 
@@ -124,13 +129,13 @@ def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarra
         ValueError: naming the tensor, when ``input_ids`` is not a 2-D integer array or the mask's
             shape differs.
     """
-    ids = _as_numpy(input_ids, "input_ids")
+    ids = as_numpy(input_ids, "input_ids")
     if ids is None or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids: expected an integer array [B,S], got "
                          f"{None if ids is None else (ids.dtype, ids.shape)}")
     if attention_mask is None:
         return ids, np.ones(ids.shape, np.int32)
-    am = _as_numpy(attention_mask, "attention_mask")
+    am = as_numpy(attention_mask, "attention_mask")
     if am.shape != ids.shape:
         raise ValueError(f"attention_mask: shape {am.shape} differs from input_ids {ids.shape}")
     if am.size and not np.isin(am, (0, 1)).all():
@@ -147,7 +152,7 @@ def check_grid(grid_thw, name: str, spatial_merge_size: int) -> np.ndarray:
     """
     if grid_thw is None:
         return np.zeros((0, 3), np.int64)
-    g = _as_numpy(grid_thw, name)
+    g = as_numpy(grid_thw, name)
     if g.ndim != 2 or g.shape[1] != 3 or (g.size and not np.issubdtype(g.dtype, np.integer)):
         raise ValueError(f"{name}: expected an integer array [n, 3] of (t, h, w), got {g.dtype} {g.shape}")
     g = g.astype(np.int64)
@@ -303,7 +308,7 @@ def build_token_layout(input_ids, attention_mask, image_grid_thw, *, image_token
     if region_weight is None:
         rw = np.zeros((b, s), np.float32)
     else:
-        rw = np.asarray(_as_numpy(region_weight, "region_weight"), np.float32)
+        rw = np.asarray(as_numpy(region_weight, "region_weight"), np.float32)
         if rw.shape != (b, s):
             raise ValueError(f"region_weight: shape {rw.shape} differs from input_ids {(b, s)}")
     return TokenLayout(

@@ -215,9 +215,9 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     from jaxmm.objectives.avar import vars_reward
     from jaxmm.objectives.sayo import format_reward, r_att, select_high_entropy
 
-    from jaxmm.eval.benchmarks import _to_sample
+    from jaxmm.eval.benchmarks import to_sample
 
-    acc = np.array([score_answer(_to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
+    acc = np.array([score_answer(to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
     fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
     selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout

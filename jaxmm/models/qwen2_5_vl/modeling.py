@@ -644,10 +644,17 @@ def text_mask(attention_mask: Array, query_pos: Array) -> Array:
 
 # ----------------------------------------------------------------------------- pure functional API
 def _model_class(config) -> type:
-    """The model class registered for ``config.model_type`` in ``jaxmm.models.registry.FAMILIES``."""
-    from jaxmm.models.registry import FAMILIES   # imported here: the registry imports this module
+    """The model class of ``config``'s own class (``ConfigClass.model_class``, bound in the family's
+    modeling module next to the model class; an inherited binding does not count).
 
-    return FAMILIES[config.model_type].model_class
+    Raises:
+        TypeError: ``type(config)`` has no model class of its own.
+    """
+    cls = type(config).__dict__.get("model_class")
+    if cls is None:
+        raise TypeError(f"{type(config).__name__} has no model class: bind one in its family's modeling module "
+                        f"({type(config).__name__}.model_class = ...ForConditionalGeneration)")
+    return cls
 
 
 @functools.lru_cache(maxsize=None)
@@ -676,3 +683,5 @@ def forward(params: nnx.State, config: Qwen2_5_VLConfig, batch: Batch, intervent
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))
+
+Qwen2_5_VLConfig.model_class = Qwen2_5_VLForConditionalGeneration

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxmm.models.qwen2_5_vl import modeling as base
 from jaxmm.models.qwen2_5_vl.config import VisionConfig
+from jaxmm.models.qwen2_vl.config import Qwen2VLConfig
 
 
 class LayerNorm(base.nnx.Module):
@@ -73,3 +74,4 @@ class Qwen2VLForConditionalGeneration(base.Qwen2_5_VLForConditionalGeneration):
         super().__init__(config, dtype)
         self.visual = VisionTransformer(config.vision, dtype)
 
+Qwen2VLConfig.model_class = Qwen2VLForConditionalGeneration

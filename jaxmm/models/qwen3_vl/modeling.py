@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxmm.attention import Site
 from jaxmm.models.qwen2_5_vl import modeling as base
 from jaxmm.models.qwen2_5_vl.config import VisionConfig
+from jaxmm.models.qwen3_vl.config import Qwen3VLConfig
 from jaxmm.models.qwen2_vl import modeling as qwen2_vl
 from jaxmm.models.qwen2_vl.modeling import LayerNorm
 
@@ -97,3 +98,4 @@ class Qwen3VLForConditionalGeneration(base.Qwen2_5_VLForConditionalGeneration):
         super().__init__(config, dtype)
         self.visual = VisionTransformer(config.vision, dtype)
 
+Qwen3VLConfig.model_class = Qwen3VLForConditionalGeneration
