@@ -421,8 +421,10 @@ class TextAttention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, name=None) if cfg.qk_norm else None
 
     def __call__(self, x, cos, sin, mask, site: Site, interventions, probes, cache=None):
-        """x [B,T,E]; cache: None or (k [B,K,G,D], v [B,K,G,D]) already holding earlier positions,
-        updated at ``site.query_pos`` (contiguous) before attending over all K keys."""
+        """x [B,T,E]; cache: None or every layer's (k [L,B,K,G,D], v [L,B,K,G,D], k_pre or None)
+        already holding earlier positions; this layer's (``site.layer``) T new keys and values are
+        written in place at ``site.query_pos`` (contiguous) before attending over all K keys.
+        Returns (output [B,T,E], probe results, the updated cache triple)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -432,18 +434,21 @@ class TextAttention(nnx.Module):
         q_pre, k_pre = q, k
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-        if cache is not None:
-            start = site.query_pos[0]
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
-            if cache[2] is not None:   # pre-RoPE key cache (KVCache.empty(pre_rope=True)): all K keys
-                k_pre = jax.lax.dynamic_update_slice_in_dim(cache[2], k_pre.astype(cache[2].dtype), start, axis=1)
+        if cache is not None:      # one buffer per k/v for all layers, updated in place (no re-stacking)
+            k_all, v_all, kp_all = cache
+            at = (jnp.int32(site.layer), jnp.int32(0), site.query_pos[0].astype(jnp.int32), jnp.int32(0), jnp.int32(0))
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            k, v = k_all[site.layer], v_all[site.layer]
+            if kp_all is not None:     # pre-RoPE key cache (KVCache.empty(pre_rope=True)): all K keys
+                kp_all = jax.lax.dynamic_update_slice(kp_all, k_pre.astype(kp_all.dtype)[None], at)
+                k_pre = kp_all[site.layer]
             # without it, interventions that read k_pre see the current queries' keys only.
+            cache = (k_all, v_all, kp_all)
         site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre, hidden=x)
         out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
                           interventions=interventions, probes=probes)
-        k_pre_out = k_pre if cache is not None and cache[2] is not None else None
-        return self.o_proj(out.reshape(b, t, -1)), res, (k, v, k_pre_out)
+        return self.o_proj(out.reshape(b, t, -1)), res, cache
 
 
 class DecoderLayer(nnx.Module):
@@ -572,15 +577,11 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         cos, sin = mrope_cos_sin(batch.position_ids, cfg.text)
         mask = text_mask(batch.attention_mask, query_pos)
         hidden = [x] if output_hidden_states else None
-        tres, new_k, new_v, new_k_pre = {}, [], [], []
+        tres = {}
+        kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
         for i, layer in enumerate(lm.layers):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i],
-                                                      None if cache.k_pre is None else cache.k_pre[i])
-            x, res, (k, v, k_pre) = layer(x, cos, sin, mask, site, interventions, probes, layer_cache)
-            new_k.append(k)
-            new_v.append(v)
-            new_k_pre.append(k_pre)
+            x, res, kv = layer(x, cos, sin, mask, site, interventions, probes, kv)
             _collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
@@ -592,8 +593,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         for name, v in _stack(tres).items():
             probe_out.setdefault(name, {})["text"] = v
-        new_cache = None if cache is None else KVCache(
-            jnp.stack(new_k), jnp.stack(new_v), start + t, None if cache.k_pre is None else jnp.stack(new_k_pre))
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], start + t, kv[2])
         return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
                            probes=probe_out, cache=new_cache)
 
