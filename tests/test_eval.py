@@ -327,6 +327,13 @@ def test_method_columns_carry_their_parameters():
     assert method_name({"method": "avar", "alpha_sys": 0.05}) == "avar:alpha_sys=0.05"
     a, b = method_name(KeyLogitShift(delta=0.5)), method_name(KeyLogitShift(delta=50.0))
     assert a != b and "delta=0.5" in a and "delta=50.0" in b
+    from jaxmm.interventions import HeadMask
+
+    m1, m2 = np.zeros(12, np.float32), np.zeros(12, np.float32)
+    m2[10] = 1.0                                           # differs only after the 8 shown entries
+    n1, n2 = (method_name(HeadMask(mask=m, num_heads=4)) for m in (m1, m2))
+    assert n1 != n2 and n1.startswith("headmask:mask=[0 0 0 0 0 0 0 0 … #")
+    assert method_name(HeadMask(mask=m1.copy(), num_heads=4)) == n1
 
 
 def test_an_intervention_object_with_array_fields_is_a_method_column(tiny_model_dir, tmp_path):

@@ -33,13 +33,20 @@ def method_name(spec) -> str:
 
 
 def _show(v) -> str:
-    """A field's value in a column name: arrays by their (first 8) entries."""
+    """A field's value in a column name: arrays by their (first 8) entries, and a longer array also
+    by a hash of all of them (two arrays that differ after the 8th entry are two columns)."""
     if not (hasattr(v, "shape") and hasattr(v, "dtype")):
         return str(v)
     a = np.asarray(v)
     if a.size == 1:
         return str(a.item())
-    return "[" + " ".join(f"{x:g}" for x in a.ravel()[:8]) + (" …]" if a.size > 8 else "]")
+    head = " ".join(f"{x:g}" for x in a.ravel()[:8])
+    if a.size <= 8:
+        return f"[{head}]"
+    import hashlib
+
+    digest = hashlib.sha1(str(a.shape).encode() + np.ascontiguousarray(a).tobytes()).hexdigest()[:8]
+    return f"[{head} … #{digest}]"
 
 
 def _plt():
