@@ -152,6 +152,41 @@ def test_a_bad_intervention_spec_names_the_spec_knob_and_value(spec, needles):
         assert repr(spec) in str(e.value)
 
 
+OUT_OF_RANGE = [       # on the 7B config: 28 layers, hidden size 3584
+    ("pai:alpha=-0.5", ["alpha=-0.5", ">= 0"]),
+    ("pai:start=28", ["start=28", "0 … 27", "28 layers"]),
+    ("pai:end=40", ["end=40", "1 … 28"]),
+    ("avar:alpha_sys=-1", ["alpha_sys=-1", ">= 0"]),
+    ("avar:layers=[0,30]", ["layers=[0, 30]", "0 … 27"]),
+    ("ration:top_k=0", ["top_k=0", "1 … 28"]),
+    ("ration:d_a=0", ["d_a=0", "> 0"]),
+    ("ration:key_layers=[3,28]", ["key_layers=[3, 28]", "0 … 27"]),
+    ("vrga:factor=0", ["factor=0", "> 0"]),
+    ("vrga:fa=3", ["fa=3", "1 or 2"]),
+    ("vrga:border_frac=0.6", ["border_frac=0.6", "[0, 0.5)"]),
+    ("vrga:min_focus=0", ["min_focus=0", ">= 1"]),
+    ({"method": "vrga", "variant": "released", "head_mask": "random_choose", "head_mask_topk": 0},
+     ["head_mask_topk=0", ">= 1"]),
+    ("var:p=1.5", ["p=1.5", "[0, 1]"]),
+    ("var:tau=0", ["tau=0", "> 0"]),
+    ("var:dims=[10,4000]", ["dims=[10, 4000]", "0 … 3583"]),
+    ("var:start=-1", ["start=-1", "0 … 27"]),
+]
+
+
+@pytest.mark.parametrize("spec,needles", OUT_OF_RANGE, ids=[str(s) for s, _ in OUT_OF_RANGE])
+def test_a_method_knob_out_of_range_names_the_knob_value_and_range(spec, needles):
+    from jaxmm.plan import _load_config
+
+    _, config = _load_config(ROOT / "configs" / "models" / "qwen2_5_vl_7b.yaml")
+    with pytest.raises(ValueError) as e:
+        I.build([spec], config)
+    _check(str(e.value), *needles)
+    ok = {"pai:alpha=-0.5": "pai:alpha=0.5", "vrga:fa=3": "vrga:fa=2", "var:dims=[10,4000]": "var:dims=[10,3583]"}
+    if isinstance(spec, str) and spec in ok:          # the same knob in range builds
+        assert len(I.build([ok[spec]], config)) == 1
+
+
 def test_intervention_specs_take_lists_mappings_and_yaml_floats():
     assert I.parse("ration:key_layers=[3,5],top_k=2") == ("ration", {"key_layers": [3, 5], "top_k": 2})
     name, kw = I.parse("avar:alpha_sys=5e-2,layers={start: 2, end: 5}")

@@ -28,7 +28,7 @@ from jaxmm.interventions.var import VAR, var
 from jaxmm.interventions.vrga import VRGA, HeadMask, efr_head_mask
 
 __all__ = ["AVAR", "PAI", "RATION", "RAVE", "VRGA", "VAR", "HeadMask", "KeyBias", "KeyLogitShift", "KeyWeightScale",
-           "build", "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
+           "build", "check_ranges", "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
 
 
 class LayerRange(TypedDict, total=False):
@@ -119,11 +119,52 @@ def build(specs, config) -> tuple:
             out.append(spec)
             continue
         name, kw = parse(spec)
+        check_ranges(name, kw, config, spec)
         try:
             out.append(METHODS[name](config, **kw))
         except TypeError as e:
             raise ValueError(f"method {name!r}: {e}") from None
     return tuple(out)
+
+
+def _ranges(n_layers: int, hidden: int) -> dict:
+    """Each method's knob -> (test, what is allowed), from the papers' formulas: strengths and
+    fractions where the formula needs them, layer indices within the model's ``n_layers``."""
+    layer = (lambda v: 0 <= v < n_layers, f"a layer index in 0 … {n_layers - 1}")
+    layers = (lambda v: all(0 <= i < n_layers for i in v), f"layer indices in 0 … {n_layers - 1}")
+    nonneg = (lambda v: v >= 0, ">= 0")
+    positive = (lambda v: v > 0, "> 0")
+    unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
+    return {
+        "pai": {"alpha": nonneg, "start": layer,
+                "end": (lambda v: v is None or 0 < v <= n_layers, f"null or 1 … {n_layers}")},
+        "avar": {"alpha_img": nonneg, "alpha_sys": nonneg,
+                 "layers": (lambda v: v is None or isinstance(v, dict) or layers[0](v), layers[1])},
+        "ration": {"top_k": (lambda v: 1 <= v <= n_layers, f"1 … {n_layers}"),
+                   "d_a": (lambda v: v is None or v > 0, "null or > 0"), "d_b": (lambda v: v is None or v > 0, "null or > 0"),
+                   "key_layers": (lambda v: v is None or layers[0](v), layers[1])},
+        "vrga": {"factor": positive, "fa": (lambda v: v in (1, 2), "1 or 2"),
+                 "border_frac": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "min_focus": (lambda v: v >= 1, ">= 1"),
+                 "background_heads": nonneg, "head_mask_topk": (lambda v: v >= 1, ">= 1"),
+                 "head_mask_after": (lambda v: v >= -1, ">= -1 (masks the layers above it)")},
+        "var": {"tau": positive, "p": unit, "min_mass": unit, "max_share": unit, "start": layer,
+                "dims": (lambda v: all(0 <= d < hidden for d in v), f"hidden dimensions in 0 … {hidden - 1}")},
+    }
+
+
+def check_ranges(name: str, knobs: dict, config, spec=None) -> None:
+    """Checks a method's knob values against the ranges its formula allows, for ``config``'s model
+    (layer indices below its ``num_hidden_layers``, VAR's sink dimensions below its ``hidden_size``).
+
+    Raises:
+        ValueError: a value out of range; the message names the method spec, the knob, the value and
+            the allowed range.
+    """
+    rules = _ranges(config.text.num_hidden_layers, config.text.hidden_size).get(name, {})
+    for k, v in knobs.items():
+        if k in rules and not rules[k][0](v):
+            raise ValueError(f"method {str(spec if spec is not None else name)!r}: {k}={v!r} is out of range; "
+                             f"expected {rules[k][1]} (model with {config.text.num_hidden_layers} layers)")
 
 
 def parse(spec) -> tuple[str, dict]:
