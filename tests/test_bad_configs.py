@@ -158,7 +158,7 @@ OUT_OF_RANGE = [       # on the 7B config: 28 layers, hidden size 3584
     ("pai:end=40", ["end=40", "1 … 28"]),
     ("avar:alpha_sys=-1", ["alpha_sys=-1", ">= 0"]),
     ("avar:layers=[0,30]", ["layers=[0, 30]", "0 … 27"]),
-    ("ration:top_k=0", ["top_k=0", "1 … 28"]),
+    ("ration:top_k=0", ["top_k=0", ">= 1"]),
     ("ration:d_a=0", ["d_a=0", "> 0"]),
     ("ration:key_layers=[3,28]", ["key_layers=[3, 28]", "0 … 27"]),
     ("vrga:factor=0", ["factor=0", "> 0"]),

@@ -140,7 +140,7 @@ def _ranges(n_layers: int, hidden: int) -> dict:
                 "end": (lambda v: v is None or 0 < v <= n_layers, f"null or 1 … {n_layers}")},
         "avar": {"alpha_img": nonneg, "alpha_sys": nonneg,
                  "layers": (lambda v: v is None or isinstance(v, dict) or layers[0](v), layers[1])},
-        "ration": {"top_k": (lambda v: 1 <= v <= n_layers, f"1 … {n_layers}"),
+        "ration": {"top_k": (lambda v: v >= 1, ">= 1 (more than the model's layers: all of them)"),
                    "d_a": (lambda v: v is None or v > 0, "null or > 0"), "d_b": (lambda v: v is None or v > 0, "null or > 0"),
                    "key_layers": (lambda v: v is None or layers[0](v), layers[1])},
         "vrga": {"factor": positive, "fa": (lambda v: v in (1, 2), "1 or 2"),
