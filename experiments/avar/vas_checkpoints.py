@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
 
@@ -34,23 +33,13 @@ def main(argv=None):
     import numpy as np
     import orbax.checkpoint as ocp
 
-    import jaxmm
-    from heldout import evaluate
-    from jaxmm import organism
-    from jaxmm.train.sft import TrainConfig, export_hf, final_params, train
+    from heldout import TASKS, evaluate
+    from jaxmm.train.sft import export_hf, final_params
+    from organism.train_organism import train_stages
 
     run = Path(args.run)
-    start = organism.build()
-    model = jaxmm.load(start)
-    keep = [f"save_every={args.every}", "keep=1000"]
-    cfg1 = TrainConfig.from_yaml(ROOT / "configs/train/organism_stage1.yaml",
-                                 [f"out={run / 'stage1'}", f"steps={args.stage1}", *keep])
-    out1 = train(cfg1, progress=True)
-    params, _ = final_params(out1)
-    stage1 = export_hf(params, model.config, start, run / "stage1-hf")
-    cfg2 = TrainConfig.from_yaml(ROOT / "configs/train/organism.yaml",
-                                 [f"out={run / 'stage2'}", f"steps={args.steps}", f"model={stage1}", *keep])
-    out2 = train(cfg2, progress=True)
+    start, model, out1, out2, _ = train_stages(run, args.stage1, args.steps,
+                                               [f"save_every={args.every}", "keep=1000"])
 
     points = [("start", 0, start)]
     for stage, out, offset in (("stage 1", out1, 0), ("stage 2", out2, args.stage1)):
@@ -76,11 +65,10 @@ def main(argv=None):
              f"{args.every} steps; each checkpoint evaluated greedy on {args.eval} held-out grounded samples (seed 1). "
              f"Command: `python experiments/avar/vas_checkpoints.py --stage1 {args.stage1} --steps {args.steps} "
              f"--every {args.every} --eval {args.eval}`.", "",
-             "| checkpoint | step | accuracy | VAS | log10 VAS | recognition | counting | grounding | ocr | spatial |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| checkpoint | step | accuracy | VAS | log10 VAS | " + " | ".join(TASKS) + " |",
+             "|---|" + "---|" * (4 + len(TASKS))]
     for stage, step, a, v, tasks in rows:
-        cells = " | ".join(f"{100 * tasks.get(t, float('nan')):.0f}" for t in
-                           ("recognition", "counting", "grounding", "ocr", "spatial"))
+        cells = " | ".join(f"{100 * tasks.get(t, float('nan')):.0f}" for t in TASKS)
         lines.append(f"| {stage} | {step} | {100 * a:.1f} | {v:.4g} | {np.log10(v):.2f} | {cells} |")
     lines += ["", f"Across the {len(rows)} checkpoints: Pearson r(VAS, accuracy) = {pearson:.3f}, "
               f"r(log10 VAS, accuracy) = {pearson_log:.3f}, Spearman ρ = {spearman:.3f} "

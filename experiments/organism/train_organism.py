@@ -21,6 +21,25 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 
 
+def train_stages(run: Path, stage1_steps: int, stage2_steps: int, overrides=()):
+    """The organism's two SFT stages from the seeded random organism (``overrides`` apply to both):
+    returns ``(start_dir, model, stage1_out, stage2_out, stage2_config)``; resumes."""
+    import jaxmm
+    from jaxmm import organism
+    from jaxmm.train.sft import TrainConfig, export_hf, final_params, train
+
+    start = organism.build()
+    model = jaxmm.load(start)
+    cfg1 = TrainConfig.from_yaml(ROOT / "configs/train/organism_stage1.yaml",
+                                 [f"out={run / 'stage1'}", f"steps={stage1_steps}", *overrides])
+    out1 = train(cfg1, progress=True)
+    params, _ = final_params(out1)
+    stage1 = export_hf(params, model.config, start, run / "stage1-hf")
+    cfg2 = TrainConfig.from_yaml(ROOT / "configs/train/organism.yaml",
+                                 [f"out={run / 'stage2'}", f"steps={stage2_steps}", f"model={stage1}", *overrides])
+    return start, model, out1, train(cfg2, progress=True), cfg2
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/train-organism")
@@ -29,22 +48,13 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=250, help="held-out samples (cycling the 5 task types)")
     args = ap.parse_args(argv)
 
-    import jaxmm
     from jaxmm import organism
     from jaxmm.eval.harness import EvalConfig, run as run_eval
     from jaxmm.eval.report import load_rows, _plt
-    from jaxmm.train.sft import TrainConfig, export_hf, final_params, train
+    from jaxmm.train.sft import export_hf, final_params
 
     run = Path(args.run)
-    start = organism.build()
-    model = jaxmm.load(start)
-    cfg1 = TrainConfig.from_yaml(ROOT / "configs/train/organism_stage1.yaml",
-                                 [f"out={run / 'stage1'}", f"steps={args.stage1}"])
-    params, _ = final_params(train(cfg1, progress=True))
-    stage1 = export_hf(params, model.config, start, run / "stage1-hf")
-    cfg = TrainConfig.from_yaml(ROOT / "configs/train/organism.yaml",
-                                [f"out={run / 'stage2'}", f"steps={args.steps}", f"model={stage1}"])
-    out = train(cfg, progress=True)
+    start, model, _, out, cfg = train_stages(run, args.stage1, args.steps)
     params, step = final_params(out)
     dest = export_hf(params, model.config, start, organism.SHIPPED)
     print(f"organism (stage 1 {args.stage1} + stage 2 {step} steps) -> {dest}")

@@ -34,15 +34,14 @@ def visual_head_frequency(model, n: int, seed: int = 2, batch_size: int = 25):
     import numpy as np
 
     import jaxmm.interventions as I
-    from heldout import STYLE
+    from heldout import STYLE, TASKS
     from jaxmm.data.grounded import make_sample
 
     iv = I.build(["vrga"], model.config)[0]
     counts, seen = 0.0, 0
-    tasks = ("recognition", "counting", "grounding", "ocr", "spatial")
     size = (STYLE["image_size"],) * 2
     for start in range(0, n, batch_size):
-        samples = [make_sample(i, seed, size, tasks[i % len(tasks)], STYLE["shape_scale"], STYLE["contrast"])
+        samples = [make_sample(i, seed, size, TASKS[i % len(TASKS)], STYLE["shape_scale"], STYLE["contrast"])
                    for i in range(start, min(n, start + batch_size))]
         chats = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
                                               {"type": "text", "text": s["question"]}]}] for s in samples]

@@ -9,6 +9,7 @@ methods, ``vas_vs_accuracy.png`` (per method and benchmark) and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -43,8 +44,6 @@ def _show(v) -> str:
     head = " ".join(f"{x:g}" for x in a.ravel()[:8])
     if a.size <= 8:
         return f"[{head}]"
-    import hashlib
-
     digest = hashlib.sha1(str(a.shape).encode() + np.ascontiguousarray(a).tobytes()).hexdigest()[:8]
     return f"[{head} … #{digest}]"
 
