@@ -127,7 +127,7 @@ def test_intervention_has_no_released_variant():
 
     from jaxmm import interventions as I
 
-    cfg = SimpleNamespace(text=SimpleNamespace(num_hidden_layers=2))
+    cfg = SimpleNamespace(text=SimpleNamespace(num_hidden_layers=2, hidden_size=16))
     assert I.build("avar:variant=paper", cfg)[0] == I.build("avar", cfg)[0]
     assert I.build(str(ROOT / "configs/methods/avar.yaml"), cfg)[0] == I.build("avar", cfg)[0]
     for spec in ("avar:variant=released", {"method": "avar", "variant": "released"}):
