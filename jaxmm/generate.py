@@ -14,7 +14,7 @@ row gets M-RoPE position ``max(prompt positions) + 1 + t`` on all three axes (HF
 Prompts of similar size share one compiled program: the prompt's S tokens run as a bucketed
 number of query rows (:data:`PROMPT_BUCKET`; the rows past S are padding that the first decode
 steps overwrite in the cache, and that no real query ever sees), the packed vision patches are
-padded to bucketed shapes (:func:`~jaxmm.models.qwen2_5_vl.modeling.pad_vision`; not when a probe
+padded to bucketed shapes (:func:`~jaxmm.models.core.vision_inputs.pad_vision`; not when a probe
 or intervention reads the vision tower), and the cache length is bucketed (:func:`bucket`). None of
 this changes a value: tokens, logits and probe values equal an unbucketed run at every real
 position (tested); probe axes over prompt rows may be longer (the extra rows are padding).
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.models.qwen2_5_vl.modeling import Batch, KVCache, forward
+from jaxmm.models.core.decoder import KVCache
+from jaxmm.models.core.model import Batch, forward
 from jaxmm.stopping import stop_token_ids
 
 Array = jax.Array
@@ -207,7 +208,7 @@ class Contrast:
 def text_only(batch: Batch, config) -> Batch:
     """Host side: the prompts of ``batch`` with their image spans (vision start, pads, end) removed,
     left-padded again, as a text-only batch."""
-    from jaxmm.models.qwen2_5_vl.inputs import prepare_batch
+    from jaxmm.models.core.inputs import prepare_batch
 
     ids, am = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
     drop = np.isin(ids, [config.image_token_id, config.vision_start_token_id, config.vision_end_token_id])
@@ -331,7 +332,7 @@ def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
     out = dataclasses.replace(prompt, input_ids=grow(prompt.input_ids), position_ids=grow(prompt.position_ids),
                               attention_mask=am, layout=lay)
     if config is not None and prompt.pixel_values is not None and prompt.vision is not None:
-        from jaxmm.models.qwen2_5_vl.modeling import pad_vision
+        from jaxmm.models.core.vision_inputs import pad_vision
 
         pv, vis = pad_vision(prompt.pixel_values, prompt.vision, config.vision)
         out = dataclasses.replace(out, pixel_values=pv, vision=vis)

@@ -2,7 +2,7 @@
 
 The :class:`Model` is a thin, stateless-in-spirit wrapper: it holds ``config`` and ``params`` and
 forwards to the family's pure, jitted ``forward``. Research code that wants the pure function uses
-``jaxmm.models.qwen2_5_vl.forward(model.params, model.config, batch, ...)`` directly.
+``jaxmm.models.core.forward(model.params, model.config, batch, ...)`` directly.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def build(path: str | Path | None = None, seed: int = 0) -> Path:
     """
     from jaxmm.checkpoint.hf import save_safetensors
     from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-    from jaxmm.models.qwen2_5_vl.modeling import abstract_params
-    from jaxmm.models.qwen2_5_vl.params import to_hf
+    from jaxmm.models.core.model import abstract_params
+    from jaxmm.models.core.params import to_hf
 
     import flax.nnx as nnx
 

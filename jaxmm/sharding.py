@@ -145,7 +145,7 @@ def jit_forward(config, mesh: jax.sharding.Mesh, params, batch, interventions=()
     """``jax.jit`` of the forward with explicit shardings: parameters as placed, the batch by
     :func:`batch_shardings`; logits [B,S,V] out split over the batch axes on B (and ``vocab`` over
     its mesh axis where it divides). Returns ``f(params, batch) -> logits``."""
-    from jaxmm.models.qwen2_5_vl.modeling import forward
+    from jaxmm.models.core.model import forward
 
     v = config.text.vocab_size
     spec = list(batch_spec((batch.input_ids.shape[0], 0, v), 0, mesh, 3))

@@ -7,9 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "jaxmm"
 
-# jaxmm/models/ is being reorganised separately; until then its family modules share their base
-# family's private helpers, and rope.py still reads processing.layout's old name _as_numpy.
-KNOWN = {("jaxmm/models/qwen2_5_vl/rope.py", "_as_numpy")}
+# (module, private name) pairs allowed to cross modules: none.
+KNOWN: set = set()
 
 
 def _modules() -> dict:
@@ -41,8 +40,7 @@ def test_no_private_names_across_modules():
                         bad.append(f"{rel}:{node.lineno}: from {node.module} import {a.name}")
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and not (name.startswith("jaxmm.models.") and aliases[node.value.id].startswith("jaxmm.models"))):
+                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
                 bad.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny
-from jaxmm.models.qwen2_5_vl.rope import get_rope_index
+from jaxmm.models.core.rope import get_rope_index
 from jaxmm.processing.layout import TokenLayout, build_token_layout
 
 IMG, VID, M = tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, 2

@@ -25,7 +25,7 @@ def test_logits_hidden_states_attention_and_positions(ckpt, images, side):
     batch = make_batch(images, side)
     ref = hf_forward(hf_model, batch)
     model = jaxmm.load(path)
-    assert model.config.model_type == "qwen2_vl" and not model.config.vision.windowed
+    assert model.config.model_type == "qwen2_vl" and not hasattr(model.config.vision, "window_size")
     out = model.forward(**batch, probes=[AttentionWeights()], output_hidden_states=True)
     valid = batch["attention_mask"].astype(bool)
     assert np.abs(ref.logits.numpy()).max() > 1.0

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import tiny
 from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from jaxmm.models.qwen2_5_vl.rope import (decode_position_ids, generate_position_ids, get_rope_index,
+from jaxmm.models.core.rope import (decode_position_ids, generate_position_ids, get_rope_index,
                                           get_rope_index_for_config, mm_token_type_ids)
 
 IMG, VID, M = tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, 2

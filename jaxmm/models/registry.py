@@ -59,7 +59,7 @@ def family_of(path: str | Path):
         ConfigError: config.json is not valid JSON (names the file and the JSON problem), or its
             ``model_type`` is missing or not supported.
     """
-    from jaxmm.models.qwen2_5_vl.config import ConfigError, read_config_json
+    from jaxmm.models.core.config import ConfigError, read_config_json
 
     cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():

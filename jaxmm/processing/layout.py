@@ -6,7 +6,7 @@ probes can ask "which keys are image tokens, system tokens, the question, genera
 box?" and "where does this image token sit in its merged grid?".
 
 How image tokens map to images (the rule of transformers' ``Qwen2_5_VLModel.get_rope_index``, which
-:mod:`jaxmm.models.qwen2_5_vl.rope` shares through :func:`vision_groups`): drop the padding of a row
+:mod:`jaxmm.models.core.rope` shares through :func:`vision_groups`): drop the padding of a row
 (``attention_mask == 0``), split what is left into maximal runs of equal modality (text / image pad
 token / video pad token); every image run is one image, every video run one video. Images are
 numbered in order of appearance, row-major over the batch, and that number is the row of
@@ -117,9 +117,6 @@ def as_numpy(x, name: str):
         return np.asarray(x)
     except Exception as e:  # noqa: BLE001
         raise TypeError(f"{name}: cannot be read as an array ({type(x).__name__})") from e
-
-
-_as_numpy = as_numpy  # the old name, still imported by jaxmm/models/qwen2_5_vl/rope.py
 
 
 def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import ConfigDict, Field
 
 from jaxmm.config import Float, Fraction, Int, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
-from jaxmm.models.qwen2_5_vl.modeling import forward
+from jaxmm.models.core.model import forward
 from jaxmm.train.sft import DataSpec, LoraSpec, RaveSpec, config_from_yaml
 
 REWARDS = ("accuracy", "format", "r_att", "vars")

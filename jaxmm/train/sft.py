@@ -38,7 +38,7 @@ from typing_extensions import TypedDict
 
 from jaxmm.config import Float, Fraction, Mesh, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
 
-from jaxmm.models.qwen2_5_vl.modeling import forward
+from jaxmm.models.core.model import forward
 
 
 class LoraSpec(TypedDict, total=False):
@@ -431,7 +431,7 @@ def export_hf(params, config, src_dir, out_dir) -> Path:
     import shutil
 
     from jaxmm.checkpoint.hf import save_safetensors
-    from jaxmm.models.qwen2_5_vl.params import to_hf
+    from jaxmm.models.core.params import to_hf
 
     out_dir, src_dir = Path(out_dir), Path(src_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

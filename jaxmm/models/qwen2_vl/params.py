@@ -1,17 +1,19 @@
-"""Hugging Face keys -> jaxmm paths for Qwen2-VL: Qwen2.5-VL's table with Qwen2-VL's vision
-block and merger names (LayerNorm weight and bias, ``mlp.fc1``/``mlp.fc2``)."""
+"""Hugging Face checkpoint keys -> jaxmm parameter paths for Qwen2-VL: its vision tower (LayerNorm
+weight and bias, ``mlp.fc1``/``mlp.fc2``, ``merger.mlp.{0,2}``) and the shared decoder's rules."""
+
+from __future__ import annotations
 
 from jaxmm.checkpoint.hf import Rule
-from jaxmm.models.qwen2_5_vl import params as base
+from jaxmm.models.core.params import IGNORE, IGNORE_TIED, TEXT_RULES, VISION, conv_patch, to_hf  # noqa: F401
 
-_V = base._V
-_VISION_2_5 = ("norm1|norm2", "mlp\\.(gate_proj", "merger\\.ln_q")
-
-KEY_RULES = tuple(r for r in base.KEY_RULES
-                  if not (r.pattern.startswith(_V) and any(k in r.pattern for k in _VISION_2_5))) + (
-    Rule(_V + r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"visual.blocks.\1.\2.\3"),
-    Rule(_V + r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.weight", r"visual.blocks.\1.mlp.\2.kernel", "T"),
-    Rule(_V + r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.bias", r"visual.blocks.\1.mlp.\2.bias"),
-    Rule(_V + r"merger\.ln_q\.(weight|bias)", r"visual.merger.ln_q.\1"),
-)
-IGNORE, IGNORE_TIED = base.IGNORE, base.IGNORE_TIED
+KEY_RULES: tuple[Rule, ...] = (
+    Rule(VISION + r"patch_embed\.proj\.weight", "visual.patch_embed.kernel", conv_patch),
+    Rule(VISION + r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"visual.blocks.\1.\2.\3"),
+    Rule(VISION + r"blocks\.(\d+)\.attn\.(qkv|proj)\.weight", r"visual.blocks.\1.attn.\2.kernel", "T"),
+    Rule(VISION + r"blocks\.(\d+)\.attn\.(qkv|proj)\.bias", r"visual.blocks.\1.attn.\2.bias"),
+    Rule(VISION + r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.weight", r"visual.blocks.\1.mlp.\2.kernel", "T"),
+    Rule(VISION + r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.bias", r"visual.blocks.\1.mlp.\2.bias"),
+    Rule(VISION + r"merger\.ln_q\.(weight|bias)", r"visual.merger.ln_q.\1"),
+    Rule(VISION + r"merger\.mlp\.(0|2)\.weight", r"visual.merger.mlp_\1.kernel", "T"),
+    Rule(VISION + r"merger\.mlp\.(0|2)\.bias", r"visual.merger.mlp_\1.bias"),
+) + TEXT_RULES

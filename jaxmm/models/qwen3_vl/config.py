@@ -1,14 +1,33 @@
 """Qwen3-VL (dense) configuration read from ``config.json`` (``transformers/models/qwen3_vl/
 configuration_qwen3_vl.py``): text ``head_dim``, ``attention_bias``, q/k RMSNorm and interleaved
-M-RoPE; vision ``num_position_embeddings``, ``deepstack_visual_indexes``, patch bias, no windows."""
+M-RoPE; vision ``num_position_embeddings`` (a learned position table), ``deepstack_visual_indexes``,
+a patch embedding with bias, no windows."""
 
 from __future__ import annotations
 
-from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+import dataclasses
+
+from jaxmm.models.core import config as core
 
 
-class Qwen3VLConfig(Qwen2_5_VLConfig):
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(core.VisionConfig):
+    """The shared vision fields plus ``num_position_embeddings`` (entries of the learned, bilinearly
+    resampled position table; a square number) and ``deepstack_visual_indexes`` (blocks whose
+    features are added to the decoder's image tokens after layers 0, 1, …)."""
+
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLConfig(core.VLConfig):
+    vision: VisionConfig
+    model_type: str = "qwen3_vl"
+
     MODEL_TYPE = "qwen3_vl"
+    VISION_CONFIG = VisionConfig
+    VISION_ACTS = ("gelu_pytorch_tanh",)
     # transformers' configuration_qwen3_vl.py defaults (rope_theta 5e5, patch 16, ...); head_dim 128,
     # attention_bias false and mrope_section [24, 20, 20] (modeling_qwen3_vl.py) in text_fields.
     TEXT_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 128000,
@@ -17,13 +36,19 @@ class Qwen3VLConfig(Qwen2_5_VLConfig):
                        "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
                        "deepstack_visual_indexes": (8, 16, 24)}
 
+    def consistency_checks(self) -> list[tuple[bool, str]]:
+        v = self.vision
+        side = round(v.num_position_embeddings ** 0.5)
+        return super().consistency_checks() + [
+            (side * side == v.num_position_embeddings,
+             f"num_position_embeddings={v.num_position_embeddings} is not a square number"),
+            (all(0 <= i < v.depth for i in v.deepstack_visual_indexes),
+             f"deepstack_visual_indexes={list(v.deepstack_visual_indexes)} out of range for depth={v.depth}"),
+        ]
+
     @staticmethod
     def vision_fields(vis: dict) -> dict:
         out = dict(vis)
-        out["fullatt_block_indexes"] = tuple(range(vis["depth"]))
-        out["windowed"] = False
-        out["patch_bias"] = True
-        out.setdefault("window_size", 112)
         out["tokens_per_second"] = 1
         return out
 

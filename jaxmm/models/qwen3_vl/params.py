@@ -1,15 +1,15 @@
 """Hugging Face keys -> jaxmm paths for Qwen3-VL (transformers-5 ``model.visual.*`` /
 ``model.language_model.*`` names, and the same without the ``model.`` prefix for the vision tower)."""
 
+from __future__ import annotations
+
 from jaxmm.checkpoint.hf import Rule
-from jaxmm.models.qwen2_5_vl import params as base
+from jaxmm.models.core.params import IGNORE, IGNORE_TIED, TEXT_RULES, conv_patch, to_hf  # noqa: F401
+from jaxmm.models.core.params import TEXT as _T
+from jaxmm.models.core.params import VISION as _V
 
-_V, _T = base._V, base._T
-
-
-
-KEY_RULES = (
-    Rule(_V + r"patch_embed\.proj\.weight", "visual.patch_embed.kernel", base._conv_patch),
+KEY_RULES: tuple[Rule, ...] = (
+    Rule(_V + r"patch_embed\.proj\.weight", "visual.patch_embed.kernel", conv_patch),
     Rule(_V + r"patch_embed\.proj\.bias", "visual.patch_embed.bias"),
     Rule(_V + r"pos_embed\.weight", "visual.pos_embed.weight"),
     Rule(_V + r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"visual.blocks.\1.\2.\3"),
@@ -27,5 +27,4 @@ KEY_RULES = (
          r"visual.deepstack_merger_list.\1.\2.bias"),
     Rule(_T + r"layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", r"language_model.layers.\1.self_attn.\2.weight"),
     Rule(_T + r"layers\.(\d+)\.self_attn\.o_proj\.bias", r"language_model.layers.\1.self_attn.o_proj.bias"),
-) + tuple(r for r in base.KEY_RULES if not r.pattern.startswith(_V))
-IGNORE, IGNORE_TIED = base.IGNORE, base.IGNORE_TIED
+) + TEXT_RULES

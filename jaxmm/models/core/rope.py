@@ -1,6 +1,7 @@
-"""M-RoPE position ids on the host (numpy), identical to transformers' Qwen2.5-VL (5.x).
+"""M-RoPE position ids on the host (numpy), identical to transformers' Qwen-VL families (5.x).
 
-Mirrors, in ``transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py``:
+Every family computes them the same way (its config gives ``tokens_per_second``). Mirrors, in
+``transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py``:
 
 * ``Qwen2_5_VLModel.get_rope_index`` (:func:`get_rope_index`), called with ``mm_token_type_ids``
   (1 at image pad tokens, 2 at video pad tokens, 0 elsewhere: :func:`mm_token_type_ids`);
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmm.processing.layout import IMAGE, TEXT, VIDEO, _as_numpy, vision_groups
+from jaxmm.processing.layout import IMAGE, TEXT, VIDEO, as_numpy, vision_groups
 
 
 def mm_token_type_ids(input_ids, image_token_id: int, video_token_id: int) -> np.ndarray:
@@ -30,7 +31,7 @@ def mm_token_type_ids(input_ids, image_token_id: int, video_token_id: int) -> np
 
     What the HF Qwen2.5-VL processor returns as ``mm_token_type_ids``.
     """
-    ids = np.asarray(_as_numpy(input_ids, "input_ids"))
+    ids = np.asarray(as_numpy(input_ids, "input_ids"))
     return ((ids == image_token_id) * IMAGE + (ids == video_token_id) * VIDEO).astype(np.int32)
 
 
@@ -40,7 +41,7 @@ def _seconds(second_per_grid_ts, n_videos: int):
     if second_per_grid_ts is None:
         return None, False
     from_array = not isinstance(second_per_grid_ts, (list, tuple))
-    secs = _as_numpy(second_per_grid_ts, "second_per_grid_ts")
+    secs = as_numpy(second_per_grid_ts, "second_per_grid_ts")
     if secs.ndim != 1:
         raise ValueError(f"second_per_grid_ts: expected a 1-D array [n_videos], got shape {secs.shape}")
     if from_array and not (np.issubdtype(secs.dtype, np.floating) or np.issubdtype(secs.dtype, np.integer)):
@@ -130,8 +131,8 @@ def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_gr
     ids, am, rows = vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw,
                                   image_token_id=image_token_id, video_token_id=video_token_id,
                                   spatial_merge_size=m)
-    grids = {IMAGE: None if image_grid_thw is None else np.asarray(_as_numpy(image_grid_thw, "image_grid_thw")),
-             VIDEO: None if video_grid_thw is None else np.asarray(_as_numpy(video_grid_thw, "video_grid_thw"))}
+    grids = {IMAGE: None if image_grid_thw is None else np.asarray(as_numpy(image_grid_thw, "image_grid_thw")),
+             VIDEO: None if video_grid_thw is None else np.asarray(as_numpy(video_grid_thw, "video_grid_thw"))}
     n_videos = 0 if grids[VIDEO] is None else len(grids[VIDEO])
     secs, from_array = _seconds(second_per_grid_ts, n_videos)
     b, s = ids.shape
@@ -163,7 +164,7 @@ def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_gr
 def get_rope_index_for_config(config, input_ids, attention_mask=None, image_grid_thw=None,
                               video_grid_thw=None, second_per_grid_ts=None) -> tuple[np.ndarray, np.ndarray]:
     """:func:`get_rope_index` with the token ids, ``spatial_merge_size`` and ``tokens_per_second``
-    read from a :class:`~jaxmm.models.qwen2_5_vl.config.Qwen2_5_VLConfig`."""
+    read from a model config (:class:`~jaxmm.models.core.config.VLConfig`)."""
     return get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
                           image_token_id=config.image_token_id, video_token_id=config.video_token_id,
                           spatial_merge_size=config.vision.spatial_merge_size,
@@ -207,12 +208,12 @@ def decode_position_ids(rope_deltas, cache_position_or_lengths, n_new: int = 1) 
     Returns:
         int64 [3,B,n_new].
     """
-    d = np.asarray(_as_numpy(rope_deltas, "rope_deltas"), np.int64)
+    d = np.asarray(as_numpy(rope_deltas, "rope_deltas"), np.int64)
     if d.ndim == 2 and d.shape[1] == 1:
         d = d[:, 0]
     if d.ndim != 1:
         raise ValueError(f"rope_deltas: expected [B,1] or [B], got shape {d.shape}")
-    start = np.asarray(_as_numpy(cache_position_or_lengths, "cache_position_or_lengths"), np.int64)
+    start = np.asarray(as_numpy(cache_position_or_lengths, "cache_position_or_lengths"), np.int64)
     if start.ndim == 0:
         start = np.broadcast_to(start, d.shape)
     if start.shape != d.shape:
@@ -239,7 +240,7 @@ def generate_position_ids(prompt_position_ids, n_new: int = 1) -> np.ndarray:
     Returns:
         int64 [3,B,n_new].
     """
-    p = np.asarray(_as_numpy(prompt_position_ids, "prompt_position_ids"), np.int64)
+    p = np.asarray(as_numpy(prompt_position_ids, "prompt_position_ids"), np.int64)
     if p.ndim != 3 or p.shape[0] != 3:
         raise ValueError(f"prompt_position_ids: expected [3,B,S], got shape {p.shape}")
     return p[..., -1:] + 1 + np.arange(int(n_new), dtype=np.int64)

@@ -1,0 +1,182 @@
+"""The model every family is: a vision tower, the shared decoder, the lm head; and its pure forward.
+
+Mirrors ``...ForConditionalGeneration`` of transformers' Qwen-VL families (5.x). Module and
+parameter names follow the transformers-5 layout (``visual.blocks.0.attn.qkv``,
+``language_model.layers.0.self_attn.q_proj``, ``lm_head``) so each family's checkpoint key map is a
+table. A family subclasses :class:`VLForConditionalGeneration`, sets ``VisionTower`` to its tower
+class (see :mod:`jaxmm.models.core.vision` for the tower's contract) and binds itself to its config
+class (``Config.model_class = ...``).
+
+The pure function. ``forward(params, config, batch, ...)`` is a pure function of the parameter
+pytree (an ``nnx.State``): it rebuilds the module with ``nnx.merge(graphdef(config), params)`` and
+runs it, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` compose with it directly::
+
+    model = jaxmm.load(path)                      # config, params
+    batch = model.prepare(input_ids=..., attention_mask=..., pixel_values=..., image_grid_thw=...)
+    out = jax.jit(forward, static_argnames="config")(model.params, model.config, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from jaxmm.attention import Site
+from jaxmm.models.core.decoder import KVCache, TextModel, mrope_cos_sin, splice, text_mask
+from jaxmm.models.core.layers import Linear
+from jaxmm.models.core.vision import collect
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Device inputs of :func:`forward` (a pytree of arrays), built on the host by ``prepare_batch``.
+
+    input_ids [B,S] int32; attention_mask [B,S] int32 (1 = token, 0 = padding);
+    position_ids [3,B,S] int32 (M-RoPE, HF ``get_rope_index``); pixel_values [N, C·T·P·P] or None;
+    vision: :class:`~jaxmm.models.core.vision.VisionInputs` or None; layout: :class:`TokenLayout`.
+    """
+
+    input_ids: Any
+    attention_mask: Any
+    position_ids: Any
+    pixel_values: Any = None
+    vision: Any = None
+    layout: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """logits [B,S,V]; hidden_states: tuple of L+1 [B,S,E] (embeddings, then each layer's output,
+    the last one after the final norm, as transformers returns them) or None; probes:
+    ``{name: {tower: LayerStack(values [L_probed, ...], layers)}}``; cache: the updated
+    :class:`KVCache` when one was passed."""
+
+    logits: Any
+    hidden_states: Any = None
+    probes: Any = None
+    cache: Any = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """One probe's results in one tower: ``values`` [L_probed, ...] stacked over ``layers`` (static)."""
+
+    values: Any
+    layers: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+
+def _stack(results: dict) -> dict:
+    return {name: LayerStack(jnp.stack([per_layer[i] for i in sorted(per_layer)]), tuple(sorted(per_layer)))
+            for name, per_layer in results.items()}
+
+
+class VLForConditionalGeneration(nnx.Module):
+    """``visual`` tower (``VisionTower``, set by the family), ``language_model`` decoder and
+    ``lm_head`` (None when tied)."""
+
+    VisionTower: type = None
+
+    def __init__(self, config, dtype=jnp.float32):
+        self.config = config
+        self.visual = self.VisionTower(config.vision, dtype)
+        self.language_model = TextModel(config.text, dtype)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        Linear(config.text.hidden_size, config.text.vocab_size, bias=False, dtype=dtype,
+                               names=("embed", "vocab")))
+
+    def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False,
+                 cache: KVCache | None = None) -> ModelOutput:
+        """Prefill (``cache`` None or empty) or decode step (``cache.index`` > 0).
+
+        With a cache, ``batch.input_ids`` [B,T] are the new tokens at key positions
+        ``cache.index + arange(T)``, while ``batch.attention_mask`` and ``batch.layout`` describe all
+        ``K = cache.max_len`` key positions.
+        """
+        cfg = self.config
+        lm = self.language_model
+        x = lm.embed_tokens(batch.input_ids)                                        # [B,T,E]
+        t = x.shape[1]
+        image_mask = batch.input_ids == cfg.image_token_id
+        probe_out = {}
+        deepstack = ()
+        if batch.pixel_values is not None:
+            feats, deepstack, vres = self.visual(batch.pixel_values, batch.vision, interventions, probes)
+            x = splice(x, feats.astype(x.dtype), image_mask)
+            for name, v in _stack(vres).items():
+                probe_out.setdefault(name, {})["vision"] = v
+        start = jnp.int32(0) if cache is None else cache.index
+        query_pos = start + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = mrope_cos_sin(batch.position_ids, cfg.text)
+        mask = text_mask(batch.attention_mask, query_pos)
+        hidden = [x] if output_hidden_states else None
+        tres = {}
+        kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
+        for i, layer in enumerate(lm.layers):
+            site = Site("text", i, layout=batch.layout, query_pos=query_pos)
+            x, res, kv = layer(x, cos, sin, mask, site, interventions, probes, kv)
+            collect(tres, res, i)
+            if output_hidden_states:
+                hidden.append(x)
+            if i < len(deepstack):                     # DeepStack: add vision features after layer i
+                x = x + splice(jnp.zeros_like(x), deepstack[i].astype(x.dtype), image_mask)
+        x = lm.norm(x)
+        if output_hidden_states:
+            hidden[-1] = x
+        logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        for name, v in _stack(tres).items():
+            probe_out.setdefault(name, {})["text"] = v
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], start + t, kv[2])
+        return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
+                           probes=probe_out, cache=new_cache)
+
+
+# ----------------------------------------------------------------------------- pure functional API
+def model_class(config) -> type:
+    """The model class of ``config``'s own class (``ConfigClass.model_class``, bound in the family's
+    modeling module next to the model class; an inherited binding does not count).
+
+    Raises:
+        TypeError: ``type(config)`` has no model class of its own.
+    """
+    cls = type(config).__dict__.get("model_class")
+    if cls is None:
+        raise TypeError(f"{type(config).__name__} has no model class: bind one in its family's modeling module "
+                        f"({type(config).__name__}.model_class = ...ForConditionalGeneration)")
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef(config, dtype: str = "float32"):
+    """The static graph of the model for ``config`` (no parameter memory)."""
+    abstract = nnx.eval_shape(lambda: model_class(config)(config, jnp.dtype(dtype)))
+    return nnx.split(abstract)[0]
+
+
+def abstract_params(config, dtype: str = "float32") -> nnx.State:
+    """Parameter pytree of ShapeDtypeStructs with logical-axis metadata (for loading and sharding)."""
+    abstract = nnx.eval_shape(lambda: model_class(config)(config, jnp.dtype(dtype)))
+    return nnx.split(abstract)[1]
+
+
+def forward(params: nnx.State, config, batch: Batch, interventions: Sequence = (),
+            probes: Sequence = (), output_hidden_states: bool = False, cache: KVCache | None = None) -> ModelOutput:
+    """Pure forward of any family: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
+
+    ``config`` (hashable; its class names the model class) and ``output_hidden_states`` must be
+    static under ``jax.jit``; ``interventions`` and ``probes`` are pytrees whose layer choices are
+    static metadata.
+    """
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    model = nnx.merge(graphdef(config, jnp.dtype(dtype).name), params)
+    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache)
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))
