@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmm.checkpoint.hf import CheckpointError, convert, open_checkpoint
+from jaxmm.checkpoint.hf import CheckpointError, iter_converted, open_checkpoint
+from jaxmm.config import ConfigError
 from jaxmm.models.registry import FAMILIES, family_of  # noqa: F401  (re-exported: jaxmm.loading.family_of)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -262,7 +263,19 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {sorted(_DTYPES)}")
     family = family_of(path)
-    config = family.Config.from_pretrained(path)
+    try:
+        config = family.Config.from_pretrained(path)
+    except ConfigError:
+        # weights of another family under this model_type fail config checks of the wrong family
+        # (its activations, its fields): say what is wrong, when the weights show it
+        if not store.is_converted(path):
+            try:
+                ckpt = open_checkpoint(path)
+            except (CheckpointError, FileNotFoundError):
+                ckpt = None
+            if ckpt is not None:
+                _check_family(ckpt, path / "config.json", family.name)
+        raise
     abstract = family.abstract_params(config, dtype)
     expected = {p: v.get_value() for p, v in nnx.to_flat_state(abstract)}
     shardings = None
@@ -276,14 +289,16 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
         _check_family(ckpt, path / "config.json", config.MODEL_TYPE)
         ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
         try:
-            arrays = convert(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]), ignore=ignore)
+            # on a mesh, tensors stay unread (LazyTensor) until each device reads its own slice
+            tensors = dict(iter_converted(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]),
+                                          ignore=ignore, lazy=shardings is not None))
         except CheckpointError as e:
             raise CheckpointError(f"{e}\n(if shapes differ everywhere, does {path / 'config.json'} describe "
                                   f"these weights?)") from None
         # make_array_from_callback: each device takes its own slice, also across hosts
         arrays = {p: jax.device_put(a) if shardings is None else
                   jax.make_array_from_callback(a.shape, shardings[p], lambda idx, a=a: a[idx])
-                  for p, a in arrays.items()}
+                  for p, a in tensors.items()}
     flat = [(p, v.replace(arrays[p])) for p, v in nnx.to_flat_state(abstract)]
     params = nnx.from_flat_state(flat)
     return Model(family, config, params, path)

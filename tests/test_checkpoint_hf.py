@@ -432,3 +432,42 @@ def test_iter_converted_streams_in_file_order_and_can_keep_dtype(tmp_path):
     assert first[1].dtype == np.float16
     rest = dict(it)
     assert len(rest) + 1 == len(qwen2_expected())
+
+
+def test_get_slice_reads_the_part_of_each_dtype(tmp_path):
+    rng = np.random.default_rng(0)
+    full = {"f32": rng.normal(size=(6, 5)).astype(np.float32),
+            "bf16": rng.normal(size=(4, 6)).astype(ml_dtypes.bfloat16),
+            "f8": rng.normal(size=(4, 3)).astype(ml_dtypes.float8_e4m3fn),
+            "i64": np.arange(24, dtype=np.int64).reshape(2, 3, 4), "scalar": np.float32(2.5)}
+    save_safetensors(full, tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path)
+    for key, want in full.items():
+        got = ckpt.get(key)
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), key
+        index = tuple(slice(1, None, None) if n > 1 else slice(None) for n in np.shape(want))
+        part = ckpt.get_slice(key, index)
+        assert part.dtype == want.dtype and np.array_equal(part, np.asarray(want)[index]), key
+
+
+def test_lazy_conversion_equals_eager_and_checks_shapes(tmp_path):
+    """lazy=True (what jaxmm.load uses on a mesh) yields LazyTensors whose slices are the eager
+    conversion's slices: transposed for "T" rules, cast, and mis-shaped tensors reported alike."""
+    from jaxmm.checkpoint.hf import LazyTensor, iter_converted
+
+    save_qwen2(tmp_path, torch.bfloat16)
+    ckpt = open_checkpoint(tmp_path)
+    eager = convert(ckpt, QWEN2_RULES, qwen2_expected())
+    lazy = dict(iter_converted(ckpt, QWEN2_RULES, qwen2_expected(), lazy=True))
+    assert lazy.keys() == eager.keys() and all(isinstance(v, LazyTensor) for v in lazy.values())
+    for path, want in eager.items():
+        t = lazy[path]
+        assert t.shape == want.shape and t.dtype == np.float32
+        index = tuple(slice(n // 2, n) for n in want.shape)
+        np.testing.assert_array_equal(t[index], want[index])
+        np.testing.assert_array_equal(t[()], want)
+    bad = dict(qwen2_expected())
+    bad[("layers", 0, "attn", "q", "kernel")] = SDS((HIDDEN + 1, HEADS * HEAD_DIM), np.float32)
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensor 'model.layers.0.self_attn.q_proj.weight'.*"
+                                              r"expects \[17, 16\], got \[16, 16\]"):
+        dict(iter_converted(ckpt, QWEN2_RULES, bad, lazy=True))

@@ -2,9 +2,13 @@
 
 The safetensors format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON mapping each
 tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that
-follows the header) plus an optional ``__metadata__``. Files are validated from their headers
-alone (a truncated file is caught before any tensor is read) and tensors are read one at a time
-through a memory map. Pickle-based files (``.bin``, ``.pt``, ``.pth``) are never opened.
+follows the header) plus an optional ``__metadata__``. jaxmm validates every file from its header
+alone first (a truncated file, a renamed pickle or zip, a header over the format's cap, an entry
+whose byte span does not fit its shape: each caught before any tensor is read, with a message naming
+the file and tensor), then reads tensors one at a time through the ``safetensors`` package
+(``safe_open``: ``get_tensor`` for a whole tensor, ``get_slice`` for one device's part of it). The
+package's numpy backend has no float8 dtypes, so F8 tensors are read from their byte range by
+jaxmm itself. Pickle-based files (``.bin``, ``.pt``, ``.pth``) are never opened.
 """
 
 from __future__ import annotations
@@ -116,6 +120,9 @@ def _read_header(path: Path) -> dict[str, _Entry]:
 class SafetensorsCheckpoint:
     """The tensors of one checkpoint (single file or shards), read lazily one at a time."""
 
+    #: safetensors dtype codes the package's numpy backend cannot return (read by byte range)
+    _RAW = ("F8_E4M3", "F8_E5M2")
+
     def __init__(self, entries: dict[str, _Entry]):
         self._entries = entries
 
@@ -135,9 +142,57 @@ class SafetensorsCheckpoint:
     def file(self, key: str) -> Path:
         return self._entries[key].file
 
+    @staticmethod
+    def _read(f: Path, read):
+        """``read(handle)`` on a fresh ``safe_open`` of ``f``, closed right after: the file's memory
+        map lives for one tensor, so resident memory holds that tensor, not every page read so far."""
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="numpy") as handle:
+            return read(handle)
+
     def get(self, key: str) -> np.ndarray:
-        """The tensor as a numpy array (bf16 as ``ml_dtypes.bfloat16``), read from its byte range only
-        (no memory map: host memory holds this one tensor, whatever the file's size)."""
+        """The tensor [shape] as a numpy array of its own dtype (bf16 as ``ml_dtypes.bfloat16``).
+
+        Raises:
+            CheckpointError: the file changed or is unreadable since it was opened (names file and tensor).
+        """
+        e = self._entries[key]
+        if e.dtype in self._RAW:
+            return self._raw(key)
+        try:
+            a = self._read(e.file, lambda h: h.get_tensor(key))
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{e.file}: cannot read tensor {key!r} ({err})") from None
+        return self._checked(key, a, e.shape)
+
+    def get_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``tensor[index]`` (a tuple of slices, as ``jax.make_array_from_callback`` passes a device's
+        part) read without the rest of the tensor.
+
+        Raises:
+            CheckpointError: as :meth:`get`.
+        """
+        e = self._entries[key]
+        if e.dtype in self._RAW:
+            return self._raw(key)[index]
+        try:
+            if not e.shape:
+                return self.get(key)[index]
+            a = self._read(e.file, lambda h: h.get_slice(key)[index])
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"{e.file}: cannot read tensor {key!r}[{index}] ({err})") from None
+        return np.asarray(a)
+
+    def _checked(self, key: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        e = self._entries[key]
+        if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(DTYPES[e.dtype]):
+            raise CheckpointError(f"{e.file}: tensor {key!r} read as {a.dtype} {list(a.shape)}, its header says "
+                                  f"{e.dtype} {list(shape)} (file changed since it was opened?)")
+        return a
+
+    def _raw(self, key: str) -> np.ndarray:
+        """The tensor from its byte range (host memory holds this one tensor)."""
         e = self._entries[key]
         buf = bytearray(e.end - e.begin)
         with open(e.file, "rb") as f:
@@ -162,7 +217,7 @@ def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
         path: a checkpoint directory or a ``.safetensors`` file.
 
     Returns:
-        A :class:`SafetensorsCheckpoint` (``keys``, ``shape``, ``dtype``, ``file``, ``get``).
+        A :class:`SafetensorsCheckpoint` (``keys``, ``shape``, ``dtype``, ``file``, ``get``, ``get_slice``).
 
     Raises:
         CheckpointError: pickle files only, or a ``.safetensors`` file that is really a pickle or
@@ -282,8 +337,24 @@ def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, 
     return dict(iter_converted(ckpt, rules, expected, dtype=dtype, ignore=ignore))
 
 
+class LazyTensor:
+    """A checkpoint tensor mapped onto a parameter but not read yet: ``shape``/``dtype`` of the
+    parameter, and ``lazy[index]`` reads only that part (a tuple of slices in the parameter's layout)
+    through ``get_slice``, transposed for a ``"T"`` rule, cast to ``dtype``."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, key: str, transpose: bool, shape, dtype):
+        self.ckpt, self.key, self.transpose = ckpt, key, transpose
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+        if self.transpose:
+            return _contiguous(self.ckpt.get_slice(self.key, index[::-1]).T.astype(self.dtype))
+        return _contiguous(self.ckpt.get_slice(self.key, index).astype(self.dtype))
+
+
 def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
-                   ignore: Iterable[str] = (), keep_dtype: bool = False):
+                   ignore: Iterable[str] = (), keep_dtype: bool = False, lazy: bool = False):
     """Maps every checkpoint tensor through ``rules`` onto the ``expected`` parameter paths.
 
     Args:
@@ -293,6 +364,8 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
         dtype: cast every tensor to this dtype (default: each expected dtype).
         ignore: regexes of checkpoint keys to skip silently.
         keep_dtype: yield tensors in the checkpoint's own dtype (no cast).
+        lazy: yield a :class:`LazyTensor` (nothing read; index it for a slice) for every tensor whose
+            rule is the identity or ``"T"``; tensors of other rules are read and converted.
 
     Yields:
         ``(path, np.ndarray)`` one tensor at a time, in checkpoint order (file by file), so a caller
@@ -330,6 +403,17 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
             problems.append(f"tensor {key!r} in {ckpt.file(key).name} has dtype {ckpt.dtype(key)}, but parameter "
                             f"{_fmt(path)} is a float weight (a quantised or corrupt checkpoint?); jaxmm "
                             f"reads F32, F16, BF16 (and F64, F8) weights")
+            continue
+        if lazy and rule.transform in (None, "T") and (rule.transform is None or len(ckpt.shape(key)) == 2):
+            t = rule.transform == "T"
+            shape = tuple(ckpt.shape(key))[::-1] if t else tuple(ckpt.shape(key))
+            if shape != want:
+                problems.append(f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
+                                f"parameter {_fmt(path)} expects {list(want)}, got {list(shape)} after the key map")
+                continue
+            source[path] = key
+            cast = DTYPES[ckpt.dtype(key)] if keep_dtype else (dtype if dtype is not None else expected[path].dtype)
+            yield path, LazyTensor(ckpt, key, t, shape, cast)
             continue
         try:
             w = rule.apply(ckpt.get(key), want)
