@@ -40,12 +40,12 @@ def setup(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def patched_eager(edit):
-    """transformers' eager attention with ``edit(layer, z, a, mask) -> (z_or_None, a_or_None)``
-    applied in the text decoder (modules with a ``layer_idx``)."""
+def patched_eager(edit, mod=MOD):
+    """transformers' eager attention (of module ``mod``) with ``edit(layer, z, a, mask) ->
+    (z_or_None, a_or_None)`` applied in the text decoder (modules with a ``layer_idx``)."""
     import importlib
 
-    m = importlib.import_module(MOD)
+    m = importlib.import_module(mod)
     orig = m.eager_attention_forward
 
     def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):

@@ -147,3 +147,27 @@ def build_hf_qwen3_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(Qwen3VLForConditionalGeneration(cfg).eval(), seed, std)
+
+
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 56, 14      # a 4x4 patch grid: 16 image tokens per image
+
+
+def build_hf_llava(seed: int = 0, std: float = 0.15, tie: bool = False, feature_layer=-2):
+    """A random-weight ``LlavaForConditionalGeneration`` (CLIP tower, Llama decoder; eval, float32,
+    eager) with image token ``IMAGE_TOKEN``."""
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
+                         tie_word_embeddings=tie),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
+                           projection_dim=32),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer, image_seq_length=16,
+        tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomize(LlavaForConditionalGeneration(cfg).eval(), seed, std)

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxmm.models import qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.models import llava, qwen2_5_vl, qwen2_vl, qwen3_vl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": _family("qwen2_5_vl", qwen2_5_vl, qwen2_5_vl.Qwen2_5_VLForConditionalGeneration),
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
+    "llava": _family("llava", llava, llava.LlavaForConditionalGeneration),
 }
 
 

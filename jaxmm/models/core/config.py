@@ -170,9 +170,9 @@ class VLConfig:
         for name in {f.name for f in dataclasses.fields(TextConfig)} | {"head_dim", "attention_bias"}:
             if name not in text and name in d:
                 text[name] = d[name]
-        _check_fields(text, prefix, cls.REQUIRED_TEXT, source)
-        _check_fields(d["vision_config"], "vision_config.", cls.REQUIRED_VISION, source)
-        _check_fields({k: d[k] for k in (*_TOP_INT, "tie_word_embeddings") if k in d}, "", (), source)
+        check_fields(text, prefix, cls.REQUIRED_TEXT, source)
+        check_fields(d["vision_config"], "vision_config.", cls.REQUIRED_VISION, source)
+        check_fields({k: d[k] for k in (*_TOP_INT, "tie_word_embeddings") if k in d}, "", (), source)
         for name, value in cls.TEXT_DEFAULTS.items():
             if name != "rope_theta":
                 text.setdefault(name, value)
@@ -182,7 +182,7 @@ class VLConfig:
         rope = {**legacy_rope, **rope}
         if "rope_theta" not in rope:
             rope["rope_theta"] = text.get("rope_theta", d.get("rope_theta", cls.TEXT_DEFAULTS["rope_theta"]))
-        _check_fields({k: rope[k] for k in ("rope_theta", "mrope_section") if k in rope},
+        check_fields({k: rope[k] for k in ("rope_theta", "mrope_section") if k in rope},
                       prefix + "rope_parameters.", (), source)
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
             raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
@@ -208,7 +208,7 @@ class VLConfig:
                 vis_kwargs[key] = tuple(int(i) for i in value)
 
         eos = text.get("eos_token_id", d.get("eos_token_id"))
-        if not (eos is None or _is_int(eos) or (isinstance(eos, (list, tuple)) and all(_is_int(e) for e in eos))):
+        if not (eos is None or is_int(eos) or (isinstance(eos, (list, tuple)) and all(is_int(e) for e in eos))):
             raise ConfigError(f"{source}: field '{prefix}eos_token_id' must be an integer or a list of "
                               f"integers, got {type(eos).__name__} {eos!r}")
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
@@ -254,20 +254,25 @@ def read_config_json(f: str | Path) -> dict:
 _INT = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "max_position_embeddings", "head_dim", "depth", "num_heads", "in_channels",
         "in_chans", "patch_size", "spatial_merge_size", "temporal_patch_size", "tokens_per_second",
-        "window_size", "out_hidden_size", "embed_dim", "num_position_embeddings"}
-_TOP_INT = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_FLOAT = {"rms_norm_eps", "rope_theta", "mlp_ratio"}
-_BOOL = {"attention_bias", "tie_word_embeddings"}
+        "window_size", "out_hidden_size", "embed_dim", "num_position_embeddings", "image_size", "num_channels"}
+_TOP_INT = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
+_FLOAT = {"rms_norm_eps", "rope_theta", "mlp_ratio", "layer_norm_eps"}
+_BOOL = {"attention_bias", "tie_word_embeddings", "mlp_bias", "multimodal_projector_bias"}
 _INT_LIST = {"fullatt_block_indexes", "deepstack_visual_indexes", "mrope_section"}
 _NULLABLE = {"num_key_value_heads"}
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An int that is not a bool (JSON integers)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_fields(d: dict, prefix: str, required: tuple, source: str) -> None:
-    """Required fields present; known fields of the right JSON type (sizes positive)."""
+def check_fields(d: dict, prefix: str, required: tuple, source: str) -> None:
+    """Required fields present; known fields of the right JSON type (sizes positive).
+
+    Raises:
+        ConfigError: naming ``source`` and the field ``prefix + name``, the expected type and the value.
+    """
     for name in required:
         if name not in d:
             raise ConfigError(f"{source}: missing field '{prefix}{name}' (it sets the shapes of the weights; "
@@ -277,12 +282,12 @@ def _check_fields(d: dict, prefix: str, required: tuple, source: str) -> None:
         if v is None and name in _NULLABLE:
             continue
         if name in _INT or name in _TOP_INT:
-            if not _is_int(v):
+            if not is_int(v):
                 raise ConfigError(f"{where} must be an integer, got {type(v).__name__} {v!r}")
             if name in _INT and v <= 0:
                 raise ConfigError(f"{where} must be positive, got {v!r}")
         elif name in _FLOAT:
-            if not (_is_int(v) or isinstance(v, float)):
+            if not (is_int(v) or isinstance(v, float)):
                 hint = ""
                 if isinstance(v, str):
                     try:
@@ -295,7 +300,7 @@ def _check_fields(d: dict, prefix: str, required: tuple, source: str) -> None:
             if not isinstance(v, bool):
                 raise ConfigError(f"{where} must be true or false, got {type(v).__name__} {v!r}")
         elif name in _INT_LIST:
-            if not isinstance(v, (list, tuple)) or not all(_is_int(x) and x >= 0 for x in v):
+            if not isinstance(v, (list, tuple)) or not all(is_int(x) and x >= 0 for x in v):
                 raise ConfigError(f"{where} must be a list of non-negative integers, got {type(v).__name__} {v!r}")
         elif name == "hidden_act" and not isinstance(v, str):
             raise ConfigError(f"{where} must be a string, got {type(v).__name__} {v!r}")

@@ -15,7 +15,12 @@ from jaxmm.models.core.rope import get_rope_index
 from jaxmm.processing.layout import build_token_layout
 
 
-def _np(x, name: str):
+def as_array(x, name: str):
+    """``x`` (numpy, torch or a nested list) as a numpy array, or None.
+
+    Raises:
+        TypeError: naming ``name`` when ``x`` cannot be read as an array.
+    """
     if x is None:
         return None
     if hasattr(x, "detach"):  # a torch tensor from an HF processor called with return_tensors="pt"
@@ -36,7 +41,7 @@ def mrope_position_ids(position_ids, shape: tuple[int, int]) -> np.ndarray:
     Raises:
         ValueError: naming ``position_ids``, the accepted shapes and the shape given.
     """
-    pos = _np(position_ids, "position_ids")
+    pos = as_array(position_ids, "position_ids")
     if pos.ndim == 2 and pos.shape == tuple(shape):
         pos = np.broadcast_to(pos[None], (3,) + pos.shape)
     elif pos.ndim == 3 and pos.shape[0] == 4 and pos.shape[1:] == tuple(shape):
@@ -70,7 +75,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
     Raises:
         ValueError: naming the tensor whose shape, dtype or content is inconsistent.
     """
-    ids = _np(input_ids, "input_ids")
+    ids = as_array(input_ids, "input_ids")
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -78,11 +83,11 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
     if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
         raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), "
                          f"found [{ids.min()}, {ids.max()}]")
-    am = _np(attention_mask, "attention_mask")
+    am = as_array(attention_mask, "attention_mask")
     am = np.ones_like(ids) if am is None else (am[None] if am.ndim == 1 else am)
     if am.shape != ids.shape:
         raise ValueError(f"attention_mask: shape {am.shape} differs from input_ids {ids.shape}")
-    pv, grid = _np(pixel_values, "pixel_values"), _np(image_grid_thw, "image_grid_thw")
+    pv, grid = as_array(pixel_values, "pixel_values"), as_array(image_grid_thw, "image_grid_thw")
     n_img_tokens = int(((ids == config.image_token_id) & (am > 0)).sum())
     vis = None
     if pv is not None or grid is not None:
