@@ -98,9 +98,7 @@ class Model:
     def image_processor(self):
         """The checkpoint's image processor (``preprocessor_config.json``)."""
         if getattr(self, "_image_processor", None) is None:
-            from jaxmm.processing.image import ImageProcessor
-
-            self._image_processor = ImageProcessor.from_pretrained(self.path)
+            self._image_processor = self.family.image_processor(self.path, self.config)
         return self._image_processor
 
     @image_processor.setter
@@ -161,7 +159,7 @@ class Model:
                 grids.append(grid)
                 counts[-1].append(self.image_processor.num_image_tokens(grid))
         enc = batch_prompts(conversations, self.tokenizer, counts, padding_side="left",
-                            add_generation_prompt=add_generation_prompt)
+                            add_generation_prompt=add_generation_prompt, chat=self.family.chat_format)
         if pad_to_multiple_of:
             extra = -enc["input_ids"].shape[1] % int(pad_to_multiple_of)
             pad_id = self.tokenizer.pad_token_id or 0

@@ -146,3 +146,43 @@ def build_tokenizer(path, vocab_size: int = 300, *, image_token_id: int = 290, v
 
         Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(path)
     return fast
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+# LLaVA-1.5's conversation format as the llava-hf checkpoints' chat template writes it: an optional
+# system text, then "USER: " with the turn's images first (one "<image>\n" each) and its text, then
+# "ASSISTANT:" (and the answer).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_llava_tokenizer(path, image_token_id: int = 290):
+    """A tiny Llama-style tokenizer (``<unk>`` 0, ``<s>`` 1 = bos, added in front of every text,
+    ``</s>`` 2 = eos, BPE 3 … image_token_id−1, ``<image>`` at ``image_token_id``) with
+    :data:`LLAVA_CHAT_TEMPLATE`, saved to ``path``. Returns the tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=image_token_id, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE,
+                                   clean_up_tokenization_spaces=False)
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert fast.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<image>"]) == [0, 1, 2, image_token_id]
+    Path(path).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(path)
+    return fast

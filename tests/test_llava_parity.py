@@ -182,3 +182,72 @@ def test_var_on_llava(ckpt):
     assert np.abs(ref.logits.numpy() - base.logits.numpy()).max() > 1e-4
     _compare(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau, "min_mass": min_mass}],
                                             model.config))
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory):
+    """A tiny LLaVA checkpoint with its tokenizer, chat template and CLIP processor config."""
+    from chat_fixtures import build_llava_tokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = tmp_path_factory.mktemp("llava_chat")
+    tiny.build_hf_llava(seed=6).save_pretrained(path)
+    build_llava_tokenizer(path)
+    CLIPImageProcessorPil(size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE},
+                          crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}).save_pretrained(path)
+    return path
+
+
+def test_prepare_chat_equals_the_llava_processor(chat_ckpt):
+    """Model.prepare_chat's ids and pixel_values are transformers' LlavaProcessor's; the spans name the
+    system text and the question."""
+    from transformers import AutoTokenizer, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    model = jaxmm.load(chat_ckpt)
+    photos = tiny.photos()
+    convs = [[{"role": "system", "content": "you are a helpful assistant ."},
+              {"role": "user", "content": [{"type": "image", "image": photos["coffee"]},
+                                           {"type": "text", "text": "is the coffee cup full or empty ?"}]}],
+             [{"role": "user", "content": [{"type": "image", "image": photos["astronaut"]},
+                                           {"type": "image", "image": photos["camera"]},
+                                           {"type": "text", "text": "describe the image in one sentence ."}]}]]
+    batch, info = model.prepare_chat(convs)
+    proc = LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(chat_ckpt),
+                          tokenizer=AutoTokenizer.from_pretrained(chat_ckpt), patch_size=tiny.LLAVA_PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=model.tokenizer.chat_template)
+    ids = np.asarray(batch.input_ids)
+    am = np.asarray(batch.attention_mask)
+    for row, conv in enumerate(convs):
+        text = proc.apply_chat_template(conv, add_generation_prompt=True)
+        images = [p["image"] for m in conv if not isinstance(m["content"], str) for p in m["content"]
+                  if p["type"] == "image"]
+        ref = proc(text=text, images=images, return_tensors="np")
+        np.testing.assert_array_equal(ids[row][am[row] > 0], ref["input_ids"][0])
+    ref_pix = CLIPImageProcessorPil.from_pretrained(chat_ckpt)([photos["coffee"], photos["astronaut"], photos["camera"]],
+                                                              return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(np.asarray(batch.pixel_values), ref_pix)
+    lay = batch.layout
+    system, question = np.asarray(lay.system_mask), np.asarray(lay.question_mask)
+    tok = model.tokenizer
+    assert tok.decode(ids[0][system[0]]).strip() == "<s>you are a helpful assistant ."     # from token 0 (BOS)
+    assert tok.decode(ids[1][question[1]]).strip() == "describe the image in one sentence ."
+    assert ids[1][system[1]].tolist() == [1]                  # no system message: the span is the BOS
+    assert not (question & np.asarray(lay.image_mask)).any()
+
+
+def test_jaxmm_eval_runs_baseline_pai_and_var_on_llava(chat_ckpt, tmp_path):
+    from jaxmm.eval.harness import EvalConfig, run
+    from jaxmm.eval.report import load_rows
+
+    cfg = EvalConfig(model=str(chat_ckpt), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 4}],
+                     methods=["baseline", "pai", {"method": "var", "dims": [0, 1, 2, 3], "tau": 2.0}],
+                     batch_size=2, max_new_tokens=4)
+    rows = load_rows(run(cfg, progress=False))
+    assert len(rows) == 12 and all("error" not in r for r in rows), [r.get("error") for r in rows]
+    assert {r["method"] for r in rows} == {"baseline", "pai", "var:dims=[0, 1, 2, 3],tau=2.0"}
+    by = {(r["id"], r["method"]): r for r in rows}
+    assert any(by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or
+               by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"] for i, _ in by)
+    assert all(r["vas"] is not None and len(r["visual_entropy_per_layer"]) == 3 for r in rows)

@@ -393,6 +393,9 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype, mesh=mesh)
     if cfg.min_pixels is not None or cfg.max_pixels is not None:
         proc = model.image_processor
+        if not hasattr(proc, "min_pixels"):
+            raise ValueError(f"min_pixels / max_pixels set, but {type(proc).__name__} (model_type="
+                             f"{model.config.model_type!r}) resizes to a fixed size; leave them unset")
         model.image_processor = dataclasses.replace(
             proc, min_pixels=proc.min_pixels if cfg.min_pixels is None else cfg.min_pixels,
             max_pixels=proc.max_pixels if cfg.max_pixels is None else cfg.max_pixels)

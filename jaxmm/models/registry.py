@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jaxmm.models import llava, qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.processing.chat import LLAVA, QWEN, ChatFormat
+from jaxmm.processing.clip_image import ClipImageProcessor
+from jaxmm.processing.image import ImageProcessor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +24,9 @@ class Family:
     Fields: ``name`` (the HF ``model_type``), ``Config`` (typed config class, ``from_pretrained``/
     ``from_dict``), ``model_class`` (the NNX ``...ForConditionalGeneration``), ``KEY_RULES``/``IGNORE``/
     ``IGNORE_TIED`` (checkpoint key map), ``prepare_batch`` (HF processor outputs -> Batch),
-    ``forward``/``forward_jit``/``graphdef``/``abstract_params`` (the model's pure functions).
+    ``forward``/``forward_jit``/``graphdef``/``abstract_params`` (the model's pure functions),
+    ``image_processor`` (``(checkpoint dir, config) -> processor`` with ``preprocess_one`` and
+    ``num_image_tokens``) and ``chat_format`` (:class:`~jaxmm.processing.chat.ChatFormat`).
     """
 
     name: str
@@ -35,20 +40,30 @@ class Family:
     forward_jit: Callable
     graphdef: Callable
     abstract_params: Callable
+    image_processor: Callable
+    chat_format: ChatFormat
 
 
-def _family(name: str, module, model_class: type) -> Family:
+def _qwen_processor(path, config):
+    return ImageProcessor.from_pretrained(path)
+
+
+def _clip_processor(path, config):
+    return ClipImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
+
+
+def _family(name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN) -> Family:
     return Family(name=name, Config=module.Config, model_class=model_class, KEY_RULES=module.KEY_RULES,
                   IGNORE=module.IGNORE, IGNORE_TIED=module.IGNORE_TIED, prepare_batch=module.prepare_batch,
                   forward=module.forward, forward_jit=module.forward_jit, graphdef=module.graphdef,
-                  abstract_params=module.abstract_params)
+                  abstract_params=module.abstract_params, image_processor=image_processor, chat_format=chat_format)
 
 
 FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": _family("qwen2_5_vl", qwen2_5_vl, qwen2_5_vl.Qwen2_5_VLForConditionalGeneration),
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
-    "llava": _family("llava", llava, llava.LlavaForConditionalGeneration),
+    "llava": _family("llava", llava, llava.LlavaForConditionalGeneration, _clip_processor, LLAVA),
 }
 
 

@@ -35,6 +35,7 @@ attention methods use (all half-open ``(start, end)`` token ranges, ``(0, 0)`` w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -48,6 +49,28 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 USER_MARKER = IM_START + "user"
 ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+    """What a family's chat template writes, for expanding images and finding the spans.
+
+    image_pad: the text the template writes for each image part, expanded to the image's tokens.
+    user_marker: the text that opens a user turn (the system span ends before the first one).
+    turn_end: the text that ends a user turn's text (the question span ends before it).
+    special_tokens: tokens never counted as question text (besides the tokenizer's own specials).
+    """
+
+    image_pad: str
+    user_marker: str
+    turn_end: str
+    special_tokens: tuple[str, ...] = ()
+
+
+#: Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``<|im_start|>user\n ... <|im_end|>``
+QWEN = ChatFormat(IMAGE_PAD, USER_MARKER, IM_END, (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, IM_START, IM_END))
+#: LLaVA-1.5 (llava-hf): ``USER: <image>\n ... ASSISTANT:``
+LLAVA = ChatFormat("<image>", "USER:", "ASSISTANT:", ("<image>",))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -126,15 +149,15 @@ def images_of(messages) -> list:
             for p in m["content"] if p.get("type") == "image"]
 
 
-def _expand_image_pads(text: str, counts: Sequence[int]) -> str:
-    """The i-th ``<|image_pad|>`` -> ``counts[i]`` copies (``ProcessorMixin.get_text_with_replacements``)."""
-    pieces = text.split(IMAGE_PAD)
-    return pieces[0] + "".join(IMAGE_PAD * n + p for n, p in zip(counts, pieces[1:]))
+def _expand_image_pads(text: str, counts: Sequence[int], pad: str = IMAGE_PAD) -> str:
+    """The i-th ``pad`` -> ``counts[i]`` copies (``ProcessorMixin.get_text_with_replacements``)."""
+    pieces = text.split(pad)
+    return pieces[0] + "".join(pad * n + p for n, p in zip(counts, pieces[1:]))
 
 
-def _special_ids(tokenizer) -> set[int]:
+def _special_ids(tokenizer, chat: ChatFormat) -> set[int]:
     ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    for t in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, IM_START, IM_END):
+    for t in chat.special_tokens:
         i = tokenizer.convert_tokens_to_ids(t)
         if i is not None and i != getattr(tokenizer, "unk_token_id", None):
             ids.add(int(i))
@@ -142,7 +165,7 @@ def _special_ids(tokenizer) -> set[int]:
 
 
 def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None = None, *,
-                 add_generation_prompt: bool = True, **template_kwargs) -> dict:
+                 add_generation_prompt: bool = True, chat: ChatFormat = QWEN, **template_kwargs) -> dict:
     """Renders, expands and tokenises one conversation (see the module docstring).
 
     Args:
@@ -154,6 +177,7 @@ def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None =
             (``t·h·w // merge²`` of its ``image_grid_thw``); ``None`` or empty for text-only prompts.
             May also be given by keyword.
         add_generation_prompt: append the ``<|im_start|>assistant\\n`` header.
+        chat: the family's :class:`ChatFormat` (:data:`QWEN`, :data:`LLAVA`).
         **template_kwargs: passed to the template (e.g. ``add_vision_id=True``).
 
     Returns:
@@ -179,26 +203,26 @@ def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None =
                          f"with jaxmm.processing.chat.load_tokenizer)")
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **template_kwargs)
-    rendered = text.count(IMAGE_PAD)
+    rendered = text.count(chat.image_pad)
     if rendered != n_images:
-        raise ValueError(f"the chat template rendered {rendered} {IMAGE_PAD} for {n_images} image parts "
-                         f"(does a text part contain {IMAGE_PAD}?)")
-    text = _expand_image_pads(text, counts)
+        raise ValueError(f"the chat template rendered {rendered} {chat.image_pad} for {n_images} image parts "
+                         f"(does a text part contain {chat.image_pad}?)")
+    text = _expand_image_pads(text, counts, chat.image_pad)
     # ProcessorMixin.apply_chat_template(tokenize=True): no special tokens when the text starts with BOS.
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos is not None and text.startswith(bos))
     enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], np.int64).reshape(-1)
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
-    system_span = _system_span(text, offsets)
-    question_spans = _question_spans(text, offsets, ids, _special_ids(tokenizer))
+    system_span = _system_span(text, offsets, chat)
+    question_spans = _question_spans(text, offsets, ids, _special_ids(tokenizer, chat), chat)
     question_span = (question_spans[0][0], question_spans[-1][1]) if question_spans else (0, 0)
     return {"text": text, "input_ids": ids, "system_span": system_span, "question_span": question_span,
             "question_spans": question_spans}
 
 
-def _system_span(text: str, offsets: np.ndarray) -> tuple[int, int]:
-    k = text.find(USER_MARKER)
+def _system_span(text: str, offsets: np.ndarray, chat: ChatFormat) -> tuple[int, int]:
+    k = text.find(chat.user_marker)
     if k < 0:
         return (0, 0)
     # first token starting at or after the marker (tokens added by the tokenizer have offsets (0, 0))
@@ -207,12 +231,13 @@ def _system_span(text: str, offsets: np.ndarray) -> tuple[int, int]:
     return (0, int(after[0]) if len(after) else len(offsets))
 
 
-def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: set[int]) -> list[tuple[int, int]]:
-    headers = list(re.finditer(re.escape(USER_MARKER) + r"\n?", text))
+def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: set[int],
+                    chat: ChatFormat) -> list[tuple[int, int]]:
+    headers = list(re.finditer(re.escape(chat.user_marker) + r"\n?", text))
     if not headers:
         return []
     a = headers[-1].end()
-    b = text.find(IM_END, a)
+    b = text.find(chat.turn_end, a)
     b = len(text) if b < 0 else b
     keep = ((offsets[:, 0] >= a) & (offsets[:, 1] <= b) & (offsets[:, 1] > offsets[:, 0])
             & ~np.isin(ids, np.fromiter(special, np.int64, len(special))))
@@ -227,13 +252,15 @@ def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: se
 
 
 def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=None, padding_side: str = "left",
-                  pad_token_id: int | None = None, *, add_generation_prompt: bool = True, **template_kwargs) -> dict:
+                  pad_token_id: int | None = None, *, add_generation_prompt: bool = True, chat: ChatFormat = QWEN,
+                  **template_kwargs) -> dict:
     """Several conversations -> one padded batch (each row built by :func:`build_prompt`).
 
     Args:
         list_of_messages: B conversations.
         image_token_counts_per_prompt: B lists of image token counts (``None``: all text-only).
         padding_side: ``"left"`` (generation) or ``"right"``.
+        chat: the family's :class:`ChatFormat`.
         pad_token_id: id at padded positions; default the tokenizer's pad token, else 0.
 
     Returns:
@@ -259,7 +286,7 @@ def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=Non
     prompts = []
     for row, (c, n) in enumerate(zip(convs, counts)):
         try:
-            prompts.append(build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt,
+            prompts.append(build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt, chat=chat,
                                         **template_kwargs))
         except ValueError as e:
             raise ValueError(f"conversation {row}: {e}") from e

@@ -203,7 +203,7 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
     return np.moveaxis(x, -1, 0)
 
 
-def _pil_resize(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+def pil_resize(x: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
     """uint8 ``[C, H, W]`` -> uint8 ``[C, height, width]`` through ``PIL.Image.resize``, as HF's
     ``image_transforms.resize`` (one channel goes through mode "L", four through "RGBA")."""
     hwc = np.moveaxis(x, 0, -1)
@@ -379,7 +379,7 @@ class ImageProcessor:
                 new_h, new_w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
             except ValueError as e:
                 raise ValueError(f"{image_name(index, image)}: {e}") from None
-            x = _pil_resize(x, new_h, new_w, int(self.resample))
+            x = pil_resize(x, new_h, new_w, int(self.resample))
         c, height, width = x.shape
         if height % self.factor or width % self.factor or height == 0 or width == 0:
             raise ValueError(f"image {index}: height {height} and width {width} must be positive multiples of "

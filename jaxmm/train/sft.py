@@ -148,9 +148,10 @@ def sft_example(model, sample: dict, seq_len: int) -> dict:
     n_img = proc.num_image_tokens(pix["image_grid_thw"][0])
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]},
             {"role": "assistant", "content": sample["answer"]}]
-    enc = build_prompt(conv[:1], tok, [n_img])
+    chat = model.family.chat_format
+    enc = build_prompt(conv[:1], tok, [n_img], chat=chat)
     prompt = enc["input_ids"]
-    full = build_prompt(conv, tok, [n_img], add_generation_prompt=False)["input_ids"]
+    full = build_prompt(conv, tok, [n_img], add_generation_prompt=False, chat=chat)["input_ids"]
     if len(full) > seq_len:
         raise ValueError(f"sample {sample['id']}: {len(full)} tokens exceed seq_len={seq_len}")
     labels = np.full(len(full), -100, np.int64)
