@@ -25,3 +25,20 @@ def test_published_configs_plan():
     assert 8.2e9 < r["parameters"] < 8.4e9            # Qwen2.5-VL-7B: 8.29 B parameters
     r = plan("configs/models/qwen2_5_vl_72b.yaml", parse_mesh("fsdp=8,tensor=8"))
     assert 73e9 < r["parameters"] < 74e9 and r["params"] < 3 * 2 ** 30
+
+
+def test_llava_configs_plan_and_take_their_presets():
+    from jaxmm import interventions as I
+    from jaxmm.plan import _load_config
+
+    r7 = plan("configs/models/llava_1_5_7b.yaml", {})
+    assert 7.0e9 < r7["parameters"] < 7.1e9          # llava-1.5-7b: 7.06 B parameters
+    r13 = plan("configs/models/llava_1_5_13b.yaml", parse_mesh("fsdp=4,tensor=2"))
+    assert 13.3e9 < r13["parameters"] < 13.4e9       # llava-1.5-13b: 13.35 B parameters
+    for size, dims in (("7b", [2533, 1415]), ("13b", [2100, 4743])):
+        _, cfg = _load_config(f"configs/models/llava_1_5_{size}.yaml")
+        assert cfg.vision.tokens_per_image == 576 and cfg.text.num_key_value_heads == cfg.text.num_attention_heads
+        (var,) = I.build(f"configs/methods/var_llava_1_5_{size}.yaml", cfg)
+        assert list(var.dims) == dims
+    (pai,) = I.build("configs/methods/pai_llava_1_5.yaml", _load_config("configs/models/llava_1_5_7b.yaml")[1])
+    assert pai.layers == tuple(range(2, 32))
