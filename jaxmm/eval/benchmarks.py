@@ -171,6 +171,21 @@ def _docvqa(row):
                 raw_question=row["question"], answer=list(row["answers"]), score="anls")
 
 
+#: PAI's CHAIR prompt (chair_eval.py)
+CHAIR_PROMPT = "Please describe this image in detail."
+
+
+def _chair(row):
+    """A COCO image to caption, with its ground-truth objects: ``image_id``, ``objects`` (COCO
+    categories, e.g. from :func:`jaxmm.eval.chair.ground_truth_rows`), optional ``question``."""
+    objects = row["objects"]
+    if isinstance(objects, str) or not all(isinstance(o, str) for o in objects):
+        raise ValueError(f"chair: field 'objects' of image {row.get('image_id')!r} must be a list of COCO "
+                         f"categories, got {objects!r}")
+    q = row.get("question") or CHAIR_PROMPT
+    return dict(id=str(row["image_id"]), question=q, answer=sorted(objects), score="chair")
+
+
 def _grounded(row):
     return dict(id=row["id"], question=row["question"], answer=row["answer"], score="exact", task=row["task"],
                 box=tuple(row["box"]))
@@ -179,7 +194,7 @@ def _grounded(row):
 READERS: dict[str, Callable[[dict], dict]] = {
     "mmstar": _mmstar, "mmbench": _mmbench, "mathvista": _mathvista, "pope": _pope,
     "hallusionbench": _hallusion, "chartqa": _chartqa, "textvqa": _textvqa, "docvqa": _docvqa,
-    "grounded": _grounded,
+    "grounded": _grounded, "chair": _chair,
 }
 
 

@@ -45,6 +45,7 @@ prepares every batch (the same samples, in the same order) and process 0 alone w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -279,6 +280,13 @@ def _append(path: Path, rows: list[dict]):
         os.fsync(f.fileno())
 
 
+@functools.cache
+def _chair():
+    from jaxmm.eval.chair import Chair
+
+    return Chair()
+
+
 def score(sample: dict, prediction: str) -> tuple[Any, float]:
     rule = sample["score"]
     if rule == "option_letter":
@@ -287,6 +295,10 @@ def score(sample: dict, prediction: str) -> tuple[Any, float]:
     if rule == "yes_no":
         parsed = scoring.yes_no(prediction)
         return parsed, float(parsed == sample["answer"])
+    if rule == "chair":      # parsed: the caption's object mentions; score: 1 if any is hallucinated
+        mentions, cats = _chair().objects(prediction)
+        hallucinated = [c for c in cats if c not in set(sample["answer"])]
+        return {"mentions": mentions, "categories": cats, "hallucinated": hallucinated}, float(bool(hallucinated))
     parsed = scoring.answer_text(prediction)
     if rule == "exact":
         return parsed, scoring.exact(prediction, sample["answer"])

@@ -137,6 +137,24 @@ def config_order(rows: list[dict], config: dict | None = None) -> tuple[list[str
     return [b for b in dict.fromkeys(benches) if b in seen_b], [m for m in dict.fromkeys(methods) if m in seen_m]
 
 
+def chair_metrics(rows: list[dict]) -> dict:
+    """{method: {"n", "CHAIR_s", "CHAIR_i", "mentions"}} over the CHAIR rows without error (PAI's
+    chair.py): CHAIR_s the share of captions with a hallucinated object, CHAIR_i hallucinated object
+    mentions over all object mentions (NaN without mentions)."""
+    out = {}
+    for r in rows:
+        if r["benchmark"] != "chair" or "error" in r or not isinstance(r.get("parsed"), dict):
+            continue
+        m = out.setdefault(r["method"], {"n": 0, "hallucinated_captions": 0, "hallucinated": 0, "mentions": 0})
+        m["n"] += 1
+        m["hallucinated_captions"] += bool(r["parsed"]["hallucinated"])
+        m["hallucinated"] += len(r["parsed"]["hallucinated"])
+        m["mentions"] += len(r["parsed"]["categories"])
+    return {k: {"n": v["n"], "CHAIR_s": v["hallucinated_captions"] / v["n"], "mentions": v["mentions"],
+                "CHAIR_i": v["hallucinated"] / v["mentions"] if v["mentions"] else float("nan")}
+            for k, v in out.items()}
+
+
 def pope_metrics(rows: list[dict]) -> dict:
     """POPE's scores per (method, split): {(method, split): {"n", "accuracy", "precision", "recall",
     "f1", "yes_ratio", "unparsed"}}, split = the row's ``task`` (random / popular / adversarial),
@@ -281,6 +299,12 @@ def score_tables(rows: list[dict], config: dict | None = None) -> str:
             "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
     if len(pope) > 2:
         out += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
+    chair = chair_metrics(rows)
+    if chair:
+        lines = ["| method | captions | object mentions | CHAIR_s | CHAIR_i |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {c['n']} | {c['mentions']} | {_fmt(c['CHAIR_s'], pct=True)} | {_fmt(c['CHAIR_i'], pct=True)} |"
+                  for m, c in sorted(chair.items(), key=lambda kv: methods.index(kv[0]))]
+        out += ["## CHAIR (%, lower is better: hallucinated objects in captions)", "", "\n".join(lines), ""]
     return "\n".join(out).rstrip()
 
 

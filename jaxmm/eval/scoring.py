@@ -19,7 +19,7 @@ import re
 from jaxmm.processing.chat import extract_answer
 
 METRIC = {"option_letter": "accuracy", "yes_no": "accuracy", "exact": "exact match", "relaxed": "relaxed accuracy",
-          "anls": "ANLS", "vqa": "VQA accuracy"}
+          "anls": "ANLS", "vqa": "VQA accuracy", "chair": "CHAIR_s (lower is better)"}
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s.\-]")
