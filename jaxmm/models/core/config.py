@@ -109,7 +109,8 @@ class VLConfig:
              f"mrope_section={list(t.mrope_section)} sums to {sum(t.mrope_section)}, expected head_dim/2={t.head_dim // 2}"),
             (v.hidden_size % v.num_heads == 0,
              f"vision hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}"),
-            (v.head_dim % 4 == 0, f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary)"),
+            (not self.VISION_ROTARY or v.head_dim % 4 == 0,
+             f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary)"),
             (v.out_hidden_size == t.hidden_size,
              f"vision out_hidden_size={v.out_hidden_size} differs from text hidden_size={t.hidden_size}"),
             (v.hidden_act in self.VISION_ACTS and t.hidden_act == "silu",
@@ -119,6 +120,7 @@ class VLConfig:
     MODEL_TYPE = ""
     VISION_CONFIG = VisionConfig
     VISION_ACTS = ("silu",)
+    VISION_ROTARY = True          # the tower's attention has 2-D rotary (head_dim a multiple of 4)
 
     #: Fields a checkpoint's config.json must give (``transformers`` writes them all): the sizes that
     #: shape the weights. transformers' class defaults for them describe one particular model (the

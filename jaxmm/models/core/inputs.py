@@ -56,6 +56,28 @@ def mrope_position_ids(position_ids, shape: tuple[int, int]) -> np.ndarray:
     return pos
 
 
+def token_inputs(config, input_ids, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` as an int array [B,S] (a 1-D sequence is one row) with ids below the config's
+    ``vocab_size``, and ``attention_mask`` [B,S] (all ones when None).
+
+    Raises:
+        ValueError: naming ``input_ids`` or ``attention_mask`` and what is wrong with it.
+    """
+    ids = as_array(input_ids, "input_ids")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids: expected an int array [B,S], got {ids.dtype} {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
+        raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), "
+                         f"found [{ids.min()}, {ids.max()}]")
+    am = as_array(attention_mask, "attention_mask")
+    am = np.ones_like(ids) if am is None else (am[None] if am.ndim == 1 else am)
+    if am.shape != ids.shape:
+        raise ValueError(f"attention_mask: shape {am.shape} differs from input_ids {ids.shape}")
+    return ids, am
+
+
 def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
                   image_grid_thw=None, position_ids=None, system_spans=None,
                   question_spans=None) -> Batch:
@@ -75,18 +97,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
     Raises:
         ValueError: naming the tensor whose shape, dtype or content is inconsistent.
     """
-    ids = as_array(input_ids, "input_ids")
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids: expected an int array [B,S], got {ids.dtype} {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
-        raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), "
-                         f"found [{ids.min()}, {ids.max()}]")
-    am = as_array(attention_mask, "attention_mask")
-    am = np.ones_like(ids) if am is None else (am[None] if am.ndim == 1 else am)
-    if am.shape != ids.shape:
-        raise ValueError(f"attention_mask: shape {am.shape} differs from input_ids {ids.shape}")
+    ids, am = token_inputs(config, input_ids, attention_mask)
     pv, grid = as_array(pixel_values, "pixel_values"), as_array(image_grid_thw, "image_grid_thw")
     n_img_tokens = int(((ids == config.image_token_id) & (am > 0)).sum())
     vis = None

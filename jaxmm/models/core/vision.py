@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.attention import Site, attend
-from jaxmm.models.core.layers import Linear, apply_rope
+from jaxmm.models.core.layers import Linear, apply_rope, in_float32
 
 Array = jax.Array
 
@@ -113,6 +113,24 @@ class VisionBlock(nnx.Module):
         h, res = self.attn(self.norm1(x), cos, sin, seg, site, interventions, probes)
         x = x + h
         return x + self.mlp(self.norm2(x)), res
+
+
+class PatchMerger(nnx.Module):
+    """``norm`` (the family's class: RMSNorm or LayerNorm, eps 1e-6), each ``merge × merge`` block of
+    patches grouped into one vector, then Linear-GELU-Linear (``Qwen2_5_VLPatchMerger`` /
+    Qwen2-VL's ``PatchMerger``). ``mlp_0``/``mlp_2`` stand for torch's ``mlp.0``/``mlp.2``."""
+
+    def __init__(self, cfg, dtype, *, norm: type):
+        c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.ln_q = norm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=(None, "mlp"))
+        self.mlp_2 = Linear(c4, cfg.out_hidden_size, bias=True, dtype=dtype, names=("mlp", "embed"))
+
+    def __call__(self, x: Array) -> Array:
+        """x [N,C] -> [M,E]."""
+        x = self.ln_q(x)
+        x = x.reshape(-1, self.mlp_0.kernel.shape[0])
+        return self.mlp_2(in_float32(lambda h: jax.nn.gelu(h, approximate=False))(self.mlp_0(x)))
 
 
 def collect(results: dict, res: dict, layer: int) -> None:

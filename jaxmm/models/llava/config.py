@@ -80,26 +80,18 @@ class LlavaConfig(core.VLConfig):
     MODEL_TYPE = "llava"
     VISION_CONFIG = VisionConfig
     VISION_ACTS = ("quick_gelu",)
+    VISION_ROTARY = False         # CLIP: learned absolute positions
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
-        v, t = self.vision, self.text
-        return [
-            (t.head_dim_override or t.hidden_size % t.num_attention_heads == 0,
-             f"text hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}"),
-            (t.num_attention_heads % t.num_key_value_heads == 0,
-             f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"),
-            (t.head_dim % 2 == 0, f"text head_dim={t.head_dim} must be even (rotary)"),
-            (v.hidden_size % v.num_heads == 0,
-             f"vision hidden_size={v.hidden_size} is not divisible by num_attention_heads={v.num_heads}"),
+        v = self.vision
+        layers = (v.vision_feature_layer,) if isinstance(v.vision_feature_layer, int) else v.vision_feature_layer
+        return super().consistency_checks() + [
             (v.image_size % v.patch_size == 0,
              f"vision image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"),
-            (all(-(v.depth + 1) <= i <= v.depth for i in ((v.vision_feature_layer,) if isinstance(
-                v.vision_feature_layer, int) else v.vision_feature_layer)),
+            (all(-(v.depth + 1) <= i <= v.depth for i in layers),
              f"vision_feature_layer={v.vision_feature_layer} out of range for {v.depth} vision layers"),
             (v.vision_feature_select_strategy in ("default", "full"),
              f"vision_feature_select_strategy={v.vision_feature_select_strategy!r}; expected 'default' or 'full'"),
-            (v.hidden_act in self.VISION_ACTS and t.hidden_act == "silu",
-             f"unsupported hidden_act (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
             (v.projector_hidden_act == "gelu", f"projector_hidden_act={v.projector_hidden_act!r} is not supported ('gelu')"),
         ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmm.models.core.inputs import as_array, mrope_position_ids
+from jaxmm.models.core.inputs import as_array, mrope_position_ids, token_inputs
 from jaxmm.models.core.model import Batch
 from jaxmm.processing.layout import build_token_layout
 
@@ -47,18 +47,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         ValueError: naming the tensor whose shape, dtype or content is inconsistent.
     """
     vc = config.vision
-    ids = as_array(input_ids, "input_ids")
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids: expected an int array [B,S], got {ids.dtype} {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
-        raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), "
-                         f"found [{ids.min()}, {ids.max()}]")
-    am = as_array(attention_mask, "attention_mask")
-    am = np.ones_like(ids) if am is None else (am[None] if am.ndim == 1 else am)
-    if am.shape != ids.shape:
-        raise ValueError(f"attention_mask: shape {am.shape} differs from input_ids {ids.shape}")
+    ids, am = token_inputs(config, input_ids, attention_mask)
     pv = as_array(pixel_values, "pixel_values")
     n_tok = int(((ids == config.image_token_id) & (am > 0)).sum())
     grid = None

@@ -12,31 +12,12 @@ import flax.nnx as nnx
 import jax
 
 from jaxmm.attention import Site
-from jaxmm.models.core.layers import Linear, RMSNorm, SwiGLU, in_float32
-from jaxmm.models.core.vision import VisionBlock, VisionInputs, collect, vision_rotary
+from jaxmm.models.core.layers import Linear, RMSNorm, SwiGLU
+from jaxmm.models.core.vision import PatchMerger, VisionBlock, VisionInputs, collect, vision_rotary
 from jaxmm.models.qwen2_5_vl.config import VisionConfig
 from jaxmm.models.qwen2_5_vl.inputs import vision_inputs
 
 Array = jax.Array
-
-
-class PatchMerger(nnx.Module):
-    """RMSNorm, group each 2x2 block of patches, then Linear-GELU-Linear (``Qwen2_5_VLPatchMerger``).
-
-    Parameter names ``mlp_0``/``mlp_2`` stand for torch's ``mlp.0``/``mlp.2``.
-    """
-
-    def __init__(self, cfg: VisionConfig, dtype):
-        c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
-        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-        self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=(None, "mlp"))
-        self.mlp_2 = Linear(c4, cfg.out_hidden_size, bias=True, dtype=dtype, names=("mlp", "embed"))
-
-    def __call__(self, x: Array) -> Array:
-        """x [N,C] -> [M,E]."""
-        x = self.ln_q(x)
-        x = x.reshape(-1, self.mlp_0.kernel.shape[0])
-        return self.mlp_2(in_float32(lambda h: jax.nn.gelu(h, approximate=False))(self.mlp_0(x)))
 
 
 class VisionTransformer(nnx.Module):
@@ -55,7 +36,7 @@ class VisionTransformer(nnx.Module):
             VisionBlock(cfg, dtype, norm=RMSNorm,
                         mlp=SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype))
             for _ in range(cfg.depth)])
-        self.merger = PatchMerger(cfg, dtype)
+        self.merger = PatchMerger(cfg, dtype, norm=RMSNorm)
 
     def __call__(self, pixel_values: Array, vis: VisionInputs, interventions=(), probes=()):
         """pixel_values [N, C·T·P·P] -> (features [M,E], (), probe results per block)."""
