@@ -96,7 +96,7 @@ CONFIG_CASES = [
     ("vision_config", [1, 2], ["'vision_config'", "must be an object", "list"]),
     ("tie_word_embeddings", "false", ["'tie_word_embeddings'", "true or false", "'false'"]),
     ("image_token_id", "290", ["'image_token_id'", "integer", "'290'"]),
-    ("model_type", "llava", ["model_type='llava'", "not supported"]),
+    ("model_type", "idefics2", ["model_type='idefics2'", "not supported"]),
     ("model_type", _DELETE, ["model_type=None", "not supported"]),
 ]
 
