@@ -16,6 +16,8 @@ EVAL_RECIPES = {
     "vrga_hallusionbench_qwen2_5_vl_3b_think": ("qwen2_5_vl_3b", 1, 80),
     "avar_vas_qwen2_5_vl_7b": ("qwen2_5_vl_7b", 1, 80),
     "ration_qwen2_5_vl_7b": ("qwen2_5_vl_7b", 1, 80),
+    "pai_chair_llava_1_5_7b": ("llava_1_5_7b", 1, 80),
+    "pope_llava_1_5_7b": ("llava_1_5_7b", 1, 80),
 }
 
 
