@@ -133,9 +133,10 @@ class Chair:
             return word[:-1]
         return singular(word)
 
-    def objects(self, caption: str) -> tuple[list[str], list[str]]:
-        """``(mentions, categories)``: the caption's object words in order and the category of each."""
-        words = self.words(caption)
+    def objects(self, caption: str, words: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """``(mentions, categories)``: the caption's object words in order and the category of each
+        (``words``: the caption's :meth:`words`, when already computed)."""
+        words = self.words(caption) if words is None else words
         if "toilet" in words and "seat" in words:
             words = [w for w in words if w != "seat"]
         mentions = [w for w in words if w in self.synonyms]
@@ -184,12 +185,13 @@ class Chair:
             if imid not in self.ground_truth:
                 raise ValueError(f"image {imid!r} has no ground-truth objects (add its instances and captions)")
             gt = self.ground_truth[imid]
-            mentions, cats = self.objects(cap)
+            words = self.words(cap)
+            mentions, cats = self.objects(cap, words)
             hall = [(w, c) for w, c in zip(mentions, cats) if c not in gt]
             n_mentions += len(cats)
             n_hall += len(hall)
             n_hall_caps += bool(hall)
-            n_words += len(self.words(cap))
+            n_words += len(words)
             n_gt += len(gt)
             n_generated += len(set(cats))
             n_recalled += len(set(cats) & gt)

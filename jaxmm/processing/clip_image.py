@@ -23,9 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxmm.config import read_json
-from jaxmm.processing.image import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PREPROCESSOR_CONFIG, PROCESSOR_CONFIG,
-                                    image_name, pil_resize, pixel_inputs, to_channels_first)
+from jaxmm.processing.image import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_name, pil_resize, pixel_inputs,
+                                    read_processor_config, to_channels_first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +58,7 @@ class ClipImageProcessor:
             FileNotFoundError: neither file exists.
             ValueError: unreadable JSON, or a ``size`` / ``crop_size`` jaxmm does not read (names the file).
         """
-        p = Path(path)
-        d, f = None, p
-        if p.is_dir():
-            nested = p / PROCESSOR_CONFIG
-            if nested.is_file() and isinstance(read_json(nested).get("image_processor"), dict):
-                f, d = nested, read_json(nested)["image_processor"]
-            else:
-                f = p / PREPROCESSOR_CONFIG
-        if d is None:
-            if not f.is_file():
-                raise FileNotFoundError(f"no image processor config: {f} does not exist")
-            d = read_json(f)
+        f, d = read_processor_config(path)
         kw = {k: d[k] for k in ("image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
                                 "rescale_factor", "do_normalize", "do_convert_rgb", "resample") if d.get(k) is not None}
         size, crop = d.get("size", {"shortest_edge": cls.shortest_edge}), d.get("crop_size", cls.crop_size)

@@ -297,25 +297,7 @@ class ImageProcessor:
             FileNotFoundError: neither file exists (names the paths looked at).
             ValueError: unreadable JSON, or a field with a bad value (names the file and the field).
         """
-        p = Path(path)
-        if p.is_dir():
-            d = None
-            nested = p / PROCESSOR_CONFIG
-            if nested.is_file():
-                nd = read_json(nested)
-                if isinstance(nd.get("image_processor"), dict):
-                    f, d = nested, nd["image_processor"]
-            if d is None:
-                f = p / PREPROCESSOR_CONFIG
-                if not f.is_file():
-                    raise FileNotFoundError(f"no image processor config: {f} does not exist (nor an "
-                                            f"'image_processor' entry in {nested})")
-                d = read_json(f)
-        else:
-            f = p
-            if not f.is_file():
-                raise FileNotFoundError(f"no image processor config: {f} does not exist")
-            d = read_json(f)
+        f, d = read_processor_config(path)
         try:
             return cls(**cls._fields_from_dict(d))
         except ValueError as e:
@@ -421,6 +403,33 @@ class ImageProcessor:
             raise ValueError("no images given")
         patches, grids = zip(*(self.preprocess_one(im, i) for i, im in enumerate(images)))
         return pixel_inputs(patches, grids)
+
+
+def read_processor_config(path: str | Path) -> tuple[Path, dict]:
+    """``(file, dict)`` of a checkpoint's image processor settings, as HF's
+    ``ImageProcessingMixin.get_image_processor_dict``: the ``"image_processor"`` entry of
+    ``processor_config.json`` when there is one, else ``preprocessor_config.json``; or the JSON
+    file ``path`` itself.
+
+    Raises:
+        FileNotFoundError: neither file exists (names the paths looked at).
+        ValueError: unreadable JSON (names the file).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        if not p.is_file():
+            raise FileNotFoundError(f"no image processor config: {p} does not exist")
+        return p, read_json(p)
+    nested = p / PROCESSOR_CONFIG
+    if nested.is_file():
+        nd = read_json(nested)
+        if isinstance(nd.get("image_processor"), dict):
+            return nested, nd["image_processor"]
+    f = p / PREPROCESSOR_CONFIG
+    if not f.is_file():
+        raise FileNotFoundError(f"no image processor config: {f} does not exist (nor an "
+                                f"'image_processor' entry in {nested})")
+    return f, read_json(f)
 
 
 def pixel_inputs(patches, grids) -> dict:
