@@ -134,18 +134,19 @@ def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes
     or :func:`prefill_batch`). ``prompt_len`` (int32 scalar, may be traced; default T): the prompt's
     length S ≤ T; rows S … T−1 are bucket padding (attention_mask 0 there), whose cache slots the
     decode steps overwrite. Returns ``(last_logits [B,V] of row S−1, cache (index S), next_pos [B]
-    int32, prefill ModelOutput)``.
+    int32, prefill ModelOutput)``; the lm head runs on row S−1 only (the ModelOutput's logits are
+    [B,1,V], that row).
     """
     b, t = batch.input_ids.shape
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
     cache = KVCache.empty(config, b, max_len, dtype, pre_rope=pre_rope)
-    out = forward(params, config, batch, interventions, probes, False, cache)
     s = jnp.int32(t) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
+    out = forward(params, config, batch, interventions, probes, False, cache, logits_index=s - 1)
     rows = jnp.arange(t) < s
     valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]        # the prompt's real tokens
     next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1
-    last = jax.lax.dynamic_index_in_dim(out.logits, s - 1, axis=1, keepdims=False)
+    last = out.logits[:, 0]
     cache = dataclasses.replace(out.cache, index=s)
     return last, cache, next_pos.astype(jnp.int32), out
 

@@ -247,3 +247,35 @@ def test_decoding_ends_when_every_row_has_stopped(setup):
     assert steps == max(int(np.flatnonzero(np.isin(t[r], stop))[0]) for r in range(2)) + 1 < NEW
     np.testing.assert_allclose(np.asarray(out.logits)[:, :steps], np.asarray(full.logits)[:, :steps], atol=1e-5, rtol=0)
     assert not np.asarray(out.logits)[:, steps:].any()
+
+
+def test_scanned_layers_equal_unrolled_layers(setup):
+    """``layer_loop("scan")`` (one ``lax.scan`` over the stacked decoder layers) and ``"unrolled"``
+    give the same logits in a forward and the same tokens and per-step logits in ``generate``
+    (fp32: 1e-6 of the logits' scale); a probe makes the probed forward unroll either way; the last
+    row's logits of a prefill (``logits_index``) equal that row of the full logits."""
+    from jaxmm.models.core import model as M
+    from jaxmm.models.core.model import forward
+
+    _, model, raw = setup
+    batch = model.prepare(**raw)
+    runs = {}
+    for mode in ("unrolled", "scan"):
+        with M.layer_loop(mode):
+            assert M.scans_layers((), (), False) == (mode == "scan")
+            assert not M.scans_layers((), (P.VAS(),), False)
+            logits = np.asarray(model.forward(batch=batch).logits)
+            last = np.asarray(forward(model.params, model.config, batch, logits_index=logits.shape[1] - 1).logits)
+            gen = generate(model.params, model.config, batch, max_new_tokens=NEW, stop_tokens=[], output_logits=True)
+            runs[mode] = logits, last, np.asarray(gen.tokens), np.asarray(gen.logits)
+    (l_u, last_u, tok_u, gl_u), (l_s, last_s, tok_s, gl_s) = runs["unrolled"], runs["scan"]
+    tol = lambda ref: 1e-6 * (1 + np.abs(ref).max())
+    np.testing.assert_allclose(l_s, l_u, atol=tol(l_u), rtol=0)
+    assert last_u.shape == (l_u.shape[0], 1, l_u.shape[2])
+    np.testing.assert_allclose(last_u[:, 0], l_u[:, -1], atol=tol(l_u), rtol=0)
+    np.testing.assert_allclose(last_s, last_u, atol=tol(l_u), rtol=0)
+    np.testing.assert_array_equal(tok_s, tok_u)
+    np.testing.assert_allclose(gl_s, gl_u, atol=tol(gl_u), rtol=0)
+    with pytest.raises(ValueError, match="layer_loop"):
+        with M.layer_loop("fast"):
+            pass

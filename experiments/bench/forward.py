@@ -27,6 +27,11 @@ SIZES = {
                             num_key_value_heads=2, vocab_size=8192, mrope_section=[4, 6, 6]),
                   vision=dict(depth=4, hidden_size=128, intermediate_size=344, num_heads=4, window_size=112,
                               fullatt_block_indexes=[1, 3])),
+    # small's widths at Qwen2.5-VL-7B's depth (28 text layers, 32 vision blocks): compile time by depth
+    "deep": dict(text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=28, num_attention_heads=8,
+                           num_key_value_heads=2, vocab_size=8192, mrope_section=[4, 6, 6]),
+                 vision=dict(depth=32, hidden_size=128, intermediate_size=344, num_heads=4, window_size=112,
+                             fullatt_block_indexes=[7, 15, 23, 31])),
     "medium": dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                              num_key_value_heads=4, vocab_size=32000, mrope_section=[8, 12, 12]),
                    vision=dict(depth=8, hidden_size=512, intermediate_size=1376, num_heads=8, window_size=112,

@@ -18,6 +18,7 @@ runs it, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` compose with it directly:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -78,6 +79,63 @@ def _stack(results: dict) -> dict:
             for name, per_layer in results.items()}
 
 
+LAYER_LOOP = "auto"   # "auto" | "scan" | "unrolled": see layer_loop()
+
+
+@contextlib.contextmanager
+def layer_loop(mode: str):
+    """How the text decoder runs its layers inside the block: ``"scan"`` (one ``lax.scan`` over the
+    layers' stacked parameters: one compiled layer body, so compile time does not grow with depth),
+    ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan).
+    Either way only layers that no intervention, probe or ``output_hidden_states`` reads, and that
+    add no DeepStack features, are scanned: those reading a layer by its (static) index always
+    unroll. Values are equal (tested). Read when a function is traced, so JAX's compilation caches
+    are cleared on entry and exit::
+
+        with jaxmm.models.core.model.layer_loop("unrolled"):
+            out = model.forward(batch=batch)
+
+    Raises:
+        ValueError: ``mode`` is none of the three.
+    """
+    global LAYER_LOOP
+    if mode not in ("auto", "scan", "unrolled"):
+        raise ValueError(f"layer_loop({mode!r}): expected 'auto', 'scan' or 'unrolled'")
+    prev, LAYER_LOOP = LAYER_LOOP, mode
+    if prev != mode:
+        jax.clear_caches()
+    try:
+        yield
+    finally:
+        LAYER_LOOP = prev
+        if prev != mode:
+            jax.clear_caches()
+
+
+def scans_layers(interventions, probes, output_hidden_states) -> bool:
+    """Whether the decoder layers run as one ``lax.scan`` (:func:`layer_loop`): not when a probe,
+    an intervention or ``output_hidden_states`` reads layers by index."""
+    return LAYER_LOOP != "unrolled" and not interventions and not probes and not output_hidden_states
+
+
+def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
+    """Layers ``start …`` as one ``lax.scan`` over their stacked parameters (every decoder layer has
+    the same graph). The KV cache is carried whole and each layer writes its slice in place."""
+    gdef = nnx.split(layers[start])[0]
+    states = [nnx.split(layers[i])[1] for i in range(start, len(layers))]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+
+    def body(carry, xs):
+        x, kv = carry
+        i, state = xs
+        site = Site("text", i, layout=layout, query_pos=query_pos)
+        x, _, kv = nnx.merge(gdef, state)(x, cos, sin, mask, site, (), (), kv)
+        return (x, kv), None
+
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (jnp.arange(start, len(layers), dtype=jnp.int32), stacked))
+    return x, kv
+
+
 class VLForConditionalGeneration(nnx.Module):
     """``visual`` tower (``VisionTower``, set by the family), ``language_model`` decoder and
     ``lm_head`` (None when tied)."""
@@ -93,12 +151,14 @@ class VLForConditionalGeneration(nnx.Module):
                                names=("embed", "vocab")))
 
     def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False,
-                 cache: KVCache | None = None) -> ModelOutput:
+                 cache: KVCache | None = None, logits_index=None) -> ModelOutput:
         """Prefill (``cache`` None or empty) or decode step (``cache.index`` > 0).
 
         With a cache, ``batch.input_ids`` [B,T] are the new tokens at key positions
         ``cache.index + arange(T)``, while ``batch.attention_mask`` and ``batch.layout`` describe all
-        ``K = cache.max_len`` key positions.
+        ``K = cache.max_len`` key positions. ``logits_index`` (int or int32 scalar, may be traced):
+        the lm head runs on that query row only and ``logits`` is [B,1,V] (transformers'
+        ``logits_to_keep=1`` when it is the last row); None: every row.
         """
         cfg = self.config
         lm = self.language_model
@@ -119,17 +179,23 @@ class VLForConditionalGeneration(nnx.Module):
         hidden = [x] if output_hidden_states else None
         tres = {}
         kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
-        for i, layer in enumerate(lm.layers):
+        n = len(lm.layers)
+        scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states) else 0
+        for i in range(n - scanned):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
-            x, res, kv = layer(x, cos, sin, mask, site, interventions, probes, kv)
+            x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
             collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
             if i < len(deepstack):                     # DeepStack: add vision features after layer i
                 x = x + splice(jnp.zeros_like(x), deepstack[i].astype(x.dtype), image_mask)
+        if scanned:
+            x, kv = _scan_layers(lm.layers, n - scanned, x, cos, sin, mask, batch.layout, query_pos, kv)
         x = lm.norm(x)
         if output_hidden_states:
             hidden[-1] = x
+        if logits_index is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, jnp.asarray(logits_index, jnp.int32), 1, axis=1)
         logits = lm.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         for name, v in _stack(tres).items():
             probe_out.setdefault(name, {})["text"] = v
@@ -167,16 +233,18 @@ def abstract_params(config, dtype: str = "float32") -> nnx.State:
 
 
 def forward(params: nnx.State, config, batch: Batch, interventions: Sequence = (),
-            probes: Sequence = (), output_hidden_states: bool = False, cache: KVCache | None = None) -> ModelOutput:
+            probes: Sequence = (), output_hidden_states: bool = False, cache: KVCache | None = None,
+            logits_index=None) -> ModelOutput:
     """Pure forward of any family: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
 
     ``config`` (hashable; its class names the model class) and ``output_hidden_states`` must be
     static under ``jax.jit``; ``interventions`` and ``probes`` are pytrees whose layer choices are
-    static metadata.
+    static metadata. ``logits_index``: None (logits [B,S,V]) or one query row (logits [B,1,V]; may
+    be traced).
     """
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     model = nnx.merge(graphdef(config, jnp.dtype(dtype).name), params)
-    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache)
+    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache, logits_index)
 
 
 forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))
