@@ -87,9 +87,9 @@ def layer_loop(mode: str):
     """How the text decoder runs its layers inside the block: ``"scan"`` (one ``lax.scan`` over the
     layers' stacked parameters: one compiled layer body, so compile time does not grow with depth),
     ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan).
-    Either way only layers that no intervention, probe or ``output_hidden_states`` reads, and that
-    add no DeepStack features, are scanned: those reading a layer by its (static) index always
-    unroll. Values are equal (tested). Read when a function is traced, so JAX's compilation caches
+    Either way the layers are scanned only in a forward with no intervention, no probe and no
+    ``output_hidden_states`` (these select layers by their static index), and the layers after
+    which DeepStack adds vision features stay unrolled. Values are equal (tested). Read when a function is traced, so JAX's compilation caches
     are cleared on entry and exit::
 
         with jaxmm.models.core.model.layer_loop("unrolled"):
