@@ -97,6 +97,29 @@ def select_token(logits: Array, sampling: Sampling, key: Array | None) -> Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def suppress_tokens(logits: Array, ids: Array | None) -> Array:
+    """logits [B,V] with the entries of token ``ids`` [n] set to −inf, so that no decoding rule
+    picks them (transformers' ``SuppressTokensLogitsProcessor``); ``ids`` None: unchanged."""
+    if ids is None:
+        return logits
+    return logits.at[:, ids].set(-jnp.inf)
+
+
+def _suppress_ids(config, suppress) -> Array | None:
+    """``suppress_tokens`` of :func:`generate` as int32 ids (None: none).
+
+    Raises:
+        ValueError: an id outside the vocabulary.
+    """
+    if suppress is None or len(suppress) == 0:
+        return None
+    ids = np.asarray(list(suppress), np.int64)
+    v = config.text.vocab_size
+    if ids.ndim != 1 or ((ids < 0) | (ids >= v)).any():
+        raise ValueError(f"suppress_tokens={list(suppress)}: expected token ids in [0, {v}) (the vocabulary)")
+    return jnp.asarray(ids, jnp.int32)
+
+
 def extend_for_decoding(batch: Batch, max_len: int) -> Batch:
     """Host side: pads ``attention_mask`` and the layout from S prompt positions to ``max_len`` key
     positions (future positions count as valid, generated tokens; causality hides them)."""
@@ -225,13 +248,14 @@ def text_only(batch: Batch, config) -> Batch:
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
 def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
               sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False, contrast=None, mesh=None, prompt_len=None):
+              reprefill=False, contrast=None, mesh=None, prompt_len=None, suppress=None):
     """The one jitted generation program (prefill, re-plan, decode loop) behind :func:`generate`,
     :func:`stream`'s callers and :func:`jit_generate`.
 
     ``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
     the decode-side batch (:func:`extend_for_decoding`); ``prompt_len``: the prompt's length S
-    (traced; default: all rows of ``batch``)."""
+    (traced; default: all rows of ``batch``); ``suppress``: int32 [n] token ids never chosen
+    (:func:`suppress_tokens`), or None."""
     last, cache, next_pos, pre, interventions = prefill_and_plan(
         params, config, batch, max_len, interventions, probes, reprefill, prompt_len)
     constrain = lambda c: c
@@ -248,11 +272,11 @@ def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int
         text = (t_last, t_cache, t_pos)
 
     def choose(logits, text_logits):
-        if text_logits is None:
-            return logits
-        from jaxmm.interventions.pai import pai_contrast
+        if text_logits is not None:
+            from jaxmm.interventions.pai import pai_contrast
 
-        return pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff, contrast.variant)
+            logits = pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff, contrast.variant)
+        return suppress_tokens(logits, suppress)
 
     def body(carry, xs):
         logits, cache, done, text = carry
@@ -386,7 +410,7 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
              key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
              interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
              max_len: int | None = None, reprefill: bool | None = None, contrast: Contrast | None = None,
-             mesh=None) -> GenerateOutput:
+             mesh=None, suppress_tokens: Sequence[int] | None = None) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
     Args:
@@ -408,6 +432,8 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         mesh: a ``jax.sharding.Mesh``: the prompt batch is placed by
             :func:`jaxmm.sharding.batch_shardings` and the KV cache kept as
             :func:`jaxmm.sharding.cache_shardings` declares (parameters as they are placed).
+        suppress_tokens: token ids never generated (their logits set to −inf before the decoding
+            rule, as transformers' ``suppress_tokens``); the returned ``logits`` are the model's.
 
     Prompts whose length rounds to the same :data:`PROMPT_BUCKET` (and images whose patch counts
     round alike) reuse one compiled program; see the module docstring.
@@ -418,9 +444,10 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
 
     Raises:
         ValueError: ``max_new_tokens`` not a positive integer, right-padded prompts, sampling
-            without a key, a ``max_len`` too short.
+            without a key, a ``max_len`` too short, a suppressed id outside the vocabulary.
     """
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    suppress = _suppress_ids(config, suppress_tokens)
     am = np.asarray(batch.attention_mask)
     if (am[:, -1] == 0).any():
         raise ValueError("generate() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
@@ -448,22 +475,25 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         full = jax.device_put(full, batch_shardings(full, mesh))
     return run_generation(params, config, pre, full, max_len, max_new_tokens, sampling, key,
                      jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s))
+                     tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s), suppress)
 
 
 _prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))
 _step_jit = jax.jit(decode_step, static_argnames=("config",))
 _select_jit = jax.jit(select_token, static_argnames=("sampling",))
+_suppress_jit = jax.jit(suppress_tokens)
 
 
 def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
            key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
-           interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None):
+           interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None,
+           suppress_tokens: Sequence[int] | None = None):
     """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
     they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
     the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``). Raises and
     warns as :func:`generate`."""
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    suppress = _suppress_ids(config, suppress_tokens)
     if sampling.temperature > 0 and key is None:
         raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
     if reprefill is None:
@@ -479,7 +509,7 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
     done = np.zeros(batch.input_ids.shape[0], bool)
     for t in range(max_new_tokens):
-        tok = np.asarray(_select_jit(last, sampling, keys[t]))
+        tok = np.asarray(_select_jit(_suppress_jit(last, suppress), sampling, keys[t]))
         tok = np.where(done, pad_token_id, tok)
         done |= np.isin(tok, stop)
         yield tok

@@ -120,6 +120,28 @@ def batch_shardings(batch, mesh: jax.sharding.Mesh):
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
+def split_rows(x, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A host array [B, …] (the same global value on every process) placed on ``mesh`` with its
+    rows split over :func:`batch_axes` (replicated where B does not divide), as
+    :func:`batch_shardings` places a batch's per-sample arrays."""
+    x = np.asarray(x)
+    return jax.device_put(x, NamedSharding(mesh, batch_spec(x.shape, 0, mesh, x.ndim)))
+
+
+def on_host(tree):
+    """Every ``jax.Array`` of ``tree`` as numpy on this process; arrays split over other processes'
+    devices (a mesh spanning hosts) are gathered first (``process_allgather``, a collective: every
+    process must call it)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True) if not x.is_fully_addressable else x)
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def cache_shardings(cache, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a ``KVCache``: k, v (and k_pre) [L,B,K,G,D] split over the batch axes on B
     and over the ``kv_heads`` mesh axis on G where they divide; ``index`` replicated."""

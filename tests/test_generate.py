@@ -279,3 +279,24 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     with pytest.raises(ValueError, match="layer_loop"):
         with M.layer_loop("fast"):
             pass
+
+
+def test_suppressed_tokens_are_never_generated(setup):
+    """``suppress_tokens``: greedy picks the best token that is not suppressed (the step logits
+    returned are the model's, so numpy's masked argmax of them is the token); sampling never draws a
+    suppressed id; ids outside the vocabulary are refused, naming the argument."""
+    _, model, raw = setup
+    batch = model.prepare(**raw)
+    plain = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], output_logits=True)
+    banned = sorted({int(t) for t in np.asarray(plain.tokens)[:, :3].ravel()})
+    out = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], output_logits=True,
+                   suppress_tokens=banned)
+    tokens, logits = np.asarray(out.tokens), np.asarray(out.logits).copy()
+    assert not np.isin(tokens, banned).any()
+    logits[..., banned] = -np.inf
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    sampled = generate(model.params, model.config, batch, max_new_tokens=16, stop_tokens=[],
+                       sampling=Sampling(temperature=2.0), key=jax.random.PRNGKey(1), suppress_tokens=banned)
+    assert not np.isin(np.asarray(sampled.tokens), banned).any()
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        generate(model.params, model.config, batch, max_new_tokens=2, suppress_tokens=[model.config.text.vocab_size])

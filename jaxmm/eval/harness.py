@@ -585,20 +585,6 @@ def mesh_axes(mesh, devices: int | None = None) -> dict | None:
     return axes
 
 
-def _on_host(tree):
-    """Arrays of a generate output as numpy on this process: arrays split over other processes'
-    devices (a mesh spanning hosts) are gathered first."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return x
-
-    return jax.tree_util.tree_map(one, tree)
-
-
 def _error_row(s, method, e):
     return {"benchmark": s["benchmark"], "id": s["id"], "method": method, "question": s.get("question"),
             "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
@@ -622,6 +608,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     ``heatmap_data`` instead of writing the figure (:func:`render_deferred_heatmaps`)."""
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
+    from jaxmm.sharding import on_host
     from jaxmm.processing.regions import region_weights
     from jaxmm.stopping import stop_token_ids
 
@@ -648,7 +635,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     stop = stop_token_ids(model.config, model.tokenizer)
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
                    pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes, mesh=mesh)
-    out = _on_host(out)
+    out = on_host(out)        # gathered first where a mesh spans processes
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)
     seconds = (time.perf_counter() - t0) / len(samples)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from pydantic import ConfigDict, Field
 
-from jaxmm.config import Float, Fraction, Int, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
+from jaxmm.config import Float, Fraction, Int, Mesh, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
 from jaxmm.models.core.model import forward
 from jaxmm.train.sft import DataSpec, LoraSpec, RaveSpec, config_from_yaml
 
@@ -94,6 +94,8 @@ class GRPOConfig:
     log_every: PosInt = 1
     tensorboard: bool = True
     seed: NonNegInt = 0
+    mesh: Mesh | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
+                                          # call jax.distributed.initialize() first; process 0 writes the logs)
 
     def __post_init__(self):
         bad = set(self.rewards) - set(REWARDS)
@@ -273,10 +275,29 @@ def make_update(config, cfg: GRPOConfig, tx, mask_tree):
     return update
 
 
-def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score_fn):
+def placeholder_ids(config) -> tuple[int, ...]:
+    """The vision placeholder tokens (image and video pads, vision start and end) of ``config``.
+
+    Rollouts never sample them: a completion holding an image pad token would have image features
+    spliced in (and M-RoPE image positions) when it is scored teacher-forced, so it could not be
+    scored as the text it was generated as. Only the sampler suppresses them (transformers'
+    ``suppress_tokens`` in generation); the log-probs π and π_old stay the model's softmax over
+    the whole vocabulary."""
+    ids = (getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                              "vision_end_token_id"))
+    return tuple(sorted({int(i) for i in ids if i is not None and 0 <= int(i) < config.text.vocab_size}))
+
+
+def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score_fn, mesh=None):
     """Samples G completions per prompt under the current policy and scores them. Returns the
-    teacher-forced batch, tokens, mask, old and reference log-probs, rewards and texts."""
+    teacher-forced batch, tokens, mask, old and reference log-probs, rewards and texts.
+
+    With ``mesh`` (a :class:`jax.sharding.Mesh`, possibly over several processes) every process
+    builds the same global prompts; generation and scoring run as one program over the mesh with
+    the rows split over data × fsdp (:func:`jaxmm.sharding.batch_shardings`); the completions and
+    scores are gathered to every process, so rewards and advantages are the same everywhere."""
     from jaxmm.generate import Sampling, generate
+    from jaxmm.sharding import on_host, split_rows
     from jaxmm.stopping import stop_token_ids
     from jaxmm.train.sft import assemble
 
@@ -286,14 +307,22 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
                    sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,
-                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, mesh=mesh,
+                   suppress_tokens=placeholder_ids(model.config))
+    tokens, lengths = (np.asarray(x) for x in on_host((out.tokens, out.lengths)))
     texts = [model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True) for b in range(len(rep))]
     batch, mask = full_batch(model, prompt, info, tokens, lengths, region)
-    scored = score_fn(params, ivs, batch, jnp.asarray(tokens))
-    ref_lp = score_fn(ref_params, (), batch, jnp.asarray(tokens))["logp"]
-    rewards = rewards_of(cfg, rep, texts, lengths, scored, batch, mask)
-    return batch, jnp.asarray(tokens), jnp.asarray(mask), scored, ref_lp, rewards, texts, lengths
+    dev_tokens, dev_mask = jnp.asarray(tokens), jnp.asarray(mask)
+    if mesh is not None:
+        from jaxmm.sharding import batch_shardings
+
+        batch = jax.device_put(batch, batch_shardings(batch, mesh))
+        dev_tokens, dev_mask = split_rows(tokens, mesh), split_rows(mask, mesh)
+    scored = on_host(score_fn(params, ivs, batch, dev_tokens))
+    ref_lp = on_host(score_fn(ref_params, (), batch, dev_tokens)["logp"])
+    host_batch = on_host(batch)
+    rewards = rewards_of(cfg, rep, texts, lengths, scored, host_batch, mask)
+    return batch, dev_tokens, dev_mask, scored, ref_lp, rewards, texts, lengths
 
 
 def total_reward(cfg: GRPOConfig, rewards: dict) -> np.ndarray:
@@ -310,14 +339,29 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     import jaxmm
     from jaxmm import organism
     from jaxmm.objectives.grpo import group_advantages
+    from jaxmm.sharding import on_host, split_rows
     from jaxmm.train.sft import MetricsLog, dataset, initial_state, optimizer, state_mask
 
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    model = jaxmm.load(organism.default() if cfg.model in (None, "organism") else cfg.model, dtype="float32")
+    rank = jax.process_index()
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mesh = None
+    if cfg.mesh:
+        from jaxmm.eval.harness import mesh_axes
+        from jaxmm.sharding import make_mesh
+
+        mesh = make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
+    model = jaxmm.load(organism.default() if cfg.model in (None, "organism") else cfg.model, dtype="float32",
+                       mesh=mesh)
     ref_params = model.params                        # the frozen reference: the starting model
     state = initial_state(cfg, model.params, model.config)
+    if mesh is not None:      # adapters replicated over the mesh, next to the sharded backbone
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rep = NamedSharding(mesh, PartitionSpec())
+        state = {k: v if k == "params" else jax.device_put(v, rep) for k, v in state.items()}
     tx = optimizer(cfg, state)
     opt_state = tx.init(state)
     mngr = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep))
@@ -335,22 +379,26 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     update = make_update(model.config, cfg, tx, mask_tree)
     ds = dataset(cfg)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
-    log = MetricsLog(out, tensorboard=cfg.tensorboard)
+    log = MetricsLog(out, tensorboard=cfg.tensorboard) if rank == 0 else None
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         samples = [ds[step * cfg.prompts_per_step + i] for i in range(cfg.prompts_per_step)]
         batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(model, cfg, state, ref_params, samples,
-                                                                           step, score_fn)
+                                                                           step, score_fn, mesh)
         r = total_reward(cfg, rewards)
         adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size, eps=cfg.adv_eps)
+        old_lp = scored["logp"]
+        if mesh is not None:      # the per-row inputs of the update split over the mesh as the batch is
+            old_lp, ref_lp, adv = (split_rows(x, mesh) for x in (old_lp, ref_lp, adv))
         for _ in range(cfg.updates_per_rollout):
-            state, opt_state, m = update(state, opt_state, batch, tokens, mask, scored["logp"], ref_lp, adv)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            ent = np.asarray(scored["entropy"])[np.asarray(mask)]
+            state, opt_state, m = update(state, opt_state, batch, tokens, mask, old_lp, ref_lp, adv)
+        host_mask = on_host(mask)         # a collective where the mesh spans processes: every process
+        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            ent = np.asarray(scored["entropy"])[host_mask]
             row = {**{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k in REWARDS},
                    "reward/total": float(np.mean(r)), "vas": float(np.mean(rewards["vas"])),
                    "region_ratio": float(np.nanmean(rewards["region_ratio"])),
@@ -365,7 +413,8 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{float(np.mean(r)):.3f}")
-    log.close()
+    if log is not None:
+        log.close()
     if bar is not None:
         bar.close()
     mngr.wait_until_finished()

@@ -89,8 +89,8 @@ def layer_loop(mode: str):
     ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan).
     Either way the layers are scanned only in a forward with no intervention, no probe and no
     ``output_hidden_states`` (these select layers by their static index), and the layers after
-    which DeepStack adds vision features stay unrolled. Values are equal (tested). Read when a function is traced, so JAX's compilation caches
-    are cleared on entry and exit::
+    which DeepStack adds vision features stay unrolled. Values are equal (tested). Read when a
+    function is traced, so JAX's compilation caches are cleared on entry and exit::
 
         with jaxmm.models.core.model.layer_loop("unrolled"):
             out = model.forward(batch=batch)
