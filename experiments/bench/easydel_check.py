@@ -45,6 +45,14 @@ def build(path: Path):
         image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
+    # transformers initialises biases to 0 and norm weights to 1: randomise them so that a loader dropping the
+    # q/k/v biases or a norm's weight/bias shows in the logits
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "norm" in name or "ln_q" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return model, cfg
 
@@ -121,6 +129,7 @@ def main(argv=None):
           f"max |Δ last logits| {err:.2e}; greedy tokens equal {same:.3f} ({toks.shape})")
     print(f"easydel prefill {res['prefill_s'] * 1e3:.1f} ms | decode {res['decode_tok_s']:.1f} tok/s | "
           f"first-call compile {res['compile_s']:.1f} s")
+    print("timings:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res["timings"].items()}))
     print("settings:", json.dumps(res["settings"]))
     ok = err <= 1e-3 and same == 1.0
     print("PASS" if ok else "FAIL")

@@ -34,6 +34,11 @@ in RESULT.json["settings"]):
   * vision heads: Qwen2VLVisionBlock builds its attention without ``num_heads`` (so always 16 heads);
     Qwen2VLVisionAttention is made to take ``vision_config.num_heads``.
 
+Each one left at EasyDeL's default (``--keep-default NAME``), on easydel_check.py's checkpoint (B=1, 16 tokens):
+all set 8e-7 max |logits error|, tokens 16/16 equal; rope_table 4e-5 (16/16); rope_theta 2e-2 (16/16);
+mrope_layout 1e-2 (16/16); attn_dtype (bf16 attention/KV cache) 2e-3 (16/16); attention_bias 0.86 (0/16);
+vision_heads fails to trace (cos/sin of head_dim 32 against 16 heads of 8).
+
 Generation path. ``model.generate`` (EasyDeL's EasyGenerationMixin: HF-style API, greedy search = one prefill
 step then a ``lax.while_loop`` of single-token steps over a dense TransformerCache KV cache), traced under one
 ``jax.jit`` per (N, shapes), the way EasyDeL's trainers call it (``ejit`` around ``module.generate``). It is the
@@ -112,7 +117,13 @@ def _rename(key: str) -> str:
     return key
 
 
-def load(checkpoint: str):
+ABLATIONS = ("rope_table", "vision_heads", "rope_theta", "mrope_layout", "attention_bias", "attn_dtype")
+
+
+def load(checkpoint: str, keep_default: tuple[str, ...] = ()):
+    """EasyDeL Qwen2-VL module with the checkpoint's weights and transformers' float32 numerics.
+
+    ``keep_default``: names from ABLATIONS whose EasyDeL default is left in place (to see what each costs)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -139,8 +150,9 @@ def load(checkpoint: str):
                                 partial_rotary_factor=getattr(self, "partial_rotary_factor", 1.0))
         return ModuleCaches(jax.device_put(freqs.astype(jnp.float32), NamedSharding(self.mesh, PartitionSpec())))
 
-    EasyDeLBaseConfig.get_basic_frequencies = get_basic_frequencies
-    settings["rope_table_dtype"] = "float32"
+    if "rope_table" not in keep_default:
+        EasyDeLBaseConfig.get_basic_frequencies = get_basic_frequencies
+    settings["rope_table_dtype"] = "bfloat16 (default)" if "rope_table" in keep_default else "float32"
 
     # vision attention heads from the config (Qwen2VLVisionBlock does not pass num_heads: always 16)
     init = mq.Qwen2VLVisionAttention.__init__
@@ -148,7 +160,8 @@ def load(checkpoint: str):
     def vision_attn_init(self, config, layer_idx, dim, num_heads=None, *a, **k):
         init(self, config, layer_idx, dim, config.num_heads if num_heads is None else num_heads, *a, **k)
 
-    mq.Qwen2VLVisionAttention.__init__ = vision_attn_init
+    if "vision_heads" not in keep_default:
+        mq.Qwen2VLVisionAttention.__init__ = vision_attn_init
 
     # several images under jit: Qwen2VLVisionAttention splits q/k/v per image with jnp.split at cu_seqlens, which
     # must be concrete; Qwen2VLVisionTransformer computes them with jnp (a tracer under jit, so more than one image
@@ -185,20 +198,24 @@ def load(checkpoint: str):
     cfg = Qwen2VLConfig.from_pretrained(checkpoint)
     raw = json.load(open(os.path.join(checkpoint, "config.json")))
     tc, vc = cfg.text_config, cfg.vision_config
-    settings["vision_num_heads"] = vc.num_heads
+    settings["vision_num_heads"] = 16 if "vision_heads" in keep_default else vc.num_heads
     rp = raw["text_config"].get("rope_parameters") or raw["text_config"].get("rope_scaling") or {}
     theta = raw["text_config"].get("rope_theta", rp.get("rope_theta"))
-    if theta is not None:
+    if theta is not None and "rope_theta" not in keep_default:
         tc.rope_theta = float(theta)
     settings["rope_theta"] = tc.rope_theta
-    tc.rope_scaling = dict(tc.rope_scaling or {}, repetition_style=True, mrope_interleaved=False)
+    if "mrope_layout" not in keep_default:
+        tc.rope_scaling = dict(tc.rope_scaling or {}, repetition_style=True, mrope_interleaved=False)
     settings["rope_scaling"] = tc.rope_scaling
-    tc.attention_bias = True
+    tc.attention_bias = "attention_bias" not in keep_default
     if getattr(cfg, "vocab_size", None) is None:
         cfg.vocab_size = tc.vocab_size
-    settings["text_attention_bias"] = "q/k/v from checkpoint, o_proj zeros"
+    settings["text_attention_bias"] = ("none (default: checkpoint q/k/v biases dropped)" if "attention_bias"
+                                       in keep_default else "q/k/v from checkpoint, o_proj zeros")
     basic = dict(attn_mechanism="vanilla", decode_attn_mechanism="vanilla", attn_dtype=jnp.float32,
                  kvdtype=jnp.float32, attn_softmax_dtype=jnp.float32)
+    if "attn_dtype" in keep_default:
+        del basic["attn_dtype"], basic["kvdtype"]
     for c in (cfg, tc, vc):
         c.add_basic_configurations(**basic)
     settings.update({k: str(getattr(v, "__name__", v)) for k, v in basic.items()})
@@ -207,7 +224,7 @@ def load(checkpoint: str):
     model = Qwen2VLForConditionalGeneration.lazy_init(config=cfg, dtype=jnp.float32, param_dtype=jnp.float32,
                                                       precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
     sd = {_rename(k): v for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
-    for i in range(tc.num_hidden_layers):
+    for i in range(tc.num_hidden_layers if tc.attention_bias else 0):
         sd.setdefault(f"model.language_model.layers.{i}.self_attn.o_proj.bias", np.zeros(tc.hidden_size, np.float32))
     params = model.pure_transform_fn({k: _NP(v) for k, v in sd.items()}, verbose=False)
     model = merge_model_and_tree(model=model, tree=params)
@@ -234,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--keep-default", default="", help=f"comma list from {ABLATIONS}: leave EasyDeL's default")
     args = ap.parse_args(argv)
     if args.new < 2:
         ap.error("--new must be >= 2 (the decode rate is a difference of N and 1 new tokens)")
@@ -246,7 +264,10 @@ def main(argv=None):
     from transformers import GenerationConfig
 
     t0 = time.perf_counter()
-    model, cfg, settings = load(args.checkpoint)
+    keep = tuple(x for x in args.keep_default.split(",") if x)
+    if set(keep) - set(ABLATIONS):
+        ap.error(f"--keep-default: unknown {sorted(set(keep) - set(ABLATIONS))}; choose from {ABLATIONS}")
+    model, cfg, settings = load(args.checkpoint, keep)
     load_s = time.perf_counter() - t0
     b = dict(np.load(args.inputs))
     ids, mask = b["input_ids"].astype(np.int32), b["attention_mask"].astype(bool)
