@@ -31,7 +31,10 @@ SMALL = dict(text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers
 
 
 def build(path: Path):
-    """A scaled-down Qwen2-VL (same structure as Qwen2-VL-7B), float32, saved with save_pretrained."""
+    """A scaled-down Qwen2-VL (same structure as Qwen2-VL-7B), float32, saved with save_pretrained.
+
+    Text weights drawn with std 0.1 (transformers' 0.02 gives a model that repeats one token, which would not
+    test the KV cache or the decode positions); biases and norm weights randomised (see below)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -40,7 +43,7 @@ def build(path: Path):
     v = t["vocab_size"]
     cfg = Qwen2VLConfig(
         text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-                         bos_token_id=None, eos_token_id=1, pad_token_id=0, **t),
+                         bos_token_id=None, eos_token_id=1, pad_token_id=0, initializer_range=0.1, **t),
         vision_config=dict(SMALL["vision"]),
         image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
     torch.manual_seed(0)

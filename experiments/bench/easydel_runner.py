@@ -47,8 +47,9 @@ cache) is built for serving many requests and is not used here. Images are handl
 and image_grid_thw go to ``generate``; the 3-D M-RoPE position ids are computed on the host with EasyDeL's
 ``get_rope_index`` (numpy; not traceable) and passed in, as EasyDeL's own ``prepare_inputs_for_call`` does.
 No early stop (eos disabled). Decode rate = B*(N-1) / (t(N new tokens) - t(1 new token)), each the best of R
-after a warm-up call; the KV cache is sized S+N in one and S+1 in the other (generate sizes it from
-max_new_tokens), a small difference in the prefill that does not cancel.
+after a warm-up call; generate would size the KV cache from max_new_tokens (S+N in one, S+1 in the other), so
+the runner passes one preallocated cache (``model.init_cache``, S+N rounded up to 64) to both, as jaxmm's decode.py
+does. jax's persistent compilation cache is off (see ``--persistent-cache``) so compile_s is a real first compile.
 Prefill = host get_rope_index + one jitted forward over the prompt (vision tower included) producing logits.
 """
 
@@ -251,14 +252,21 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--persistent-cache", action="store_true",
+                    help="leave jax's persistent compilation cache on (EasyDeL turns it on at import)")
     ap.add_argument("--keep-default", default="", help=f"comma list from {ABLATIONS}: leave EasyDeL's default")
     args = ap.parse_args(argv)
     if args.new < 2:
         ap.error("--new must be >= 2 (the decode rate is a difference of N and 1 new tokens)")
 
+    import jax
+
+    # EasyDeL's ejit (applied at import) points jax's persistent compilation cache at ~/.cache/ejkernel-cache for the
+    # whole process: a second run would load the executables and report a smaller compile time. Keep it off.
+    if not args.persistent_cache:
+        jax.config.update("jax_enable_compilation_cache", False)
     _no_torch_shims()
     import easydel
-    import jax
     import numpy as np
     from flax import nnx
     from transformers import GenerationConfig
@@ -295,14 +303,17 @@ def main(argv=None):
     model.generation_config = gen_cfg
     gens = {}
 
+    cache_len = 64 * -(-(seq + args.new) // 64)  # one KV cache size for the 1-token and the N-token runs
+
     def make_generate(n):
         @jax.jit
         def gen(gs, input_ids, attention_mask, pixel_values, position_ids):
             m = nnx.merge(graphdef, gs, graphother)
             m.generation_config = gen_cfg
+            cache = m.init_cache(batch, cache_len, None, None, gen_cfg.pad_token_id)
             out = m.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             image_grid_thw=grid, position_ids=position_ids, generation_config=gen_cfg,
-                             max_new_tokens=n)
+                             image_grid_thw=grid, position_ids=position_ids, past_key_values=cache,
+                             generation_config=gen_cfg, max_new_tokens=n)
             return out.sequences[:, seq:]
         return gen
 
@@ -323,7 +334,8 @@ def main(argv=None):
         tokens=tokens.tolist(), prefill_logits_last=logits[0, -1].astype(float).tolist(),
         easydel_version=easydel.__version__, jax_version=jax.__version__,
         settings=dict(settings, generation="model.generate (EasyGenerationMixin greedy) under jax.jit",
-                      eos="disabled (no early stop)", backend=jax.devices()[0].platform),
+                      eos="disabled (no early stop)", kv_cache=f"TransformerCache [{batch}, {cache_len}] float32",
+                      persistent_compilation_cache=bool(args.persistent_cache), backend=jax.devices()[0].platform),
         timings=dict(load_s=load_s, rope_index_host_s=rope_s, prefill_first_call_s=prefill_first,
                      prefill_compile_s=prefill_first - prefill_s,
                      generate_1_s=t1, generate_1_first_call_s=one_first, generate_n_s=tn,
