@@ -122,7 +122,7 @@ def _rename(key: str) -> str:
 ABLATIONS = ("rope_table", "vision_heads", "rope_theta", "mrope_layout", "attention_bias", "attn_dtype")
 
 
-def load(checkpoint: str, keep_default: tuple[str, ...] = ()):
+def load(checkpoint: str, keep_default: tuple[str, ...] = (), attn: str = "vanilla"):
     """EasyDeL Qwen2-VL module with the checkpoint's weights and transformers' float32 numerics.
 
     ``keep_default``: names from ABLATIONS whose EasyDeL default is left in place (to see what each costs)."""
@@ -214,7 +214,7 @@ def load(checkpoint: str, keep_default: tuple[str, ...] = ()):
         cfg.vocab_size = tc.vocab_size
     settings["text_attention_bias"] = ("none (default: checkpoint q/k/v biases dropped)" if "attention_bias"
                                        in keep_default else "q/k/v from checkpoint, o_proj zeros")
-    basic = dict(attn_mechanism="vanilla", decode_attn_mechanism="vanilla", attn_dtype=jnp.float32,
+    basic = dict(attn_mechanism=attn, decode_attn_mechanism=attn, attn_dtype=jnp.float32,
                  kvdtype=jnp.float32, attn_softmax_dtype=jnp.float32)
     if "attn_dtype" in keep_default:
         del basic["attn_dtype"], basic["kvdtype"]
@@ -256,6 +256,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--attn", default="vanilla", choices=("vanilla", "sdpa"),
+                    help="EasyDeL attn_mechanism (text decoder; the vision tower has its own plain attention)")
     ap.add_argument("--persistent-cache", action="store_true",
                     help="leave jax's persistent compilation cache on (EasyDeL turns it on at import)")
     ap.add_argument("--keep-default", default="", help=f"comma list from {ABLATIONS}: leave EasyDeL's default")
@@ -279,7 +281,7 @@ def main(argv=None):
     keep = tuple(x for x in args.keep_default.split(",") if x)
     if set(keep) - set(ABLATIONS):
         ap.error(f"--keep-default: unknown {sorted(set(keep) - set(ABLATIONS))}; choose from {ABLATIONS}")
-    model, cfg, settings = load(args.checkpoint, keep)
+    model, cfg, settings = load(args.checkpoint, keep, args.attn)
     load_s = time.perf_counter() - t0
     b = dict(np.load(args.inputs))
     ids, mask = b["input_ids"].astype(np.int32), b["attention_mask"].astype(bool)
