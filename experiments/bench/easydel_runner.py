@@ -6,7 +6,7 @@
 Runs in EasyDeL's own virtual environment (EasyDeL 0.3.0, jax 0.9.x), imports neither jaxmm nor torch.
 INPUTS.npz holds input_ids [B,S], attention_mask [B,S], pixel_values [N, C*T*P*P] and image_grid_thw
 [n_images,3], as transformers' Qwen2VLImageProcessor produces them; DIR is what transformers'
-save_pretrained wrote (config.json + model.safetensors, float32).
+save_pretrained wrote (config.json + *.safetensors, float32; bf16 files are not read by safetensors.numpy).
 
 Loading. EasyDeL's own loader for Hugging Face checkpoints (``AutoEasyDeLModelFor*.from_pretrained`` ->
 ``_from_torch_pretrained``) needs torch (it loads the transformers model or reads safetensors with
@@ -33,6 +33,10 @@ in RESULT.json["settings"]):
     attention_bias = True is set and the o_proj bias (absent in Qwen2-VL) is loaded as zeros.
   * vision heads: Qwen2VLVisionBlock builds its attention without ``num_heads`` (so always 16 heads);
     Qwen2VLVisionAttention is made to take ``vision_config.num_heads``.
+Not numerics but needed to run: more than one image does not trace under jit (the vision attention's per-image
+``jnp.split`` at cu_seqlens computed with jnp), so the vision tower/attention get the same code with cu_seqlens in
+numpy; the top-level Qwen2VLConfig gets ``vocab_size`` from text_config; ``easydel.modules`` fails to import without
+torch (six import-time patches of transformers' torch models), so those modules are stubbed when torch is absent.
 
 Each one left at EasyDeL's default (``--keep-default NAME``), on easydel_check.py's checkpoint (B=1, 24 greedy
 tokens; max |last logits error| against transformers eager, tokens equal): all set 1.8e-5, 24/24;
@@ -44,7 +48,8 @@ Generation path. ``model.generate`` (EasyDeL's EasyGenerationMixin: HF-style API
 step then a ``lax.while_loop`` of single-token steps over a dense TransformerCache KV cache), traced under one
 ``jax.jit`` per (N, shapes), the way EasyDeL's trainers call it (``ejit`` around ``module.generate``). It is the
 single-process, single-request path; eSurge (EasyDeL's serving engine, continuous batching over a paged KV
-cache) is built for serving many requests and is not used here. Images are handled in generation: pixel_values
+cache, background scheduler, text prompts through a tokenizer/processor) is built for serving many requests
+and is not used here. Images are handled in generation: pixel_values
 and image_grid_thw go to ``generate``; the 3-D M-RoPE position ids are computed on the host with EasyDeL's
 ``get_rope_index`` (numpy; not traceable) and passed in, as EasyDeL's own ``prepare_inputs_for_call`` does.
 No early stop (eos disabled). Decode rate = B*(N-1) / (t(N new tokens) - t(1 new token)), each the best of R
@@ -52,6 +57,8 @@ after a warm-up call; generate would size the KV cache from max_new_tokens (S+N 
 the runner passes one preallocated cache (``model.init_cache``, S+N rounded up to 64) to both, as jaxmm's decode.py
 does. jax's persistent compilation cache is off (see ``--persistent-cache``) so compile_s is a real first compile.
 Prefill = host get_rope_index + one jitted forward over the prompt (vision tower included) producing logits.
+compile_s = first call minus best call of the N-token generate (trace + XLA compile); RESULT.json["timings"] also
+has the prefill's and the 1-token generate's first calls.
 """
 
 from __future__ import annotations
