@@ -130,7 +130,7 @@ def main(argv=None):
     same = float((toks == ref_tokens).mean()) if toks.shape == ref_tokens.shape else 0.0
     print(f"easydel {res['easydel_version']} (jax {res['jax_version']}) vs transformers: "
           f"max |Δ last logits| {err:.2e}; greedy tokens equal {same:.3f} ({toks.shape})")
-    print(f"easydel prefill {res['prefill_s'] * 1e3:.1f} ms | decode {res['decode_tok_s']:.1f} tok/s | "
+    print(f"easydel prefill {res['prefill_s'] * 1e3:.1f} ms | decode {res['decode_tok_s'] or float('nan'):.1f} tok/s | "
           f"first-call compile {res['compile_s']:.1f} s")
     print("timings:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res["timings"].items()}))
     print("settings:", json.dumps(res["settings"]))

@@ -343,7 +343,9 @@ def main(argv=None):
     n_first, tn = best_of(lambda: generate(args.new), args.repeats)
     tokens = generate(args.new)
     res = dict(
-        prefill_s=prefill_s, decode_tok_s=batch * (args.new - 1) / (tn - t1), compile_s=n_first - tn,
+        prefill_s=prefill_s, compile_s=n_first - tn,
+        # None when t(N) <= t(1): noise larger than the decode time (raise --new / --repeats)
+        decode_tok_s=batch * (args.new - 1) / (tn - t1) if tn > t1 else None,
         tokens=tokens.tolist(), prefill_logits_last=logits[0, -1].astype(float).tolist(),
         easydel_version=easydel.__version__, jax_version=jax.__version__,
         settings=dict(settings, generation="model.generate (EasyGenerationMixin greedy) under jax.jit",
@@ -357,7 +359,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(res, f)
     print(f"easydel {easydel.__version__} jax {jax.__version__}: prefill {prefill_s * 1e3:.1f} ms, "
-          f"decode {res['decode_tok_s']:.1f} tok/s, compile {res['compile_s']:.1f} s -> {args.out}")
+          f"decode {res['decode_tok_s'] or float('nan'):.1f} tok/s, compile {res['compile_s']:.1f} s -> {args.out}")
     return 0
 
 
