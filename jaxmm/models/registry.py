@@ -11,7 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxmm.models import llava, qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.models import llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.processing.anyres_image import AnyResImageProcessor
 from jaxmm.processing.chat import LLAVA, QWEN, ChatFormat
 from jaxmm.processing.clip_image import ClipImageProcessor
 from jaxmm.processing.image import ImageProcessor
@@ -52,6 +53,10 @@ def _clip_processor(path, config):
     return ClipImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
 
 
+def _anyres_processor(path, config):
+    return AnyResImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
+
+
 def _family(name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN) -> Family:
     return Family(name=name, Config=module.Config, model_class=model_class, KEY_RULES=module.KEY_RULES,
                   IGNORE=module.IGNORE, IGNORE_TIED=module.IGNORE_TIED, prepare_batch=module.prepare_batch,
@@ -64,6 +69,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
     "llava": _family("llava", llava, llava.LlavaForConditionalGeneration, _clip_processor, LLAVA),
+    "llava_next": _family("llava_next", llava_next, llava_next.LlavaNextForConditionalGeneration,
+                          _anyres_processor, LLAVA),
 }
 
 
