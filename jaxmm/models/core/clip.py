@@ -166,7 +166,8 @@ class ClipLlamaConfig(core.VLConfig):
                     mrope_section=(head_dim // 2, 0, 0), hidden_act=text["hidden_act"],
                     max_position_embeddings=text["max_position_embeddings"], head_dim_override=text["head_dim"],
                     attention_bias=text["attention_bias"], o_proj_bias=text["attention_bias"])
-        vis = {**(LLAVA_VISION if d.get("vision_config") is None else CLIP_DEFAULTS), **(d.get("vision_config") or {})}
+        vis = {**CLIP_DEFAULTS, **(LLAVA_VISION if d.get("vision_config") is None else {}),
+               **(d.get("vision_config") or {})}
         check_fields(vis, "vision_config.", (), source)
         top = {k: d[k] for k in ("image_token_index", "image_token_id", "tie_word_embeddings",
                                  "multimodal_projector_bias") if k in d}

@@ -184,3 +184,41 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         lay = dataclasses.replace(lay, grid_pos=grid_pos, grid_hw=grid_hw)
     return Batch(input_ids=ids.astype(np.int32), attention_mask=am.astype(np.int32),
                  position_ids=np.ascontiguousarray(position_ids, np.int32), pixel_values=pv, vision=vis, layout=lay)
+
+
+def region_weights(image_index, grid_pos, grid_hw, boxes_per_image: dict, image_sizes: dict, image_grid_thw=None,
+                   patch_size: int = 14, spatial_merge_size: int = 1) -> np.ndarray:
+    """A [B,S] float32 region mask for a LLaVA-NeXT layout (the signature of
+    :func:`jaxmm.processing.regions.region_weights`; ``image_grid_thw``, ``patch_size`` and
+    ``spatial_merge_size`` are not needed).
+
+    A box ``(x0, y0, x1, y1)`` in original-image pixels covers, in each grid of its image — the base
+    image's ``g × g`` (the whole image resized) and the tiles' unpadded ``rows × cols`` (the whole
+    image up to ``unpad_image``'s rounding) — the cells with row in ``[⌊y0·rows/H⌋, ⌊y1·rows/H⌋]``
+    and col in ``[⌊x0·cols/W⌋, ⌊x1·cols/W⌋]`` (clamped); ``image_newline`` tokens are never inside.
+
+    Raises:
+        ValueError: a box with x1 < x0 or y1 < y0, one outside its image, or boxes for an image the
+            layout does not hold.
+    """
+    image_index, grid_pos, grid_hw = np.asarray(image_index), np.asarray(grid_pos), np.asarray(grid_hw)
+    out = np.zeros(image_index.shape, np.float32)
+    for img, boxes in boxes_per_image.items():
+        sel = image_index == img
+        if not sel.any():
+            raise ValueError(f"boxes given for image {img}, but the layout has {int(image_index.max()) + 1} images")
+        h0, w0 = image_sizes[img]
+        t, r, c = grid_pos[sel].T
+        rows, cols = grid_hw[sel, 0], grid_hw[sel, 1] - (t == 1)             # the tiles' grid: minus the newline
+        inside = np.zeros(len(t), bool)
+        for box in boxes:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if x1 < x0 or y1 < y0:
+                raise ValueError(f"box {tuple(box)}: expected (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+            if x1 < 0 or y1 < 0 or x0 > w0 or y0 > h0:
+                raise ValueError(f"box {tuple(box)} lies outside the {w0}x{h0} image")
+            cell = lambda v, n, size: np.clip(np.floor(v * n / size), 0, n - 1)
+            inside |= ((r >= cell(y0, rows, h0)) & (r <= cell(y1, rows, h0)) &
+                       (c >= cell(x0, cols, w0)) & (c <= cell(x1, cols, w0)))
+        out[sel] = inside
+    return out
