@@ -5,6 +5,8 @@ unpadding), every key layout, greedy generation, PAI and VAR against transformer
 edited by methods.md's formulas; the any-res image processor bit-identical to
 LlavaNextImageProcessorPil, and prepare_chat equal to LlavaNextProcessor."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -402,3 +404,43 @@ def test_jaxmm_eval_runs_baseline_pai_and_var_on_llava_next(chat_ckpt, tmp_path)
     assert any(by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or
                by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"] for i, _ in by)
     assert all(r["vas"] is not None and len(r["visual_entropy_per_layer"]) == 3 for r in rows)
+
+
+def test_every_shipped_intervention_and_probe_runs_on_llava_next(ckpt):
+    """Every intervention and probe of the seam test (``test_seam_invariance``, which lists all that
+    jaxmm ships) runs through the same seam on LLaVA-NeXT: every probe gives finite text-tower values
+    and every intervention changes the logits (two-phase ones planned from their first pass)."""
+    import jax
+
+    from jaxmm.generate import generate
+    from test_seam_invariance import INTERVENTIONS, PROBES
+
+    path, hf_model = ckpt
+    if hf_model.config.tie_word_embeddings:
+        pytest.skip("one checkpoint is enough")
+    model = jaxmm.load(path)
+    raw = make_batch(hf_model, [["chelsea", "tall"], ["coffee"]], "left")
+    am = raw["attention_mask"]
+    spans = [(int(np.flatnonzero(r)[0]), int(np.flatnonzero(r)[-1]) + 1) for r in am]
+    batch = model.prepare(**raw, system_spans=[[(a, a + 2)] for a, _ in spans],
+                          question_spans=[[(b - 5, b - 2)] for _, b in spans])
+    lay = batch.layout
+    region = np.asarray(lay.image_mask) & (np.asarray(lay.grid_pos)[..., 1] < 2)
+    batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=region.astype(np.float32)))
+    base = model.forward(batch=batch, probes=[make() for make in PROBES.values()])
+    for name in PROBES:
+        got = base.probes.get(PROBES[name]().name, {}).get("text")
+        assert got is not None, name
+        leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(got)]
+        assert leaves and all(np.isfinite(x[~np.isnan(x)]).all() for x in leaves), name
+    valid = am.astype(bool)
+    for name, make in INTERVENTIONS.items():
+        if name == "VRGA":                                     # phase 2 edits the decode steps only
+            run = lambda ivs: np.asarray(generate(model.params, model.config, batch, max_new_tokens=3,
+                                                  stop_tokens=[], interventions=ivs, output_logits=True).logits)
+            out, ref = run(model.interventions([make(model.config)])), run(())
+            assert np.isfinite(out).all() and np.abs(out - ref).max() > 1e-5, f"{name} changed nothing"
+            continue
+        out = np.asarray(model.forward(batch=batch, interventions=[make(model.config)]).logits)
+        assert np.isfinite(out[valid]).all(), name
+        assert np.abs(out - np.asarray(base.logits))[valid].max() > 1e-5, f"{name} changed nothing"
