@@ -404,6 +404,8 @@ def test_jaxmm_eval_runs_baseline_pai_and_var_on_llava_next(chat_ckpt, tmp_path)
     assert any(by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or
                by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"] for i, _ in by)
     assert all(r["vas"] is not None and len(r["visual_entropy_per_layer"]) == 3 for r in rows)
+    assert any("heatmap" in r for r in rows)                 # drawn over the base image's grid
+    assert all(r["region_ratio"] is not None and np.isfinite(r["region_ratio"]) for r in rows)
 
 
 def test_every_shipped_intervention_and_probe_runs_on_llava_next(ckpt):
@@ -444,3 +446,25 @@ def test_every_shipped_intervention_and_probe_runs_on_llava_next(ckpt):
         out = np.asarray(model.forward(batch=batch, interventions=[make(model.config)]).logits)
         assert np.isfinite(out[valid]).all(), name
         assert np.abs(out - np.asarray(base.logits))[valid].max() > 1e-5, f"{name} changed nothing"
+
+
+def test_absent_fields_take_transformers_defaults():
+    """A config.json with only model_type reads as transformers' LlavaNextConfig() (CLIP ViT-L/14-336,
+    Llama-7B sizes, the default image_grid_pinpoints)."""
+    from transformers import LlavaNextConfig
+
+    from jaxmm.models.llava_next import Config
+
+    hf, cfg = LlavaNextConfig(), Config.from_dict({"model_type": "llava_next"})
+    v, t, hv, ht = cfg.vision, cfg.text, hf.vision_config, hf.text_config
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.image_size, v.patch_size, v.in_channels) == (
+        hv.num_hidden_layers, hv.hidden_size, hv.intermediate_size, hv.num_attention_heads, hv.image_size,
+        hv.patch_size, hv.num_channels)
+    assert (v.hidden_act, v.layer_norm_eps) == (hv.hidden_act, hv.layer_norm_eps)
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+            t.num_key_value_heads, t.rms_norm_eps) == (ht.vocab_size, ht.hidden_size, ht.intermediate_size,
+                                                       ht.num_hidden_layers, ht.num_attention_heads,
+                                                       ht.num_key_value_heads, ht.rms_norm_eps)
+    assert v.image_grid_pinpoints == tuple(map(tuple, hf.image_grid_pinpoints))
+    assert (cfg.image_token_id, v.vision_feature_layer, v.vision_feature_select_strategy) == (
+        hf.image_token_id, hf.vision_feature_layer, hf.vision_feature_select_strategy)
