@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxmm.models.core.decoder import KVCache
 from jaxmm.models.core.model import Batch, forward
+from jaxmm.models.core.vision import VisionInputs
 from jaxmm.stopping import stop_token_ids
 
 Array = jax.Array
@@ -342,7 +343,8 @@ def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
     rows (bucketing): tokens and positions padded on the right with zeros, the key-side mask and
     layout of ``full`` (over the cache) with ``attention_mask`` 0 at the padding rows S … rows−1 (no
     real query sees them: they are later keys, and the decode steps overwrite their cache slots).
-    With ``config``, the packed vision inputs are bucketed too (:func:`pad_vision`)."""
+    With ``config``, packed :class:`VisionInputs` are bucketed too (:func:`pad_vision`; a tower that
+    reads other inputs, such as LLaVA-NeXT's packing index, keeps its shapes)."""
     b, s = prompt.input_ids.shape
     if rows < s:
         raise ValueError(f"prefill_batch: rows={rows} < prompt length {s}")
@@ -356,7 +358,7 @@ def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
         lay = dataclasses.replace(lay, attention_mask=lam)
     out = dataclasses.replace(prompt, input_ids=grow(prompt.input_ids), position_ids=grow(prompt.position_ids),
                               attention_mask=am, layout=lay)
-    if config is not None and prompt.pixel_values is not None and prompt.vision is not None:
+    if config is not None and prompt.pixel_values is not None and isinstance(prompt.vision, VisionInputs):
         from jaxmm.models.core.vision_inputs import pad_vision
 
         pv, vis = pad_vision(prompt.pixel_values, prompt.vision, config.vision)

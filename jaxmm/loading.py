@@ -45,13 +45,15 @@ class Model:
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                 position_ids=None, interventions: Sequence = (), probes: Sequence = (),
-                output_hidden_states: bool = False, batch=None, mm_token_type_ids=None, **unused):
+                output_hidden_states: bool = False, batch=None, mm_token_type_ids=None, image_sizes=None, **unused):
         """One jitted forward pass.
 
         Args:
             input_ids, attention_mask, pixel_values, image_grid_thw, position_ids: as the HF processor
                 and ``Qwen2_5_VLForConditionalGeneration.forward`` name them (numpy or torch).
                 ``mm_token_type_ids`` is accepted and ignored (jaxmm derives it from ``input_ids``).
+                ``image_sizes`` [n_images, 2] (HF LLaVA-NeXT's original image sizes) goes to the
+                families that read it (``llava_next``).
                 ``position_ids``: [3,B,S], HF's [4,B,S] ([text; t; h; w]: rows 1..3 are used) or
                 [B,S]; default computed as HF's ``get_rope_index``.
             interventions, probes: see :mod:`jaxmm.attention`.
@@ -67,7 +69,8 @@ class Model:
         if batch is None:
             if input_ids is None:
                 raise ValueError("forward() needs input_ids (or a prepared batch=)")
-            batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids)
+            extra = {} if image_sizes is None else {"image_sizes": image_sizes}
+            batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, **extra)
         ivs = self.interventions(interventions)
         if any(iv.prefill_probes() for iv in ivs):      # two-phase methods: plan from a first pass
             from jaxmm.attention import plan

@@ -1,5 +1,6 @@
 """bfloat16 parity: jaxmm in bfloat16 against transformers in bfloat16, both measured against the
-float32 transformers model (the oracle), for Qwen2.5-VL, Qwen2-VL and Qwen3-VL.
+float32 transformers model (the oracle), for Qwen2.5-VL, Qwen2-VL and Qwen3-VL (and LLaVA-NeXT end
+to end).
 
 * End to end (logits and last hidden state at real positions of a left-padded batch of 2 with a
   real photo per row): jaxmm's error against float32 may exceed transformers' own (eager) by a
@@ -67,9 +68,10 @@ BUILDERS = {
 
 def hf_run(model, batch):
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    if "image_grid_thw" in batch:                      # the Qwen families
+        t["mm_token_type_ids"] = torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"]))
     with torch.no_grad():
-        return model(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
-                     output_hidden_states=True)
+        return model(**t, output_hidden_states=True)
 
 
 def errors(x, ref, valid):
@@ -161,7 +163,20 @@ def figures(ckpt):
 
 
 def test_bf16_error_no_larger_than_transformers(figures):
-    f = figures
+    check_figures(figures)
+
+
+def test_llava_next_bf16_error_no_larger_than_transformers(tmp_path):
+    """LLaVA-NeXT end to end (CLIP over any-res tiles, image_newline packing, Llama decoder) on a
+    left-padded batch with three photos of different tile grids: the same bounds."""
+    from test_llava_next_parity import make_batch as llava_next_batch
+
+    hf32 = tiny.build_hf_llava_next(seed=3)
+    check_figures(measure("llava_next", tmp_path, hf32, llava_next_batch(hf32, [["chelsea", "tall"], ["coffee"]], "left")))
+
+
+def check_figures(f):
+    """The end-to-end bounds: jaxmm's bf16 error within the factors of transformers' own, under the ceilings."""
     print("\n" + report(f))
     s, mine, hf = f["scale"], f["jaxmm"], f["hf_eager"]
     assert s > 1.0 and hf["mean"] > 1e-3 * s, "bf16 rounding should be visible at this size"

@@ -42,3 +42,26 @@ def test_llava_configs_plan_and_take_their_presets():
         assert list(var.dims) == dims
     (pai,) = I.build("configs/methods/pai_llava_1_5.yaml", _load_config("configs/models/llava_1_5_7b.yaml")[1])
     assert pai.layers == tuple(range(2, 32))
+
+
+def test_llava_next_config_plans_as_transformers_counts():
+    """llava-v1.6-vicuna-7b: the count of transformers' LlavaNextForConditionalGeneration built (on the
+    meta device, no memory) from the same YAML, i.e. LLaVA-1.5-7B's plus image_newline; PAI's preset."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from jaxmm import interventions as I
+    from jaxmm.config import read_yaml
+    from jaxmm.plan import _load_config
+
+    path = "configs/models/llava_v1_6_vicuna_7b.yaml"
+    r = plan(path, parse_mesh("fsdp=4,tensor=2"))
+    d, _ = read_yaml(path)
+    with torch.device("meta"):
+        hf = LlavaNextForConditionalGeneration(LlavaNextConfig(**{k: v for k, v in d.items() if k != "model_type"}))
+    assert r["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert r["parameters"] == plan("configs/models/llava_1_5_7b.yaml", {})["parameters"] + 4096
+    _, cfg = _load_config(path)
+    assert cfg.vision.image_grid_pinpoints == ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    (pai,) = I.build("configs/methods/pai_llava_1_5.yaml", cfg)
+    assert pai.layers == tuple(range(2, 32))

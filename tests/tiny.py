@@ -171,3 +171,28 @@ def build_hf_llava(seed: int = 0, std: float = 0.15, tie: bool = False, feature_
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(LlavaForConditionalGeneration(cfg).eval(), seed, std)
+
+
+#: tiny any-resolution grid (multiples of LLAVA_IMAGE_SIZE): landscape photos get 1x2 tiles, portrait 2x1
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [56, 168], [168, 56]]
+
+
+def build_hf_llava_next(seed: int = 0, std: float = 0.15, tie: bool = False, feature_layer=-2):
+    """A random-weight ``LlavaNextForConditionalGeneration`` (CLIP tower, Llama decoder; eval, float32,
+    eager) with image token ``IMAGE_TOKEN`` and the tiny ``LLAVA_NEXT_PINPOINTS``."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cfg = LlavaNextConfig(
+        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=1024,
+                         tie_word_embeddings=tie),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
+                           projection_dim=32),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        tie_word_embeddings=tie)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomize(LlavaNextForConditionalGeneration(cfg).eval(), seed, std)

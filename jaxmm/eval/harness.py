@@ -609,7 +609,6 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
     from jaxmm.sharding import on_host
-    from jaxmm.processing.regions import region_weights
     from jaxmm.stopping import stop_token_ids
 
     convs = [([] if s.get("_system") is None else [{"role": "system", "content": s["_system"]}])
@@ -623,8 +622,9 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     boxes = {i: [s["box"]] for i, s in enumerate(samples) if s.get("box") is not None}
     sizes = {i: s["image"].size[::-1] for i, s in enumerate(samples)}
     if boxes:
-        w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                           boxes, sizes, grid, model.config.vision.patch_size, model.config.vision.spatial_merge_size)
+        w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
+                                        boxes, sizes, grid, model.config.vision.patch_size,
+                                        model.config.vision.spatial_merge_size)
         batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
     index = [s["id"].rsplit("-", 1)[-1] for s in samples]          # heatmaps for samples 0 … heatmaps−1
     drawn = [i.isdigit() and int(i) < cfg.heatmaps for i in index]
@@ -651,7 +651,8 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
         row.update(_metrics(out, b, lengths[b], b in boxes))
         if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])
-            att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys]
+            first = np.asarray(lay.grid_pos[b])[img_keys][:, 0] == 0     # frame 0 (LLaVA-NeXT: the base image)
+            att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys][first]
             gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
             fig = out_dir / "figures" / f"heatmap_{s['benchmark']}_{s['id']}_{mname.replace(':', '_').replace(',', '_')}.png"
             title = f"{s['id']} · {mname} · Q: {s['question']} · answer: {s['answer']} · prediction: {pred}"

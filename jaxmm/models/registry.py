@@ -11,10 +11,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxmm.models import llava, qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.models import llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl
+from jaxmm.processing.anyres_image import AnyResImageProcessor
 from jaxmm.processing.chat import LLAVA, QWEN, ChatFormat
 from jaxmm.processing.clip_image import ClipImageProcessor
 from jaxmm.processing.image import ImageProcessor
+from jaxmm.processing import regions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +28,9 @@ class Family:
     ``IGNORE_TIED`` (checkpoint key map), ``prepare_batch`` (HF processor outputs -> Batch),
     ``forward``/``forward_jit``/``graphdef``/``abstract_params`` (the model's pure functions),
     ``image_processor`` (``(checkpoint dir, config) -> processor`` with ``preprocess_one`` and
-    ``num_image_tokens``) and ``chat_format`` (:class:`~jaxmm.processing.chat.ChatFormat`).
+    ``num_image_tokens``), ``chat_format`` (:class:`~jaxmm.processing.chat.ChatFormat`) and
+    ``region_weights`` (boxes -> a layout's region mask, as
+    :func:`jaxmm.processing.regions.region_weights`; LLaVA-NeXT has its own grids).
     """
 
     name: str
@@ -42,6 +46,7 @@ class Family:
     abstract_params: Callable
     image_processor: Callable
     chat_format: ChatFormat
+    region_weights: Callable = regions.region_weights
 
 
 def _qwen_processor(path, config):
@@ -52,11 +57,17 @@ def _clip_processor(path, config):
     return ClipImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
 
 
-def _family(name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN) -> Family:
+def _anyres_processor(path, config):
+    return AnyResImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
+
+
+def _family(name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN,
+            region_weights=regions.region_weights) -> Family:
     return Family(name=name, Config=module.Config, model_class=model_class, KEY_RULES=module.KEY_RULES,
                   IGNORE=module.IGNORE, IGNORE_TIED=module.IGNORE_TIED, prepare_batch=module.prepare_batch,
                   forward=module.forward, forward_jit=module.forward_jit, graphdef=module.graphdef,
-                  abstract_params=module.abstract_params, image_processor=image_processor, chat_format=chat_format)
+                  abstract_params=module.abstract_params, image_processor=image_processor, chat_format=chat_format,
+                  region_weights=region_weights)
 
 
 FAMILIES: dict[str, Family] = {
@@ -64,6 +75,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
     "llava": _family("llava", llava, llava.LlavaForConditionalGeneration, _clip_processor, LLAVA),
+    "llava_next": _family("llava_next", llava_next, llava_next.LlavaNextForConditionalGeneration,
+                          _anyres_processor, LLAVA, llava_next.inputs.region_weights),
 }
 
 

@@ -91,6 +91,15 @@ class ClipImageProcessor:
             TypeError, ValueError: as :func:`~jaxmm.processing.image.to_channels_first`, naming the image.
         """
         x = to_channels_first(image, index, self.do_convert_rgb)                   # uint8 [C, H, W]
+        return self.transform(x, index, image)[None], self.grid_thw()
+
+    def transform(self, x: np.ndarray, index: int = 0, image: Any = None) -> np.ndarray:
+        """uint8 ``[C, H, W]`` -> float32 ``[C, crop_h, crop_w]``: resize, center crop, rescale,
+        normalise (HF ``PilBackend._preprocess``'s steps); ``index`` and ``image`` name the image in errors.
+
+        Raises:
+            ValueError: an empty image, or a result not ``crop_size`` (do_center_crop off).
+        """
         c, h, w = x.shape
         if self.do_resize:
             short, long = (w, h) if w <= h else (h, w)
@@ -112,7 +121,7 @@ class ClipImageProcessor:
         if x.shape[1:] != tuple(self.crop_size):
             raise ValueError(f"{image_name(index, image)}: processed to {x.shape[1]}x{x.shape[2]} pixels, the "
                              f"vision tower takes {self.crop_size[0]}x{self.crop_size[1]} (enable do_center_crop)")
-        return x[None], self.grid_thw()
+        return x
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
         """Images -> ``{"pixel_values": float32 [n, 3, H, W], "image_grid_thw": int64 [n, 3]}``."""

@@ -121,8 +121,6 @@ def _prompts(model, samples, group_size, system_prompt=None):
     """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
     ``system_prompt``: a system turn first (text, or the name of a :data:`jaxmm.prompts.PROMPTS`
     prompt with a system turn, e.g. ``sayo``)."""
-    from jaxmm.processing.regions import region_weights
-
     from jaxmm.prompts import PROMPTS
 
     named = PROMPTS.get(system_prompt)
@@ -136,9 +134,9 @@ def _prompts(model, samples, group_size, system_prompt=None):
     rep = [s for s in samples for _ in range(group_size)]
     boxes = {i: [s["box"]] for i, s in enumerate(rep)}
     sizes = {i: s["image"].size[::-1] for i, s in enumerate(rep)}
-    w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw), boxes, sizes,
-                       np.asarray(info["image_grid_thw"]), model.config.vision.patch_size,
-                       model.config.vision.spatial_merge_size)
+    w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
+                                    boxes, sizes, np.asarray(info["image_grid_thw"]), model.config.vision.patch_size,
+                                    model.config.vision.spatial_merge_size)
     return batch, info, rep, w
 
 

@@ -5,7 +5,8 @@ Submodules: ``config`` (typed config.json: TextConfig, VisionConfig, VLConfig), 
 ``decoder`` (M-RoPE, attention on the seam, KVCache), ``vision`` (segments, VisionAttention,
 VisionBlock; the tower contract), ``vision_inputs`` (host: segments, positions, bucketing),
 ``model`` (Batch, ModelOutput, VLForConditionalGeneration, forward), ``rope`` (host: M-RoPE
-position ids), ``inputs`` (host: HF processor outputs -> Batch), ``params`` (shared key rules).
+position ids), ``inputs`` (host: HF processor outputs -> Batch), ``params`` (shared key rules),
+``clip`` (the LLaVA families' CLIP tower, projector, LLaVA-style config and key rules).
 """
 
 from jaxmm.models.core.decoder import KVCache
