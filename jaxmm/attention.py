@@ -202,6 +202,22 @@ class AttentionWeights(Probe):
 _TRACE: list | None = None
 
 
+_SCANNED: tuple[int, ...] | None = None
+
+
+@contextlib.contextmanager
+def scanned_layers(layers):
+    """Inside the block, :func:`attend` is being traced once for the text layers ``layers`` (the
+    body of a ``lax.scan`` over layers, whose ``site.layer`` is traced): :func:`record_paths`
+    records the path once per layer of ``layers``."""
+    global _SCANNED
+    prev, _SCANNED = _SCANNED, tuple(layers)
+    try:
+        yield
+    finally:
+        _SCANNED = prev
+
+
 @contextlib.contextmanager
 def record_paths():
     """Records ``(tower, layer, path)`` for every :func:`attend` traced inside the block.
@@ -306,7 +322,7 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
             bias = b if bias is None else bias + b
     path = choose_path(site, ivs, prs)
     if _TRACE is not None:
-        _TRACE.append((site.tower, site.layer, path))
+        _TRACE.extend((site.tower, layer, path) for layer in (_SCANNED or (site.layer,)))
     if path == FUSED:
         impl = "xla" if jax.default_backend() == "cpu" else None
         out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),

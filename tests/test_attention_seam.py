@@ -155,8 +155,13 @@ def test_fused_function_runs_and_equals_matmul_and_explicit(setup, monkeypatch):
                                           for k in calls)
     explicit = np.asarray(jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias,
                                                                   (P.VisualMass(name="m"),)).logits)(model.params, batch))
-    np.testing.assert_allclose(logits["fused"][valid], logits["matmul"][valid], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(logits["fused"][valid], explicit[valid], atol=1e-6, rtol=0)
+    # fp32: 1e-6 of the logits' scale, the bound of test_seam_invariance.py. XLA's generic attention
+    # ([B,T,N,H] contractions, its own softmax) rounds differently from the head-major matmuls:
+    # measured 5.7e-6 on logits up to 5.3 after 3 text layers and 4 vision blocks (matmul and
+    # explicit agree to the bit); a wrong mask, scale or bias moves logits by 1e-3 and more.
+    tol = 1e-6 * (1.0 + np.abs(logits["matmul"][valid]).max())
+    np.testing.assert_allclose(logits["fused"][valid], logits["matmul"][valid], atol=tol, rtol=0)
+    np.testing.assert_allclose(logits["fused"][valid], explicit[valid], atol=tol, rtol=0)
 
 
 def test_no_interventions_no_probes_is_bit_identical(setup):

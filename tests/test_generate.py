@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import jaxmm
+import jaxmm.attention as A
 import tiny
 from jaxmm import probes as P
 from jaxmm.generate import Sampling, generate
@@ -262,8 +263,11 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     runs = {}
     for mode in ("unrolled", "scan"):
         with M.layer_loop(mode):
-            assert M.scans_layers((), (), False) == (mode == "scan")
-            assert not M.scans_layers((), (P.VAS(),), False)
+            assert M.scans_layers((), (), False, 3) == (mode == "scan")
+            assert not M.scans_layers((), (P.VAS(),), False, 3)
+            with A.record_paths() as paths:
+                jax.eval_shape(lambda: forward(model.params, model.config, batch))
+            assert [(t, l) for t, l, _ in paths if t == "text"] == [("text", i) for i in range(3)]
             logits = np.asarray(model.forward(batch=batch).logits)
             last = np.asarray(forward(model.params, model.config, batch, logits_index=logits.shape[1] - 1).logits)
             gen = generate(model.params, model.config, batch, max_new_tokens=NEW, stop_tokens=[], output_logits=True)
@@ -279,6 +283,8 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     with pytest.raises(ValueError, match="layer_loop"):
         with M.layer_loop("fast"):
             pass
+    # "auto": scan from SCAN_MIN_LAYERS layers on
+    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS - 1) and M.scans_layers((), (), False, M.SCAN_MIN_LAYERS)
 
 
 def test_suppressed_tokens_are_never_generated(setup):

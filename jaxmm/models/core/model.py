@@ -27,7 +27,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from jaxmm.attention import Site
+from jaxmm.attention import Site, scanned_layers
 from jaxmm.models.core.decoder import KVCache, TextModel, mrope_cos_sin, splice, text_mask
 from jaxmm.models.core.layers import Linear
 from jaxmm.models.core.vision import collect
@@ -80,17 +80,20 @@ def _stack(results: dict) -> dict:
 
 
 LAYER_LOOP = "auto"   # "auto" | "scan" | "unrolled": see layer_loop()
+SCAN_MIN_LAYERS = 8   # "auto" scans a decoder of at least this many layers
 
 
 @contextlib.contextmanager
 def layer_loop(mode: str):
     """How the text decoder runs its layers inside the block: ``"scan"`` (one ``lax.scan`` over the
     layers' stacked parameters: one compiled layer body, so compile time does not grow with depth),
-    ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan).
-    Either way the layers are scanned only in a forward with no intervention, no probe and no
+    ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan
+    a decoder of at least :data:`SCAN_MIN_LAYERS` layers, unroll a shallower one). Either way the
+    layers are scanned only in a forward with no intervention, no probe and no
     ``output_hidden_states`` (these select layers by their static index), and the layers after
-    which DeepStack adds vision features stay unrolled. Values are equal (tested). Read when a
-    function is traced, so JAX's compilation caches are cleared on entry and exit::
+    which DeepStack adds vision features stay unrolled. Values are equal to float32 rounding
+    (XLA compiles the scanned body on its own: ~1e-6 relative, not to the bit; tested). Read when
+    a function is traced, so JAX's compilation caches are cleared on entry and exit::
 
         with jaxmm.models.core.model.layer_loop("unrolled"):
             out = model.forward(batch=batch)
@@ -112,10 +115,12 @@ def layer_loop(mode: str):
             jax.clear_caches()
 
 
-def scans_layers(interventions, probes, output_hidden_states) -> bool:
-    """Whether the decoder layers run as one ``lax.scan`` (:func:`layer_loop`): not when a probe,
-    an intervention or ``output_hidden_states`` reads layers by index."""
-    return LAYER_LOOP != "unrolled" and not interventions and not probes and not output_hidden_states
+def scans_layers(interventions, probes, output_hidden_states, num_layers: int) -> bool:
+    """Whether the ``num_layers`` decoder layers run as one ``lax.scan`` (:func:`layer_loop`): not
+    when a probe, an intervention or ``output_hidden_states`` reads layers by index."""
+    if LAYER_LOOP == "unrolled" or interventions or probes or output_hidden_states:
+        return False
+    return LAYER_LOOP == "scan" or num_layers >= SCAN_MIN_LAYERS
 
 
 def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
@@ -132,7 +137,8 @@ def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
         x, _, kv = nnx.merge(gdef, state)(x, cos, sin, mask, site, (), (), kv)
         return (x, kv), None
 
-    (x, kv), _ = jax.lax.scan(body, (x, kv), (jnp.arange(start, len(layers), dtype=jnp.int32), stacked))
+    with scanned_layers(range(start, len(layers))):
+        (x, kv), _ = jax.lax.scan(body, (x, kv), (jnp.arange(start, len(layers), dtype=jnp.int32), stacked))
     return x, kv
 
 
@@ -180,7 +186,7 @@ class VLForConditionalGeneration(nnx.Module):
         tres = {}
         kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
         n = len(lm.layers)
-        scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states) else 0
+        scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states, n) else 0
         for i in range(n - scanned):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
             x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
