@@ -306,3 +306,26 @@ def test_suppressed_tokens_are_never_generated(setup):
     assert not np.isin(np.asarray(sampled.tokens), banned).any()
     with pytest.raises(ValueError, match="suppress_tokens"):
         generate(model.params, model.config, batch, max_new_tokens=2, suppress_tokens=[model.config.text.vocab_size])
+
+
+def test_vision_bucketing_adds_no_frame_attention(setup):
+    """``pad_vision``: the patches grow to a multiple of 256 and window tables to a power of two
+    segments, but a frame table (full attention over each image) keeps one segment per frame —
+    an extra segment would cost a frame's whole attention — and every real patch keeps its slot."""
+    from jaxmm.models.core.vision_inputs import pad_vision
+
+    _, model, raw = setup
+    batch = model.prepare(**raw)
+    vis = batch.vision
+    pv, padded = pad_vision(batch.pixel_values, vis, model.config.vision)
+    n, n_b = np.shape(batch.pixel_values)[0], pv.shape[0]
+    assert n_b % 256 == 0 and n_b > n
+    assert padded.frames.index.shape[0] == vis.frames.index.shape[0]
+    assert padded.frames.index.shape[1] % 64 == 0
+    w = padded.windows.index.shape[0]
+    assert w >= vis.windows.index.shape[0] + 1 and w & (w - 1) == 0
+    for old, new in ((vis.frames, padded.frames), (vis.windows, padded.windows)):
+        flat_old = np.asarray(old.index)[np.asarray(old.valid)]
+        flat_new = np.asarray(new.index)[np.asarray(new.valid)][:len(flat_old)]
+        np.testing.assert_array_equal(flat_new, flat_old)            # the real slots, in order
+    assert not np.asarray(padded.frames.valid)[np.asarray(padded.frames.index) >= n].any()   # padding joins no frame

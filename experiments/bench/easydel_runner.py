@@ -68,6 +68,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import sys
 import time
 import types
@@ -348,6 +349,8 @@ def main(argv=None):
         decode_tok_s=batch * (args.new - 1) / (tn - t1) if tn > t1 else None,
         tokens=tokens.tolist(), prefill_logits_last=logits[0, -1].astype(float).tolist(),
         easydel_version=easydel.__version__, jax_version=jax.__version__,
+        version=f"EasyDeL {easydel.__version__} vanilla attention, jax {jax.__version__}",
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         settings=dict(settings, generation="model.generate (EasyGenerationMixin greedy) under jax.jit",
                       eos="disabled (no early stop)", kv_cache=f"TransformerCache [{batch}, {cache_len}] float32",
                       persistent_compilation_cache=bool(args.persistent_cache), backend=jax.devices()[0].platform),

@@ -69,17 +69,32 @@ def _pad_segments(seg: Segments, n: int, n_b: int, width: int, rows: int) -> Seg
     return Segments(idx.astype(np.int32), val, flat.astype(np.int32))
 
 
+def _widen_segments(seg: Segments, n: int, n_b: int, width: int) -> Segments:
+    """``seg`` (over n positions) with ``width`` slots per segment over n_b positions: no segment is
+    added; positions n … n_b−1 join none (they read back flat slot 0, a real one)."""
+    index, valid = np.asarray(seg.index), np.asarray(seg.valid)
+    grow = width - index.shape[1]
+    index = np.pad(index, ((0, 0), (0, grow)))
+    valid = np.pad(valid, ((0, 0), (0, grow)))
+    rows, cols = np.nonzero(valid)
+    inverse = np.zeros(n_b, np.int64)
+    inverse[index[rows, cols]] = rows * width + cols
+    return Segments(index.astype(np.int32), valid, inverse.astype(np.int32))
+
+
 def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width: int = 64,
                rows: int = 8) -> tuple[np.ndarray, VisionInputs]:
     """Pads the packed vision inputs of a batch to bucketed shapes, so that images of similar size
     share one compiled program (``generate``'s bucketing).
 
-    The N patches grow to a multiple of ``multiple`` with zero patches that form extra attention
-    segments of their own (they never attend to or from a real patch) and extra merged tokens at the
-    end of the tower's output, which :func:`~jaxmm.models.core.decoder.splice` never reads; segment
-    tables grow to a power of two segments (at least ``rows``; one more than there were, for the
-    padding) and a multiple of ``width`` slots. The real patches' values are unchanged — except in
-    vision-tower probes, whose segment axis then holds the padding segments too.
+    The N patches grow to a multiple of ``multiple`` with zero patches, whose merged tokens come
+    after the real ones in the tower's output, where :func:`~jaxmm.models.core.decoder.splice` never
+    reads; no padding patch attends to or from a real patch. Segment tables grow to a multiple of
+    ``width`` slots. Window tables (short segments) also grow to a power of two segments (at least
+    ``rows``), the padding patches forming the new segments; frame tables (one segment per image
+    frame, each as long as the frame: an extra row would cost a frame's full attention) keep their
+    segments, and the padding patches take part in no frame attention. The real patches' values are
+    unchanged — except in vision-tower probes, whose segment axis then holds the padding too.
 
     Returns ``(pixel_values [N_b, C·T·P·P], VisionInputs)``.
     """
@@ -89,10 +104,11 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width:
     bk = lambda x, m: -(-x // m) * m
     tables = {name: getattr(vis, name) for name in ("frames", "windows") if getattr(vis, name) is not None}
     segs = {}
-    need = 1
+    need = 0
     for name, seg in tables.items():
-        segs[name] = (max(rows, 1 << int(seg.index.shape[0]).bit_length()), bk(seg.index.shape[1], width))
-        need = max(need, segs[name][0] - seg.index.shape[0])
+        n_rows = seg.index.shape[0] if name == "frames" else max(rows, 1 << int(seg.index.shape[0]).bit_length())
+        segs[name] = (n_rows, bk(seg.index.shape[1], width))
+        need = max(need, n_rows - seg.index.shape[0])
     n_b = bk(n + need * unit, multiple)
     m, m_b = n // unit, n_b // unit
     pad = lambda x, fill=0: None if x is None else np.concatenate(
@@ -101,7 +117,8 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width:
     if vis.window_index is not None:
         window_index = np.concatenate([np.asarray(vis.window_index), np.arange(m, m_b)]).astype(np.int32)
         reverse_index = np.argsort(window_index).astype(np.int32)
-    padded = {name: _pad_segments(seg, n, n_b, segs[name][1], segs[name][0]) for name, seg in tables.items()}
+    padded = {name: _widen_segments(seg, n, n_b, segs[name][1]) if name == "frames" else
+              _pad_segments(seg, n, n_b, segs[name][1], segs[name][0]) for name, seg in tables.items()}
     new = VisionInputs(rotary_pos=pad(vis.rotary_pos), frames=padded["frames"], window_index=window_index,
                        reverse_index=reverse_index, windows=padded.get("windows"),
                        interp_index=pad(vis.interp_index), interp_weight=pad(vis.interp_weight))
