@@ -283,8 +283,10 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     with pytest.raises(ValueError, match="layer_loop"):
         with M.layer_loop("fast"):
             pass
-    # "auto": scan from SCAN_MIN_LAYERS layers on
-    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS - 1) and M.scans_layers((), (), False, M.SCAN_MIN_LAYERS)
+    # "auto": the decode steps of a decoder of SCAN_MIN_LAYERS layers or more
+    assert M.scans_layers((), (), False, M.SCAN_MIN_LAYERS, decoding=True)
+    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS - 1, decoding=True)
+    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS, decoding=False)
 
 
 def test_suppressed_tokens_are_never_generated(setup):

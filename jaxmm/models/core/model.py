@@ -88,7 +88,10 @@ def layer_loop(mode: str):
     """How the text decoder runs its layers inside the block: ``"scan"`` (one ``lax.scan`` over the
     layers' stacked parameters: one compiled layer body, so compile time does not grow with depth),
     ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan
-    a decoder of at least :data:`SCAN_MIN_LAYERS` layers, unroll a shallower one). Either way the
+    the decode steps of a decoder of at least :data:`SCAN_MIN_LAYERS` layers, unroll the rest).
+    The scan stacks the layers' parameters inside the program: once per ``generate`` call for its
+    decode loop (hoisted out of it), but once per call in a forward or prefill, which costs a copy of
+    the decoder's weights (prefill 10–30 % slower on CPU; docs/performance.md). Either way the
     layers are scanned only in a forward with no intervention, no probe and no
     ``output_hidden_states`` (these select layers by their static index), and the layers after
     which DeepStack adds vision features stay unrolled. Values are equal to float32 rounding
@@ -115,12 +118,14 @@ def layer_loop(mode: str):
             jax.clear_caches()
 
 
-def scans_layers(interventions, probes, output_hidden_states, num_layers: int) -> bool:
+def scans_layers(interventions, probes, output_hidden_states, num_layers: int, decoding: bool = False) -> bool:
     """Whether the ``num_layers`` decoder layers run as one ``lax.scan`` (:func:`layer_loop`): not
-    when a probe, an intervention or ``output_hidden_states`` reads layers by index."""
+    when a probe, an intervention or ``output_hidden_states`` reads layers by index; under
+    ``"auto"``, only in a decode step (``decoding``: one query row over a KV cache) of a decoder of
+    at least :data:`SCAN_MIN_LAYERS` layers."""
     if LAYER_LOOP == "unrolled" or interventions or probes or output_hidden_states:
         return False
-    return LAYER_LOOP == "scan" or num_layers >= SCAN_MIN_LAYERS
+    return LAYER_LOOP == "scan" or (decoding and num_layers >= SCAN_MIN_LAYERS)
 
 
 def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
@@ -186,7 +191,8 @@ class VLForConditionalGeneration(nnx.Module):
         tres = {}
         kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
         n = len(lm.layers)
-        scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states, n) else 0
+        scan = scans_layers(interventions, probes, output_hidden_states, n, decoding=cache is not None and t == 1)
+        scanned = n - len(deepstack) if scan else 0
         for i in range(n - scanned):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
             x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
