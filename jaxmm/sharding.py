@@ -120,6 +120,21 @@ def batch_shardings(batch, mesh: jax.sharding.Mesh):
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
+def config_mesh(axes) -> jax.sharding.Mesh | None:
+    """The mesh of a config's ``mesh:`` section ({data, fsdp, tensor}, one axis may be -1: see
+    :func:`jaxmm.eval.harness.mesh_axes`) over every device of every process, or None for none.
+
+    Raises:
+        ValueError: as :func:`~jaxmm.eval.harness.mesh_axes` (a bad axis, devices that the axes do
+            not fill).
+    """
+    if not axes:
+        return None
+    from jaxmm.eval.harness import mesh_axes
+
+    return make_mesh(**mesh_axes(axes, jax.device_count()))
+
+
 def split_rows(x, mesh: jax.sharding.Mesh) -> jax.Array:
     """A host array [B, …] (the same global value on every process) placed on ``mesh`` with its
     rows split over :func:`batch_axes` (replicated where B does not divide), as

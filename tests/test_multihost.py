@@ -17,6 +17,13 @@ from test_qwen2_5_vl_parity import make_batch
 WAIT_S = 1200
 
 
+def free_port() -> int:
+    """A free TCP port on localhost for jax.distributed's coordinator."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_equal_one(tmp_path):
     """A global mesh over both processes' devices: logits equal; per-host data (each process supplies
     its rows of the batch) through jit_forward and jit_generate equals one process."""
@@ -34,9 +41,7 @@ def test_two_processes_equal_one(tmp_path):
     want4 = np.asarray(one.forward(**batch4).logits)
     want_tokens = np.asarray(generate(one.params, one.config, one.prepare(**batch4), max_new_tokens=4,
                                       stop_tokens=[]).tokens)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
@@ -75,9 +80,7 @@ def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_pat
     cfg = dict(model=str(model), methods=["baseline", "pai"], batch_size=2, max_new_tokens=4, heatmaps=2,
                benchmarks=[{"name": "grounded", "limit": 5, "seed": 1, "image_size": 112}])
     single = run(EvalConfig(out=str(tmp_path / "one"), **cfg), progress=False)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("multihost_eval_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(model), str(tmp_path / "two")],
@@ -111,9 +114,7 @@ def test_two_process_evaluation_splits_samples_and_only_process_0_writes(tmp_pat
 
     # one model sharded over both processes' devices (fsdp=2 x tensor=2): every process runs every
     # sample, process 0 alone writes; the rows and figures are the single-process run's
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mesh = tmp_path / "mesh"
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(model), str(mesh), "fsdp=2,tensor=2"],
                               env=env) for i in range(2)]
@@ -141,9 +142,7 @@ def test_two_process_sft_on_a_global_mesh_equals_one_process(tmp_path):
               tensorboard=False, data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112})
     want, _ = final_params(train(TrainConfig(out=str(tmp_path / "one"), **kw), progress=False))
     want = flat_params(want)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("multihost_train_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), str(model), str(tmp_path / "two")],
@@ -174,9 +173,7 @@ def test_two_process_grpo_on_a_global_mesh_equals_one_process(tmp_path):
               data={"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "tasks": ["grounding"]})
     one = train(GRPOConfig(out=str(tmp_path / "one"), **kw), progress=False)
     want = flat_params(final_state(one)[0]["params"])
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     worker = Path(__file__).with_name("multihost_grpo_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(port), json.dumps(kw), str(tmp_path / "two")],

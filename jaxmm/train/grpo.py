@@ -337,7 +337,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     import jaxmm
     from jaxmm import organism
     from jaxmm.objectives.grpo import group_advantages
-    from jaxmm.sharding import on_host, split_rows
+    from jaxmm.sharding import config_mesh, on_host, split_rows
     from jaxmm.train.sft import MetricsLog, dataset, initial_state, optimizer, state_mask
 
     out = Path(cfg.out).absolute()
@@ -345,12 +345,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     rank = jax.process_index()
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    mesh = None
-    if cfg.mesh:
-        from jaxmm.eval.harness import mesh_axes
-        from jaxmm.sharding import make_mesh
-
-        mesh = make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
+    mesh = config_mesh(cfg.mesh)
     model = jaxmm.load(organism.default() if cfg.model in (None, "organism") else cfg.model, dtype="float32",
                        mesh=mesh)
     ref_params = model.params                        # the frozen reference: the starting model

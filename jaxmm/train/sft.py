@@ -306,18 +306,14 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
 
     import jaxmm
     from jaxmm import organism
+    from jaxmm.sharding import config_mesh
 
     out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     rank = jax.process_index()
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    mesh = None
-    if cfg.mesh:
-        from jaxmm.eval.harness import mesh_axes
-        from jaxmm.sharding import make_mesh
-
-        mesh = make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
+    mesh = config_mesh(cfg.mesh)
     model = jaxmm.load(organism.default() if cfg.model == "organism" else cfg.model or organism.build(),
                        dtype="float32", mesh=mesh)
     if cfg.agto:

@@ -31,6 +31,17 @@ def as_array(x, name: str):
         raise TypeError(f"{name}: cannot be read as an array ({type(x).__name__})") from e
 
 
+def text_position_ids(attention_mask, position_ids, shape: tuple[int, int]) -> np.ndarray:
+    """1-D positions on the three M-RoPE rows [3,B,S] for decoders without M-RoPE (LLaVA's Llama):
+    ``attention_mask.cumsum − 1`` on the real tokens (0 at padding), as transformers' generation
+    builds them, or the given ``position_ids`` (:func:`mrope_position_ids`)."""
+    if position_ids is not None:
+        return mrope_position_ids(position_ids, shape)
+    am = np.asarray(attention_mask)
+    pos = np.where(am > 0, np.cumsum(am > 0, axis=-1) - 1, 0)
+    return np.broadcast_to(pos[None], (3,) + pos.shape)
+
+
 def mrope_position_ids(position_ids, shape: tuple[int, int]) -> np.ndarray:
     """Position ids as HF passes them -> the M-RoPE rows [3,B,S] (t, h, w).
 

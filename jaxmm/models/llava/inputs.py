@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmm.models.core.inputs import as_array, mrope_position_ids, token_inputs
+from jaxmm.models.core.inputs import as_array, text_position_ids, token_inputs
 from jaxmm.models.core.model import Batch
 from jaxmm.processing.layout import build_token_layout
 
@@ -66,11 +66,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         pv = pv.astype(np.float32)
     elif n_tok:
         raise ValueError(f"input_ids: {n_tok} image tokens but no pixel_values")
-    if position_ids is None:
-        pos = np.where(am > 0, np.cumsum(am > 0, axis=-1) - 1, 0)
-        position_ids = np.broadcast_to(pos[None], (3,) + pos.shape)
-    else:
-        position_ids = mrope_position_ids(position_ids, ids.shape)
+    position_ids = text_position_ids(am, position_ids, ids.shape)
     layout = build_token_layout(ids, am, grid, image_token_id=config.image_token_id, video_token_id=-1,
                                 spatial_merge_size=1, system_spans=system_spans, question_spans=question_spans)
     return Batch(input_ids=ids.astype(np.int32), attention_mask=am.astype(np.int32),

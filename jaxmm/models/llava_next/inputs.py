@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmm.models.core.inputs import as_array, mrope_position_ids, token_inputs
+from jaxmm.models.core.inputs import as_array, text_position_ids, token_inputs
 from jaxmm.models.core.model import Batch
 from jaxmm.processing.anyres_image import anyres_tokens, select_best_resolution, unpadded_extent
 from jaxmm.processing.layout import build_token_layout
@@ -162,11 +162,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         layout_grid = np.array([[1, 1, n] for n in counts], np.int64)
     elif n_tok:
         raise ValueError(f"input_ids: {n_tok} image tokens but no pixel_values")
-    if position_ids is None:
-        pos = np.where(am > 0, np.cumsum(am > 0, axis=-1) - 1, 0)
-        position_ids = np.broadcast_to(pos[None], (3,) + pos.shape)
-    else:
-        position_ids = mrope_position_ids(position_ids, ids.shape)
+    position_ids = text_position_ids(am, position_ids, ids.shape)
     try:
         lay = build_token_layout(ids, am, layout_grid, image_token_id=config.image_token_id, video_token_id=-1,
                                  spatial_merge_size=1, system_spans=system_spans, question_spans=question_spans)
