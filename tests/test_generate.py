@@ -263,8 +263,8 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     runs = {}
     for mode in ("unrolled", "scan"):
         with M.layer_loop(mode):
-            assert M.scans_layers((), (), False, 3) == (mode == "scan")
-            assert not M.scans_layers((), (P.VAS(),), False, 3)
+            assert M.scans_layers((), (), False) == (mode == "scan")
+            assert not M.scans_layers((), (P.VAS(),), False)
             with A.record_paths() as paths:
                 jax.eval_shape(lambda: forward(model.params, model.config, batch))
             assert [(t, l) for t, l, _ in paths if t == "text"] == [("text", i) for i in range(3)]
@@ -283,10 +283,7 @@ def test_scanned_layers_equal_unrolled_layers(setup):
     with pytest.raises(ValueError, match="layer_loop"):
         with M.layer_loop("fast"):
             pass
-    # "auto": the decode steps of a decoder of SCAN_MIN_LAYERS layers or more
-    assert M.scans_layers((), (), False, M.SCAN_MIN_LAYERS, decoding=True)
-    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS - 1, decoding=True)
-    assert not M.scans_layers((), (), False, M.SCAN_MIN_LAYERS, decoding=False)
+    assert M.LAYER_LOOP == "unrolled" and not M.scans_layers((), (), False)        # the default
 
 
 def test_suppressed_tokens_are_never_generated(setup):

@@ -2,8 +2,7 @@
 
     python experiments/bench/layers.py [--size deep] [--new 32] [--repeats 3]
 
-For each mode of :func:`jaxmm.models.core.model.layer_loop` (``"unrolled"``, ``"auto"``: scanned
-decode steps only, ``"scan"``), in one
+For each mode of :func:`jaxmm.models.core.model.layer_loop` (``"unrolled"``, ``"scan"``), in one
 run on the same weights and inputs: compile time (``lower`` + ``compile``) of the jitted forward
 and of the whole ``generate`` program, prefill latency, decode rate ((t(N new) − t(1 new)) / (N − 1),
 greedy, no early stop), and the largest difference of logits and tokens between the modes. The
@@ -62,7 +61,7 @@ def main(argv=None):
                 False, None, None, jax.numpy.int32(s))
 
     results = {}
-    for mode in ("unrolled", "auto", "scan"):
+    for mode in ("unrolled", "scan"):
         with layer_loop(mode):
             fwd = jax.jit(lambda p, b: forward(p, model.config, b).logits)
             t0 = time.perf_counter()

@@ -79,34 +79,35 @@ def _stack(results: dict) -> dict:
             for name, per_layer in results.items()}
 
 
-LAYER_LOOP = "auto"   # "auto" | "scan" | "unrolled": see layer_loop()
-SCAN_MIN_LAYERS = 8   # "auto" scans a decoder of at least this many layers
+LAYER_LOOP = "unrolled"   # "unrolled" | "scan": see layer_loop()
 
 
 @contextlib.contextmanager
 def layer_loop(mode: str):
-    """How the text decoder runs its layers inside the block: ``"scan"`` (one ``lax.scan`` over the
-    layers' stacked parameters: one compiled layer body, so compile time does not grow with depth),
-    ``"unrolled"`` (a Python loop: one compiled copy per layer) or ``"auto"`` (the default: scan
-    the decode steps of a decoder of at least :data:`SCAN_MIN_LAYERS` layers, unroll the rest).
-    The scan stacks the layers' parameters inside the program: once per ``generate`` call for its
-    decode loop (hoisted out of it), but once per call in a forward or prefill, which costs a copy of
-    the decoder's weights (prefill 10–30 % slower on CPU; docs/performance.md). Either way the
-    layers are scanned only in a forward with no intervention, no probe and no
-    ``output_hidden_states`` (these select layers by their static index), and the layers after
-    which DeepStack adds vision features stay unrolled. Values are equal to float32 rounding
-    (XLA compiles the scanned body on its own: ~1e-6 relative, not to the bit; tested). Read when
-    a function is traced, so JAX's compilation caches are cleared on entry and exit::
+    """How the text decoder runs its layers inside the block: ``"unrolled"`` (the default: a
+    Python loop, one compiled copy per layer) or ``"scan"`` (one ``lax.scan`` over the layers'
+    stacked parameters: one compiled layer body, so compile time does not grow with depth).
 
-        with jaxmm.models.core.model.layer_loop("unrolled"):
-            out = model.forward(batch=batch)
+    The scan stacks the layers' parameters inside the program, a second copy of the decoder's
+    weights: once per ``generate`` call (hoisted out of its decode loop, but held while it
+    decodes: + the decoder's parameter bytes of memory) and once per call of a forward or
+    prefill (a copy of the weights every call: prefill 1.7× slower on CPU, decode faster on deep,
+    narrow models; docs/performance.md). Only a forward with no intervention, no probe and no
+    ``output_hidden_states`` is scanned (these select layers by their static index), and the layers
+    after which DeepStack adds vision features stay unrolled. Values equal the unrolled loop's to
+    float32 rounding (XLA compiles the scanned body on its own: ~1e-6 relative, not to the bit;
+    tested). Read when a function is traced, so JAX's compilation caches are cleared on entry and
+    exit::
+
+        with jaxmm.models.core.model.layer_loop("scan"):
+            out = generate(model.params, model.config, batch, max_new_tokens=64)
 
     Raises:
-        ValueError: ``mode`` is none of the three.
+        ValueError: ``mode`` is neither.
     """
     global LAYER_LOOP
-    if mode not in ("auto", "scan", "unrolled"):
-        raise ValueError(f"layer_loop({mode!r}): expected 'auto', 'scan' or 'unrolled'")
+    if mode not in ("unrolled", "scan"):
+        raise ValueError(f"layer_loop({mode!r}): expected 'unrolled' or 'scan'")
     prev, LAYER_LOOP = LAYER_LOOP, mode
     if prev != mode:
         jax.clear_caches()
@@ -118,14 +119,10 @@ def layer_loop(mode: str):
             jax.clear_caches()
 
 
-def scans_layers(interventions, probes, output_hidden_states, num_layers: int, decoding: bool = False) -> bool:
-    """Whether the ``num_layers`` decoder layers run as one ``lax.scan`` (:func:`layer_loop`): not
-    when a probe, an intervention or ``output_hidden_states`` reads layers by index; under
-    ``"auto"``, only in a decode step (``decoding``: one query row over a KV cache) of a decoder of
-    at least :data:`SCAN_MIN_LAYERS` layers."""
-    if LAYER_LOOP == "unrolled" or interventions or probes or output_hidden_states:
-        return False
-    return LAYER_LOOP == "scan" or (decoding and num_layers >= SCAN_MIN_LAYERS)
+def scans_layers(interventions, probes, output_hidden_states) -> bool:
+    """Whether the decoder layers run as one ``lax.scan`` (:func:`layer_loop`): under ``"scan"``,
+    unless a probe, an intervention or ``output_hidden_states`` reads layers by index."""
+    return LAYER_LOOP == "scan" and not interventions and not probes and not output_hidden_states
 
 
 def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
@@ -191,8 +188,7 @@ class VLForConditionalGeneration(nnx.Module):
         tres = {}
         kv = None if cache is None else (cache.k, cache.v, cache.k_pre)
         n = len(lm.layers)
-        scan = scans_layers(interventions, probes, output_hidden_states, n, decoding=cache is not None and t == 1)
-        scanned = n - len(deepstack) if scan else 0
+        scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states) else 0
         for i in range(n - scanned):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
             x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
