@@ -122,15 +122,15 @@ def batch_shardings(batch, mesh: jax.sharding.Mesh):
 
 def config_mesh(axes) -> jax.sharding.Mesh | None:
     """The mesh of a config's ``mesh:`` section ({data, fsdp, tensor}, one axis may be -1: see
-    :func:`jaxmm.eval.harness.mesh_axes`) over every device of every process, or None for none.
+    :func:`jaxmm.config.mesh_axes`) over every device of every process, or None for none.
 
     Raises:
-        ValueError: as :func:`~jaxmm.eval.harness.mesh_axes` (a bad axis, devices that the axes do
+        ValueError: as :func:`~jaxmm.config.mesh_axes` (a bad axis, devices that the axes do
             not fill).
     """
     if not axes:
         return None
-    from jaxmm.eval.harness import mesh_axes
+    from jaxmm.config import mesh_axes
 
     return make_mesh(**mesh_axes(axes, jax.device_count()))
 

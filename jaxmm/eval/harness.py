@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from jaxmm import probes as P
 from jaxmm.eval.report import method_name
-from jaxmm.config import Dtype, Fraction, Mesh, NonNegInt, PosFloat, PosInt, load as load_config
+from jaxmm.config import Dtype, Fraction, Mesh, NonNegInt, PosFloat, PosInt, load as load_config, mesh_axes
 from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
 
@@ -548,41 +547,6 @@ def merge_rank_files(out_dir: Path) -> Path:
     tmp.write_text("".join(line + "\n" for _, line in sorted(rows, key=lambda kl: kl[0])))
     tmp.replace(out_dir / "results.jsonl")
     return out_dir / "results.jsonl"
-
-
-def mesh_axes(mesh, devices: int | None = None) -> dict | None:
-    """The eval config's ``mesh`` ({data, fsdp, tensor}: positive integers, missing axes 1; one axis
-    may be -1, "the rest of the devices") as :func:`jaxmm.sharding.make_mesh` keywords; ``None``
-    stays ``None``. ``devices`` (all processes' devices) resolves the -1 axis; without it a -1
-    stays -1.
-
-    Raises:
-        ValueError: not a mapping, an unknown axis, a size that is neither a positive integer nor -1,
-            two -1 axes, or (with ``devices``) axes that do not multiply to the device count.
-    """
-    if mesh is None:
-        return None
-    if not isinstance(mesh, dict):
-        raise ValueError(f"mesh={mesh!r}: expected a mapping such as {{data: 1, fsdp: 4, tensor: 2}}")
-    unknown = set(mesh) - {"data", "fsdp", "tensor"}
-    if unknown:
-        raise ValueError(f"mesh: unknown axis {sorted(unknown)}; the axes are data, fsdp, tensor")
-    for k, v in mesh.items():
-        if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
-            raise ValueError(f"mesh.{k}={v!r}: expected a positive integer (or -1: the rest of the devices)")
-    axes = {k: int(mesh.get(k, 1)) for k in ("data", "fsdp", "tensor")}
-    rest = [k for k, v in axes.items() if v == -1]
-    if len(rest) > 1:
-        raise ValueError(f"mesh: only one axis may be -1, got {rest}")
-    if rest and devices is not None:
-        fixed = math.prod(v for v in axes.values() if v != -1)
-        if devices % fixed:
-            raise ValueError(f"mesh {mesh}: {devices} devices are not a multiple of the other axes' {fixed}")
-        axes[rest[0]] = devices // fixed
-    if devices is not None and math.prod(axes.values()) != devices:
-        raise ValueError(f"mesh {mesh}: data x fsdp x tensor = {math.prod(axes.values())}, but there are {devices} "
-                         "devices (all processes'); use -1 for one axis to take the rest")
-    return axes
 
 
 def _error_row(s, method, e):
