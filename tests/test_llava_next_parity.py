@@ -17,9 +17,8 @@ import jaxmm.processing.regions
 import tiny
 from jaxmm import interventions as I
 from jaxmm.attention import AttentionWeights
-from test_methods import patched_eager
+from test_llava_parity import compare_edited, edited_forward, hf_forward, var_reference
 
-LLAMA = "transformers.models.llama.modeling_llama"
 S = tiny.LLAVA_IMAGE_SIZE
 G = S // tiny.LLAVA_PATCH
 
@@ -64,16 +63,6 @@ def make_batch(hf_model, images_per_row, side, seed=0):
         rows.append(toks + [int(t) for t in rng.integers(3, 280, 3)])
     ids, am = tiny.make_rows(rows, side)
     return {"input_ids": ids, "attention_mask": am, "pixel_values": pv, "image_sizes": sizes}
-
-
-def hf_forward(hf_model, batch, **kw):
-    am = batch["attention_mask"]
-    pos = np.where(am > 0, np.cumsum(am, -1) - 1, 1)        # what generate gives a padded batch
-    with torch.no_grad():
-        return hf_model(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(am),
-                        pixel_values=torch.from_numpy(batch["pixel_values"]),
-                        image_sizes=torch.from_numpy(batch["image_sizes"]), position_ids=torch.from_numpy(pos),
-                        output_attentions=True, output_hidden_states=True, **kw)
 
 
 @pytest.fixture(scope="module", params=[(False, -2), (True, [-3, -1])], ids=["untied", "tied_two_feature_layers"])
@@ -250,20 +239,6 @@ def test_greedy_generation_matches_transformers(ckpt):
     np.testing.assert_array_equal(np.asarray(got.tokens), ref[:, s:].numpy())
 
 
-def _edited(hf_model, batch, edit):
-    with patched_eager(edit, LLAMA):
-        return hf_forward(hf_model, batch)
-
-
-def _compare(model, batch, ref, ivs):
-    out = model.forward(**batch, interventions=ivs, probes=[AttentionWeights()])
-    valid = batch["attention_mask"].astype(bool)
-    assert np.abs(np.asarray(out.logits) - ref.logits.numpy())[valid].max() < 1e-4
-    w = np.asarray(out.probes["attentions"]["text"].values)
-    for i, r in enumerate(ref.attentions):
-        assert np.abs(w[i] - r.numpy()).transpose(0, 2, 1, 3)[valid].max() < 1e-5, f"edited weights of layer {i}"
-
-
 def test_pai_on_llava_next(ckpt):
     """PAI (methods.md): at the last query row of layers >= start, z + α·|z| on image keys (every
     image position, newlines included, as PAI's code treats all image positions)."""
@@ -280,9 +255,9 @@ def test_pai_on_llava_next(ckpt):
         last[-1] = True
         return torch.where(allowed & last[None, None, :, None], z + 0.5 * img * z.abs(), z), None
 
-    ref = _edited(hf_model, batch, edit)
+    ref = edited_forward(hf_model, batch, edit)
     assert np.abs(ref.logits.numpy()[:, -1] - hf_forward(hf_model, batch).logits.numpy()[:, -1]).max() > 1e-4
-    _compare(model, batch, ref, I.build(["pai:alpha=0.5,start=1"], model.config))
+    compare_edited(model, batch, ref, I.build(["pai:alpha=0.5,start=1"], model.config))
 
 
 def test_var_on_llava_next(ckpt):
@@ -292,31 +267,10 @@ def test_var_on_llava_next(ckpt):
     model = jaxmm.load(path)
     batch = make_batch(hf_model, [["chelsea", "tall"], ["coffee"]], "left")
     dims, tau, min_mass = (0, 1, 2, 3), 2.0, 0.05
-    cap = {}
-    hooks = [layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
-             for i, layer in enumerate(hf_model.model.language_model.layers)]
-    base = hf_forward(hf_model, batch)
-    for h in hooks:
-        h.remove()
-    img = batch["input_ids"] == tiny.IMAGE_TOKEN
-    sinks = {i: torch.from_numpy((np.abs(cap[i].numpy()[..., list(dims)]).max(-1) > tau) & img) for i in cap}
-    assert 0 < int(sinks[2].sum()) < img.sum()
-    imgt = torch.from_numpy(img).float()[:, None, None, :]
-
-    def edit(layer, z, a, allowed):
-        if a is None or layer < 2:
-            return None, None
-        sk = sinks[layer].float()[:, None, None, :]
-        mv, ms = (a * imgt).sum(-1, keepdim=True), (a * sk).sum(-1, keepdim=True)
-        rest = (a * imgt * (1 - sk)).sum(-1, keepdim=True)
-        ok = (mv >= min_mass) & (ms <= 0.5 * mv) & (ms > 0) & (rest > 0)
-        e = a * (1 - 0.4 * sk) + 0.4 * ms * a * imgt * (1 - sk) / rest.clamp_min(1e-30)
-        return None, torch.where(ok, e, a)
-
-    ref = _edited(hf_model, batch, edit)
+    ref, base = var_reference(hf_model, batch, dims, tau, min_mass)
     assert np.abs(ref.logits.numpy() - base.logits.numpy()).max() > 1e-4
-    _compare(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau, "min_mass": min_mass}],
-                                        model.config))
+    compare_edited(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau,
+                                                "min_mass": min_mass}], model.config))
 
 
 # ----------------------------------------------------------------------------- the processor

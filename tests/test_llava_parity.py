@@ -40,11 +40,12 @@ def make_batch(images_per_row, side, seed=0):
 
 
 def hf_forward(hf_model, batch, **kw):
+    """The HF model on a batch of numpy inputs (every key as the model's argument: input_ids,
+    attention_mask, pixel_values and, for LLaVA-NeXT, image_sizes) with generate's positions."""
     am = batch["attention_mask"]
     pos = np.where(am > 0, np.cumsum(am, -1) - 1, 1)        # what generate gives a padded batch
     with torch.no_grad():
-        return hf_model(input_ids=torch.from_numpy(batch["input_ids"]), attention_mask=torch.from_numpy(am),
-                        pixel_values=torch.from_numpy(batch["pixel_values"]), position_ids=torch.from_numpy(pos),
+        return hf_model(**{k: torch.from_numpy(v) for k, v in batch.items()}, position_ids=torch.from_numpy(pos),
                         output_attentions=True, output_hidden_states=True, **kw)
 
 
@@ -116,12 +117,14 @@ def test_greedy_generation_matches_transformers(ckpt):
     np.testing.assert_array_equal(np.asarray(got.tokens), ref[:, s:].numpy())
 
 
-def _edited(hf_model, batch, edit):
+def edited_forward(hf_model, batch, edit):
+    """:func:`hf_forward` with transformers' Llama eager attention patched by ``edit``."""
     with patched_eager(edit, LLAMA):
         return hf_forward(hf_model, batch)
 
 
-def _compare(model, batch, ref, ivs):
+def compare_edited(model, batch, ref, ivs):
+    """jaxmm under ``ivs`` equals the edited reference: logits (1e-4) and every layer's weights (1e-5)."""
     out = model.forward(**batch, interventions=ivs, probes=[AttentionWeights()])
     valid = batch["attention_mask"].astype(bool)
     assert np.abs(np.asarray(out.logits) - ref.logits.numpy())[valid].max() < 1e-4
@@ -145,18 +148,16 @@ def test_pai_on_llava(ckpt):
         last[-1] = True
         return torch.where(allowed & last[None, None, :, None], z + 0.5 * img * z.abs(), z), None
 
-    ref = _edited(hf_model, batch, edit)
+    ref = edited_forward(hf_model, batch, edit)
     assert np.abs(ref.logits.numpy()[:, -1] - hf_forward(hf_model, batch).logits.numpy()[:, -1]).max() > 1e-4
-    _compare(model, batch, ref, I.build(["pai:alpha=0.5,start=1"], model.config))
+    compare_edited(model, batch, ref, I.build(["pai:alpha=0.5,start=1"], model.config))
 
 
-def test_var_on_llava(ckpt):
-    """VAR (methods.md): sink image keys (|h| over the sink dims > τ after input_layernorm) give a
-    share p of their mass to the other image keys, in rows whose image mass and sink share allow it."""
-    path, hf_model = ckpt
-    model = jaxmm.load(path)
-    batch = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")
-    dims, tau, min_mass = (0, 1, 2, 3), 2.0, 0.05
+def var_reference(hf_model, batch, dims, tau, min_mass):
+    """transformers with VAR's edit patched into its eager attention (methods.md): sink image keys
+    (|h| over ``dims`` > ``tau`` after input_layernorm) give a share p = 0.4 of their mass to the
+    other image keys, from layer 2 on, in rows whose image mass and sink share allow it. Returns
+    (edited output, plain output)."""
     cap = {}
     hooks = [layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
              for i, layer in enumerate(hf_model.model.language_model.layers)]
@@ -178,10 +179,20 @@ def test_var_on_llava(ckpt):
         e = a * (1 - 0.4 * sk) + 0.4 * ms * a * imgt * (1 - sk) / rest.clamp_min(1e-30)
         return None, torch.where(ok, e, a)
 
-    ref = _edited(hf_model, batch, edit)
+    return edited_forward(hf_model, batch, edit), base
+
+
+def test_var_on_llava(ckpt):
+    """VAR (methods.md): sink image keys (|h| over the sink dims > τ after input_layernorm) give a
+    share p of their mass to the other image keys, in rows whose image mass and sink share allow it."""
+    path, hf_model = ckpt
+    model = jaxmm.load(path)
+    batch = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")
+    dims, tau, min_mass = (0, 1, 2, 3), 2.0, 0.05
+    ref, base = var_reference(hf_model, batch, dims, tau, min_mass)
     assert np.abs(ref.logits.numpy() - base.logits.numpy()).max() > 1e-4
-    _compare(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau, "min_mass": min_mass}],
-                                            model.config))
+    compare_edited(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau,
+                                                "min_mass": min_mass}], model.config))
 
 
 @pytest.fixture(scope="module")
