@@ -33,7 +33,7 @@ def demo(args) -> int:
     from jaxmm import probes as P
     from jaxmm.processing.image import ImageProcessor
 
-    path = args.model or organism.default()
+    path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
     proc = ImageProcessor.from_pretrained(path)
     image, name = _load_image(args.image)
@@ -73,7 +73,7 @@ def generate(args) -> int:
     from jaxmm.generate import Sampling, stream
     from jaxmm.stopping import stop_token_ids
 
-    path = args.model or organism.default()
+    path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
     content = []
     if args.image:
@@ -173,7 +173,7 @@ def inspect(args) -> int:
     from jaxmm.generate import generate
     from jaxmm.stopping import stop_token_ids
 
-    path = args.model or organism.default()
+    path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
     n = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     print(model.config)
@@ -212,13 +212,15 @@ def main(argv=None) -> int:
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="one probed forward on a photo (default: the embedded organism)")
-    d.add_argument("--model", help="HF checkpoint directory (default: build/use the embedded organism)")
+    d.add_argument("--model", help="HF checkpoint directory, 'organism' (the default: the embedded organism) or "
+                   "'organism-random' (its seeded random-weight start)")
     d.add_argument("--image", help="image file (default: a photo from scikit-image)")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.add_argument("--method", action="append", default=[], help=METHOD_HELP)
     d.set_defaults(fn=demo)
     g = sub.add_parser("generate", help="answer a prompt about an image (default model: the organism)")
-    g.add_argument("--model", help="HF checkpoint directory with tokenizer (default: the embedded organism)")
+    g.add_argument("--model", help="HF checkpoint directory with tokenizer, 'organism' (the default) or "
+                   "'organism-random'")
     g.add_argument("--image", help="image file (omit for a text-only prompt)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", help="system message (default: the chat template's)")
@@ -261,7 +263,7 @@ def main(argv=None) -> int:
     cv.add_argument("out")
     cv.set_defaults(fn=convert)
     i = sub.add_parser("inspect", help="a checkpoint's config; with --image/--prompt, the answer's attention heatmap")
-    i.add_argument("--model", help="HF checkpoint directory (default: the embedded organism)")
+    i.add_argument("--model", help="HF checkpoint directory, 'organism' (the default) or 'organism-random'")
     i.add_argument("--image")
     i.add_argument("--prompt")
     i.add_argument("--method", action="append", default=[], help=METHOD_HELP)

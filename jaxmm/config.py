@@ -15,6 +15,7 @@ reads ``3e-4`` as a string; a ``float`` field accepts it as the number it spells
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -114,6 +115,21 @@ def _regex(v: str) -> str:
 
 
 Regex = Annotated[str, AfterValidator(_regex)]
+
+ORGANISM, ORGANISM_RANDOM = "organism", "organism-random"
+
+
+def _model_ref(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("expected a checkpoint directory, 'organism', 'organism-random' or null, got an empty string")
+    return None if v == ORGANISM else v
+
+
+#: A config's ``model`` field, the same in eval, SFT and GRPO: ``None`` (or ``"organism"``, read
+#: as ``None``) = the shipped trained organism; ``"organism-random"`` = the seeded random-weight
+#: organism (training from scratch); anything else = an HF checkpoint directory.
+#: :func:`jaxmm.organism.resolve` turns it into a directory.
+ModelRef = Annotated[str | None, AfterValidator(_model_ref)]
 
 
 # ----------------------------------------------------------------------------- reading and overrides
@@ -332,6 +348,28 @@ def _adapter(cls) -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(cls)
 
 
+_VALIDATING = contextvars.ContextVar("jaxmm_config_validating", default=False)
+
+
+class Validated:
+    """Base of the config dataclasses: an instance built in Python (``EvalConfig(batch_size="eight")``,
+    ``dataclasses.replace(cfg, lr=-1)``) is checked against the annotations as a YAML file is, and
+    its values are the validated ones (``lr="3e-4"`` becomes 3e-4, ``model="organism"`` None).
+
+    Raises:
+        ConfigError: from the constructor, one line naming the class, each bad field, what was
+            expected and the value given.
+    """
+
+    def __post_init__(self):
+        if _VALIDATING.get():           # built by validate() itself, from checked values
+            return
+        fields = dataclasses.fields(self)
+        checked = validate(type(self), {f.name: getattr(self, f.name) for f in fields}, type(self).__name__)
+        for f in fields:
+            object.__setattr__(self, f.name, getattr(checked, f.name))
+
+
 def validate(cls, data: dict, source: str | None = None, lines: dict | None = None,
              origins: Sequence[tuple] = ()):
     """``cls`` (a config dataclass, or any type pydantic validates) built from ``data``, checked
@@ -345,6 +383,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
             field's dotted path, what was expected and the value given.
     """
     lines = lines or {}
+    token = _VALIDATING.set(True)
     try:
         return _adapter(cls).validate_python(data)
     except pydantic.ValidationError as e:
@@ -367,6 +406,8 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
             what = whats[0] + "".join(" or " + w.removeprefix("expected ") for w in whats[1:])
             msgs.append(_where(path, source, lines, origins) + _field(path, errs[0], what))
         raise ConfigError("; ".join(msgs)) from None
+    finally:
+        _VALIDATING.reset(token)
 
 
 def _field(path, err, what) -> str:

@@ -61,6 +61,23 @@ def default() -> Path:
     return build()
 
 
+def resolve(model: str | Path | None) -> Path | str:
+    """A config's or the CLI's ``model`` -> the checkpoint directory to load; the same in eval, SFT,
+    GRPO and the CLI (:data:`jaxmm.config.ModelRef`).
+
+    ``None`` or ``"organism"``: the shipped trained organism (:func:`default`); ``"organism-random"``:
+    the seeded random-weight one (:func:`build`, built on first use); anything else is returned as
+    given (an HF checkpoint directory, checked when it is loaded).
+    """
+    from jaxmm.config import ORGANISM, ORGANISM_RANDOM
+
+    if model is None or str(model) == ORGANISM:
+        return default()
+    if str(model) == ORGANISM_RANDOM:
+        return build()
+    return model
+
+
 def default_dir() -> Path:
     """``$JAXMM_HOME/organism-v{VERSION}`` (default ``~/.cache/jaxmm``)."""
     home = Path(os.environ.get("JAXMM_HOME", Path.home() / ".cache" / "jaxmm"))

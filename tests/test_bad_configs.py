@@ -4,6 +4,7 @@ shipped config still loads. No model is loaded: each case fails (or passes) at c
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -230,17 +231,92 @@ def test_good_mesh_strings_and_config_meshes():
         mesh_axes(EvalConfig.from_yaml("organism", ["mesh={fsdp: -1, tensor: -1}"]).mesh, 8)
 
 
-def test_yaml_1_1_floats_and_model_organism():
-    """``lr: 3e-4`` is a string to YAML 1.1: it must arrive as a float. ``model`` null and
-    ``"organism"`` mean the same in eval and GRPO."""
+def test_yaml_1_1_floats():
+    """``lr: 3e-4`` is a string to YAML 1.1: it must arrive as a float."""
     cfg = TrainConfig.from_yaml(None, ["lr=3e-4", "agto={alpha: 1e-1, beta: 0}"])
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float) and cfg.agto["alpha"] == 0.1
     assert GRPOConfig.from_yaml(None, ["adv_eps=1e-6"]).adv_eps == 1e-6
-    assert EvalConfig.from_yaml("organism", ["model=organism"]) == EvalConfig.from_yaml("organism")
-    assert EvalConfig(model="organism").model is None
-    assert GRPOConfig.from_yaml(None, ["model=null"]).model is None        # grpo.train loads the organism for None too
     assert TrainConfig.from_yaml(None, ["data.size=10"]).data == {"name": "grounded", "size": 10, "seed": 0,
                                                                  "image_size": 112}   # other defaults kept
+
+
+@pytest.mark.parametrize("kind", ["eval", "train", "grpo"])
+def test_model_means_one_thing_in_every_config(kind, monkeypatch, tmp_path):
+    """``model``: null, omitted and ``"organism"`` are the shipped organism in eval, SFT and GRPO
+    alike; ``"organism-random"`` is the seeded random start everywhere; a path stays a path."""
+    from jaxmm import organism
+
+    cls = KINDS[kind]
+    load = (lambda ov: cls.from_yaml("organism", ov)) if kind == "eval" else (lambda ov: cls.from_yaml(None, ov))
+    assert load([]).model is None and load(["model=null"]).model is None and load(["model=organism"]).model is None
+    assert cls(model="organism").model is None and cls().model is None
+    assert load(["model=organism-random"]).model == cls(model="organism-random").model == "organism-random"
+    assert cls(model="ckpt/x").model == "ckpt/x"
+    built = []
+    monkeypatch.setattr(organism, "build", lambda *a, **k: built.append(1) or tmp_path / "random")
+    assert organism.resolve(cls().model) == organism.default() == organism.resolve("organism")
+    assert organism.resolve(cls(model="organism-random").model) == tmp_path / "random" and built == [1]
+    assert organism.resolve("ckpt/x") == "ckpt/x"
+
+
+def test_eval_settings_name_the_organism_model():
+    from jaxmm.eval.harness import run_settings
+
+    assert run_settings(EvalConfig())["model"] is None
+    assert run_settings(EvalConfig(model="organism-random"))["model"] == "organism-random"
+    assert run_settings(EvalConfig(model="organism-random"))["weights"] == ["organism-random"]
+
+
+# A config built in Python is validated as a YAML file is: (class, keyword arguments, needles)
+BAD_PYTHON = [
+    ("eval", {"batch_size": "eight"}, ["EvalConfig: batch_size:", "integer", "'eight'"]),
+    ("eval", {"max_new_tokens": -3}, ["EvalConfig: max_new_tokens:", "> 0", "-3"]),
+    ("eval", {"methods": "baseline"}, ["EvalConfig: methods:", "list", "'baseline'"]),
+    ("eval", {"methods": []}, ["EvalConfig: methods:", "at least 1"]),
+    ("eval", {"methods": [3]}, ["EvalConfig: methods.0:", "instance of Intervention", "got 3"]),
+    ("eval", {"methods": ["ration:key_layers=[3,x]"]}, ["EvalConfig: methods.0:", "key_layers.1", "'x'"]),
+    ("eval", {"benchmarks": [{"name": "popee"}]}, ["EvalConfig: benchmarks.0.name:", "unknown benchmark", "'popee'"]),
+    ("eval", {"mesh": {"model": 8}}, ["EvalConfig: mesh:", "unknown field(s) ['model']"]),
+    ("eval", {"dtype": "fp8"}, ["EvalConfig: dtype:", "'float32'", "'fp8'"]),
+    ("eval", {"model": ""}, ["EvalConfig: model:", "'organism-random'", "empty string"]),
+    ("eval", {"heatmaps": True}, ["EvalConfig: heatmaps:", "boolean"]),
+    ("train", {"lr": -1.0}, ["TrainConfig: lr:", "> 0", "-1"]),
+    ("train", {"lr": "fast"}, ["TrainConfig: lr:", "'fast'"]),
+    ("train", {"steps": "4"}, None),                     # a numeric string reads as the number (as YAML's)
+    ("train", {"freeze": ["("]}, ["TrainConfig: freeze.0:", "regular expression"]),
+    ("train", {"agto": {"gamma": 1.0}}, ["TrainConfig: agto:", "unknown field(s) ['gamma']"]),
+    ("train", {"lora": {"rank": 0}}, ["TrainConfig: lora.rank:", "> 0", "0"]),
+    ("train", {"data": {"name": "grounded", "tasks": []}}, ["TrainConfig: data.tasks:", "at least 1"]),
+    ("train", {"compute_dtype": "float16"}, ["TrainConfig: compute_dtype:", "'bfloat16'", "'float16'"]),
+    ("grpo", {"group_size": 1}, ["GRPOConfig: group_size=1", "G >= 2"]),
+    ("grpo", {"rewards": {"acc": 1.0}}, ["GRPOConfig: rewards:", "unknown reward(s) ['acc']"]),
+    ("grpo", {"top_p": 1.5}, ["GRPOConfig: top_p:", "<= 1", "1.5"]),
+    ("grpo", {"loss_variant": "easy"}, ["GRPOConfig: loss_variant='easy'", "'easyr1'"]),
+    ("grpo", {"mesh": {"fsdp": 0}}, ["GRPOConfig: mesh.fsdp:", "positive integer"]),
+]
+
+
+@pytest.mark.parametrize("kind,kw,needles", BAD_PYTHON, ids=[f"{k}-{sorted(kw)[0]}" for k, kw, _ in BAD_PYTHON])
+def test_a_config_built_in_python_is_validated(kind, kw, needles):
+    cls = KINDS[kind]
+    if needles is None:
+        assert getattr(cls(**kw), next(iter(kw))) == 4
+        return
+    with pytest.raises(ConfigError) as e:
+        cls(**kw)
+    _check(str(e.value), *needles)
+
+
+def test_replace_and_python_values_are_validated():
+    cfg = TrainConfig(lr="3e-4")
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)
+    with pytest.raises(ConfigError, match=r"TrainConfig: keep: expected a number > 0, got 0"):
+        dataclasses.replace(cfg, keep=0)
+    assert dataclasses.replace(cfg, keep=3).keep == 3 and dataclasses.replace(cfg, keep=3).lr == 3e-4
+    from jaxmm.interventions import PAI
+
+    iv = PAI(alpha=0.2, layers=(1,))
+    assert EvalConfig(methods=["baseline", iv]).methods[1] is iv     # intervention objects pass as they are
 
 
 SHIPPED = ([("eval", p) for p in sorted(PACKAGED.glob("*.yaml"))]

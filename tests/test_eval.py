@@ -445,7 +445,7 @@ def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_m
     np.testing.assert_allclose([r["vas"] for r in sorted(sharded, key=key)], [r["vas"] for r in sorted(one, key=key)],
                                rtol=1e-4)
     assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 2
-    with pytest.raises(ValueError, match=r"mesh: unknown axis \['model'\]"):
+    with pytest.raises(ValueError, match=r"EvalConfig: mesh: unknown field\(s\) \['model'\]"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"model": 8}, **base), progress=False)
     with pytest.raises(ValueError, match=r"tensor = 6, but there are 8 devices"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"fsdp": 3, "tensor": 2}, **base), progress=False)

@@ -54,12 +54,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field, InstanceOf
 from typing_extensions import NotRequired, TypedDict
 
 from jaxmm import probes as P
 from jaxmm.eval.report import method_name
-from jaxmm.config import Dtype, Fraction, Mesh, NonNegInt, PosFloat, PosInt, load as load_config, mesh_axes
+from jaxmm.attention import Intervention
+from jaxmm.config import (ORGANISM_RANDOM, Dtype, Fraction, Mesh, ModelRef, NonNegInt, PosFloat, PosInt, Validated,
+                          load as load_config, mesh_axes)
 from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
 
@@ -78,8 +80,9 @@ def _prompt_name(name: str) -> str:
 
 
 def _method(spec):
-    """A method column: ``baseline`` or an intervention spec (:func:`jaxmm.interventions.parse`)."""
-    if spec != "baseline":
+    """A method column: ``baseline``, an intervention spec (:func:`jaxmm.interventions.parse`) or
+    an intervention object (Python-built configs)."""
+    if spec != "baseline" and isinstance(spec, (str, dict)):
         from jaxmm.interventions import parse
 
         parse(spec)
@@ -100,21 +103,23 @@ class BenchmarkSpec(TypedDict):
     contrast: NotRequired[Fraction]
 
 
-MethodSpec = Annotated[str | dict[str, Any], AfterValidator(_method)]
+MethodSpec = Annotated[str | dict[str, Any] | InstanceOf[Intervention], AfterValidator(_method)]
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(Validated):
     """Schema of the eval configs (``jaxmm/configs/eval/*.yaml``, or any YAML file; dotted
     overrides on the command line). A benchmark spec is ``{name, path, limit, seed, prompt}`` (plus
     the grounded generator's ``image_size`` and style): ``prompt`` names a released prompt of
     :data:`jaxmm.prompts.PROMPTS` (``vrga``, ``vrga_think``, ``sayo``) that replaces the benchmark's
     standard instruction; ``None`` keeps it. The annotations are the schema :meth:`from_yaml`
-    checks (:mod:`jaxmm.config`). ``model`` ``"organism"`` is the same as ``None``."""
+    and the constructor check (:mod:`jaxmm.config`). ``model`` as in training (:data:`jaxmm.config.ModelRef`):
+    ``None`` or ``"organism"`` = the shipped organism, ``"organism-random"`` = the seeded random one.
+    ``methods`` may also hold intervention objects when the config is built in Python."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    model: str | None = None            # HF checkpoint dir; None (or "organism") = the embedded organism
+    model: ModelRef = None              # HF checkpoint dir; None (or "organism") = the embedded organism
     dtype: Dtype = "float32"
     out: str = "runs/eval"
     benchmarks: Annotated[list[BenchmarkSpec], Field(min_length=1)] = dataclasses.field(
@@ -131,10 +136,6 @@ class EvalConfig:
     max_pixels: PosInt | None = None
     mesh: Mesh | None = None            # {data, fsdp, tensor}: one model sharded over every device of
                                         # every process (see run()); None = a whole model per process
-
-    def __post_init__(self):
-        if self.model == "organism":
-            self.model = None
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "EvalConfig":
@@ -176,8 +177,8 @@ def _weights_identity(model_dir) -> list:
     file's name, size and a hash of its header (tensor names, shapes, offsets) and of 1 MiB of its
     data at four evenly spaced offsets (so a fine-tune of the same architecture differs), and a
     hash of ``config.json``. The same on every host that holds a copy (no paths, no times)."""
-    if model_dir is None:
-        return ["organism"]
+    if model_dir is None or model_dir == ORGANISM_RANDOM:
+        return [model_dir or "organism"]
     d = Path(model_dir)
     out = []
     for f in sorted(d.glob("*.safetensors")) + sorted(d.glob("config.json")):
@@ -202,7 +203,7 @@ def run_settings(cfg: EvalConfig) -> dict:
     weights' identity, dtype, each benchmark's spec (but its ``limit``: more samples extend a run),
     decoding and prompt limits, image resolution bounds, seed. Not the ``mesh``: the same model
     split another way gives the same rows (up to float rounding)."""
-    return {"model": None if cfg.model is None else str(Path(cfg.model).resolve()),
+    return {"model": cfg.model if cfg.model in (None, ORGANISM_RANDOM) else str(Path(cfg.model).resolve()),
             "weights": _weights_identity(cfg.model), "dtype": cfg.dtype,
             "benchmarks": [{k: v for k, v in dict(b).items() if k != "limit"} for b in cfg.benchmarks],
             "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "seed": cfg.seed,
@@ -401,7 +402,7 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     done = _done_rows(results)
     if n_proc > 1 and not spmd:     # rows any process already wrote, whatever the process count was then
         done |= _done_rows(merged).union(*(_done_rows(f) for f in _rank_files(out_dir)))
-    model = jaxmm.load(cfg.model or organism.default(), dtype=cfg.dtype, mesh=mesh)
+    model = jaxmm.load(organism.resolve(cfg.model), dtype=cfg.dtype, mesh=mesh)
     if cfg.min_pixels is not None or cfg.max_pixels is not None:
         proc = model.image_processor
         if not hasattr(proc, "min_pixels"):

@@ -30,45 +30,46 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
-from jaxmm.config import Float, Fraction, Int, Mesh, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
+from jaxmm.config import Float, Fraction, Int, NonNegFloat, NonNegInt, PosFloat, PosInt
 from jaxmm.models.core.model import forward
-from jaxmm.train.sft import DataSpec, LoraSpec, RaveSpec, config_from_yaml
+from jaxmm.train.config import DataSpec, TrainingConfig
 
 REWARDS = ("accuracy", "format", "r_att", "vars")
 
 
 @dataclasses.dataclass
-class GRPOConfig:
-    """Schema of ``configs/train/grpo_*.yaml`` (optimizer fields as :class:`~jaxmm.train.sft.TrainConfig`);
-    the annotations are what :meth:`from_yaml` checks. ``model`` ``None`` is the same as ``"organism"``.
+class GRPOConfig(TrainingConfig):
+    """Schema of ``configs/train/grpo_*.yaml`` (the fields shared with SFT, optimiser included:
+    :class:`~jaxmm.train.config.TrainingConfig`); the annotations are what :meth:`from_yaml` and the
+    constructor check.
 
     Raises:
-        ValueError: an unknown reward, ``group_size`` < 2, an unknown variant.
+        jaxmm.config.ConfigError (a ValueError): a bad field, an unknown reward, ``group_size`` < 2,
+            an unknown variant.
     """
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
-
-    model: str | None = "organism"        # HF dir; "organism" (or None) = the shipped organism
     out: str = "runs/grpo"
     steps: PosInt = 50
+    lr: PosFloat = 1e-4
+    warmup: Fraction = 0.0
+    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
+                                                                 "image_size": 112, "shape_scale": 0.35,
+                                                                 "contrast": 0.5})
+    save_every: PosInt = 10
+    log_every: PosInt = 1
     prompts_per_step: PosInt = 4
     group_size: Int = 4                   # G completions per prompt
     max_new_tokens: PosInt = 16
     temperature: PosFloat = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     updates_per_rollout: PosInt = 1
-    lr: PosFloat = 1e-4
-    warmup: Fraction = 0.0
-    weight_decay: NonNegFloat = 0.0
-    clip_norm: PosFloat = 1.0
-    grad_accum: PosInt = 1
     clip_eps: PosFloat = 0.2
     kl_beta: NonNegFloat = 0.001
     # loss_variant, checked in __post_init__ (its message names the choices): "paper", "easyr1" (AVAR's
@@ -83,21 +84,9 @@ class GRPOConfig:
     sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
     system_prompt: str | None = None      # a system turn: literal text, or the name of a jaxmm.prompts prompt
     entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3   # SAYO: fraction of completion tokens r_att is computed on
-    freeze: list[Regex] = dataclasses.field(default_factory=list)
-    lora: LoraSpec | None = None          # {rank, alpha, targets}: train LoRA adapters (SAYO: r=16, alpha=32)
-    rave: RaveSpec | None = None          # train a RAVE module with the policy (as in SFT)
-    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
-                                                             "image_size": 112, "shape_scale": 0.35,
-                                                             "contrast": 0.5})
-    save_every: PosInt = 10
-    keep: PosInt = 2
-    log_every: PosInt = 1
-    tensorboard: bool = True
-    seed: NonNegInt = 0
-    mesh: Mesh | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
-                                          # call jax.distributed.initialize() first; process 0 writes the logs)
 
     def __post_init__(self):
+        super().__post_init__()
         bad = set(self.rewards) - set(REWARDS)
         if bad:
             raise ValueError(f"rewards: unknown reward(s) {sorted(bad)}; expected some of {REWARDS}")
@@ -110,13 +99,7 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
 
-    @classmethod
-    def from_yaml(cls, path, overrides: Sequence[str] = ()):
-        """See :func:`jaxmm.train.sft.config_from_yaml` (raises :class:`jaxmm.config.ConfigError`)."""
-        return config_from_yaml(cls, path, overrides)
 
-
-# ----------------------------------------------------------------------------- rollouts
 def _prompts(model, samples, group_size, system_prompt=None):
     """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
     ``system_prompt``: a system turn first (text, or the name of a :data:`jaxmm.prompts.PROMPTS`
@@ -346,8 +329,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = config_mesh(cfg.mesh)
-    model = jaxmm.load(organism.default() if cfg.model in (None, "organism") else cfg.model, dtype="float32",
-                       mesh=mesh)
+    model = jaxmm.load(organism.resolve(cfg.model), dtype="float32", mesh=mesh)
     ref_params = model.params                        # the frozen reference: the starting model
     state = initial_state(cfg, model.params, model.config)
     if mesh is not None:      # adapters replicated over the mesh, next to the sharded backbone

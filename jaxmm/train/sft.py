@@ -27,115 +27,33 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from pydantic import ConfigDict, Field
-from typing_extensions import TypedDict
-
-from jaxmm.config import Float, Fraction, Mesh, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex
-
+from jaxmm.config import PosInt
 from jaxmm.models.core.model import forward
-
-
-class LoraSpec(TypedDict, total=False):
-    """``lora:`` of a training config (:class:`jaxmm.train.lora.LoraConfig`)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")
-    rank: PosInt
-    alpha: Float
-    targets: Regex | list[Regex]          # regexes over dotted parameter paths
-    seed: NonNegInt
-
-
-class RaveSpec(TypedDict, total=False):
-    """``rave:`` of a training config (:func:`jaxmm.interventions.rave.init`)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")
-    layers: list[NonNegInt] | None
-    heads: list[NonNegInt] | None
-    rank: PosInt
-    kind: Literal["bilinear", "mlp"]
-    seed: NonNegInt
-    scale: PosFloat
-
-
-class AgtoSpec(TypedDict, total=False):
-    """``agto:`` AVAR's AGTO losses (:func:`jaxmm.objectives.avar.agto_extra_loss`)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")
-    alpha: NonNegFloat
-    beta: NonNegFloat
-    eps: PosFloat
-    layers: list[NonNegInt] | None
-
-
-class DataSpec(TypedDict, total=False):
-    """``data:`` the grounded VQA generator (:func:`dataset`)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")
-    name: Literal["grounded"]
-    size: PosInt
-    seed: NonNegInt
-    image_size: PosInt
-    tasks: Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]
-    shape_scale: PosFloat
-    contrast: Fraction
+from jaxmm.train.config import AgtoSpec, TrainingConfig
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Schema of ``configs/train/*.yaml``; the annotations are what :meth:`from_yaml` checks."""
+class TrainConfig(TrainingConfig):
+    """Schema of ``configs/train/*.yaml`` (the shared fields: :class:`~jaxmm.train.config.TrainingConfig`);
+    the annotations are what :meth:`from_yaml` and the constructor check.
 
-    __pydantic_config__ = ConfigDict(extra="forbid")
+    ``batch_size`` sequences of ``seq_len`` tokens (prompt + answer, left-padded) per step;
+    ``compute_dtype`` the forward's (master weights stay float32); ``agto`` AVAR's AGTO losses
+    ``{alpha, beta, eps, layers}`` added to the LM loss.
+    """
 
-    model: str | None = None             # HF checkpoint dir to start from; None = the seeded random organism
-                                          # (training it from scratch); "organism" = the shipped trained one
     out: str = "runs/train"
     steps: PosInt = 100
     batch_size: PosInt = 8
-    grad_accum: PosInt = 1
-    lr: PosFloat = 1e-3
-    warmup: Fraction = 0.1                # fraction of steps
-    weight_decay: NonNegFloat = 0.0
-    clip_norm: PosFloat = 1.0
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"   # master weights stay float32
-    freeze: list[Regex] = dataclasses.field(default_factory=list)   # regexes over dotted parameter paths
-    lora: LoraSpec | None = None          # {rank, alpha, targets, seed}: train LoRA adapters, backbone frozen
-    rave: RaveSpec | None = None          # {layers, heads, rank, kind, seed, scale}: train a RAVE bias module
-    tensorboard: bool = True              # also write metrics as TensorBoard events (out/tensorboard)
-    agto: AgtoSpec | None = None          # AVAR's AGTO losses {alpha, beta, eps, layers} added to the LM loss
-    mesh: Mesh | None = None              # {data, fsdp, tensor} over every device of every process (multi-host:
-                                          # call jax.distributed.initialize() first; process 0 writes the logs)
-    seq_len: PosInt = 160                 # prompts + answers are left-padded to this many tokens
-    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
-                                                                 "image_size": 112})
-    save_every: PosInt = 50
-    keep: PosInt = 2
-    log_every: PosInt = 10
-    seed: NonNegInt = 0
-
-    @classmethod
-    def from_yaml(cls, path, overrides: Sequence[str] = ()):
-        """See :func:`config_from_yaml`."""
-        return config_from_yaml(cls, path, overrides)
-
-
-def config_from_yaml(cls, path, overrides: Sequence[str] = ()):
-    """A config dataclass ``cls`` from a YAML file (or None: the defaults) plus ``key=value``
-    overrides (dotted keys, YAML values), validated against its annotations (:func:`jaxmm.config.load`).
-
-    Raises:
-        jaxmm.config.ConfigError (a ValueError): bad YAML, a malformed override, an unknown field
-            or a bad value, naming the file and line or the override, the field and the value.
-        OSError: the file cannot be read.
-    """
-    from jaxmm.config import load
-
-    return load(cls, path, overrides)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    agto: AgtoSpec | None = None
+    seq_len: PosInt = 160
 
 
 # ----------------------------------------------------------------------------- data
@@ -167,7 +85,7 @@ def sft_example(model, sample: dict, seq_len: int) -> dict:
             "question_spans": [(x + pad, y + pad) for x, y in enc["question_spans"]]}
 
 
-def dataset(cfg: TrainConfig):
+def dataset(cfg: TrainingConfig):
     """A seeded, shuffled, repeating grain dataset of grounded samples."""
     import grain
 
@@ -177,9 +95,6 @@ def dataset(cfg: TrainConfig):
     size, seed, image = int(d.get("size", 4096)), int(d.get("seed", 0)), int(d.get("image_size", 112))
     tasks = tuple(d.get("tasks", ("recognition", "counting", "grounding", "ocr", "spatial")))
     style = {k: d[k] for k in ("shape_scale", "contrast") if k in d}
-    unknown = set(d) - {"name", "size", "seed", "image_size", "tasks", *style}
-    if unknown:
-        raise ValueError(f"data: unknown field(s) {sorted(unknown)}")
     ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
     return ds.map(lambda i: make_sample(int(i), seed, (image, image), tasks[int(i) % len(tasks)], **style))
 
@@ -214,7 +129,7 @@ def trainable_mask(params, freeze: Sequence[str]):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
 
 
-def initial_state(cfg: TrainConfig, params, config) -> dict:
+def initial_state(cfg: TrainingConfig, params, config) -> dict:
     """The trained state as checkpoint groups: ``{"params": backbone, "lora": adapters (if
     cfg.lora), "rave": RAVE module (if cfg.rave)}``."""
     from jaxmm.interventions import rave
@@ -230,7 +145,7 @@ def initial_state(cfg: TrainConfig, params, config) -> dict:
     return state
 
 
-def state_mask(cfg: TrainConfig, state: dict):
+def state_mask(cfg: TrainingConfig, state: dict):
     """Pytree of bools over ``state``: the backbone is trainable unless frozen by ``freeze`` or
     because LoRA is on; adapters (LoRA, RAVE) always are."""
     out = {}
@@ -243,7 +158,7 @@ def state_mask(cfg: TrainConfig, state: dict):
     return out
 
 
-def assemble(state: dict, cfg: TrainConfig):
+def assemble(state: dict, cfg: TrainingConfig):
     """``state`` -> (parameters the forward runs with, interventions): LoRA merged, RAVE applied."""
     from jaxmm.train import lora
 
@@ -251,7 +166,7 @@ def assemble(state: dict, cfg: TrainConfig):
     return params, ((state["rave"],) if "rave" in state else ())
 
 
-def optimizer(cfg: TrainConfig, state):
+def optimizer(cfg: TrainingConfig, state):
     """AdamW (warm-up + cosine), global-norm clipping, updates zeroed on frozen leaves of ``state``
     (a parameter tree or a :func:`initial_state` dict), gradient accumulation."""
     mask = state_mask(cfg, state) if isinstance(state, dict) and "params" in state else trainable_mask(state, cfg.freeze)
@@ -314,14 +229,10 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = config_mesh(cfg.mesh)
-    model = jaxmm.load(organism.default() if cfg.model == "organism" else cfg.model or organism.build(),
-                       dtype="float32", mesh=mesh)
+    model = jaxmm.load(organism.resolve(cfg.model), dtype="float32", mesh=mesh)
     if cfg.agto:
         from jaxmm.objectives.avar import agto_extra_loss, agto_probes
 
-        known = {"alpha", "beta", "eps", "layers"}
-        if set(cfg.agto) - known:
-            raise ValueError(f"agto: unknown field(s) {sorted(set(cfg.agto) - known)}; expected {sorted(known)}")
         layers = cfg.agto.get("layers")
         extra_losses = tuple(extra_losses) + (agto_extra_loss(**{k: v for k, v in cfg.agto.items() if k != "layers"}),)
         probes = tuple(probes) + agto_probes(None if layers is None else tuple(layers))
