@@ -550,3 +550,44 @@ def test_a_named_prompt_formats_the_question_and_is_a_run_setting(tiny_model_dir
         run(EvalConfig(out=str(tmp_path / "bad"), benchmarks=[{"name": "pope", "path": data, "prompt": "vgra"}], **base),
             progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_pai_gamma_decodes_with_the_contrast(tiny_model_dir, tmp_path):
+    """``pai:gamma=γ`` is an eval setting: its rows are generate's tokens decoded with PAI's contrast
+    against the same prompts without images (the PAI edit on), which differ from PAI alone here."""
+    import jaxmm
+    from jaxmm import interventions as I
+    from jaxmm.generate import Contrast, generate, text_only
+    from jaxmm.stopping import stop_token_ids
+
+    spec = {"name": "grounded", "limit": 3, "image_size": 56}
+    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), methods=["pai", "pai:gamma=3.0"],
+                     benchmarks=[spec], max_new_tokens=5, heatmaps=0, batch_size=3)
+    rows = load_rows(run(cfg, progress=False))
+    assert all("error" not in r for r in rows) and len(rows) == 6
+    model = jaxmm.load(tiny_model_dir)
+    samples = list(B.load("grounded", None, 3, 0, image_size=56))
+    convs = [[{"role": "user", "content": [{"type": "image", "image": B.decode_image(s["image"])},
+                                           {"type": "text", "text": s["question"]}]}] for s in samples]
+    batch, _ = model.prepare_chat(convs)
+    ivs = model.interventions(["pai"])
+    stop = stop_token_ids(model.config, model.tokenizer)
+    decode = lambda contrast: generate(model.params, model.config, batch, max_new_tokens=5, stop_tokens=stop,
+                                       pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs,
+                                       contrast=contrast)
+    want = {}
+    for name, contrast in (("pai", None), ("pai:gamma=3.0", Contrast(text_only(batch, model.config), gamma=3.0))):
+        out = decode(contrast)
+        toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+        want[name] = [model.tokenizer.decode(toks[b, :lens[b]], skip_special_tokens=True) for b in range(3)]
+    got = {m: [r["prediction"] for r in sorted(rows, key=lambda r: r["id"]) if r["method"] == method_name(m)]
+           for m in ("pai", "pai:gamma=3.0")}
+    ids = sorted(s["id"] for s in samples)
+    order = [ids.index(s["id"]) for s in samples]
+    assert [got["pai:gamma=3.0"][k] for k in order] == want["pai:gamma=3.0"]
+    assert [got["pai"][k] for k in order] == want["pai"]
+    assert want["pai"] != want["pai:gamma=3.0"]
+    with pytest.raises(ValueError, match=r"gamma=-1.*null or > 0"):
+        model.interventions(["pai:gamma=-1"])
+    with pytest.raises(ValueError, match="2 PAI interventions set gamma"):
+        I.decoding_contrast(model.interventions(["pai:gamma=1.1", "pai:gamma=2"]))

@@ -572,7 +572,8 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     """Rows of one batch. ``render=False`` (processes other than 0): a heatmap row carries its map in
     ``heatmap_data`` instead of writing the figure (:func:`render_deferred_heatmaps`)."""
     from jaxmm.eval.report import render_heatmap
-    from jaxmm.generate import generate
+    from jaxmm.generate import Contrast, generate, text_only
+    from jaxmm.interventions import decoding_contrast
     from jaxmm.sharding import on_host
     from jaxmm.stopping import stop_token_ids
 
@@ -598,8 +599,12 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
         probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)
     t0 = time.perf_counter()
     stop = stop_token_ids(model.config, model.tokenizer)
+    contrast = decoding_contrast(ivs)        # PAI with gamma: decode against the same prompts without images
+    if contrast is not None:
+        contrast = Contrast(text_only(batch, model.config), gamma=contrast[0], variant=contrast[1])
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
-                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes, mesh=mesh)
+                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes, mesh=mesh,
+                   contrast=contrast)
     out = on_host(out)        # gathered first where a mesh spans processes
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)

@@ -21,14 +21,15 @@ from typing_extensions import TypedDict
 from jaxmm.config import Float, Int
 from jaxmm.interventions.avar import AVAR
 from jaxmm.interventions.keys import KeyBias, KeyLogitShift, KeyWeightScale, key_set, per_sample
-from jaxmm.interventions.pai import PAI, pai, pai_contrast
+from jaxmm.interventions.pai import PAI, decoding_contrast, pai, pai_contrast
 from jaxmm.interventions.ration import RATION
 from jaxmm.interventions.rave import RAVE
 from jaxmm.interventions.var import VAR, var
 from jaxmm.interventions.vrga import VRGA, HeadMask, efr_head_mask
 
 __all__ = ["AVAR", "PAI", "RATION", "RAVE", "VRGA", "VAR", "HeadMask", "KeyBias", "KeyLogitShift", "KeyWeightScale",
-           "build", "check_ranges", "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
+           "build", "check_ranges", "decoding_contrast",
+           "efr_head_mask", "key_set", "pai", "pai_contrast", "per_sample", "var", "METHODS"]
 
 
 class LayerRange(TypedDict, total=False):
@@ -52,8 +53,9 @@ def _layers(cfg, spec):
 
 
 def _pai(cfg, alpha: Float = 0.2, start: Int = 2, end: Optional[Int] = None, variant: str = "paper",
-         use_cfg: bool = False):
-    return pai(cfg.text.num_hidden_layers, alpha, start, end, variant, use_cfg)
+         use_cfg: bool = False, gamma: Optional[Float] = None):
+    """``gamma``: also decode with the contrast against a text-only pass at γ (eval, Model.generate)."""
+    return pai(cfg.text.num_hidden_layers, alpha, start, end, variant, use_cfg, gamma)
 
 
 def _avar(cfg, alpha_img: Float = 0.15, alpha_sys: Float = 0.0, on: str = "logits", renormalize: bool = False,
@@ -137,7 +139,8 @@ def _ranges(n_layers: int, hidden: int) -> dict:
     unit = (lambda v: 0 <= v <= 1, "in [0, 1]")
     return {
         "pai": {"alpha": nonneg, "start": layer,
-                "end": (lambda v: v is None or 0 < v <= n_layers, f"null or 1 … {n_layers}")},
+                "end": (lambda v: v is None or 0 < v <= n_layers, f"null or 1 … {n_layers}"),
+                "gamma": (lambda v: v is None or v > 0, "null or > 0")},
         "avar": {"alpha_img": nonneg, "alpha_sys": nonneg,
                  "layers": (lambda v: v is None or isinstance(v, dict) or layers[0](v), layers[1])},
         "ration": {"top_k": (lambda v: v >= 1, ">= 1 (more than the model's layers: all of them)"),

@@ -11,7 +11,9 @@ onto any depth (``end`` defaults to the number of layers).
 
 The optional contrast with a text-only pass (:func:`pai_contrast`) is a logits processor:
 ``log p ← γ (log p_mm − log p_text) + log p_text``, tokens with ``log p_mm < log 0.1 + max log p_mm``
-set to −∞; γ = 1.1 (the README's commands; the evaluation scripts default to γ = 2).
+set to −∞; γ = 1.1 (the README's commands; the evaluation scripts default to γ = 2). The knob
+``gamma`` (``pai:gamma=1.1``) asks for it: eval and ``Model.generate`` then decode with the
+contrast (:func:`decoding_contrast`); the attention edit itself does not change.
 
 ``variant="released"`` follows the authors' code (LALBJ/PAI, ``attention.py``, ``CFG.py``,
 ``model_loader.py``) where it differs: the edited row is the call's last column (``[:, :, -1]``,
@@ -46,9 +48,12 @@ class PAI(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
     variant: str = static_field("paper")
     use_cfg: bool = static_field(False)     # released only: the run also decodes with the contrast
+    gamma: float | None = static_field(None)    # decode with the contrast at γ (None: the edit alone)
 
     def __post_init__(self):
         _check_variant(self.variant)
+        if self.gamma is not None and not self.gamma > 0:
+            raise ValueError(f"PAI: gamma={self.gamma!r}; expected a contrast strength > 0 (or None: no contrast)")
         if self.use_cfg and self.variant != "released":
             raise ValueError(f"PAI: use_cfg={self.use_cfg!r} applies to variant='released' only")
 
@@ -73,10 +78,25 @@ class PAI(Intervention):
 
 
 def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper",
-        use_cfg: bool = False) -> PAI:
-    """PAI on layers ``start … end−1`` (default: 2 … num_layers−1)."""
+        use_cfg: bool = False, gamma: float | None = None) -> PAI:
+    """PAI on layers ``start … end−1`` (default: 2 … num_layers−1); ``gamma``: also decode with the
+    contrast against a text-only pass at γ (:func:`decoding_contrast`)."""
     end = num_layers if end is None else min(end, num_layers)
-    return PAI(alpha=alpha, layers=tuple(range(start, end)), variant=variant, use_cfg=use_cfg)
+    return PAI(alpha=alpha, layers=tuple(range(start, end)), variant=variant, use_cfg=use_cfg, gamma=gamma)
+
+
+def decoding_contrast(interventions) -> tuple[float, str] | None:
+    """``(γ, variant)`` of the PAI among ``interventions`` that asks to decode with its contrast
+    (``gamma`` set), or None. The caller decodes with
+    ``Contrast(text_only(batch, config), gamma=γ, variant=variant)`` (:class:`jaxmm.generate.Contrast`).
+
+    Raises:
+        ValueError: two PAI interventions ask for a contrast (one text-only stream is decoded).
+    """
+    asks = [iv for iv in interventions if isinstance(iv, PAI) and iv.gamma is not None]
+    if len(asks) > 1:
+        raise ValueError(f"{len(asks)} PAI interventions set gamma; one contrast is decoded, set it on one of them")
+    return (float(asks[0].gamma), asks[0].variant) if asks else None
 
 
 def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1,
