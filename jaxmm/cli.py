@@ -66,6 +66,8 @@ def demo(args) -> int:
 
 
 def generate(args) -> int:
+    """``jaxmm generate``: answers ``--prompt`` about ``--image`` with the model (greedy unless
+    ``--temperature``), the ``--method`` interventions applied, printed at once or streamed; returns 0."""
     import jax
 
     import jaxmm
@@ -109,6 +111,8 @@ def generate(args) -> int:
 
 
 def evaluate(args) -> int:
+    """``jaxmm eval``: runs (or resumes) the eval config with its overrides (:func:`jaxmm.eval.harness.run`),
+    prints the score tables and where the results and report are; returns 0."""
     from jaxmm.eval.harness import EvalConfig, run
     from jaxmm.eval.report import load_rows, run_config, score_tables
 
@@ -127,6 +131,8 @@ def evaluate(args) -> int:
 
 
 def train(args) -> int:
+    """``jaxmm train``: runs (or resumes) SFT from the config with its overrides
+    (:func:`jaxmm.train.sft.train`); returns 0."""
     from jaxmm.train.sft import TrainConfig, train as run
 
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
@@ -136,6 +142,8 @@ def train(args) -> int:
 
 
 def grpo(args) -> int:
+    """``jaxmm grpo``: runs (or resumes) GRPO from the config with its overrides
+    (:func:`jaxmm.train.grpo.train`); returns 0."""
     from jaxmm.train.grpo import GRPOConfig, train as run
 
     out = run(GRPOConfig.from_yaml(args.config, args.overrides), progress=not args.no_progress)
@@ -144,6 +152,8 @@ def grpo(args) -> int:
 
 
 def plan(args) -> int:
+    """``jaxmm plan``: prints the per-device memory of a model config on ``--mesh`` for ``--batch``
+    sequences of ``--seq`` tokens (:func:`jaxmm.plan.report`); returns 0."""
     from jaxmm.plan import parse_mesh, report
 
     print(report(args.model, parse_mesh(args.mesh), args.seq, args.batch))
@@ -151,6 +161,8 @@ def plan(args) -> int:
 
 
 def convert(args) -> int:
+    """``jaxmm convert``: writes an HF checkpoint directory as jaxmm's sharded store
+    (:func:`jaxmm.checkpoint.store.convert`) and prints the peak host memory; returns 0."""
     import resource
 
     from jaxmm.checkpoint.store import convert as run
@@ -208,6 +220,9 @@ METHOD_HELP = ("intervention to apply, repeatable, in order: a name (pai, avar, 
 
 
 def main(argv=None) -> int:
+    """The ``jaxmm`` command line (``argv``: the arguments, default ``sys.argv[1:]``); returns the exit
+    status. Overrides (``key=value``) may come before, between or after options. A bad input
+    (config, image, checkpoint) prints one line naming it and returns 2 (``--debug``: the traceback)."""
     ap = argparse.ArgumentParser(prog="jaxmm", description=__doc__.splitlines()[0])
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -14,6 +14,13 @@ import numpy as np
 
 
 def main(argv=None) -> int:
+    """``argv`` = ``[CKPT, FSDP, TENSOR]`` (default ``sys.argv[1:]``): initialises
+    ``jax.distributed``, builds the mesh (data = devices / (FSDP × TENSOR)), restores ``CKPT`` on it
+    in bfloat16, runs a one-token forward and prints this process's share; returns 0.
+
+    Raises:
+        ValueError: FSDP or TENSOR not an integer, or not dividing the device count.
+    """
     ckpt, fsdp, tensor = (argv or sys.argv[1:])[:3]
     jax.distributed.initialize()
     import jaxmm

@@ -104,6 +104,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def report(model_yaml, mesh, seq, batch) -> str:
+    """:func:`plan`'s figures as the text ``jaxmm plan`` prints: parameter count, then GiB per
+    device of parameters, AdamW state, KV cache, the explicit path's attention chunk and the
+    training total, for ``batch`` sequences of ``seq`` tokens on ``mesh``."""
     r = plan(model_yaml, mesh, seq, batch)
     devices = int(np.prod(list(mesh.values()))) if mesh else 1
     rows = [f"model {model_yaml}: {r['parameters'] / 1e9:.2f} B parameters; mesh {mesh} ({devices} devices); "

@@ -288,6 +288,14 @@ def _chair():
 
 
 def score(sample: dict, prediction: str) -> tuple[Any, float]:
+    """``(parsed, score)`` of a completion under the sample's rule (``sample["score"]``, one of
+    :data:`jaxmm.eval.scoring.METRIC`): the parsed answer (option letter, yes/no, CHAIR's object
+    mentions, or the answer text) and its score in [0, 1] (CHAIR: 1 if any mentioned object is
+    hallucinated).
+
+    Raises:
+        ValueError: an unknown rule.
+    """
     rule = sample["score"]
     if rule == "option_letter":
         parsed = scoring.option_letter(prediction)

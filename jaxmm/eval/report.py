@@ -87,6 +87,12 @@ def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", bo
 
 
 def load_rows(out_dir: Path) -> list[dict]:
+    """The rows of ``out_dir/results.jsonl``, one dict per (benchmark, sample, method), in file
+    order; a line that is not valid JSON (a row cut by a killed run) is skipped.
+
+    Raises:
+        FileNotFoundError: no results.jsonl in ``out_dir``.
+    """
     rows = []
     for line in (Path(out_dir) / "results.jsonl").read_text().splitlines():
         try:

@@ -26,11 +26,16 @@ _PUNCT = re.compile(r"[^\w\s.\-]")
 
 
 def answer_text(completion: str) -> str:
+    """The answer part of a completion: the text inside ``<answer>…</answer>`` when there is one
+    (reasoning prompts), else the whole completion; stripped."""
     a = extract_answer(completion)
     return (a if a is not None else completion).strip()
 
 
 def normalize(s: str) -> str:
+    """Lower case, punctuation other than ``.`` and ``-`` replaced by spaces, articles (a, an, the)
+    dropped, whitespace collapsed, leading/trailing spaces and dots stripped (the VQA-style
+    normalisation the exact, relaxed, yes/no and VQA scorers share)."""
     s = _PUNCT.sub(" ", s.lower())
     s = _ARTICLES.sub(" ", s)
     return " ".join(s.split()).strip(" .")
@@ -54,6 +59,9 @@ def option_letter(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
 
 
 def exact(prediction: str, answer: str) -> float:
+    """Exact match, 1.0 or 0.0, after :func:`normalize`: numbers compare by value ("1,000" = "1000");
+    otherwise equal text, or the answer's words followed by at most one more word ("red car" for
+    "red")."""
     p, a = normalize(answer_text(prediction)), normalize(answer)
     pn, an = _number(p), _number(a)
     if pn is not None and an is not None:
@@ -62,6 +70,8 @@ def exact(prediction: str, answer: str) -> float:
 
 
 def relaxed(prediction: str, answer: str, tolerance: float = 0.05) -> float:
+    """ChartQA's relaxed accuracy, 1.0 or 0.0: a number within ``tolerance`` (relative, 5 %) of a
+    numeric answer (exactly 0 for an answer of 0); other answers by equal normalised text."""
     p, a = normalize(answer_text(prediction)), normalize(answer)
     pn, an = _number(p), _number(a)
     if pn is not None and an is not None:
@@ -80,6 +90,9 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: list[str], tau: float = 0.5) -> float:
+    """DocVQA's ANLS in [0, 1]: the best over ``answers`` of 1 − (Levenshtein distance / longer
+    length), lower-cased with whitespace collapsed; 0 where the normalised distance is ≥ ``tau``
+    (0.5; Biten et al., ICCV 2019)."""
     p = " ".join(answer_text(prediction).lower().split())
     best = 0.0
     for a in answers:
@@ -90,11 +103,15 @@ def anls(prediction: str, answers: list[str], tau: float = 0.5) -> float:
 
 
 def yes_no(prediction: str) -> str | None:
+    """``"yes"`` or ``"no"``: the first of the two words in the normalised answer text (POPE,
+    HallusionBench), or None when neither appears."""
     t = normalize(answer_text(prediction))
     m = re.search(r"\b(yes|no)\b", t)
     return m.group(1) if m else None
 
 
 def vqa(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy in [0, 1] (TextVQA): min(1, #annotators whose normalised answer equals the
+    prediction / 3) over the (usually ten) ``answers``."""
     p = normalize(answer_text(prediction))
     return min(1.0, sum(normalize(a) == p for a in answers) / 3.0)

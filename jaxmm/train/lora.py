@@ -40,10 +40,16 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
+        """The adapters' multiplier α / r (LoRA, Hu et al. 2021, §4.1)."""
         return self.alpha / self.rank
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LoraConfig | None":
+        """A config's ``lora:`` section -> LoraConfig (``None`` or empty: no LoRA, None).
+
+        Raises:
+            ValueError: an unknown field (naming it and the known ones).
+        """
         if not d:
             return None
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
@@ -103,4 +109,5 @@ def merge(params, lora: dict | None, cfg: LoraConfig | None):
 
 
 def num_params(lora: dict) -> int:
+    """The number of trainable adapter parameters in a LoRA tree (:func:`init`)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
