@@ -433,18 +433,18 @@ def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_m
             for i in range(5)]
     data = write_parquet(tmp_path / "pope.parquet", rows)
     base = dict(model=str(tiny_model_dir), benchmarks=[{"name": "pope", "path": str(data)}],
-                methods=["baseline", "pai"], batch_size=4, max_new_tokens=4, heatmaps=1)
+                methods=["baseline", "pai", "pai:gamma=2"], batch_size=4, max_new_tokens=4, heatmaps=1)
     one = load_rows(run(EvalConfig(out=str(tmp_path / "one"), **base), progress=False))
     sharded_out = run(EvalConfig(out=str(tmp_path / "mesh"), mesh={"data": 2, "fsdp": 2, "tensor": 2}, **base),
                       progress=False)
     sharded = load_rows(sharded_out)
     key = lambda r: (r["id"], r["method"])
-    assert len(one) == len(sharded) == 10 and all("error" not in r for r in sharded)
+    assert len(one) == len(sharded) == 15 and all("error" not in r for r in sharded)
     assert sorted((key(r), r["prediction"], r["n_tokens"]) for r in one) == \
         sorted((key(r), r["prediction"], r["n_tokens"]) for r in sharded)
     np.testing.assert_allclose([r["vas"] for r in sorted(sharded, key=key)], [r["vas"] for r in sorted(one, key=key)],
                                rtol=1e-4)
-    assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 2
+    assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 3
     with pytest.raises(ValueError, match=r"EvalConfig: mesh: unknown field\(s\) \['model'\]"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"model": 8}, **base), progress=False)
     with pytest.raises(ValueError, match=r"tensor = 6, but there are 8 devices"):
