@@ -311,3 +311,39 @@ def test_padding_primitives():
         pad_rows([[1, 2, 3]], length=2)
     with pytest.raises(ValueError, match="padding_side='middle'"):
         pad_rows([[1]], "middle")
+
+
+# ----------------------------------------------------------------------------- another family
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """A tiny LLaVA checkpoint with its tokenizer, chat template and CLIP processor config."""
+    import jaxmm
+    import tiny
+    from chat_fixtures import build_llava_tokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    path = tmp_path_factory.mktemp("llava_chat")
+    tiny.build_hf_llava(seed=6).save_pretrained(path)
+    build_llava_tokenizer(path)
+    CLIPImageProcessorPil(size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE},
+                          crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}).save_pretrained(path)
+    return jaxmm.load(path)
+
+
+@pytest.mark.parametrize("side,bucket", [("left", None), ("left", 16), ("right", None)])
+def test_llava_chat_batch_equals_prepare_chat(llava, samples, side, bucket):
+    convs = conversations(samples)
+    got, info = pipeline.chat_batch(llava, convs, pad_to_multiple_of=bucket, padding_side=side)
+    want, winfo = old_prepare_chat(llava, convs, pad_to_multiple_of=bucket, padding_side=side)
+    assert_same(got, want)
+    assert info["texts"] == winfo["texts"] and np.asarray(got.pixel_values).shape[0] == 4
+    if side == "left":
+        assert_same(llava.prepare_chat(convs, pad_to_multiple_of=bucket), (want, winfo))
+    rows = [dict(s, _system=None) for s in samples]
+    boxes, sizes = pipeline.sample_boxes(rows)
+    want, winfo = old_eval_batch(llava, rows)
+    got, info = pipeline.chat_batch(llava, [pipeline.vqa_messages(s["question"], [s["image"]]) for s in rows])
+    got = pipeline.with_region_weights(got, pipeline.region_weights(llava, got.layout, info["image_grid_thw"],
+                                                                    boxes, sizes))
+    assert_same(got, want)
+    assert np.asarray(got.layout.region_weight).any(axis=1).all()
