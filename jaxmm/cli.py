@@ -73,16 +73,12 @@ def generate(args) -> int:
     import jaxmm
     from jaxmm import organism
     from jaxmm.generate import Sampling, stream
-    from jaxmm.stopping import stop_token_ids
+    from jaxmm.processing import batch as host
 
     path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
-    content = []
-    if args.image:
-        content.append({"type": "image", "image": _load_image(args.image)[0]})
-    content.append({"type": "text", "text": args.prompt})
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": content}]
+    messages = host.vqa_messages(args.prompt, [_load_image(args.image)[0]] if args.image else [],
+                                 args.system or None)
     key = jax.random.PRNGKey(args.seed)
     if args.method:
         print(f"methods: {', '.join(map(str, args.method))}", file=sys.stderr)
@@ -94,9 +90,9 @@ def generate(args) -> int:
                              pai_contrast=args.pai_contrast)
         print(out.text[0])
         return 0
-    batch, _ = model.prepare_chat(messages)
+    batch, _ = host.chat_batch(model, messages)
     tok = model.tokenizer
-    stop = stop_token_ids(model.config, tok)
+    stop = host.stop_tokens(model)
     ids = []
     printed = ""
     for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
@@ -183,7 +179,7 @@ def inspect(args) -> int:
     from jaxmm.attention import AttentionWeights
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import generate
-    from jaxmm.stopping import stop_token_ids
+    from jaxmm.processing import batch as host
 
     path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
@@ -195,12 +191,11 @@ def inspect(args) -> int:
     if not args.prompt:
         raise SystemExit("jaxmm inspect: --image needs --prompt")
     image = _load_image(args.image)[0].convert("RGB")
-    conv = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.prompt}]}]
-    batch, _ = model.prepare_chat(conv)
+    batch, _ = host.chat_batch(model, host.vqa_messages(args.prompt, [image]))
     last = model.config.text.num_hidden_layers - 1
     tok = model.tokenizer
     out = generate(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
-                   stop_tokens=stop_token_ids(model.config, tok),
+                   stop_tokens=host.stop_tokens(model),
                    interventions=model.interventions(args.method), probes=(AttentionWeights(name="maps", layers=(last,)),))
     length = max(int(out.lengths[0]), 1)
     text = tok.decode(np.asarray(out.tokens[0, :length]), skip_special_tokens=True)

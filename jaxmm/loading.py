@@ -39,9 +39,12 @@ class Model:
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 position_ids=None, **layout_spans):
-        """Host-side checks and index computation; returns the family's ``Batch``."""
-        return self.family.prepare_batch(self.config, input_ids, attention_mask, pixel_values,
-                                         image_grid_thw, position_ids, **layout_spans)
+        """Host-side checks and index computation; returns the family's ``Batch``
+        (:func:`jaxmm.processing.batch.tensor_batch`)."""
+        from jaxmm.processing.batch import tensor_batch
+
+        return tensor_batch(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                            **layout_spans)
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
                 position_ids=None, interventions: Sequence = (), probes: Sequence = (),
@@ -112,7 +115,8 @@ class Model:
 
     def prepare_chat(self, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None):
         """One conversation (a list of messages) or several -> (left-padded ``Batch``, info) with
-        ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``.
+        ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``
+        (:func:`jaxmm.processing.batch.chat_batch`).
 
         ``pad_to_multiple_of``: left-pad the batch to a multiple of this many tokens, so that loops
         over batches of varying prompts (training) reuse compiled shapes.
@@ -127,54 +131,9 @@ class Model:
                 file path.
             FileNotFoundError: an image path that does not exist.
         """
-        from jaxmm.processing.chat import batch_prompts, check_messages, images_of
-        from jaxmm.processing.image import open_image, pixel_inputs
+        from jaxmm.processing.batch import chat_batch
 
-        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
-            raise TypeError(f"expected chat messages, a list of {{'role': ..., 'content': ...}} dicts (or a list "
-                            f"of such lists), got {type(conversations).__name__} {str(conversations)[:60]!r}; "
-                            f"e.g. [{{'role': 'user', 'content': 'Describe the image.'}}]")
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]
-        several = len(conversations) > 1
-        images, counts, patches, grids = [], [], [], []
-        for ci, c in enumerate(conversations):
-            where = f"conversation {ci}, " if several else ""
-            if isinstance(c, (str, bytes)):
-                raise TypeError(f"{where or 'conversation 0, '}got a string {c[:60]!r} instead of a list of "
-                                f"{{'role': ..., 'content': ...}} messages")
-            try:
-                check_messages(c)
-            except ValueError as e:
-                raise ValueError(f"{where}{e}") from None
-            counts.append([])
-            for j, src in enumerate(images_of(c)):
-                if src is None:
-                    raise ValueError(f"{where}image {j}: an image part has no 'image' entry (give the PIL "
-                                     f"image, array or path)")
-                try:
-                    im = open_image(src, j)
-                    x, grid = self.image_processor.preprocess_one(im, j)
-                except (ValueError, TypeError, FileNotFoundError) as e:
-                    raise type(e)(f"{where}{e}") from None
-                images.append(im)
-                patches.append(x)
-                grids.append(grid)
-                counts[-1].append(self.image_processor.num_image_tokens(grid))
-        enc = batch_prompts(conversations, self.tokenizer, counts, padding_side="left",
-                            add_generation_prompt=add_generation_prompt, chat=self.family.chat_format)
-        if pad_to_multiple_of:
-            extra = -enc["input_ids"].shape[1] % int(pad_to_multiple_of)
-            pad_id = self.tokenizer.pad_token_id or 0
-            enc = {**enc, "input_ids": np.pad(enc["input_ids"], ((0, 0), (extra, 0)), constant_values=pad_id),
-                   "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
-                   "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
-                   "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]]}
-        pix = pixel_inputs(patches, grids) if images else {}     # the patches computed above
-        batch = self.prepare(enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
-                             pix.get("image_grid_thw"), system_spans=enc["system_spans"],
-                             question_spans=enc["question_spans"])
-        return batch, {"texts": enc["texts"], "image_grid_thw": pix.get("image_grid_thw")}
+        return chat_batch(self, conversations, add_generation_prompt, pad_to_multiple_of)
 
     def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
@@ -195,14 +154,14 @@ class Model:
             TypeError: a bare string instead of chat messages.
         """
         from jaxmm.generate import Contrast, Sampling, check_max_new_tokens, generate, text_only
-        from jaxmm.stopping import stop_token_ids
+        from jaxmm.processing import batch as host
 
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         chat = not hasattr(messages_or_batch, "input_ids")
         batch = self.prepare_chat(messages_or_batch)[0] if chat else messages_or_batch
         if stop_tokens is None:
-            stop_tokens = stop_token_ids(self.config, self.tokenizer if chat else None)
-        pad = (self.tokenizer.pad_token_id if chat else None) or 0
+            stop_tokens = host.stop_tokens(self, chat)
+        pad = host.pad_token_id(self) if chat else 0
         out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
                        pad_token_id=pad, interventions=self.interventions(interventions), probes=probes,

@@ -582,37 +582,30 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     from jaxmm.eval.report import render_heatmap
     from jaxmm.generate import Contrast, generate, text_only
     from jaxmm.interventions import decoding_contrast
+    from jaxmm.processing import batch as host
     from jaxmm.sharding import on_host
-    from jaxmm.stopping import stop_token_ids
 
-    convs = [([] if s.get("_system") is None else [{"role": "system", "content": s["_system"]}])
-             + [{"role": "user", "content": [{"type": "image", "image": s["image"]}, {"type": "text", "text": s["question"]}]}]
-             for s in samples]
-    batch, info = model.prepare_chat(convs)
+    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], s.get("_system"))
+                                          for s in samples])
     if batch.input_ids.shape[1] > cfg.max_prompt_tokens:
         raise ValueError(f"prompt of {batch.input_ids.shape[1]} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")
-    lay = batch.layout
-    grid = np.asarray(info["image_grid_thw"])
-    boxes = {i: [s["box"]] for i, s in enumerate(samples) if s.get("box") is not None}
-    sizes = {i: s["image"].size[::-1] for i, s in enumerate(samples)}
+    boxes, sizes = host.sample_boxes(samples)
     if boxes:
-        w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                                        boxes, sizes, grid, model.config.vision.patch_size,
-                                        model.config.vision.spatial_merge_size)
-        batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
+        batch = host.with_region_weights(batch, host.region_weights(model, batch.layout, info["image_grid_thw"],
+                                                                    boxes, sizes))
+    lay = batch.layout
     index = [s["id"].rsplit("-", 1)[-1] for s in samples]          # heatmaps for samples 0 … heatmaps−1
     drawn = [i.isdigit() and int(i) < cfg.heatmaps for i in index]
     probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12))
     if any(drawn):      # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
         probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)
     t0 = time.perf_counter()
-    stop = stop_token_ids(model.config, model.tokenizer)
     contrast = decoding_contrast(ivs)        # PAI with gamma: decode against the same prompts without images
     if contrast is not None:
         contrast = Contrast(text_only(batch, model.config), gamma=contrast[0], variant=contrast[1])
-    out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens, stop_tokens=stop,
-                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, probes=probes, mesh=mesh,
-                   contrast=contrast)
+    out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens,
+                   stop_tokens=host.stop_tokens(model), pad_token_id=host.pad_token_id(model), interventions=ivs,
+                   probes=probes, mesh=mesh, contrast=contrast)
     out = on_host(out)        # gathered first where a mesh spans processes
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)

@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxmm.processing.padding import SIDES, nonempty, pad_rows, shift_spans
+
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -253,8 +255,9 @@ def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: se
 
 def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=None, padding_side: str = "left",
                   pad_token_id: int | None = None, *, add_generation_prompt: bool = True, chat: ChatFormat = QWEN,
-                  **template_kwargs) -> dict:
-    """Several conversations -> one padded batch (each row built by :func:`build_prompt`).
+                  pad_to_multiple_of: int | None = None, **template_kwargs) -> dict:
+    """Several conversations -> one padded batch (each row built by :func:`build_prompt`, padded by
+    :func:`jaxmm.processing.padding.pad_rows`).
 
     Args:
         list_of_messages: B conversations.
@@ -262,18 +265,21 @@ def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=Non
         padding_side: ``"left"`` (generation) or ``"right"``.
         chat: the family's :class:`ChatFormat`.
         pad_token_id: id at padded positions; default the tokenizer's pad token, else 0.
+        pad_to_multiple_of: pad S up to a multiple of this many tokens (bucketing), on
+            ``padding_side``.
 
     Returns:
-        dict with ``input_ids`` and ``attention_mask`` np.int64 [B, S] (S the longest prompt; mask 1 on
-        tokens, 0 on padding), ``system_spans`` (per row a list holding the row's ``system_span``, or
-        empty when that span is empty) and ``question_spans`` (per row the ``question_spans`` runs),
-        all shifted by the row's left padding, ``texts`` (B rendered prompts) and ``lengths`` (B ints).
+        dict with ``input_ids`` and ``attention_mask`` np.int64 [B, S] (S the longest prompt, rounded
+        up to ``pad_to_multiple_of``; mask 1 on tokens, 0 on padding), ``system_spans`` (per row a
+        list holding the row's ``system_span``, or empty when that span is empty) and
+        ``question_spans`` (per row the ``question_spans`` runs), all shifted by the row's left
+        padding, ``texts`` (B rendered prompts) and ``lengths`` (B ints).
 
     Raises:
         ValueError: an empty batch, ``padding_side`` not left/right, B conversations but a different
             number of count lists, or any :func:`build_prompt` error (prefixed with the row index).
     """
-    if padding_side not in ("left", "right"):
+    if padding_side not in SIDES:
         raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
     convs = list(list_of_messages)
     if not convs:
@@ -290,20 +296,11 @@ def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=Non
                                         **template_kwargs))
         except ValueError as e:
             raise ValueError(f"conversation {row}: {e}") from e
-    lengths = [len(p["input_ids"]) for p in prompts]
-    s = max(lengths)
-    ids = np.full((len(prompts), s), pad, np.int64)
-    am = np.zeros((len(prompts), s), np.int64)
-    sys_spans, q_spans = [], []
-    for i, (p, n) in enumerate(zip(prompts, lengths)):
-        off = s - n if padding_side == "left" else 0
-        ids[i, off:off + n] = p["input_ids"]
-        am[i, off:off + n] = 1
-        a, b = p["system_span"]
-        sys_spans.append([(a + off, b + off)] if b > a else [])
-        q_spans.append([(a + off, b + off) for a, b in p["question_spans"]])
-    return {"input_ids": ids, "attention_mask": am, "system_spans": sys_spans, "question_spans": q_spans,
-            "texts": [p["text"] for p in prompts], "lengths": lengths}
+    ids, am, offsets = pad_rows([p["input_ids"] for p in prompts], padding_side, pad, multiple_of=pad_to_multiple_of)
+    return {"input_ids": ids, "attention_mask": am,
+            "system_spans": shift_spans([nonempty(p["system_span"]) for p in prompts], offsets),
+            "question_spans": shift_spans([p["question_spans"] for p in prompts], offsets),
+            "texts": [p["text"] for p in prompts], "lengths": [len(p["input_ids"]) for p in prompts]}
 
 
 # ----------------------------------------------------------------------------- outputs

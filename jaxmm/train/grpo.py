@@ -101,45 +101,20 @@ class GRPOConfig(TrainingConfig):
 
 
 def _prompts(model, samples, group_size, system_prompt=None):
-    """G copies of each sample's chat prompt -> (prompt Batch, region weights [B,K_prompt] or None).
-    ``system_prompt``: a system turn first (text, or the name of a :data:`jaxmm.prompts.PROMPTS`
-    prompt with a system turn, e.g. ``sayo``)."""
+    """G copies of each sample's chat prompt -> (prompt Batch (bucketed to 32 tokens), info, the
+    repeated samples, region weights float32 [B,S_prompt] of their evidence boxes); built by
+    :mod:`jaxmm.processing.batch`. ``system_prompt``: a system turn first (text, or the name of a
+    :data:`jaxmm.prompts.PROMPTS` prompt with a system turn, e.g. ``sayo``)."""
+    from jaxmm.processing import batch as host
     from jaxmm.prompts import PROMPTS
 
     named = PROMPTS.get(system_prompt)
     text = named.system if named is not None and named.system is not None else system_prompt
-    system = [] if text is None else [{"role": "system", "content": text}]
-    convs = [system + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                                    {"type": "text", "text": s["question"]}]}]
-             for s in samples for _ in range(group_size)]
-    batch, info = model.prepare_chat(convs, pad_to_multiple_of=32)
-    lay = batch.layout
     rep = [s for s in samples for _ in range(group_size)]
-    boxes = {i: [s["box"]] for i, s in enumerate(rep)}
-    sizes = {i: s["image"].size[::-1] for i, s in enumerate(rep)}
-    w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                                    boxes, sizes, np.asarray(info["image_grid_thw"]), model.config.vision.patch_size,
-                                    model.config.vision.spatial_merge_size)
+    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], text) for s in rep],
+                                  pad_to_multiple_of=32)
+    w = host.region_weights(model, batch.layout, info["image_grid_thw"], *host.sample_boxes(rep))
     return batch, info, rep, w
-
-
-def full_batch(model, prompt, info, tokens, lengths, region):
-    """Prompt + completion as one teacher-forced Batch: the prompt's system/question spans, the
-    completion as the ``generated`` span, the evidence box as ``region_weight``; plus the completion
-    mask [B,T] (tokens up to and including the stop token)."""
-    b, s = prompt.input_ids.shape
-    t = tokens.shape[1]
-    mask = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
-    ids = np.concatenate([np.asarray(prompt.input_ids), np.asarray(tokens)], 1)
-    am = np.concatenate([np.asarray(prompt.attention_mask), mask.astype(np.asarray(prompt.attention_mask).dtype)], 1)
-    batch = model.prepare(ids, am, np.asarray(prompt.pixel_values), np.asarray(info["image_grid_thw"]))
-    pl = prompt.layout
-    pad = lambda x, fill: np.concatenate([np.asarray(x), np.full((b, t), fill, np.asarray(x).dtype)], 1)
-    lay = dataclasses.replace(batch.layout, system_mask=jnp.asarray(pad(pl.system_mask, False)),
-                              question_mask=jnp.asarray(pad(pl.question_mask, False)),
-                              generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
-                              region_weight=jnp.asarray(pad(region, 0.0)))
-    return dataclasses.replace(batch, layout=lay), mask
 
 
 def completion_logprobs(logits, tokens, prompt_len: int, temperature: float):
@@ -278,21 +253,21 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     the rows split over data × fsdp (:func:`jaxmm.sharding.batch_shardings`); the completions and
     scores are gathered to every process, so rewards and advantages are the same everywhere."""
     from jaxmm.generate import Sampling, generate
+    from jaxmm.processing import batch as host
     from jaxmm.sharding import on_host, split_rows
-    from jaxmm.stopping import stop_token_ids
     from jaxmm.train.sft import assemble
 
     params, ivs = assemble(state, cfg)
     prompt, info, rep, region = _prompts(model, samples, cfg.group_size, cfg.system_prompt)
-    stop = stop_token_ids(model.config, model.tokenizer)
+    stop = host.stop_tokens(model)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
     out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
                    sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,
-                   pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs, mesh=mesh,
+                   pad_token_id=host.pad_token_id(model), interventions=ivs, mesh=mesh,
                    suppress_tokens=placeholder_ids(model.config))
     tokens, lengths = (np.asarray(x) for x in on_host((out.tokens, out.lengths)))
     texts = [model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True) for b in range(len(rep))]
-    batch, mask = full_batch(model, prompt, info, tokens, lengths, region)
+    batch, mask = host.completion_batch(model, prompt, info["image_grid_thw"], tokens, lengths, region)
     dev_tokens, dev_mask = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
         from jaxmm.sharding import batch_shardings

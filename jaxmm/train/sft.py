@@ -58,31 +58,12 @@ class TrainConfig(TrainingConfig):
 
 # ----------------------------------------------------------------------------- data
 def sft_example(model, sample: dict, seq_len: int) -> dict:
-    """One grounded sample -> input_ids/labels [seq_len] (labels on the answer and <|im_end|>)."""
-    from jaxmm.processing.chat import build_prompt
+    """One grounded sample -> input_ids/labels [seq_len] (labels on the answer and <|im_end|>), as
+    :func:`jaxmm.processing.batch.sft_example` of its image, question and answer."""
+    from jaxmm.processing.batch import sft_example as example, vqa_messages
 
-    proc, tok = model.image_processor, model.tokenizer
-    pix = proc([sample["image"]])
-    n_img = proc.num_image_tokens(pix["image_grid_thw"][0])
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]},
-            {"role": "assistant", "content": sample["answer"]}]
-    chat = model.family.chat_format
-    enc = build_prompt(conv[:1], tok, [n_img], chat=chat)
-    prompt = enc["input_ids"]
-    full = build_prompt(conv, tok, [n_img], add_generation_prompt=False, chat=chat)["input_ids"]
-    if len(full) > seq_len:
-        raise ValueError(f"sample {sample['id']}: {len(full)} tokens exceed seq_len={seq_len}")
-    labels = np.full(len(full), -100, np.int64)
-    answer_end = len(full) - 1 if tok.decode(full[-1:]).strip() == "" else len(full)   # template's trailing "\n"
-    labels[len(prompt):answer_end] = full[len(prompt):answer_end]
-    pad = seq_len - len(full)
-    a, b = enc["system_span"]
-    return {"input_ids": np.pad(full, (pad, 0)), "attention_mask": np.pad(np.ones_like(full), (pad, 0)),
-            "labels": np.pad(labels, (pad, 0), constant_values=-100), "pixel_values": pix["pixel_values"],
-            "image_grid_thw": pix["image_grid_thw"],
-            # the layout's system and question spans (AVAR's S and Q), shifted by the left padding
-            "system_spans": [(a + pad, b + pad)] if b > a else [],
-            "question_spans": [(x + pad, y + pad) for x, y in enc["question_spans"]]}
+    return example(model, vqa_messages(sample["question"], [sample["image"]], answer=sample["answer"]), seq_len,
+                   name=f"sample {sample.get('id')}")
 
 
 def dataset(cfg: TrainingConfig):
@@ -100,15 +81,11 @@ def dataset(cfg: TrainingConfig):
 
 
 def make_batch(model, ds, start: int, n: int, seq_len: int):
-    """Samples ``start … start+n−1`` of the dataset as a prepared Batch plus labels [B,S]."""
-    exs = [sft_example(model, ds[start + i], seq_len) for i in range(n)]
-    stack = lambda k: np.stack([e[k] for e in exs])
-    batch = model.prepare(stack("input_ids"), stack("attention_mask"),
-                          np.concatenate([e["pixel_values"] for e in exs]),
-                          np.concatenate([e["image_grid_thw"] for e in exs]),
-                          system_spans=[e["system_spans"] for e in exs],
-                          question_spans=[e["question_spans"] for e in exs])
-    return batch, stack("labels")
+    """Samples ``start … start+n−1`` of the dataset as a prepared Batch plus labels int64 [B,S]
+    (:func:`jaxmm.processing.batch.sft_batch`)."""
+    from jaxmm.processing.batch import sft_batch
+
+    return sft_batch(model, [sft_example(model, ds[start + i], seq_len) for i in range(n)])
 
 
 # ----------------------------------------------------------------------------- loss and step
