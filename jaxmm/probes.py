@@ -4,16 +4,20 @@ Every primitive is a pure function of the attention weights ``a`` [B,H,T,K] (flo
 1) and boolean/float key sets [B,K] taken from the :class:`~jaxmm.processing.layout.TokenLayout`;
 each returns one number per (batch, head, query) ``[B,H,T]`` unless stated. The probe classes wrap
 them for :func:`jaxmm.attention.attend`; methods and objectives call the functions directly.
-All are differentiable (entropy guards log 0). Natural logarithms.
+All are differentiable (entropy guards log 0). Natural logarithms (entropies in nats).
 
 Primitive (methods.md)                     function               probe
 1. visual mass  m_V = Σ_{j∈V} A_ij           visual_mass            VisualMass
+   mass on any key set (m_S, sinks)          key_mass               KeyMass
 2. visual entropy H_V (opt. / log|V|)        visual_entropy         VisualEntropy
-3. modality ratio VAS = m_V / m_S            vas                    VAS
+3. modality ratio VAS = m_V / m_S            vas, mass_ratio        VAS
 4. focus ratio R_img, EFR = H_img / R_img    focus_ratio, efr       FocusRatio, EFR
-5. region ratio ā_R / ā_V                    region_ratio           RegionRatio
+5. region ratio ā_R / ā_V                    region_ratio, key_mean RegionRatio
    raw attention rows (heatmaps)             —                      AttentionRows, AttentionWeights
    residual update on image tokens (RATION)  residual_update        ResidualUpdate
+
+Shapes are annotated with jaxtyping (documentation only: nothing checks them at run time, so jit
+tracing pays nothing); ``batch heads query key`` = [B,H,T,K]. Arguments may be numpy arrays.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Float, Shaped
 
 from jaxmm.attention import AttentionWeights, Probe, Site, register, static_field
 
 Array = jax.Array
 
-__all__ = ["visual_mass", "visual_entropy", "vas", "focus_ratio", "efr", "region_ratio",
-           "residual_update", "key_count", "VisualMass", "KeyMass", "VisualEntropy", "VAS", "FocusRatio", "EFR",
-           "RegionRatio", "AttentionRows", "AttentionWeights", "ResidualUpdate"]
+__all__ = ["key_mass", "visual_mass", "visual_entropy", "mass_ratio", "vas", "focus_ratio", "efr",
+           "key_mean", "region_ratio", "residual_update", "key_count", "VisualMass", "KeyMass", "VisualEntropy", "VAS",
+           "FocusRatio", "EFR", "RegionRatio", "AttentionRows", "AttentionWeights", "ResidualUpdate"]
 
 
 def _ksum(a: Array, keys: Array) -> Array:
@@ -43,23 +48,47 @@ def _div(n: Array, d: Array, eps: float) -> Array:
     return n / (d + eps) if eps else n / d
 
 
-def visual_mass(a: Array, image: Array) -> Array:
-    """m_V(i) = Σ_{j∈V} A_ij. ``image`` [B,K] bool. -> [B,H,T]."""
+def key_mass(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]
+             ) -> Float[Array, "batch heads query"]:
+    """Attention mass on a key set, m(i) = Σ_j A_ij · w_j (primitive 1 on any set; methods.md "Shared
+    primitives"): AVAR's system mass m_S, a named span of the layout (:class:`KeyMass`).
+
+    ``keys`` [B,K]: bool (a set) or float weights. Returns [B,H,T] in ``a``'s dtype (float32 on
+    every path jaxmm runs), a fraction of the row's mass when the rows sum to 1.
+    """
+    return _ksum(a, keys)
+
+
+def visual_mass(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"]
+                ) -> Float[Array, "batch heads query"]:
+    """m_V(i) = Σ_{j∈V} A_ij, the attention mass on the image keys (primitive 1; methods.md).
+
+    ``image`` [B,K] bool (``layout.image_mask``). Returns [B,H,T] in ``a``'s dtype, in [0, 1] for
+    rows that sum to 1. Same as :func:`key_mass` on the image set.
+    """
     return _ksum(a, image)
 
 
-def visual_entropy(a: Array, image: Array, normalize: bool = False, log_a: Array | None = None) -> Array:
-    """H_V = −Σ_{j∈V} Â_j log Â_j with Â_j = A_j / m_V (primitive 2, RATION/VRGA: unnormalised).
+def visual_entropy(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
+                   normalize: bool = False, log_a: Float[Array, "batch heads query key"] | None = None,
+                   renormalize: bool = True) -> Float[Array, "batch heads query"]:
+    """H_V = −Σ_{j∈V} Â_j log Â_j with Â_j = A_j / m_V, in nats (primitive 2; RATION's
+    visual entropy, Xu et al. ACL Findings 2026, and VRGA's H_img, arXiv 2603.14184: not divided by log|V|).
 
     Computed as ``log m_V − (Σ_{j∈V} A_j log A_j) / m_V``. ``log_a`` [B,H,T,K]: log A if the caller
     has it (the explicit path passes ``z − logsumexp z``, saving a log per key); otherwise log A is
     taken here. Rows that see no image key, or exactly one, give 0 (a one-point distribution).
     ``normalize=True`` divides by log|V| (|V| ≥ 2, else the result is 0).
+    ``renormalize=False``: the raw slice's −Σ_{j∈V} A_j log A_j instead (VRGA's phase-2 gate), no
+    guards needed (0 where no image key has weight); ``normalize`` is then ignored.
+    Returns [B,H,T] float32.
     """
     img = image.astype(jnp.float32)
-    m = _ksum(a, img)
     la = jnp.log(jnp.where(a > 0, a, 1.0)) if log_a is None else log_a
     s = _ksum(a * la, img)
+    if not renormalize:
+        return -s
+    m = _ksum(a, img)
     n_seen = _ksum((a > 0).astype(a.dtype), img)
     mm = jnp.where(m > 0, m, 1.0)
     h = jnp.where(n_seen > 1, jnp.log(mm) - s / mm, 0.0)
@@ -69,45 +98,83 @@ def visual_entropy(a: Array, image: Array, normalize: bool = False, log_a: Array
     return h
 
 
-def vas(a: Array, image: Array, system: Array, eps: float = 0.0) -> Array:
-    """AVAR's Visual Attention Score per query: m_V / (m_S + eps) (primitive 3; paper: eps = 0)."""
-    return _div(_ksum(a, image), _ksum(a, system), eps)
+def mass_ratio(m_v: Float[Array, "*shape"], m_s: Float[Array, "*shape"], eps: float = 0.0) -> Float[Array, "*shape"]:
+    """m_V / (m_S + eps) of masses already taken (any matching shapes): :func:`vas` without ``a``
+    (AVAR's VARS reward, arXiv 2603.03825, takes it on probe outputs [L,B,H,T]).
+
+    ``eps = 0`` divides as is (a zero m_S gives inf or nan, as the paper's formula does)."""
+    return _div(m_v, m_s, eps)
 
 
-def key_count(mask: Array | None, like: Array) -> Array:
-    """N: number of keys each query may attend to, from the attention mask, broadcast to [B,H,T]."""
+def vas(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"], system: Shaped[Array, "batch key"],
+        eps: float = 0.0) -> Float[Array, "batch heads query"]:
+    """AVAR's Visual Attention Score per query: m_V / (m_S + eps) (primitive 3; arXiv 2603.03825;
+    paper: eps = 0). ``image``, ``system`` [B,K] key sets (``layout.image_mask``, ``system_mask``).
+    Returns [B,H,T], dimensionless (mass over mass)."""
+    return mass_ratio(_ksum(a, image), _ksum(a, system), eps)
+
+
+def key_count(mask: Shaped[Array, "#batch #heads query key"] | None, like: Float[Array, "batch heads query key"]
+              ) -> Float[Array, "batch heads query"]:
+    """N: number of keys each query may attend to, from the attention mask (True = visible),
+    broadcast to [B,H,T] float32. ``mask=None``: every key of ``like`` (its last axis) counts."""
     if mask is None:
         return jnp.full(like.shape[:-1], like.shape[-1], jnp.float32)
     return jnp.broadcast_to(jnp.sum(mask, axis=-1).astype(jnp.float32), like.shape[:-1])
 
 
-def focus_ratio(a: Array, image: Array, n_keys: Array) -> Array:
-    """VRGA's R_img = (m_V / |V|) / (Σ_j A_j / N) (primitive 4); ``n_keys`` [B,H,T] = N."""
+def focus_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
+                n_keys: Float[Array, "batch heads query"]) -> Float[Array, "batch heads query"]:
+    """VRGA's R_img = (m_V / |V|) / (Σ_j A_j / N) (primitive 4; arXiv 2603.14184, methods.md
+    "VRGA"): mean weight per image key over mean weight per visible key; 1 = no preference.
+
+    ``n_keys`` [B,H,T] = N (:func:`key_count`). |V| is floored at 1 (a row of a sample without
+    image keys gives 0). Returns [B,H,T] float32.
+    """
     nv = jnp.sum(image.astype(jnp.float32), axis=-1)[:, None, None]
     total = jnp.sum(a, axis=-1)
     return (_ksum(a, image) / jnp.maximum(nv, 1.0)) / (total / n_keys)
 
 
-def efr(a: Array, image: Array, n_keys: Array, log_a: Array | None = None) -> Array:
-    """VRGA's entropy–focus ratio EFR = H_img / R_img with H_img the renormalised image entropy."""
+def efr(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
+        n_keys: Float[Array, "batch heads query"], log_a: Float[Array, "batch heads query key"] | None = None
+        ) -> Float[Array, "batch heads query"]:
+    """VRGA's entropy–focus ratio EFR = H_img / R_img (arXiv 2603.14184) with H_img the
+    renormalised image entropy (:func:`visual_entropy`) and R_img :func:`focus_ratio`; low EFR =
+    a focused visual head. Returns [B,H,T] float32 (nats)."""
     return visual_entropy(a, image, log_a=log_a) / focus_ratio(a, image, n_keys)
 
 
-def region_ratio(a: Array, image: Array, region: Array, eps: float = 0.0) -> Array:
-    """SAYO's ā_R / ā_V: mean weight per region key over mean weight per image key (primitive 5).
+def key_mean(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]
+             ) -> Float[Array, "batch heads query"]:
+    """Mean weight per key of a key set, ā = Σ_j w_j A_j / Σ_j w_j (SAYO's ā_R and ā_V, arXiv
+    2602.08241; methods.md "SAYO").
 
-    ``region`` [B,K] float (0/1 or soft weights); ā_R = Σ_j w_j A_j / Σ_j w_j.
+    ``keys`` [B,K] bool or float weights (0/1 or soft); an empty set gives 0. Returns [B,H,T]
+    float32.
     """
-    w = region.astype(jnp.float32)
-    a_r = _ksum(a, w) / jnp.maximum(jnp.sum(w, -1), 1e-12)[:, None, None]
-    nv = jnp.maximum(jnp.sum(image.astype(jnp.float32), -1), 1.0)[:, None, None]
-    return _div(a_r, _ksum(a, image) / nv, eps)
+    w = keys.astype(jnp.float32)
+    return _ksum(a, w) / jnp.maximum(jnp.sum(w, -1), 1e-12)[:, None, None]
 
 
-def residual_update(h_in: Array, h_out: Array, image: Array) -> Array:
-    """RATION's layer probe s_l = mean_{j∈V, d} |h_out[j,d] − h_in[j,d]|. [B,S,E] x2, [B,S] -> [B].
+def region_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
+                 region: Shaped[Array, "batch key"], eps: float = 0.0) -> Float[Array, "batch heads query"]:
+    """SAYO's ā_R / ā_V: mean weight per region key over mean weight per image key (primitive 5;
+    arXiv 2602.08241).
 
-    Rows without image tokens give 0.
+    ``region`` [B,K] float (0/1 or soft weights, ``layout.region_weight``); ā_R = Σ_j w_j A_j / Σ_j w_j
+    (:func:`key_mean`). ``eps = 0``: a sample without image keys gives nan. Returns [B,H,T] float32.
+    """
+    return _div(key_mean(a, region), key_mean(a, image), eps)
+
+
+def residual_update(h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"],
+                    image: Shaped[Array, "batch seq"]) -> Float[Array, " batch"]:
+    """RATION's layer probe s_l = mean_{j∈V, d} |h_out[j,d] − h_in[j,d]| (methods.md "RATION"):
+    the mean absolute change a decoder layer makes to the image tokens' hidden states.
+
+    ``h_in``, ``h_out`` [B,S,E] (any float dtype; computed in float32), ``image`` [B,S] bool or
+    weights. Returns [B] float32, in the hidden states' units. Rows without image tokens give 0.
     """
     w = image.astype(jnp.float32)
     diff = jnp.mean(jnp.abs(h_out.astype(jnp.float32) - h_in.astype(jnp.float32)), axis=-1)
@@ -142,7 +209,7 @@ class KeyMass(Probe):
     def __call__(self, a, site: Site):
         from jaxmm.interventions.keys import KEY_FIELDS
 
-        return _ksum(a, getattr(site.layout, KEY_FIELDS[self.keys]))
+        return key_mass(a, getattr(site.layout, KEY_FIELDS[self.keys]))
 
 
 @register
@@ -247,9 +314,13 @@ class ResidualUpdate(Probe):
     row0_span: bool = static_field(False)   # RATION's release: keys from row 0's first to last image token
 
     def selects(self, site: Site) -> bool:
+        """True at the decoder layers (``layers``, None = all) of the chosen towers."""
         return site.tower in self.towers and (self.layers is None or site.layer in self.layers)
 
-    def residual(self, h_in, h_out, site: Site):
+    def residual(self, h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"], site: Site
+                 ) -> Float[Array, " batch"]:
+        """s_l of this call's tokens (:func:`residual_update`): the hidden states before and after
+        the layer [B,S,E] of the call's S positions (from ``site.query_pos[0]``) -> [B] float32."""
         k = h_in.shape[1]
         q0 = site.query_pos[0]
         image = site.layout.image_mask

@@ -127,12 +127,14 @@ class SafetensorsCheckpoint:
         self._entries = entries
 
     def keys(self) -> list[str]:
+        """Every tensor name of the checkpoint (all shards), in header order."""
         return list(self._entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape from the header (nothing is read). ``KeyError`` for an unknown name."""
         return self._entries[key].shape
 
     def dtype(self, key: str) -> str:
@@ -140,6 +142,7 @@ class SafetensorsCheckpoint:
         return self._entries[key].dtype
 
     def file(self, key: str) -> Path:
+        """The safetensors file (shard) that holds the tensor. ``KeyError`` for an unknown name."""
         return self._entries[key].file
 
     @staticmethod
@@ -295,12 +298,19 @@ class Rule:
                              f"or a callable (array, expected_shape) -> array")
 
     def match(self, key: str) -> tuple | None:
+        """The parameter path ``key`` maps to (``target`` with the pattern's groups filled, digit
+        parts as ints), or None when ``pattern`` does not match the whole key."""
         m = re.fullmatch(self.pattern, key)
         if m is None:
             return None
         return tuple(int(p) if p.isdigit() else p for p in m.expand(self.target).split("."))
 
     def apply(self, w: np.ndarray, shape) -> np.ndarray:
+        """The tensor ``w`` converted by ``transform`` for a parameter of ``shape``.
+
+        Raises:
+            ValueError: ``"T"`` on a tensor that is not 2-D, or whatever a callable transform raises.
+        """
         if self.transform is None:
             return w
         if self.transform == "T":

@@ -79,6 +79,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def is_converted(path: str | Path) -> bool:
+    """True when ``path`` is a directory written by :func:`convert` (it holds the marker file)."""
     return (Path(path) / MARKER).exists()
 
 

@@ -24,6 +24,17 @@ from jaxmm.interventions.keys import key_set, per_sample
 
 @register
 class AVAR(Intervention):
+    """AVAR's training-free edit Ẑ = Z + α_img·M_img ⊙ Z − α_sys·M_sys ⊙ Z (module doc; arXiv
+    2603.03825), on the logits (``on="logits"``, default) or the weights (``on="weights"``,
+    optionally renormalised) of the text tower's layers (``layers``, None = all).
+
+    ``alpha_img``, ``alpha_sys``: scalars or per-sample [B] leaves (dimensionless).
+
+    Raises:
+        ValueError: ``on`` not "logits"/"weights", or ``variant`` other than "paper" (the release
+            has no code for the intervention).
+    """
+
     alpha_img: jax.Array = 0.15
     alpha_sys: jax.Array = 0.0
     on: str = static_field("logits")
@@ -39,17 +50,21 @@ class AVAR(Intervention):
             raise ValueError(f"AVAR: variant={self.variant!r}; expected one of ('paper',): lrlbbzl/Qwen-AVAR "
                              "releases no code for the training-free intervention")
 
-    def has_stage(self, name):
+    def has_stage(self, name: str) -> bool:
+        """Only the stage ``on`` names runs (``"logits"`` or ``"weights"``)."""
         return name == self.on
 
     def _edit(self, x, site):
         scale = per_sample(self.alpha_img) * key_set(site, "image") - per_sample(self.alpha_sys) * key_set(site, "system")
         return x + scale * x
 
-    def logits(self, z, site):
+    def logits(self, z: jax.Array, site) -> jax.Array:
+        """z [B,H,T,K] float32 -> (1 + α_img·M_img − α_sys·M_sys)·z on visible keys; masked keys kept."""
         # masked keys hold the float32 minimum: leave them alone (scaling would overflow to -inf)
         return jnp.where(site.mask, self._edit(z, site), z)
 
-    def weights(self, a, site):
+    def weights(self, a: jax.Array, site) -> jax.Array:
+        """a [B,H,T,K] float32 -> the same scaling on the weights; rows renormalised only with
+        ``renormalize=True`` (else they no longer sum to 1)."""
         a = self._edit(a, site)
         return a / jnp.sum(a, axis=-1, keepdims=True) if self.renormalize else a

@@ -66,6 +66,7 @@ class KeyLogitShift(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def logits(self, z, site):
+        """z [B,H,T,K] float32 -> z + delta on the key set (``delta`` scalar, [B] or [B,H])."""
         return z + per_sample(self.delta) * key_set(site, self.keys)
 
 
@@ -79,6 +80,7 @@ class KeyWeightScale(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def weights(self, a, site):
+        """a [B,H,T,K] float32 -> rows with the key set's weights × ``scale``, renormalised to sum 1."""
         s = key_set(site, self.keys)
         a = a * (1.0 + (per_sample(self.scale) - 1.0) * s)
         return a / jnp.sum(a, axis=-1, keepdims=True)
@@ -94,4 +96,5 @@ class KeyBias(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def bias(self, site):
+        """The additive bias, ``delta`` on the key set and 0 elsewhere, broadcastable to [B,H,T,K]."""
         return per_sample(self.delta) * key_set(site, self.keys)

@@ -43,6 +43,14 @@ def _check_variant(variant):
 
 @register
 class PAI(Intervention):
+    """PAI's attention amplification z_ij ← z_ij + α·|z_ij| on the image keys of each row's last
+    query (module doc; Liu et al., ECCV 2024, LALBJ/PAI ``attention.py``), at ``layers``
+    (:func:`pai` builds the default range). ``alpha``: scalar or per-sample [B] leaf.
+
+    Raises:
+        ValueError: an unknown ``variant``, or ``use_cfg=True`` without ``variant="released"``.
+    """
+
     alpha: jax.Array = 0.2
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
@@ -58,6 +66,8 @@ class PAI(Intervention):
             raise ValueError(f"PAI: use_cfg={self.use_cfg!r} applies to variant='released' only")
 
     def logits(self, z, site):
+        """z [B,H,T,K] float32 -> z + α·|z| on (last query row, image key) entries that are visible;
+        every other entry unchanged."""
         if self.variant == "released":
             # released: attention.py:91 edits row -1 of the call, the same column for every row
             row = jnp.broadcast_to(jnp.max(site.last_query), site.last_query.shape)

@@ -53,8 +53,17 @@ VARIANTS = ("paper", "released")
 
 
 def check_variant(variant: str) -> None:
+    """Raises ``ValueError`` unless ``variant`` is in :data:`VARIANTS`."""
     if variant not in VARIANTS:
         raise ValueError(f"RATION: variant={variant!r}; expected one of {list(VARIANTS)}")
+
+
+def pre_rope_scores(q, k):
+    """Attention logits recomputed from pre-RoPE q̃ [B,T,H,D], k̃ [B,K,G,D] (GQA: k̃ repeated per
+    group, ``repeat_interleave``), float32, scaled by 1/√D, no mask -> z [B,H,T,K]."""
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    return jnp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) / jnp.sqrt(q.shape[-1])
 
 
 def released_entropy(q, k, span, key_ok):
@@ -62,10 +71,7 @@ def released_entropy(q, k, span, key_ok):
     pre-RoPE, span [B,T] image keys, key_ok [T] the call's real positions -> H [B,H,T]. Softmax
     over every key of the call (no causal or padding mask); the image slice renormalised with a
     clamp at 1e-12, log of the renormalised weights clamped at 1e-12."""
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)                       # repeat_interleave
-    z = jnp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) / jnp.sqrt(q.shape[-1])
-    z = jnp.where(key_ok[None, None, None, :], z, -jnp.inf)                 # bucket padding only
+    z = jnp.where(key_ok[None, None, None, :], pre_rope_scores(q, k), -jnp.inf)   # bucket padding only
     p = jax.nn.softmax(z, -1) * span.astype(jnp.float32)[:, None, None, :]
     p = p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-12)
     return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), -1)
@@ -94,10 +100,8 @@ class PreRopeVisualEntropy(Probe):
             ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)
             span = jnp.take(row0_image_span(site.layout.image_mask), site.call_pos, axis=1)
             return released_entropy(site.q_pre, site.k_pre[:, :t], span, ok)
-        q, k = site.q_pre.astype(jnp.float32), site.k_pre.astype(jnp.float32)     # [B,T,H,D], [B,K,G,D]
-        k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
-        z = jnp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) / jnp.sqrt(q.shape[-1])
-        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask[:, :k.shape[1]])
+        z = pre_rope_scores(site.q_pre, site.k_pre)                                # [B,H,T,K]
+        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask[:, :z.shape[-1]])
 
 
 def map_layers(layers_28, num_layers: int) -> tuple[int, ...]:
@@ -160,15 +164,19 @@ class RATION(Intervention):
     def __post_init__(self):
         check_variant(self.variant)
 
-    def has_stage(self, name):
+    def has_stage(self, name: str) -> bool:
+        """Only ``logits``, once planned (τ set, or the released variant's key layers)."""
         return name == "logits" and (self.tau if self.variant == "paper" else self.key) is not None
 
     def prefill_probes(self):
+        """s_l per layer (:class:`~jaxmm.probes.ResidualUpdate`) and, for the paper variant, the
+        pre-RoPE visual entropies (:class:`PreRopeVisualEntropy`)."""
         if self.variant == "released":   # no entropies from the unedited pass (τ comes from the edit pass)
             return (ResidualUpdate(name="ration_update", row0_span=True),)
         return (ResidualUpdate(name="ration_update"), PreRopeVisualEntropy())
 
     def logits(self, z, site):
+        """z [B,H,T,K] float32 -> z / τ on the image keys at key layers (visible keys only)."""
         if self.variant == "released":
             return self._released_logits(z, site)
         inv = 1.0 / self.tau[:, site.layer]                                # [B]
@@ -214,6 +222,7 @@ class RATION(Intervention):
         return dataclasses.replace(self, tau=tau.T)
 
     def after_prefill(self, probe_results, layout):
+        """Phase 2 from the prefill's probes: :meth:`plan` on s [B,L] and the entropies [L,B,H,S]."""
         s = probe_results["ration_update"]["text"].values.T              # [B,L]
         if self.variant == "released":
             return self.plan(s, None)

@@ -54,6 +54,12 @@ class RAVE(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def bias(self, site: Site):
+        """The learned bias [B,H,T,K] float32 on image keys, from the pre-RoPE q̃, k̃ of the site.
+
+        Raises:
+            ValueError: the site has no pre-RoPE q̃/k̃, or its k̃ does not cover every key position
+                (decode with :func:`jaxmm.generate`, which keeps a pre-RoPE key cache).
+        """
         if site.q_pre is None or site.k_pre is None:
             raise ValueError("RAVE needs the pre-RoPE q̃, k̃ of the site (text tower of a jaxmm model)")
         if site.k_pre.shape[1] != site.layout.image_mask.shape[1]:

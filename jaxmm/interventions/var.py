@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Probe, Site, register, static_field
 from jaxmm.interventions.keys import image_span
+from jaxmm.probes import key_mass, visual_mass
 
 
 VARIANTS = ("paper", "released")
@@ -87,9 +88,9 @@ def redistribute(a, image, sinks, p: float = 0.6, min_mass: float = 0.2, max_sha
     """The VAR edit of weights a [B,H,T,K] with image/sinks [B,K] (see module doc)."""
     img = image.astype(jnp.float32)[:, None, None, :]
     snk = (sinks & image).astype(jnp.float32)[:, None, None, :]
-    m_v = jnp.sum(a * img, -1, keepdims=True)
-    m_s = jnp.sum(a * snk, -1, keepdims=True)
-    rest = jnp.sum(a * img * (1 - snk), -1, keepdims=True)
+    m_v = visual_mass(a, image)[..., None]                                # [B,H,T,1]
+    m_s = key_mass(a, sinks & image)[..., None]
+    rest = key_mass(a, image & ~sinks)[..., None]
     centric = (m_v >= min_mass) & (m_s <= max_share * m_v) & (m_s > 0) & (rest > 0)
     freed = (1 - p) * m_s
     edited = a * (1 - snk * (1 - p)) + freed * a * img * (1 - snk) / jnp.where(rest > 0, rest, 1.0)
@@ -121,6 +122,16 @@ def redistribute_released(a, span, sinks, query_pos, p: float = 0.6, min_mass: f
 
 @register
 class VAR(Intervention):
+    """VAR's sink-attention redistribution (module doc; Kang et al., ICLR 2025, seilk/VisAttnSink
+    ``src/logic/logic.py``) on the ``weights`` stage: sinks found from the hidden states on the
+    sink dimensions ``dims`` (threshold ``tau``), then in image-centric head rows (image mass ≥
+    ``min_mass``, sink share ≤ ``max_share``) sink weights × ``p`` and the freed mass given to the
+    other image keys. ``sinks`` [L,B,K] bool is set by :meth:`after_prefill`.
+
+    Raises:
+        ValueError: an unknown ``variant``.
+    """
+
     dims: tuple[int, ...] = static_field(())
     tau: float = static_field(20.0)
     p: float = static_field(0.6)
@@ -135,9 +146,11 @@ class VAR(Intervention):
         _check_variant(self.variant)
 
     def prefill_probes(self):
+        """The sink sets of the prompt's keys at every edited layer (:class:`SinkTokens`)."""
         return (SinkTokens(dims=self.dims, tau=self.tau, layers=self.layers, variant=self.variant),)
 
     def after_prefill(self, probe_results, layout):
+        """Stores the prefill's sink sets as ``sinks`` [L,B,K] bool (generated keys never sinks)."""
         s = probe_results["var_sinks"]["text"]
         vals = s.values > 0.5                                                        # [L',B,S]
         full = jnp.zeros((max(s.layers) + 1,) + layout.image_mask.shape, bool)
@@ -145,6 +158,8 @@ class VAR(Intervention):
         return dataclasses.replace(self, sinks=full)
 
     def weights(self, a, site):
+        """a [B,H,T,K] float32 -> redistributed rows (row sums unchanged); at a prefill the sinks
+        come from this call's own hidden states, afterwards from ``sinks``."""
         released = self.variant == "released"
         if self.sinks is not None:
             sinks = self.sinks[site.layer]

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Probe, Site, register, static_field
+from jaxmm.probes import focus_ratio, key_count, visual_entropy
 
 
 
@@ -59,6 +60,7 @@ MODEL = "VRGA/models/modeling_qwen2_5_vl.py"     # the released file the line nu
 
 
 def check_variant(variant: str) -> None:
+    """Raises ``ValueError`` unless ``variant`` is in :data:`VARIANTS`."""
     if variant not in VARIANTS:
         raise ValueError(f"VRGA: variant={variant!r}; expected one of {list(VARIANTS)}")
 
@@ -121,14 +123,13 @@ def _minmax(x, on):
 
 def head_statistics(rows, image, n_keys):
     """rows [L,B,H,K], image [B,K], n_keys [B] -> R_img, H_img (renormalised), EFR, each [B, L·H]
-    in layer-major order."""
-    img = image.astype(jnp.float32)[None, :, None, :]
-    m = jnp.sum(rows * img, -1)                                                      # [L,B,H]
-    nv = jnp.sum(image, -1).astype(jnp.float32)[None, :, None]
-    r = (m / nv) / (jnp.sum(rows, -1) / n_keys[None, :, None])
-    p = rows * img / jnp.where(m > 0, m, 1.0)[..., None]
-    h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
-    flat = lambda x: jnp.transpose(x, (1, 0, 2)).reshape(x.shape[1], -1)
+    in layer-major order: :func:`~jaxmm.probes.focus_ratio` and :func:`~jaxmm.probes.visual_entropy`
+    with the layers as the query axis."""
+    a = jnp.transpose(rows, (1, 2, 0, 3))                                            # [B,H,L,K]
+    n = jnp.broadcast_to(jnp.asarray(n_keys, jnp.float32)[:, None, None], a.shape[:-1])
+    r = focus_ratio(a, image, n)                                                     # [B,H,L]
+    h = visual_entropy(a, image)
+    flat = lambda x: jnp.transpose(x, (0, 2, 1)).reshape(x.shape[0], -1)
     return flat(r), flat(h), flat(h / r)
 
 
@@ -199,15 +200,19 @@ class VRGA(Intervention):
             raise ValueError(f"VRGA: head_mask={self.head_mask!r} needs variant='released' and one of "
                              f"{list(HEAD_MASKS)}")
 
-    def has_stage(self, name):
+    def has_stage(self, name: str) -> bool:
+        """Only ``weights``, once planned (``boost`` set) or with the head-masking ablation."""
         return name == "weights" and (self.boost is not None or self.head_mask is not None)
 
     def prefill_probes(self):
+        """The attention row of q* at every layer (:class:`QuestionRow`); none for ``head_mask``."""
         if self.head_mask is not None:
             return ()
         return (QuestionRow(variant=self.variant),)
 
     def after_prefill(self, probe_results, layout):
+        """Phase 1 (module doc) from q*'s rows [L,B,H,K]: sets ``boost``, ``focus`` [B,K] and
+        ``visual_heads`` [B, L·H]."""
         if self.head_mask is not None:
             return self
         if self.variant == "released":
@@ -334,6 +339,8 @@ class VRGA(Intervention):
         return jnp.where(generated[..., None], edited, a)
 
     def weights(self, a, site):
+        """Phase 2 on a [B,H,T,K] float32: gated rows of generated queries boosted (``fa=1``) or
+        restricted to the focus neighbourhoods (``fa=2``), renormalised; other rows unchanged."""
         if self.head_mask is not None:
             return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after,
                                       self.head_mask_seed)
@@ -341,11 +348,8 @@ class VRGA(Intervention):
             return self._released_weights(a, site)
         img = site.layout.image_mask
         imgf = img.astype(jnp.float32)[:, None, None, :]
-        m = jnp.sum(a * imgf, -1)
-        nv = jnp.sum(imgf, -1)
-        n = jnp.sum(site.mask, -1).astype(jnp.float32)
-        r = (m / jnp.maximum(nv, 1.0)) * n / jnp.sum(a, -1)
-        h_raw = -jnp.sum(jnp.where(a * imgf > 0, a * jnp.log(jnp.where(a > 0, a, 1.0)), 0.0) * imgf, -1)
+        r = focus_ratio(a, img, key_count(site.mask, a))
+        h_raw = visual_entropy(a, img, renormalize=False)                 # the raw slice's entropy
         generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
             site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :]      # [B,1,T]
         gate = (r > 0.6) & (r > 0.2 * h_raw) & generated
@@ -417,6 +421,7 @@ class HeadMask(Intervention):
     towers: tuple[str, ...] = static_field(("text",))
 
     def weights(self, a, site):
+        """a [B,H,T,K] -> a with the masked heads' rows zeroed (not renormalised)."""
         m = jnp.asarray(self.mask, jnp.float32)
         m = m.reshape(m.shape[:-1] + (-1, self.num_heads))[..., site.layer, :]         # [B,H] or [H]
         keep = 1.0 - (m[:, :, None, None] if m.ndim == 2 else m[None, :, None, None])

@@ -22,8 +22,11 @@ masks [B,T] of the queries that count, and the key-set sizes |V|, |S| [B].
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Shaped
 
-from jaxmm.attention import Probe, register, static_field
+from jaxmm.attention import Probe, Site, register, static_field
+from jaxmm.probes import key_mass, mass_ratio
 
 VARIANTS = ("paper", "released")
 
@@ -31,7 +34,7 @@ VARIANTS = ("paper", "released")
 USER_MARKERS = ("<|im_start|>user", "<|start_header_id|>user", "[INST]", "user\n", "User:", "<|user|>")
 
 
-def _check(variant):
+def _check(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"AVAR: variant={variant!r}; expected one of {VARIANTS}")
 
@@ -47,8 +50,21 @@ def _block_mean(mass, queries, n_keys, eps=None):
     return jnp.sum(mass * q, -1) / (nq * jnp.maximum(n_keys, 1).astype(jnp.float32)[None, :, None])
 
 
-def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6, variant: str = "paper"):
-    """(L_enh, L_sup), scalars averaged over layers, heads and the batch."""
+def agto_losses(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array, "layers batch heads query"],
+                queries: Bool[Array, "batch query"], n_image: Shaped[Array, " batch"], n_system: Shaped[Array, " batch"],
+                eps: float = 1e-6, variant: str = "paper") -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """AGTO's (L_enh, L_sup) (module doc; arXiv 2603.03825 [code]): float32 scalars averaged over
+    layers, heads and the batch (nats; L_enh ≥ 0 pulls image attention up, L_sup pushes system
+    attention down).
+
+    ``m_v``, ``m_s`` [L,B,H,T]: image and system mass per query (:func:`~jaxmm.probes.visual_mass`,
+    :func:`~jaxmm.probes.key_mass`); ``queries`` [B,T] the rows Q that count; ``n_image``,
+    ``n_system`` [B] the key-set sizes |V|, |S|. ``variant="released"`` divides the block sums by
+    ``|Q|·|K| + eps`` (the release's avar_attention.py:99,122).
+
+    Raises:
+        ValueError: ``variant`` not in :data:`VARIANTS`.
+    """
     _check(variant)
     d = eps if variant == "released" else None
     enh = -jnp.mean(jnp.log(_block_mean(m_v, queries, n_image, d) + eps))
@@ -56,7 +72,8 @@ def agto_losses(m_v, m_s, queries, n_image, n_system, eps: float = 1e-6, variant
     return enh, sup
 
 
-def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos_first: bool = False):
+def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos_first: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """The release's AGTO system and query spans of one sample -> (system, query) bool [seq_len].
 
     ``prompt_text``: the decoded ``input_ids[:response_start]`` (special tokens kept). The first
@@ -64,8 +81,6 @@ def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos
     else ``min(max(10, response_start // 10), response_start)``; S = [bos_first, user_start)
     (only when user_start > 0), Q = [user_start, response_start). Host-side (numpy).
     """
-    import numpy as np
-
     # released: LlamaFactory/src/llamafactory/train/sft/trainer.py:365-378 (a character offset read as a
     # token index, × 0.4)
     user_start = min(max(10, response_start // 10), response_start)
@@ -83,17 +98,33 @@ def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos
     return system, query
 
 
-def agto_total(lm_loss, m_v, m_s, queries, n_image, n_system, alpha: float = 0.15, beta: float = 0.15,
-               eps: float = 1e-6):
+def agto_total(lm_loss: Float[Array, ""], m_v: Float[Array, "layers batch heads query"],
+               m_s: Float[Array, "layers batch heads query"], queries: Bool[Array, "batch query"],
+               n_image: Shaped[Array, " batch"], n_system: Shaped[Array, " batch"], alpha: float = 0.15,
+               beta: float = 0.15, eps: float = 1e-6) -> Float[Array, ""]:
+    """AGTO's total cold-start loss ``L = L_LM + α·L_enh + β·L_sup`` (arXiv 2603.03825; α = β = 0.15,
+    ε = 1e-6), a float32 scalar; arguments as :func:`agto_losses` (paper variant), ``lm_loss`` the
+    language-model cross-entropy (nats)."""
     enh, sup = agto_losses(m_v, m_s, queries, n_image, n_system, eps)
     return lm_loss + alpha * enh + beta * sup
 
 
-def vars_reward(m_v, m_s, generated, correct, eps: float = 1e-6, variant: str = "paper"):
-    """r_visual [B] from masses [L,B,H,T] over the query rows ``generated`` [B,T] (bool)."""
+def vars_reward(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array, "layers batch heads query"],
+                generated: Bool[Array, "batch query"], correct: Bool[Array, " batch"] | None, eps: float = 1e-6,
+                variant: str = "paper") -> Float[Array, " batch"]:
+    """VARS's r_visual [B] float32 (arXiv 2603.03825; module doc) from the image and system masses
+    [L,B,H,T] over the query rows ``generated`` [B,T] (bool).
+
+    ``variant="paper"``: the mean over rows, layers and heads of m_V / (m_S + eps)
+    (:func:`~jaxmm.probes.mass_ratio`), 0 where ``correct`` [B] is False. ``"released"``: one
+    ratio of the summed masses, ``correct`` unused (may be None).
+
+    Raises:
+        ValueError: ``variant`` not "paper" or "released".
+    """
     g = generated.astype(jnp.float32)[None, :, None, :]
     if variant == "paper":
-        ratio = m_v / (m_s + eps)                                                   # [L,B,H,T]
+        ratio = mass_ratio(m_v, m_s, eps)                                           # [L,B,H,T]
         per = jnp.sum(ratio * g, -1) / jnp.maximum(jnp.sum(g, -1), 1.0)            # [L,B,H]
         return jnp.where(correct, jnp.mean(per, axis=(0, 2)), 0.0)
     if variant == "released":
@@ -103,12 +134,17 @@ def vars_reward(m_v, m_s, generated, correct, eps: float = 1e-6, variant: str = 
     raise ValueError(f"variant={variant!r}; expected 'paper' or 'released'")
 
 
-def total_reward(r_acc, r_visual, r_format, lambda_v: float = 0.3, lambda_f: float = 0.1):
+def total_reward(r_acc: Float[Array, " batch"], r_visual: Float[Array, " batch"], r_format: Float[Array, " batch"],
+                 lambda_v: float = 0.3, lambda_f: float = 0.1) -> Float[Array, " batch"]:
+    """VARS's ``r_total = r_acc + λ_v·r_visual + λ_f·r_format`` (arXiv 2603.03825; λ_v = 0.3,
+    λ_f = 0.1), elementwise (any matching shapes, scalars too)."""
     return r_acc + lambda_v * r_visual + lambda_f * r_format
 
 
-def agto_probes(layers=None):
-    """The probes AGTO needs on ``layers`` (None = all): image mass and system mass per query."""
+def agto_probes(layers: tuple[int, ...] | None = None) -> tuple[Probe, Probe]:
+    """The probes AGTO needs on ``layers`` (None = all): image mass and system mass per query
+    (:class:`~jaxmm.probes.VisualMass` ``"visual_mass"``, :class:`~jaxmm.probes.KeyMass`
+    ``"system_mass"``), each giving [L,B,H,T] float32 in the model output's ``probes``."""
     from jaxmm.probes import KeyMass, VisualMass
 
     return (VisualMass(layers=layers), KeyMass(layers=layers))
@@ -125,13 +161,17 @@ class FirstKeysMass(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
 
-    def __call__(self, a, site):
-        return jnp.sum(a[..., :self.n].astype(jnp.float32), -1)
+    def __call__(self, a: Float[Array, "batch heads query key"], site: Site | None) -> Float[Array, "batch heads query"]:
+        """Σ_{j<n} A_ij in float32 (:func:`~jaxmm.probes.key_mass` on keys 0..n−1; ``site`` unused)."""
+        first = jnp.broadcast_to(jnp.arange(a.shape[-1]) < self.n, (a.shape[0], a.shape[-1]))
+        return key_mass(a.astype(jnp.float32), first)
 
 
 def agto_extra_loss(alpha: float = 0.15, beta: float = 0.15, eps: float = 1e-6):
-    """``(model_output, batch) -> α·L_enh + β·L_sup`` for :func:`jaxmm.train.sft.train`'s
-    ``extra_losses`` (with ``probes=agto_probes()``); Q = the layout's question span."""
+    """``(model_output, batch) -> α·L_enh + β·L_sup`` (a float32 scalar) for
+    :func:`jaxmm.train.sft.train`'s ``extra_losses`` (with ``probes=agto_probes()``, whose
+    ``"visual_mass"`` and ``"system_mass"`` it reads); Q = the layout's question span, S its system
+    span (arXiv 2603.03825, paper variant)."""
 
     def loss(out, batch):
         lay = batch.layout

@@ -23,29 +23,53 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Shaped
 
 LOSS_VARIANTS = ("paper", "easyr1", "trl")
 
 
-def group_advantages(rewards, group_size: int, eps: float = 1e-4):
-    """rewards [B] with B = n_prompts·G (groups contiguous) -> advantages [B]."""
+def group_advantages(rewards: Float[Array, " batch"], group_size: int, eps: float = 1e-4) -> Float[Array, " batch"]:
+    """GRPO's group-normalised advantages ``(r − mean_g r) / (std_g r + eps)`` (DeepSeekMath's
+    outcome supervision, arXiv 2402.03300; sample std, ddof = 1, as ``torch.std`` in TRL and EasyR1).
+
+    ``rewards`` [B] with B = n_prompts·G (each prompt's G completions contiguous) -> advantages
+    [B], dimensionless. A group of identical rewards gives 0. ``group_size`` must divide B (else
+    the reshape raises ``TypeError``); G = 1 gives nan (ddof 1 of one sample).
+    """
     r = rewards.reshape(-1, group_size)
     mean = r.mean(-1, keepdims=True)
     std = jnp.std(r, axis=-1, ddof=1, keepdims=True)
     return ((r - mean) / (std + eps)).reshape(-1)
 
 
-def k3_kl(logp, logp_ref):
-    delta = jnp.clip(logp_ref - logp, -20.0, 20.0)
+def k3_kl(logp: Float[Array, "*shape"], logp_ref: Float[Array, "*shape"], clamp: float | None = 20.0
+          ) -> Float[Array, "*shape"]:
+    """The k3 estimator of KL(π_θ ‖ π_ref) per token, ``e^δ − δ − 1`` with ``δ = log π_ref − log π_θ``
+    (Schulman, "Approximating KL divergence", 2020; the estimator of arXiv 2402.03300), ≥ 0, in nats.
+
+    ``logp``, ``logp_ref`` per-token log-probs of the sampled tokens (any matching shapes, e.g.
+    [B,T]). ``clamp``: δ clipped to [−clamp, clamp] before exp (20: EasyR1's ``low_var_kl``;
+    None = unclamped, TRL's).
+    """
+    delta = logp_ref - logp if clamp is None else jnp.clip(logp_ref - logp, -clamp, clamp)
     return jnp.exp(delta) - delta - 1.0
 
 
-def grpo_loss(logp, logp_old, logp_ref, advantages, mask, beta: float = 0.001, clip_eps: float = 0.2,
-              variant: str = "paper", clip_eps_high: float | None = None, dual_clip: float = 3.0):
-    """Per-token log-probs [B,T] of the sampled tokens, advantages [B], completion mask [B,T] -> scalar.
+def grpo_loss(logp: Float[Array, "batch time"], logp_old: Float[Array, "batch time"], logp_ref: Float[Array, "batch time"],
+              advantages: Float[Array, " batch"], mask: Shaped[Array, "batch time"], beta: float = 0.001,
+              clip_eps: float = 0.2, variant: str = "paper", clip_eps_high: float | None = None,
+              dual_clip: float = 3.0) -> Float[Array, ""]:
+    """The clipped GRPO objective as a loss to minimise (module doc; arXiv 2402.03300 eq. 3 with
+    the k3 KL of :func:`k3_kl`): per-token log-probs [B,T] of the sampled tokens under the policy,
+    the rollout policy and the reference, advantages [B] (:func:`group_advantages`), completion
+    mask [B,T] (bool or 0/1) -> a float32 scalar.
 
-    ``clip_eps_high`` (None = ``clip_eps``) and ``dual_clip`` are used by ``variant="easyr1"``;
-    ``clip_eps_high`` also by ``"trl"``.
+    ``beta``: the KL weight; ``clip_eps``: ε of the ratio clip. ``clip_eps_high`` (None =
+    ``clip_eps``) and ``dual_clip`` are used by ``variant="easyr1"``; ``clip_eps_high`` also by
+    ``"trl"``.
+
+    Raises:
+        ValueError: ``variant`` not in :data:`LOSS_VARIANTS`.
     """
     if variant not in LOSS_VARIANTS:
         raise ValueError(f"grpo_loss: variant={variant!r}; expected one of {LOSS_VARIANTS}")
@@ -74,8 +98,7 @@ def _easyr1_loss(logp, logp_old, logp_ref, advantages, mask, beta, low, high, du
     pg_high = jnp.maximum(-a * ratio, -a * clipped)
     pg = jnp.where(a < 0, jnp.minimum(pg_high, -a * dual), pg_high)
     # released: core_algos.py:591-594 (low_var_kl: δ clamped ±20, k3 clamped to [−10, 10])
-    delta = jnp.clip(logp_ref - logp, -20.0, 20.0)
-    kl = jnp.clip(jnp.exp(delta) - delta - 1.0, -10.0, 10.0)
+    kl = jnp.clip(k3_kl(logp, logp_ref), -10.0, 10.0)
     # released: core_algos.py:402-403 + EasyR1/verl/utils/torch_functional.py:75 (loss_avg_mode "token":
     # Σ m·x / (Σ m + 1e-8) over the batch); EasyR1/verl/workers/actor/dp_actor.py:347-348 (pg + kl_coef·kl)
     token_mean = lambda x: jnp.sum(x * m) / (jnp.sum(m) + 1e-8)
@@ -89,6 +112,5 @@ def _trl_loss(logp, logp_old, logp_ref, advantages, mask, beta, low, high):
     m = mask.astype(jnp.float32)
     a = advantages[:, None]
     ratio = jnp.exp(logp - logp_old)
-    delta = logp_ref - logp
-    per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - low, 1 + high) * a) + beta * (jnp.exp(delta) - delta - 1.0)
+    per_token = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - low, 1 + high) * a) + beta * k3_kl(logp, logp_ref, None)
     return jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -23,7 +23,9 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Bool, Float, Shaped
 
+from jaxmm.probes import key_mean
 from jaxmm.prompts import PROMPTS
 
 VARIANTS = ("paper", "released")
@@ -36,23 +38,30 @@ ANSWER_PATTERN = r"<answer>(?!.*<answer>)(.*?)</answer>"
 SYSTEM_PROMPT = PROMPTS["sayo"].system
 
 
-def _check(variant):
+def _check(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"SAYO: variant={variant!r}; expected one of {VARIANTS}")
 
 
-def token_entropy(logits, temperature: float = 1.0):
-    """[B,T,V] -> H_t [B,T] (nats)."""
+def token_entropy(logits: Float[Array, "batch time vocab"], temperature: float = 1.0) -> Float[Array, "batch time"]:
+    """The policy's entropy per position, H_t = −Σ_v π log π with π = softmax(logits / temperature)
+    (SAYO's token selection, Sayo ``train/trainer/grpo_trainer.py``): [B,T,V] (any float dtype,
+    computed in float32) -> H_t [B,T] float32 (nats)."""
     lp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, -1)
     return -jnp.sum(jnp.exp(lp) * lp, -1)
 
 
-def select_high_entropy(entropy, completion, frac: float = 0.3, variant: str = "paper"):
-    """[B,T] entropies and completion mask -> bool [B,T]: the top ⌈frac·n⌉ completion positions.
+def select_high_entropy(entropy: Float[Array, "batch time"], completion: Bool[Array, "batch time"], frac: float = 0.3,
+                        variant: str = "paper") -> Bool[Array, "batch time"]:
+    """[B,T] entropies and completion mask -> bool [B,T]: the top ⌈frac·n⌉ completion positions
+    of each row (n its completion length; ties to the earlier position).
 
     ``variant="released"`` (host-side: needs concrete arrays): W = the longest completion (the
     width the release pads completions to); the last position is dropped, and the top
     k = max(1, ⌊frac·(W − 1)⌋) of positions 0..W−2 are kept in every row, padding included.
+
+    Raises:
+        ValueError: ``variant`` not in :data:`VARIANTS`.
     """
     _check(variant)
     if variant == "released":
@@ -75,13 +84,16 @@ def select_high_entropy(entropy, completion, frac: float = 0.3, variant: str = "
     return completion & (rank < k[:, None])
 
 
-def r_att(weights, image, region, selected):
-    """weights [B,H,T,K] of the last layer at the generated queries, image/region [B,K] key masks,
-    selected [B,T] -> r_att [B]."""
-    img = image.astype(jnp.float32)[:, None, None, :]
-    reg = region.astype(jnp.float32)[:, None, None, :]
-    a_r = jnp.sum(weights * reg, -1) / jnp.maximum(jnp.sum(region, -1), 1)[:, None, None]   # [B,H,T]
-    a_v = jnp.sum(weights * img, -1) / jnp.maximum(jnp.sum(image, -1), 1)[:, None, None]
+def r_att(weights: Float[Array, "batch heads time key"], image: Shaped[Array, "batch key"],
+          region: Shaped[Array, "batch key"], selected: Bool[Array, "batch time"]) -> Float[Array, " batch"]:
+    """SAYO's region attention reward (module doc; arXiv 2602.08241, Sayo
+    ``train/reward/attn_rewards.py``): weights [B,H,T,K] of the last layer at the generated
+    queries, image/region [B,K] key masks (bool; ā_R, ā_V by :func:`~jaxmm.probes.key_mean`),
+    selected [B,T] (:func:`select_high_entropy`) -> r_att [B] float32 in (−1, 1).
+
+    A row with no selected token gives tanh(log(1e-8 / 1e-8)) = 0."""
+    a_r = key_mean(weights, region)                                                 # [B,H,T]
+    a_v = key_mean(weights, image)
     sel = selected.astype(jnp.float32)[:, None, :]
     n = jnp.maximum(jnp.sum(sel, -1) * weights.shape[1], 1.0)[:, 0]
     mean_r = jnp.sum(a_r * sel, axis=(1, 2)) / n
@@ -92,7 +104,12 @@ def r_att(weights, image, region, selected):
 def format_reward(text: str, n_tokens: int, variant: str = "paper") -> float:
     """SAYO's format reward of one completion. ``variant="released"``: 1 when
     :data:`ANSWER_PATTERN` matches anywhere (so several ``<answer>`` blocks also pass: the last one
-    matches), times the same length coefficients."""
+    matches), times the same length coefficients. ``n_tokens``: the completion's length in tokens.
+    Host-side (Python strings); returns a float in [0, 1].
+
+    Raises:
+        ValueError: ``variant`` not in :data:`VARIANTS`.
+    """
     _check(variant)
     if variant == "released":
         if re.search(ANSWER_PATTERN, text, re.DOTALL | re.MULTILINE) is None:   # released: format_rewards.py:6-7

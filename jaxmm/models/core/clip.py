@@ -111,6 +111,10 @@ class ClipLlamaConfig(core.VLConfig):
     VISION_ROTARY = False         # CLIP: learned absolute positions
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
+        """The shared checks (:meth:`~jaxmm.models.core.config.VLConfig.consistency_checks`) plus the
+        CLIP tower's: ``image_size`` a multiple of ``patch_size``, ``vision_feature_layer`` within the
+        tower's depth, ``vision_feature_select_strategy`` 'default' or 'full', a 'gelu' projector; a
+        failing one makes ``__post_init__`` raise :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
         layers = (v.vision_feature_layer,) if isinstance(v.vision_feature_layer, int) else v.vision_feature_layer
         return super().consistency_checks() + [

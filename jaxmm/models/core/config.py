@@ -39,6 +39,7 @@ class VisionConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head of the vision tower: ``hidden_size // num_heads``."""
         return self.hidden_size // self.num_heads
 
 
@@ -66,6 +67,8 @@ class TextConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one decoder attention head: ``head_dim_override`` (config.json's ``head_dim``)
+        when given, else ``hidden_size // num_attention_heads``."""
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
 

@@ -22,6 +22,11 @@ class VisionConfig(ClipVisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig(ClipLlamaConfig):
+    """LLaVA-1.5 as read from ``config.json`` (``transformers/models/llava/configuration_llava.py``;
+    module doc): :class:`~jaxmm.models.core.clip.ClipLlamaConfig` with ``model_type`` "llava".
+    :meth:`from_dict` raises :class:`~jaxmm.models.core.config.ConfigError` on a missing,
+    ill-typed or inconsistent field."""
+
     vision: VisionConfig
     model_type: str = "llava"
 

@@ -31,6 +31,11 @@ class VisionConfig(ClipVisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class LlavaNextConfig(ClipLlamaConfig):
+    """LLaVA-NeXT as read from ``config.json`` (``transformers/models/llava_next/
+    configuration_llava_next.py``; module doc): LLaVA-1.5's fields plus ``image_grid_pinpoints``.
+    :meth:`from_dict` raises :class:`~jaxmm.models.core.config.ConfigError` on a missing,
+    ill-typed or inconsistent field."""
+
     vision: VisionConfig
     model_type: str = "llava_next"
 
@@ -38,6 +43,10 @@ class LlavaNextConfig(ClipLlamaConfig):
     VISION_CONFIG = VisionConfig
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
+        """The shared checks (:meth:`VLConfig.consistency_checks`) plus ``vision_feature_select_strategy
+        == "default"`` (the tiles are packed as patch grids) and pinpoints that are positive multiples
+        of the tile ``image_size``; a failing one makes ``__post_init__`` raise
+        :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
         pins = v.image_grid_pinpoints
         return super().consistency_checks() + [

@@ -25,6 +25,11 @@ class VisionConfig(core.VisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2_5_VLConfig(core.VLConfig):
+    """Qwen2.5-VL as read from ``config.json`` (``transformers/models/qwen2_5_vl/
+    configuration_qwen2_5_vl.py``; module doc); build it with :meth:`VLConfig.from_dict`, which
+    raises :class:`~jaxmm.models.core.config.ConfigError` on a missing, ill-typed or inconsistent
+    field."""
+
     vision: VisionConfig
     model_type: str = "qwen2_5_vl"
 
@@ -39,6 +44,10 @@ class Qwen2_5_VLConfig(core.VLConfig):
                        "fullatt_block_indexes": (7, 15, 23, 31)}
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
+        """The shared checks (:meth:`VLConfig.consistency_checks`) plus ``fullatt_block_indexes`` within
+        the tower's depth and a ``window_size`` (pixels) that is a multiple of ``patch_size ·
+        spatial_merge_size``; a failing one makes ``__post_init__`` raise
+        :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
         return super().consistency_checks() + [
             (all(0 <= i < v.depth for i in v.fullatt_block_indexes),

@@ -21,6 +21,11 @@ class VisionConfig(core.VisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig(core.VLConfig):
+    """Qwen2-VL as read from ``config.json`` (``transformers/models/qwen2_vl/
+    configuration_qwen2_vl.py``; module doc); build it with :meth:`VLConfig.from_dict`, which
+    raises :class:`~jaxmm.models.core.config.ConfigError` on a missing, ill-typed or inconsistent
+    field."""
+
     vision: VisionConfig
     model_type: str = "qwen2_vl"
 
@@ -37,6 +42,9 @@ class Qwen2VLConfig(core.VLConfig):
 
     @staticmethod
     def vision_fields(vis: dict) -> dict:
+        """Qwen2-VL's ``vision_config`` names -> VisionConfig's: ``hidden_size`` = ``embed_dim``,
+        ``out_hidden_size`` = HF's ``hidden_size``, ``intermediate_size`` = ``embed_dim · mlp_ratio``,
+        ``tokens_per_second`` 1 (video positions advance by 1 per temporal step)."""
         out = dict(vis)
         embed = vis["embed_dim"]
         out["out_hidden_size"] = vis["hidden_size"]

@@ -22,6 +22,11 @@ class VisionConfig(core.VisionConfig):
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3VLConfig(core.VLConfig):
+    """Qwen3-VL (dense) as read from ``config.json`` (``transformers/models/qwen3_vl/
+    configuration_qwen3_vl.py``; module doc); build it with :meth:`VLConfig.from_dict`, which
+    raises :class:`~jaxmm.models.core.config.ConfigError` on a missing, ill-typed or inconsistent
+    field."""
+
     vision: VisionConfig
     model_type: str = "qwen3_vl"
 
@@ -37,6 +42,9 @@ class Qwen3VLConfig(core.VLConfig):
                        "deepstack_visual_indexes": (8, 16, 24)}
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
+        """The shared checks (:meth:`VLConfig.consistency_checks`) plus a square
+        ``num_position_embeddings`` and ``deepstack_visual_indexes`` within the tower's depth; a failing
+        one makes ``__post_init__`` raise :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
         side = round(v.num_position_embeddings ** 0.5)
         return super().consistency_checks() + [
@@ -48,12 +56,18 @@ class Qwen3VLConfig(core.VLConfig):
 
     @staticmethod
     def vision_fields(vis: dict) -> dict:
+        """``vision_config`` -> VisionConfig's fields, with ``tokens_per_second`` set to 1 (Qwen3-VL's
+        config.json has no such field)."""
         out = dict(vis)
         out["tokens_per_second"] = 1
         return out
 
     @staticmethod
     def text_fields(text: dict) -> dict:
+        """``text_config`` -> TextConfig's fields: the explicit ``head_dim`` (default 128),
+        ``attention_bias`` on q/k/v and o (default False), q/k RMSNorm, interleaved M-RoPE with
+        ``mrope_section`` [24, 20, 20] unless ``rope_parameters``/``rope_scaling`` give one
+        (``modeling_qwen3_vl.py``)."""
         out = dict(text)
         out["head_dim_override"] = text.get("head_dim", 128)
         out["attention_bias"] = bool(text.get("attention_bias", False))
