@@ -1,8 +1,8 @@
 """Command line: ``jaxmm eval | train | grpo | demo | generate | inspect | plan | convert``.
 
-``jaxmm demo`` is the main job until the evaluation harness lands: one probed forward of a model
-(default: the embedded organism, :mod:`jaxmm.organism`) on a photo, printing where the last token's
-attention goes, layer by layer.
+``jaxmm eval`` is the main job (the README's first command: the packaged ``organism`` config on the
+embedded organism, :mod:`jaxmm.organism`). ``jaxmm demo`` is one probed forward of a Qwen-family
+model on a photo, printing where the last token's attention goes, layer by layer.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def _load_image(path: str | None):
 
 
 def demo(args) -> int:
+    """``jaxmm demo``: one probed forward of the model on a photo (``--image``, default a
+    scikit-image photo), printing where the last token's attention goes; returns 0."""
     import jaxmm
     from jaxmm import organism
     from jaxmm import probes as P

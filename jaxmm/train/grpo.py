@@ -282,6 +282,8 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
 
 
 def total_reward(cfg: GRPOConfig, rewards: dict) -> np.ndarray:
+    """Σ_k w_k · r_k over the config's ``rewards`` weights: float [n_completions] from the
+    per-reward arrays of :func:`rewards_of`."""
     return sum(float(w) * rewards[k] for k, w in cfg.rewards.items())
 
 
@@ -372,6 +374,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
 
 
 def main(argv=None) -> int:
+    """``python -m jaxmm.train.grpo --config YAML [key=value ...]``: runs (or resumes) GRPO; returns 0."""
     ap = argparse.ArgumentParser(prog="python -m jaxmm.train.grpo", description="GRPO (resumable)")
     ap.add_argument("--config", help="YAML (configs/train/grpo_*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value (dotted keys)")

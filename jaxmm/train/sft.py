@@ -286,6 +286,8 @@ class MetricsLog:
             self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
 
     def write(self, step: int, row: dict):
+        """Appends ``{"step": step, **row}`` to metrics.jsonl (flushed) and each value as a
+        TensorBoard scalar."""
         self.file.write(json.dumps({"step": step, **row}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -294,6 +296,7 @@ class MetricsLog:
             self.tb.flush()
 
     def close(self):
+        """Closes metrics.jsonl and the TensorBoard writer."""
         self.file.close()
         if self.tb is not None:
             self.tb.close()
