@@ -588,7 +588,7 @@ class Step:
     index: t (0-based); tokens [B] int32 numpy (the tokens yielded; ``pad_token_id`` after a row
     stopped); logits [B,V]: the model's logits the tokens were chosen from (generate's
     ``logits[:, t]``); probes ``{name: {tower: LayerStack(values [B, L_probed, ...])}}`` of the forward
-    that consumed token t (generate's ``probes[...].values[:, t]``; ``{}`` without probes);
+    that consumed token t (generate's ``probes[...].values[:, t]``; empty without probes);
     prefill_probes: at t = 0, the prefill's probe results as generate's ``prefill_probes``, else None.
     Arrays other than ``tokens`` are ``jax.Array``\\ s (on the mesh, when streaming over one)."""
 
@@ -618,8 +618,10 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
     same arguments, the tokens are generate's (up to its last step run), with probes,
     interventions, ``contrast`` and ``mesh`` alike. Arguments as :func:`generate`, plus
     ``on_step``: a callable that receives each step's :class:`Step` (logits and probes) once that
-    step's forward has run, i.e. after its tokens were yielded; a consumer that stops iterating
-    early gets no record of the last step it took.
+    step's forward has run, i.e. after its tokens were yielded (its return value is ignored); a
+    consumer that stops iterating early gets no record of the last step it took. Each step's
+    tokens are read on the host, so a ``mesh`` must be this process's devices (over several
+    processes use :func:`generate` or :func:`jit_generate`).
 
     Raises and warns as :func:`generate` (when the first token is requested).
     """
