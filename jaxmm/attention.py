@@ -415,11 +415,53 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
     return out, joined
 
 
+def run_and_plan(run, interventions, layout, probes=(), reprefill: bool = False):
+    """The two-phase planning of interventions: the one implementation behind :func:`plan` (a plain
+    forward) and :func:`jaxmm.generate.generate`'s prefill (every generation mode).
+
+    1. ``first = run(interventions, probes + plan_probes)``, ``plan_probes`` being every
+       intervention's ``prefill_probes()`` whose name ``probes`` does not already hold;
+    2. each intervention re-planned: ``iv.after_prefill(first.probes, layout)``;
+    3. with ``reprefill`` (and at least one plan probe), ``last = run(planned, again)``, ``again``
+       being the planned interventions' ``reprefill_probes()`` (if any); when ``again`` is not empty,
+       the interventions that define ``after_reprefill`` re-plan once more from ``last.probes``.
+
+    Args:
+        run: ``run(interventions: tuple, probes: tuple) -> ModelOutput`` (anything with ``.probes``:
+            ``{name: {tower: LayerStack}}``); traced or eager alike.
+        interventions: the interventions to plan (a sequence; those without two phases come back
+            as ``after_prefill`` returns them, by default unchanged).
+        layout: the :class:`~jaxmm.processing.layout.TokenLayout` of the run's keys ([B,K] fields).
+        probes: the caller's probes, collected in the first run.
+        reprefill: run again under the plan (a plan that also governs the prompt, e.g. RATION).
+
+    Returns:
+        ``(first, last, planned)``: the first run's output, the last run's output (``first`` when
+        nothing ran again) and the tuple of planned interventions, in the order given.
+    """
+    names = {p.name for p in probes}
+    plan_probes = tuple(p for iv in interventions for p in iv.prefill_probes() if p.name not in names)
+    first = run(tuple(interventions), tuple(probes) + plan_probes)
+    planned = tuple(iv.after_prefill(first.probes, layout) for iv in interventions)
+    last = first
+    if plan_probes and reprefill:
+        again = tuple(p for iv in planned for p in getattr(iv, "reprefill_probes", tuple)())
+        last = run(planned, again)
+        if again:   # a plan that also depends on the prompt's run under it (RATION's released τ)
+            planned = tuple(iv.after_reprefill(last.probes, layout) if hasattr(iv, "after_reprefill") else iv
+                            for iv in planned)
+    return first, last, planned
+
+
 def plan(params, config, batch, interventions, forward):
     """Runs the prefill of two-phase interventions (their ``prefill_probes``) and returns the
-    re-planned interventions, for use in a plain forward: ``forward(..., plan(...))``."""
-    probes = tuple(p for iv in interventions for p in iv.prefill_probes())
-    if not probes:
+    re-planned interventions, for use in a plain forward: ``forward(..., plan(...))``.
+
+    ``forward(params, config, batch, interventions, probes) -> ModelOutput`` (e.g. a family's
+    ``forward_jit``); ``batch`` a prepared ``Batch`` whose ``layout`` the plans read. Returns a tuple
+    of interventions, as :func:`run_and_plan` plans them; when no intervention asks for prefill
+    probes nothing runs and they come back unchanged.
+    """
+    if not any(iv.prefill_probes() for iv in interventions):
         return tuple(interventions)
-    out = forward(params, config, batch, tuple(interventions), probes)
-    return tuple(iv.after_prefill(out.probes, batch.layout) for iv in interventions)
+    return run_and_plan(lambda ivs, prs: forward(params, config, batch, ivs, prs), interventions, batch.layout)[2]

@@ -74,7 +74,7 @@ def generate(args) -> int:
 
     import jaxmm
     from jaxmm import organism
-    from jaxmm.generate import Sampling, stream
+    from jaxmm.generate import Contrast, Sampling, stream, text_only
     from jaxmm.processing import batch as host
 
     path = organism.resolve(args.model)
@@ -84,8 +84,6 @@ def generate(args) -> int:
     key = jax.random.PRNGKey(args.seed)
     if args.method:
         print(f"methods: {', '.join(map(str, args.method))}", file=sys.stderr)
-    if args.stream and args.pai_contrast is not None:
-        raise SystemExit("jaxmm generate: --pai-contrast is not available with --stream")
     if not args.stream:
         out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, key=key, interventions=args.method,
@@ -99,7 +97,9 @@ def generate(args) -> int:
     printed = ""
     for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
                        sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop,
-                       interventions=model.interventions(args.method)):
+                       interventions=model.interventions(args.method),
+                       contrast=None if args.pai_contrast is None else Contrast(text_only(batch, model.config),
+                                                                                args.pai_contrast)):
         ids.append(int(step[0]))
         text = tok.decode(ids, skip_special_tokens=True)
         print(text[len(printed):], end="", flush=True)

@@ -1,11 +1,16 @@
 """Generation: prefill, then a jit-compiled decode loop over a static KV cache.
 
-The whole of :func:`generate` is one ``jax.jit`` program: prefill over the (left-padded) prompt,
-``after_prefill`` re-planning of interventions, then a ``lax.while_loop`` of at most
-``max_new_tokens`` decode steps that ends once every row has stopped. Interventions apply at
-prefill and at every step; probes are collected at every step.
-:func:`prefill_and_plan` and :func:`decode_step` are the same pieces, jitted one by one, for
-:func:`stream`. PAI's contrast decodes a text-only stream in lockstep (:class:`Contrast`).
+One engine serves every entry point. Its pieces: :func:`start` (prefill into an empty cache, then
+the ``after_prefill`` re-planning of interventions from the prefill's probe results, by
+:func:`jaxmm.attention.run_and_plan`, the one planner that a plain forward's
+:func:`jaxmm.attention.plan` also runs, and, with ``reprefill``, the prompt again under the plan),
+then per step :func:`choose` (the token: PAI's contrast, suppressed ids, the decoding rule, pad
+after a stop) and :func:`advance` (the forward that consumes it, interventions and probes at every
+step). :func:`generate` runs them as one ``jax.jit`` program (:func:`run_generation`: a
+``lax.while_loop`` of at most ``max_new_tokens`` steps that ends once every row has stopped);
+:func:`jit_generate` jits that same program with explicit shardings; :func:`stream` jits each
+piece and loops in Python, yielding each step's tokens. PAI's contrast decodes a text-only stream
+in lockstep (:class:`Contrast`).
 
 Positions follow transformers' Qwen2.5-VL generation exactly: generated token ``t`` (0-based) of a
 row gets M-RoPE position ``max(prompt positions) + 1 + t`` on all three axes (HF: text position
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmm.attention import run_and_plan
 from jaxmm.models.core.decoder import KVCache
 from jaxmm.models.core.model import Batch, forward
 from jaxmm.models.core.vision import VisionInputs
@@ -150,6 +156,31 @@ def _squeeze_query(results: dict, probes) -> dict:
             for name, towers in results.items()}
 
 
+def _prefill_forward(params, config, batch: Batch, max_len: int, interventions=(), probes=(), prompt_len=None):
+    """The prompt's forward into an empty cache: the ModelOutput (logits [B,1,V] of row S−1, cache at
+    index S); see :func:`prefill`."""
+    b, t = batch.input_ids.shape
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
+    cache = KVCache.empty(config, b, max_len, dtype, pre_rope=pre_rope)
+    s = _prompt_len(batch, prompt_len)
+    out = forward(params, config, batch, interventions, probes, False, cache, logits_index=s - 1)
+    return dataclasses.replace(out, cache=dataclasses.replace(out.cache, index=s))
+
+
+def _prompt_len(batch: Batch, prompt_len) -> Array:
+    """int32 scalar S: ``prompt_len``, or all T rows of ``batch``."""
+    return jnp.int32(batch.input_ids.shape[1]) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
+
+
+def _next_positions(batch: Batch, prompt_len) -> Array:
+    """[B] int32: the M-RoPE position of generated token 0 of each row, max(prompt positions) + 1."""
+    t = batch.input_ids.shape[1]
+    rows = jnp.arange(t) < _prompt_len(batch, prompt_len)
+    valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]        # the prompt's real tokens
+    return (jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1).astype(jnp.int32)
+
+
 def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes=(), prompt_len=None):
     """Runs the prompt through the model into an empty cache of ``max_len`` positions.
 
@@ -159,20 +190,10 @@ def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes
     length S ≤ T; rows S … T−1 are bucket padding (attention_mask 0 there), whose cache slots the
     decode steps overwrite. Returns ``(last_logits [B,V] of row S−1, cache (index S), next_pos [B]
     int32, prefill ModelOutput)``; the lm head runs on row S−1 only (the ModelOutput's logits are
-    [B,1,V], that row).
+    [B,1,V], that row). No planning: :func:`start` plans two-phase interventions around it.
     """
-    b, t = batch.input_ids.shape
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    pre_rope = any(getattr(iv, "reads_pre_rope_keys", False) for iv in interventions)
-    cache = KVCache.empty(config, b, max_len, dtype, pre_rope=pre_rope)
-    s = jnp.int32(t) if prompt_len is None else jnp.asarray(prompt_len, jnp.int32)
-    out = forward(params, config, batch, interventions, probes, False, cache, logits_index=s - 1)
-    rows = jnp.arange(t) < s
-    valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]        # the prompt's real tokens
-    next_pos = jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1
-    last = out.logits[:, 0]
-    cache = dataclasses.replace(out.cache, index=s)
-    return last, cache, next_pos.astype(jnp.int32), out
+    out = _prefill_forward(params, config, batch, max_len, interventions, probes, prompt_len)
+    return out.logits[:, 0], out.cache, _next_positions(batch, prompt_len), out
 
 
 def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Array, pos: Array,
@@ -189,28 +210,6 @@ def replans_prompt(interventions) -> bool:
     """Whether any intervention's plan also governs the prompt (``replans_prompt``, e.g. RATION:
     "every later query, prefill and decode"): then ``generate`` runs the prompt again under it."""
     return any(getattr(iv, "replans_prompt", False) for iv in interventions)
-
-
-def prefill_and_plan(params, config, batch: Batch, max_len: int, interventions=(), probes=(),
-                     reprefill: bool = False, prompt_len=None):
-    """Prefill with the probes the caller and the interventions ask for, then ``after_prefill``
-    (on ``batch.layout``, the prefill's layout over the cache's keys); with ``reprefill``, the
-    prompt is run again under the re-planned interventions, so the cache holds their effect.
-
-    Returns ``(last_logits, cache, next_pos, prefill_output, planned_interventions)``.
-    """
-    names = {p.name for p in probes}
-    plan_probes = tuple(p for iv in interventions for p in iv.prefill_probes() if p.name not in names)
-    last, cache, next_pos, pre = prefill(params, config, batch, max_len, interventions,
-                                         tuple(probes) + plan_probes, prompt_len)
-    interventions = tuple(iv.after_prefill(pre.probes, batch.layout) for iv in interventions)
-    if plan_probes and reprefill:
-        again = tuple(p for iv in interventions for p in getattr(iv, "reprefill_probes", tuple)())
-        last, cache, next_pos, pre2 = prefill(params, config, batch, max_len, interventions, again, prompt_len)
-        if again:   # a plan that also depends on the prompt's run under it (RATION's released τ)
-            interventions = tuple(iv.after_reprefill(pre2.probes, batch.layout) if hasattr(iv, "after_reprefill")
-                                  else iv for iv in interventions)
-    return last, cache, next_pos, pre, interventions
 
 
 @jax.tree_util.register_dataclass
@@ -246,70 +245,142 @@ def text_only(batch: Batch, config) -> Batch:
     return prepare_batch(config, new_ids, new_am)
 
 
-@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
-def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
-              sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-              reprefill=False, contrast=None, mesh=None, prompt_len=None, suppress=None):
-    """The one jitted generation program (prefill, re-plan, decode loop) behind :func:`generate`,
-    :func:`stream`'s callers and :func:`jit_generate`.
+# ----------------------------------------------------------------------------- the engine
+# generate, stream and jit_generate run these three pieces: start (prefill and plan) once, then per
+# step choose (the token) and advance (the forward that consumes it). generate and jit_generate run
+# them inside one jitted program (run_generation's while loop), stream jits each and loops in Python.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What the decode loop carries from one step to the next.
 
-    ``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
-    the decode-side batch (:func:`extend_for_decoding`); ``prompt_len``: the prompt's length S
-    (traced; default: all rows of ``batch``); ``suppress``: int32 [n] token ids never chosen
-    (:func:`suppress_tokens`), or None."""
-    last, cache, next_pos, pre, interventions = prefill_and_plan(
-        params, config, batch, max_len, interventions, probes, reprefill, prompt_len)
-    constrain = lambda c: c
-    if mesh is not None:   # the KV cache split as jaxmm.sharding.cache_shardings declares, every step
-        from jaxmm.sharding import cache_shardings
+    logits [B,V]: the last forward's logits of each row (they choose the next token; the model's,
+    before suppression or contrast); cache: the :class:`KVCache` (index = keys written); next_pos
+    [B] int32: the M-RoPE position of generated token 0 (step t's token sits at ``next_pos + t``);
+    done [B] bool: rows that have emitted a stop token; text: PAI's text-only stream
+    ``(logits [B,V], cache, next_pos [B])`` with a :class:`Contrast`, else None."""
 
-        constrain = lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, mesh))
-        cache = constrain(cache)
-    keys = jax.random.split(key, max_new_tokens)
-    b = last.shape[0]
+    logits: Any
+    cache: Any
+    next_pos: Any
+    done: Any
+    text: Any = None
+
+
+def _cache_constraint(mesh):
+    """The cache kept split as :func:`jaxmm.sharding.cache_shardings` declares (identity without a mesh)."""
+    if mesh is None:
+        return lambda c: c
+    from jaxmm.sharding import cache_shardings
+
+    return lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, mesh))
+
+
+def start(params, config, batch: Batch, max_len: int, interventions=(), probes=(), reprefill: bool = False,
+          prompt_len=None, contrast=None, mesh=None):
+    """Prefill and plan, the first piece of every generation: the prompt runs into an empty cache
+    of ``max_len`` positions (:func:`prefill`) with ``probes`` plus every intervention's
+    ``prefill_probes()``, the interventions re-plan from its probe results
+    (:func:`jaxmm.attention.run_and_plan`: ``after_prefill`` on ``batch.layout``, the keys' layout
+    over the cache) and, with ``reprefill``, the prompt runs again under the plan, whose cache the
+    decode steps then read. With a :class:`Contrast` (fields set as :func:`generate` sets them) its
+    text-only prompt is prefilled too; with a ``mesh`` the cache is constrained to
+    :func:`jaxmm.sharding.cache_shardings`.
+
+    ``batch``: the prefill batch (T prompt rows, key-side fields over the cache: :func:`prefill_batch`
+    or :func:`batch_with`); ``prompt_len``: int32 S ≤ T (default T).
+
+    Returns ``(state, planned, pre)``: the :class:`DecodeState` before step 0 (``done`` all False),
+    the planned interventions (tuple) every decode step runs under, and the first prefill's
+    ModelOutput (``pre.probes``: the caller's and the plans' probes over the prompt rows).
+    """
+    run = lambda ivs, prs: _prefill_forward(params, config, batch, max_len, ivs, prs, prompt_len)
+    pre, last, planned = run_and_plan(run, interventions, batch.layout, probes, reprefill)
     text = None
     if contrast is not None:
         t_last, t_cache, t_pos, _ = prefill(params, config, contrast.batch, max_len, (), (), contrast.prompt_len)
         text = (t_last, t_cache, t_pos)
+    state = DecodeState(logits=last.logits[:, 0], cache=_cache_constraint(mesh)(last.cache),
+                        next_pos=_next_positions(batch, prompt_len),
+                        done=jnp.zeros((batch.input_ids.shape[0],), bool), text=text)
+    return state, planned, pre
 
-    def choose(logits, text_logits):
-        if text_logits is not None:
-            from jaxmm.interventions.pai import pai_contrast
 
-            logits = pai_contrast(logits, text_logits, contrast.gamma, contrast.cutoff, contrast.variant)
-        return suppress_tokens(logits, suppress)
+def choose(state: DecodeState, key, sampling: Sampling, stop_tokens: Array, pad_token_id, contrast=None,
+           suppress=None):
+    """One step's tokens from ``state.logits``: PAI's contrast with ``state.text`` (with a
+    :class:`Contrast`), ``suppress`` ids [n] int32 set to −inf (or None), then the decoding rule
+    (:func:`select_token`, ``key`` the step's PRNG key); a row already done gets ``pad_token_id``.
 
-    def body(carry, xs):
-        logits, cache, done, text = carry
-        t, k = xs
-        tok = select_token(choose(logits, None if text is None else text[0]), sampling, k)
-        tok = jnp.where(done, pad_token_id, tok)
-        done = done | jnp.isin(tok, stop_tokens)
-        out = decode_step(params, config, full_batch, cache, tok, next_pos + t, interventions, probes)
-        out = dataclasses.replace(out, cache=constrain(out.cache))
-        if text is not None:
-            t_out = decode_step(params, config, contrast.full, text[1], tok, text[2] + t, (), ())
-            text = (t_out.logits[:, 0], t_out.cache, text[2])
-        ys = (tok, logits if output_logits else None, _squeeze_query(out.probes, probes))
-        return (out.logits[:, 0], out.cache, done, text), ys
+    Returns ``(tokens [B] int32, state)`` with ``state.done`` updated (a row is done once it has
+    emitted one of ``stop_tokens`` [n] int32)."""
+    logits = state.logits
+    if contrast is not None:
+        from jaxmm.interventions.pai import pai_contrast
 
-    init = (last, cache, jnp.zeros((b,), bool), text)
+        logits = pai_contrast(logits, state.text[0], contrast.gamma, contrast.cutoff, contrast.variant)
+    tok = select_token(suppress_tokens(logits, suppress), sampling, key)
+    tok = jnp.where(state.done, pad_token_id, tok)
+    return tok, dataclasses.replace(state, done=state.done | jnp.isin(tok, stop_tokens))
+
+
+def advance(params, config, decode_batch: Batch, state: DecodeState, token: Array, t, interventions=(),
+            probes=(), contrast=None, mesh=None):
+    """Step ``t``'s forward (:func:`decode_step`): ``token`` [B] at position ``state.next_pos + t``
+    (``t`` int32, may be traced) under the planned ``interventions``, with ``probes``; PAI's text
+    stream takes the same token. ``decode_batch``: :func:`decode_side` of the batch over the cache.
+
+    Returns ``(state, probes)``: the state for step t+1 (logits, cache; kept split over ``mesh``)
+    and this step's probe results ``{name: {tower: LayerStack(values [L_probed, B, ...])}}`` with the
+    query axis of size 1 removed: they describe token ``t`` as the query."""
+    out = decode_step(params, config, decode_batch, state.cache, token, state.next_pos + t, interventions, probes)
+    text = state.text
+    if text is not None:
+        t_out = decode_step(params, config, contrast.full, text[1], token, text[2] + t, (), ())
+        text = (t_out.logits[:, 0], t_out.cache, text[2])
+    state = dataclasses.replace(state, logits=out.logits[:, 0], cache=_cache_constraint(mesh)(out.cache), text=text)
+    return state, _squeeze_query(out.probes, probes)
+
+
+@partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
+def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
+                   sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
+                   reprefill=False, contrast=None, mesh=None, prompt_len=None, suppress=None):
+    """The one jitted generation program behind :func:`generate` and :func:`jit_generate`:
+    :func:`start`, then a ``lax.while_loop`` of :func:`choose` and :func:`advance` (the pieces
+    :func:`stream` runs one by one) for at most ``max_new_tokens`` steps, ending once every row is
+    done.
+
+    ``batch``: the prefill batch (prompt rows, key-side fields over the cache); ``full_batch``:
+    the decode-side batch (:func:`decode_side` of :func:`extend_for_decoding`); ``prompt_len``: the
+    prompt's length S (traced; default: all rows of ``batch``); ``stop_tokens`` [n] int32;
+    ``pad_token_id`` int32; ``key`` the PRNG key split into one per step; ``suppress``: int32 [n]
+    token ids never chosen (:func:`suppress_tokens`), or None. Returns a :class:`GenerateOutput`."""
+    state, interventions, pre = start(params, config, batch, max_len, interventions, probes, reprefill, prompt_len,
+                                      contrast, mesh)
+    keys = jax.random.split(key, max_new_tokens)
+
+    def body(state, t):
+        tok, chosen = choose(state, keys[t], sampling, stop_tokens, pad_token_id, contrast, suppress)
+        nxt, step_probes = advance(params, config, full_batch, chosen, tok, t, interventions, probes, contrast, mesh)
+        return nxt, (tok, state.logits if output_logits else None, step_probes)
+
     # A while loop, not a scan: decoding ends once every row has stopped. Step t's outputs go to row t
     # of buffers; the steps never run keep pad_token_id tokens and zero logits / probe values.
-    ys_shape = jax.eval_shape(lambda c: body(c, (jnp.int32(0), keys[0]))[1], init)
+    ys_shape = jax.eval_shape(lambda c: body(c, jnp.int32(0))[1], state)
     bufs = jax.tree_util.tree_map(lambda y: jnp.zeros((max_new_tokens,) + y.shape, y.dtype), ys_shape)
     bufs = (jnp.full_like(bufs[0], pad_token_id),) + bufs[1:]
 
-    def cond(state):
-        t, carry, _ = state
-        return (t < max_new_tokens) & ~jnp.all(carry[2])
+    def cond(loop_state):
+        t, state, _ = loop_state
+        return (t < max_new_tokens) & ~jnp.all(state.done)
 
-    def loop(state):
-        t, carry, bufs = state
-        carry, ys = body(carry, (t, keys[t]))
-        return t + 1, carry, jax.tree_util.tree_map(lambda buf, y: buf.at[t].set(y), bufs, ys)
+    def loop(loop_state):
+        t, state, bufs = loop_state
+        state, ys = body(state, t)
+        return t + 1, state, jax.tree_util.tree_map(lambda buf, y: buf.at[t].set(y), bufs, ys)
 
-    steps, _, (tokens, logits, step_probes) = jax.lax.while_loop(cond, loop, (jnp.int32(0), init, bufs))
+    steps, _, (tokens, logits, step_probes) = jax.lax.while_loop(cond, loop, (jnp.int32(0), state, bufs))
     # Step t's forward consumed generated token t: its probes describe token t as the query.
     # Stacked over steps the values are [T_new, L, B, ...]; return [B, T_new, L, ...].
     step_probes = jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 2, 0), step_probes)
@@ -382,7 +453,8 @@ def check_max_new_tokens(max_new_tokens) -> int:
 
 def _warn_past_positions(config, batch: Batch, max_new_tokens: int) -> None:
     """Warns, as transformers' ``MaxLengthCriteria`` does (it warns and goes on), when the longest
-    prompt row plus ``max_new_tokens`` exceeds ``config.text.max_position_embeddings``."""
+    prompt row plus ``max_new_tokens`` exceeds ``config.text.max_position_embeddings`` (called by
+    :func:`_prepare` from ``generate``/``stream``: the warning names their caller)."""
     limit = getattr(getattr(config, "text", None), "max_position_embeddings", None)
     if limit is None:
         return
@@ -392,11 +464,17 @@ def _warn_past_positions(config, batch: Batch, max_new_tokens: int) -> None:
                 f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds")
         warnings.warn(f"{what} the model's max_position_embeddings ({limit}, from config.json); as in "
                       f"transformers, generation goes on, but depending on the model you may observe "
-                      f"degraded output or nothing at all", stacklevel=3)
+                      f"degraded output or nothing at all", stacklevel=4)
 
 
-def _plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None):
-    """(prompt length S, prefill rows, cache length) of a generation."""
+def plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None = None) -> tuple[int, int, int]:
+    """``(S, rows, max_len)`` of a generation from a prompt ``batch`` [B,S]: S, the prefill's query
+    rows (S rounded up to :data:`PROMPT_BUCKET`, at most ``max_len``) and the cache length (default:
+    ``bucket(max(rows, S + max_new_tokens))``).
+
+    Raises:
+        ValueError: a ``max_len`` shorter than S + ``max_new_tokens``.
+    """
     s = batch.input_ids.shape[1]
     if max_len is None:
         rows = bucket(s, PROMPT_BUCKET)
@@ -406,6 +484,49 @@ def _plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None):
             raise ValueError(f"max_len={max_len} is shorter than the prompt ({s}) + max_new_tokens ({max_new_tokens})")
         rows = min(bucket(s, PROMPT_BUCKET), max_len)
     return s, rows, max_len
+
+
+def _stop_array(config, stop_tokens) -> Array:
+    """int32 [n] stop ids (default: the config's, :func:`jaxmm.stopping.stop_token_ids`; −1 for none)."""
+    stop = stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)
+    return jnp.asarray(stop or (-1,), jnp.int32)
+
+
+def _prepare(who, config, batch: Batch, max_new_tokens, sampling: Sampling, key, stop_tokens, pad_token_id,
+             interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens) -> dict:
+    """Host side of :func:`generate` and :func:`stream` alike: checks, bucketed shapes, the prefill
+    and decode-side batches (placed on ``mesh``), the contrast's batches; returns the keyword
+    arguments of :func:`run_generation` (less params, config, output_logits). Raises and warns as
+    :func:`generate` documents."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    suppress = _suppress_ids(config, suppress_tokens)
+    am = np.asarray(batch.attention_mask)
+    if (am[:, -1] == 0).any():
+        raise ValueError(f"{who}() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
+    if sampling.temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.PRNGKey(...))")
+    if reprefill is None:
+        reprefill = replans_prompt(interventions)
+    s, rows, max_len = plan_shapes(batch, max_new_tokens, max_len)
+    _warn_past_positions(config, batch, max_new_tokens)
+    full = extend_for_decoding(batch, max_len)
+    vision_read = _reads_vision(interventions) or _reads_vision(probes)
+    pre = prefill_batch(batch, full, rows, None if vision_read else config)
+    if contrast is not None:
+        c_s, c_rows, _ = plan_shapes(contrast.batch, max_new_tokens, max_len)
+        c_full = extend_for_decoding(contrast.batch, max_len)
+        contrast = dataclasses.replace(contrast, batch=prefill_batch(contrast.batch, c_full, c_rows),
+                                       full=decode_side(c_full), prompt_len=np.int32(c_s))
+    full = decode_side(full)
+    if mesh is not None:
+        from jaxmm.sharding import batch_shardings
+
+        pre = jax.device_put(pre, batch_shardings(pre, mesh))
+        full = jax.device_put(full, batch_shardings(full, mesh))
+    return dict(batch=pre, full_batch=full, max_len=max_len, max_new_tokens=max_new_tokens, sampling=sampling,
+                key=jax.random.PRNGKey(0) if key is None else key, stop_tokens=_stop_array(config, stop_tokens),
+                pad_token_id=jnp.int32(pad_token_id), interventions=tuple(interventions), probes=tuple(probes),
+                reprefill=reprefill, contrast=contrast, mesh=mesh, prompt_len=jnp.int32(s), suppress=suppress)
 
 
 def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
@@ -437,8 +558,11 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         suppress_tokens: token ids never generated (their logits set to −inf before the decoding
             rule, as transformers' ``suppress_tokens``); the returned ``logits`` are the model's.
 
-    Prompts whose length rounds to the same :data:`PROMPT_BUCKET` (and images whose patch counts
-    round alike) reuse one compiled program; see the module docstring.
+    Returns a :class:`GenerateOutput` (tokens [B,T_new] int32, lengths [B] int32, …). The program is
+    :func:`run_generation` (:func:`start`, then :func:`choose` and :func:`advance` per step), the
+    same pieces :func:`stream` runs one at a time. Prompts whose length rounds to the same
+    :data:`PROMPT_BUCKET` (and images whose patch counts round alike) reuse one compiled program;
+    see the module docstring.
 
     Warns:
         UserWarning: the longest prompt + ``max_new_tokens`` exceeds the config's
@@ -448,77 +572,82 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         ValueError: ``max_new_tokens`` not a positive integer, right-padded prompts, sampling
             without a key, a ``max_len`` too short, a suppressed id outside the vocabulary.
     """
-    max_new_tokens = check_max_new_tokens(max_new_tokens)
-    suppress = _suppress_ids(config, suppress_tokens)
-    am = np.asarray(batch.attention_mask)
-    if (am[:, -1] == 0).any():
-        raise ValueError("generate() needs LEFT-padded prompts (attention_mask[:, -1] is 0 in some row)")
-    if sampling.temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key (key=jax.random.PRNGKey(...))")
-    if reprefill is None:
-        reprefill = replans_prompt(interventions)
-    s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
-    _warn_past_positions(config, batch, max_new_tokens)
-    stop = stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)
-    full = extend_for_decoding(batch, max_len)
-    vision_read = _reads_vision(interventions) or _reads_vision(probes)
-    pre = prefill_batch(batch, full, rows, None if vision_read else config)
-    key = jax.random.PRNGKey(0) if key is None else key
-    if contrast is not None:
-        c_s, c_rows, _ = _plan_shapes(contrast.batch, max_new_tokens, max_len)
-        c_full = extend_for_decoding(contrast.batch, max_len)
-        contrast = dataclasses.replace(contrast, batch=prefill_batch(contrast.batch, c_full, c_rows),
-                                       full=decode_side(c_full), prompt_len=np.int32(c_s))
-    full = decode_side(full)
-    if mesh is not None:
-        from jaxmm.sharding import batch_shardings
-
-        pre = jax.device_put(pre, batch_shardings(pre, mesh))
-        full = jax.device_put(full, batch_shardings(full, mesh))
-    return run_generation(params, config, pre, full, max_len, max_new_tokens, sampling, key,
-                     jnp.asarray(stop or (-1,), jnp.int32), jnp.int32(pad_token_id), tuple(interventions),
-                     tuple(probes), output_logits, reprefill, contrast, mesh, jnp.int32(s), suppress)
+    kw = _prepare("generate", config, batch, max_new_tokens, sampling, key, stop_tokens, pad_token_id,
+                  interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens)
+    return run_generation(params, config, kw["batch"], kw["full_batch"], kw["max_len"], kw["max_new_tokens"],
+                          kw["sampling"], kw["key"], kw["stop_tokens"], kw["pad_token_id"], kw["interventions"],
+                          kw["probes"], output_logits, kw["reprefill"], kw["contrast"], kw["mesh"],
+                          kw["prompt_len"], kw["suppress"])
 
 
-_prefill_jit = jax.jit(prefill_and_plan, static_argnames=("config", "max_len", "reprefill"))
-_step_jit = jax.jit(decode_step, static_argnames=("config",))
-_select_jit = jax.jit(select_token, static_argnames=("sampling",))
-_suppress_jit = jax.jit(suppress_tokens)
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One decode step of :func:`stream`, as its ``on_step`` callback receives it: what
+    :func:`generate` returns at index ``t`` of its step axis.
+
+    index: t (0-based); tokens [B] int32 numpy (the tokens yielded; ``pad_token_id`` after a row
+    stopped); logits [B,V]: the model's logits the tokens were chosen from (generate's
+    ``logits[:, t]``); probes ``{name: {tower: LayerStack(values [B, L_probed, ...])}}`` of the forward
+    that consumed token t (generate's ``probes[...].values[:, t]``; empty without probes);
+    prefill_probes: at t = 0, the prefill's probe results as generate's ``prefill_probes``, else None.
+    Arrays other than ``tokens`` are ``jax.Array``\\ s (on the mesh, when streaming over one)."""
+
+    index: int
+    tokens: Any
+    logits: Any
+    probes: Any = None
+    prefill_probes: Any = None
+
+
+_start_jit = jax.jit(start, static_argnames=("config", "max_len", "reprefill", "mesh"))
+_choose_jit = jax.jit(choose)
+_advance_jit = jax.jit(advance, static_argnames=("config", "mesh"))
 
 
 def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
            key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
            interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None,
-           suppress_tokens: Sequence[int] | None = None):
-    """Like :func:`generate`, one jitted step at a time: yields each step's tokens [B] (numpy) as
-    they are chosen, stopping early once every row has stopped. Same tokens as :func:`generate` for
-    the same key (the per-step keys are ``jax.random.split(key, max_new_tokens)``). Raises and
-    warns as :func:`generate`."""
-    max_new_tokens = check_max_new_tokens(max_new_tokens)
-    suppress = _suppress_ids(config, suppress_tokens)
-    if sampling.temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG key")
-    if reprefill is None:
-        reprefill = replans_prompt(interventions)
-    s, rows, max_len = _plan_shapes(batch, max_new_tokens, max_len)
-    _warn_past_positions(config, batch, max_new_tokens)
-    stop = np.asarray(stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens), np.int64)
-    full = extend_for_decoding(batch, max_len)
-    pre = prefill_batch(batch, full, rows, None if _reads_vision(interventions) else config)
-    full = decode_side(full)
-    last, cache, next_pos, _, ivs = _prefill_jit(params, config, pre, max_len, tuple(interventions), (),
-                                                 reprefill, jnp.int32(s))
-    keys = jax.random.split(jax.random.PRNGKey(0) if key is None else key, max_new_tokens)
-    done = np.zeros(batch.input_ids.shape[0], bool)
-    for t in range(max_new_tokens):
-        tok = np.asarray(_select_jit(_suppress_jit(last, suppress), sampling, keys[t]))
-        tok = np.where(done, pad_token_id, tok)
-        done |= np.isin(tok, stop)
-        yield tok
-        if done.all():
+           suppress_tokens: Sequence[int] | None = None, probes: Sequence = (), contrast: Contrast | None = None,
+           mesh=None, on_step=None):
+    """:func:`generate`, one jitted step at a time: yields each step's tokens [B] int32 (numpy) as
+    they are chosen, stopping early once every row has stopped.
+
+    The same engine as :func:`generate`, its pieces jitted one by one: :func:`start` (prefill and
+    plan, ``after_prefill`` interventions included), then per step :func:`choose` (yielded) and
+    :func:`advance`; the per-step keys are ``jax.random.split(key, max_new_tokens)``. So, for the
+    same arguments, the tokens are generate's (up to its last step run), with probes,
+    interventions, ``contrast`` and ``mesh`` alike. Arguments as :func:`generate`, plus
+    ``on_step``: a callable that receives each step's :class:`Step` (logits and probes) once that
+    step's forward has run, i.e. after its tokens were yielded (its return value is ignored); a
+    consumer that stops iterating early gets no record of the last step it took. Each step's
+    tokens are read on the host, so a ``mesh`` must be this process's devices (over several
+    processes use :func:`generate` or :func:`jit_generate`).
+
+    Raises and warns as :func:`generate` (when the first token is requested).
+    """
+    kw = _prepare("stream", config, batch, max_new_tokens, sampling, key, stop_tokens, pad_token_id,
+                  interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens)
+    state, ivs, pre = _start_jit(params, config, kw["batch"], kw["max_len"], kw["interventions"], kw["probes"],
+                                 kw["reprefill"], kw["prompt_len"], kw["contrast"], kw["mesh"])
+    n = kw["max_new_tokens"]
+    keys = jax.random.split(kw["key"], n)
+    for t in range(n):
+        tok, chosen = _choose_jit(state, keys[t], kw["sampling"], kw["stop_tokens"], kw["pad_token_id"],
+                                  kw["contrast"], kw["suppress"])
+        host = np.asarray(tok)
+        yield host
+        last = t + 1 == n or bool(np.asarray(chosen.done).all())
+        if last and on_step is None:
             return
-        out = _step_jit(params, config, full, cache, jnp.asarray(tok, jnp.int32), next_pos + t, ivs, ())
-        last, cache = out.logits[:, 0], out.cache
+        nxt, step_probes = _advance_jit(params, config, kw["full_batch"], chosen, tok, jnp.int32(t), ivs,
+                                        kw["probes"], kw["contrast"], kw["mesh"])
+        if on_step is not None:
+            on_step(Step(index=t, tokens=host, logits=state.logits,
+                         probes=jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 1, 0), step_probes),
+                         prefill_probes=pre.probes if t == 0 else None))
+        if last:
+            return
+        state = nxt
 
 
 # ----------------------------------------------------------------------------- over a mesh
@@ -543,30 +672,41 @@ def jit_prefill(config, mesh: jax.sharding.Mesh, params, batch, max_len: int, in
 
 def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens: int, *, max_len: int | None = None,
                  sampling=None, stop_tokens=None, pad_token_id: int = 0, interventions=(), probes=(),
-                 output_logits: bool = False):
-    """``jax.jit`` of the whole of :func:`generate` (prefill + scanned decode, the one program
-    :func:`run_generation`) with explicit in/out shardings: parameters as placed, the prompt
+                 output_logits: bool = False, reprefill: bool | None = None,
+                 suppress_tokens: Sequence[int] | None = None):
+    """``jax.jit`` of the whole of :func:`generate` (its one program, :func:`run_generation`: prefill
+    and plan, then the decode loop) with explicit in/out shardings: parameters as placed, the prompt
     ``batch`` [B,S] and its decoding extension by :func:`jaxmm.sharding.batch_shardings`, the KV
     cache constrained to :func:`jaxmm.sharding.cache_shardings` at every step;
     out, split over the batch axes on B: tokens [B,T_new], lengths [B], logits [B,T_new,V] (if
     ``output_logits``), each decode probe's values [B,T_new,…]. ``prefill_probes`` is not returned
-    (None). Returns ``f(params, batch, full, key) -> GenerateOutput`` with
-    ``full = extend_for_decoding(batch, f.max_len)`` and ``f.max_len`` the cache length."""
+    (None). The prompt runs as its S rows (no :data:`PROMPT_BUCKET` padding: the program is built for
+    one shape); other arguments as :func:`generate`. Returns ``f(params, batch, full, key) ->
+    GenerateOutput`` with ``full = extend_for_decoding(batch, f.max_len)`` and ``f.max_len`` the
+    cache length (default as :func:`plan_shapes`: ``bucket(S + max_new_tokens)``).
+
+    Raises:
+        ValueError: ``max_new_tokens`` not a positive integer, a ``max_len`` too short, a
+            suppressed id outside the vocabulary.
+    """
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxmm.sharding import batch_shardings, batch_spec, shardings_of
 
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     sampling = Sampling() if sampling is None else sampling
-    b, s = batch.input_ids.shape
-    max_len = max_len or bucket(s + max_new_tokens)
-    stop = jnp.asarray((stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)) or (-1,), jnp.int32)
-    pad = jnp.int32(pad_token_id)
+    b = batch.input_ids.shape[0]
+    _, _, max_len = plan_shapes(batch, max_new_tokens, max_len)
+    stop, pad = _stop_array(config, stop_tokens), jnp.int32(pad_token_id)
+    suppress = _suppress_ids(config, suppress_tokens)
+    interventions, probes = tuple(interventions), tuple(probes)
+    reprefill = replans_prompt(interventions) if reprefill is None else reprefill
     full = extend_for_decoding(batch, max_len)
 
     def fn(p, prompt, full, key):
         out = run_generation(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
-                        key, stop, pad, tuple(interventions), tuple(probes), output_logits,
-                        replans_prompt(interventions), None, mesh)
+                             key, stop, pad, interventions, probes, output_logits, reprefill, None, mesh, None,
+                             suppress)
         return dataclasses.replace(out, prefill_probes=None)
 
     rep = NamedSharding(mesh, PartitionSpec())

@@ -373,6 +373,50 @@ def test_methods_run_inside_generate_and_stream_alike(setup):
     assert plain.tokens.shape == out.tokens.shape
 
 
+def test_stream_is_generate_with_probes_and_an_after_prefill_plan(setup):
+    """stream runs generate's engine (the same prefill-and-plan, choose and advance): with probes
+    and VRGA (planned from the prefill's probes, then editing every decode step) it yields
+    generate's tokens exactly, and its per-step records carry generate's step logits, decode probe
+    values and prefill probes; with stop tokens both end at the same step."""
+    from jaxmm import probes as P
+    from jaxmm.generate import generate, stream
+
+    _, model, _, batch = setup
+    ivs = model.interventions(["vrga"])
+    probes = (P.VisualMass(), P.FocusRatio(layers=(0, 2)))
+    kw = dict(max_new_tokens=8, stop_tokens=[], interventions=ivs, probes=probes)
+    out = generate(model.params, model.config, batch, output_logits=True, **kw)
+    unplanned = generate(model.params, model.config, batch, output_logits=True, max_new_tokens=8, stop_tokens=[],
+                         probes=probes)
+    assert np.abs(np.asarray(out.logits) - np.asarray(unplanned.logits)).max() > 1e-4    # the plan edits decoding
+    steps = []
+    streamed = np.stack(list(stream(model.params, model.config, batch, on_step=steps.append, **kw)), 1)
+    np.testing.assert_array_equal(streamed, np.asarray(out.tokens))
+    assert [s.index for s in steps] == list(range(8))
+    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), streamed)
+    np.testing.assert_allclose(np.stack([np.asarray(s.logits) for s in steps], 1), np.asarray(out.logits),
+                               atol=1e-5, rtol=0)
+    for p in probes:
+        want = out.probes[p.name]["text"]                                      # values [B, T_new, L, H]
+        assert steps[0].probes[p.name]["text"].layers == want.layers
+        got = np.stack([np.asarray(s.probes[p.name]["text"].values) for s in steps], 1)
+        np.testing.assert_allclose(got, np.asarray(want.values), rtol=1e-5, atol=1e-6, err_msg=p.name)
+        np.testing.assert_allclose(np.asarray(steps[0].prefill_probes[p.name]["text"].values),
+                                   np.asarray(out.prefill_probes[p.name]["text"].values), rtol=1e-5, atol=1e-6,
+                                   err_msg=p.name)
+    assert all(s.prefill_probes is None for s in steps[1:])
+    t = np.asarray(out.tokens)
+    stop = sorted({int(t[0, 2]), int(t[1, 4])})
+    kw["stop_tokens"] = stop
+    stopped = generate(model.params, model.config, batch, **kw)
+    records = []
+    streamed = np.stack(list(stream(model.params, model.config, batch, on_step=records.append, **kw)), 1)
+    n = int(stopped.steps)
+    assert n < 8 and streamed.shape == (2, n) and len(records) == n
+    np.testing.assert_array_equal(streamed, np.asarray(stopped.tokens)[:, :n])
+    assert not np.asarray(stopped.tokens)[:, n:].any()                        # pad (0) after the last step
+
+
 def test_efr_head_mask_zeroes_the_visual_heads(setup):
     _, model, raw, batch = setup
     iv = I.build(["vrga"], model.config)[0]
@@ -391,8 +435,9 @@ def test_efr_head_mask_zeroes_the_visual_heads(setup):
 
 def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
     """Each step's token = argmax of γ(log p_mm − log p_text) + log p_text (γ = 3, cut-off 0.1), the text
-    stream being the same prompt without its images, fed the same tokens."""
-    from jaxmm.generate import Contrast, generate, text_only
+    stream being the same prompt without its images, fed the same tokens; ``stream`` with the same
+    contrast yields the same tokens."""
+    from jaxmm.generate import Contrast, generate, stream, text_only
 
     _, model, raw, batch = setup
     tb = text_only(batch, model.config)
@@ -403,6 +448,9 @@ def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
     tokens = np.asarray(out.tokens)
     plain = np.asarray(generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs).tokens)
     assert (tokens != plain).any()
+    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[],
+                                    interventions=ivs, contrast=Contrast(tb, gamma=3.0, cutoff=0.1))), 1)
+    np.testing.assert_array_equal(streamed, tokens)                         # stream decodes the contrast alike
     # manual reference with full recomputation (no cache) of both streams
     def next_logits(b, pix, grid, extra, ivs_):
         # generated tokens are random ids (special ones too): give their M-RoPE positions explicitly

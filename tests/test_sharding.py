@@ -81,8 +81,8 @@ def test_forward_generate_and_sft_step_on_a_data_fsdp_tensor_mesh(tmp_path, monk
 def test_explicit_activation_and_kv_cache_shardings(tmp_path):
     """jax.jit with in/out shardings on a (data=2, fsdp=2, tensor=2) mesh: the forward's logits and
     the prefill's KV cache come out split as declared and equal one device (1e-5); generation with
-    the cache kept sharded gives the same tokens."""
-    from jaxmm.generate import batch_with, extend_for_decoding, generate, prefill
+    the cache kept sharded gives the same tokens, generating and streaming."""
+    from jaxmm.generate import batch_with, extend_for_decoding, generate, prefill, stream
     from jaxmm.generate import jit_prefill
     from jaxmm.sharding import batch_shardings, cache_shardings, jit_forward, make_mesh
 
@@ -116,6 +116,8 @@ def test_explicit_activation_and_kv_cache_shardings(tmp_path):
     t1 = generate(one.params, one.config, b1, max_new_tokens=6, stop_tokens=[])
     tm = generate(many.params, many.config, b1, max_new_tokens=6, stop_tokens=[], mesh=mesh)
     np.testing.assert_array_equal(np.asarray(t1.tokens), np.asarray(tm.tokens))
+    streamed = np.stack(list(stream(many.params, many.config, b1, max_new_tokens=6, stop_tokens=[], mesh=mesh)), 1)
+    np.testing.assert_array_equal(streamed, np.asarray(t1.tokens))            # stream: the same engine on the mesh
 
 
 def test_jit_generate_with_explicit_shardings(tmp_path):

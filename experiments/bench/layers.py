@@ -38,7 +38,7 @@ def main(argv=None):
     import jax
 
     import jaxmm
-    from jaxmm.generate import _plan_shapes, decode_side, extend_for_decoding, prefill_batch, run_generation, Sampling
+    from jaxmm.generate import Sampling, decode_side, extend_for_decoding, plan_shapes, prefill_batch, run_generation
     from jaxmm.models.core.model import forward, layer_loop
 
     with tempfile.TemporaryDirectory() as d:
@@ -49,7 +49,7 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform}")
     print(f"size={args.size}: {cfg.text_config.num_hidden_layers} text layers, {cfg.vision_config.depth} vision blocks; "
           f"prompt {raw['input_ids'].shape[1]} tokens; decode {args.new} new")
-    s, rows, max_len = _plan_shapes(batch, args.new, None)
+    s, rows, max_len = plan_shapes(batch, args.new, None)
     full = extend_for_decoding(batch, max_len)
     pre = prefill_batch(batch, full, rows, model.config)
     dec = decode_side(full)
