@@ -74,7 +74,7 @@ def generate(args) -> int:
 
     import jaxmm
     from jaxmm import organism
-    from jaxmm.generate import Contrast, Sampling, stream, text_only
+    from jaxmm.generate import Sampling, pai_contrast_for, stream
     from jaxmm.processing import batch as host
 
     path = organism.resolve(args.model)
@@ -95,11 +95,10 @@ def generate(args) -> int:
     stop = host.stop_tokens(model)
     ids = []
     printed = ""
+    ivs = model.interventions(args.method)
     for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
                        sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop,
-                       interventions=model.interventions(args.method),
-                       contrast=None if args.pai_contrast is None else Contrast(text_only(batch, model.config),
-                                                                                args.pai_contrast)):
+                       interventions=ivs, contrast=pai_contrast_for(batch, model.config, ivs, args.pai_contrast)):
         ids.append(int(step[0]))
         text = tok.decode(ids, skip_special_tokens=True)
         print(text[len(printed):], end="", flush=True)

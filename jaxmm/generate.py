@@ -30,6 +30,8 @@ by ``pad_token_id``, as transformers does.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from functools import partial
 from typing import Any, Sequence
@@ -56,6 +58,17 @@ class Sampling:
     temperature: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     top_k: int = dataclasses.field(default=0, metadata=dict(static=True))
     top_p: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    def __post_init__(self):
+        """Raises ValueError: a negative or non-finite temperature, a top_k that is not an integer
+        ≥ 0, a top_p outside (0, 1] (transformers refuses the same values)."""
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"Sampling: temperature={t!r}; expected a finite number >= 0 (0 = greedy)")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"Sampling: top_k={k!r}; expected an integer >= 0 (0 = off)")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"Sampling: top_p={p!r}; expected a number in (0, 1] (1 = off)")
 
 
 @jax.tree_util.register_dataclass
@@ -227,6 +240,24 @@ class Contrast:
     variant: str = dataclasses.field(default="paper", metadata=dict(static=True))
     prompt_len: Any = None      # set by generate (its bucketed prefill batch holds more rows)
     full: Any = None            # its decode-side batch over the cache (set by generate)
+
+
+def pai_contrast_for(batch: Batch, config, interventions=(), gamma: float | None = None) -> Contrast | None:
+    """PAI's contrast for generating ``batch``: at ``gamma`` when given (``Model.generate(...,
+    pai_contrast=γ)``, ``jaxmm generate --pai-contrast γ``), else at the γ a PAI among
+    ``interventions`` asks for (``pai:gamma=γ``, :func:`jaxmm.interventions.decoding_contrast`,
+    with its variant); None when neither asks.
+
+    Raises:
+        ValueError: two PAI interventions set gamma.
+    """
+    from jaxmm.interventions.pai import decoding_contrast
+
+    asked = decoding_contrast(interventions)
+    if gamma is None and asked is None:
+        return None
+    gamma, variant = (gamma, asked[1] if asked else "paper") if gamma is not None else asked
+    return Contrast(text_only(batch, config), gamma=gamma, variant=variant)
 
 
 def text_only(batch: Batch, config) -> Batch:
@@ -487,8 +518,16 @@ def plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None = None) -
 
 
 def _stop_array(config, stop_tokens) -> Array:
-    """int32 [n] stop ids (default: the config's, :func:`jaxmm.stopping.stop_token_ids`; −1 for none)."""
+    """int32 [n] stop ids (default: the config's, :func:`jaxmm.stopping.stop_token_ids`; −1 for none).
+
+    Raises:
+        ValueError: a stop token that is not a token id of the vocabulary (0 … vocab_size − 1).
+    """
     stop = stop_token_ids(config) if stop_tokens is None else tuple(stop_tokens)
+    vocab = config.text.vocab_size
+    bad = [t for t in stop if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"stop_tokens: {bad} not token ids of this model (integers 0 … {vocab - 1})")
     return jnp.asarray(stop or (-1,), jnp.int32)
 
 

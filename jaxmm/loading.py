@@ -143,7 +143,7 @@ class Model:
 
         ``interventions`` may be names, dicts or YAML paths (:func:`jaxmm.interventions.build`).
         ``pai_contrast=γ`` adds PAI's contrast against the same prompts without images (γ = 1.1 in
-        the paper).
+        the paper); a PAI intervention with ``gamma`` set asks for it too (:func:`jaxmm.generate.pai_contrast_for`).
 
         Returns the :class:`~jaxmm.generate.GenerateOutput`; from messages it also carries ``text``
         (list of decoded completions, special tokens removed).
@@ -153,7 +153,7 @@ class Model:
                 :meth:`prepare_chat`'s and :func:`jaxmm.generate.generate`'s errors.
             TypeError: a bare string instead of chat messages.
         """
-        from jaxmm.generate import Contrast, Sampling, check_max_new_tokens, generate, text_only
+        from jaxmm.generate import Sampling, check_max_new_tokens, generate, pai_contrast_for
         from jaxmm.processing import batch as host
 
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -162,11 +162,11 @@ class Model:
         if stop_tokens is None:
             stop_tokens = host.stop_tokens(self, chat)
         pad = host.pad_token_id(self) if chat else 0
+        ivs = self.interventions(interventions)
         out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
                        sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
-                       pad_token_id=pad, interventions=self.interventions(interventions), probes=probes,
-                       output_logits=output_logits, reprefill=reprefill,
-                       contrast=None if pai_contrast is None else Contrast(text_only(batch, self.config), pai_contrast))
+                       pad_token_id=pad, interventions=ivs, probes=probes, output_logits=output_logits,
+                       reprefill=reprefill, contrast=pai_contrast_for(batch, self.config, ivs, pai_contrast))
         if chat:
             from jaxmm.processing.chat import decode
 

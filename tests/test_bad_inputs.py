@@ -15,6 +15,7 @@ import shutil
 import struct
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -342,3 +343,36 @@ def test_generation_past_max_position_embeddings_warns_as_transformers(org):
     edge = dataclasses.replace(short, text=dataclasses.replace(short.text, max_position_embeddings=s + 1))
     with pytest.warns(UserWarning, match=r"max_new_tokens \(2\) exceeds"):
         generate(model.params, edge, batch, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kw,needles", [
+    ({"temperature": -1.0}, ["temperature=-1.0", ">= 0"]),
+    ({"temperature": float("nan")}, ["temperature=nan", "finite"]),
+    ({"temperature": "hot"}, ["temperature='hot'"]),
+    ({"top_p": 0.0}, ["top_p=0.0", "(0, 1]"]),
+    ({"top_p": 2.0}, ["top_p=2.0", "(0, 1]"]),
+    ({"top_k": -1}, ["top_k=-1", ">= 0"]),
+    ({"top_k": 2.5}, ["top_k=2.5", "integer"]),
+])
+def test_bad_sampling_is_refused_before_any_work(org, kw, needles):
+    """A negative temperature would invert the distribution and top_p 0 keep nothing: both used to
+    sample silently."""
+    from jaxmm.generate import Sampling
+
+    model = org[1]
+    raises(ValueError, lambda: Sampling(**kw), "Sampling:", *needles)
+    raises(ValueError, lambda: model.generate([{"role": "user", "content": "hi"}], max_new_tokens=1,
+                                              key=jax.random.PRNGKey(0), **kw), *needles)
+    assert Sampling(temperature=np.float32(0.7), top_k=np.int64(3), top_p=1).top_k == 3      # numpy scalars pass
+
+
+@pytest.mark.parametrize("stop", [[-5], [10 ** 6], ["eos"], [1.5]])
+def test_stop_tokens_outside_the_vocabulary_are_named(org, stop):
+    model = org[1]
+    batch, _ = model.prepare_chat([{"role": "user", "content": "hi"}])
+    vocab = model.config.text.vocab_size
+    needles = ["stop_tokens", repr(stop[0]), f"0 … {vocab - 1}"]
+    raises(ValueError, lambda: generate(model.params, model.config, batch, max_new_tokens=1, stop_tokens=stop),
+           *needles)
+    raises(ValueError, lambda: next(stream(model.params, model.config, batch, max_new_tokens=1, stop_tokens=stop)),
+           *needles)

@@ -448,6 +448,9 @@ def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
     tokens = np.asarray(out.tokens)
     plain = np.asarray(generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs).tokens)
     assert (tokens != plain).any()
+    # the same contrast asked for by the method (pai:gamma=3), through Model.generate
+    asked = model.generate(batch, max_new_tokens=6, stop_tokens=[], interventions=["pai:gamma=3.0"])
+    np.testing.assert_array_equal(np.asarray(asked.tokens), tokens)
     streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[],
                                     interventions=ivs, contrast=Contrast(tb, gamma=3.0, cutoff=0.1))), 1)
     np.testing.assert_array_equal(streamed, tokens)                         # stream decodes the contrast alike

@@ -580,8 +580,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     """Rows of one batch. ``render=False`` (processes other than 0): a heatmap row carries its map in
     ``heatmap_data`` instead of writing the figure (:func:`render_deferred_heatmaps`)."""
     from jaxmm.eval.report import render_heatmap
-    from jaxmm.generate import Contrast, generate, text_only
-    from jaxmm.interventions import decoding_contrast
+    from jaxmm.generate import generate, pai_contrast_for
     from jaxmm.processing import batch as host
     from jaxmm.sharding import on_host
 
@@ -600,12 +599,9 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     if any(drawn):      # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
         probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)
     t0 = time.perf_counter()
-    contrast = decoding_contrast(ivs)        # PAI with gamma: decode against the same prompts without images
-    if contrast is not None:
-        contrast = Contrast(text_only(batch, model.config), gamma=contrast[0], variant=contrast[1])
     out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens,
                    stop_tokens=host.stop_tokens(model), pad_token_id=host.pad_token_id(model), interventions=ivs,
-                   probes=probes, mesh=mesh, contrast=contrast)
+                   probes=probes, mesh=mesh, contrast=pai_contrast_for(batch, model.config, ivs))
     out = on_host(out)        # gathered first where a mesh spans processes
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)
