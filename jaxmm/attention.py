@@ -113,9 +113,14 @@ class Intervention:
     towers: tuple[str, ...] = ("text",)
 
     def applies(self, site: Site) -> bool:
+        """Whether this intervention acts at ``site``: its ``layers`` (None = all) and ``towers``
+        (``"text"``, ``"vision"``) hold the site's layer and tower."""
         return _selects(self, site)
 
     def has_stage(self, name: str) -> bool:
+        """Whether the subclass overrides stage ``name`` (``"bias"``, ``"logits"``, ``"weights"``):
+        the seam runs only the stages an intervention defines, and a ``bias``-only one keeps the
+        fused path."""
         return getattr(type(self), name) is not getattr(Intervention, name)
 
     def bias(self, site: Site) -> Array:
@@ -156,6 +161,8 @@ class Probe:
     kind: str = "attention"
 
     def applies(self, site: Site) -> bool:
+        """Whether this probe reads the attention weights at ``site`` (``kind`` "attention", its
+        ``layers`` and ``towers`` holding the site's)."""
         return self.kind == "attention" and _selects(self, site)
 
     def __call__(self, weights: Array, site: Site) -> Array:
@@ -163,6 +170,8 @@ class Probe:
 
 
 def static_field(default):
+    """A dataclass field that is static in the pytree (part of the jit cache key, not traced): for
+    layer tuples, variants and other choices an intervention or probe branches on in Python."""
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 

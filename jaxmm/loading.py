@@ -35,6 +35,7 @@ class Model:
 
     @property
     def dtype(self):
+        """The parameters' dtype (that of the first leaf: ``jaxmm.load`` casts all of them alike)."""
         return jax.tree_util.tree_leaves(self.params)[0].dtype
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
