@@ -13,9 +13,13 @@ Names are imported lazily so that host-side modules (``jaxmm.processing``) load 
 import importlib
 
 _EXPORTS = {
-    "load": "jaxmm.loading", "Model": "jaxmm.loading",
-    "attend": "jaxmm.attention", "Site": "jaxmm.attention", "Intervention": "jaxmm.attention",
-    "Probe": "jaxmm.attention", "AttentionWeights": "jaxmm.attention",
+    "load": "jaxmm.loading",
+    "Model": "jaxmm.loading",
+    "attend": "jaxmm.attention",
+    "Site": "jaxmm.attention",
+    "Intervention": "jaxmm.attention",
+    "Probe": "jaxmm.attention",
+    "AttentionWeights": "jaxmm.attention",
 }
 
 __all__ = sorted(_EXPORTS) + ["probes", "interventions"]

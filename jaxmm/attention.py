@@ -47,8 +47,8 @@ Array = jax.Array
 FUSED = "fused"
 MATMUL = "matmul"
 EXPLICIT = "explicit"
-QUERY_CHUNK = 512     # default query chunk of the explicit path (read at trace time)
-PLAIN_PATH = "auto"   # path of plain layers: "auto" (matmul on CPU, fused elsewhere), "fused", "matmul"
+QUERY_CHUNK = 512  # default query chunk of the explicit path (read at trace time)
+PLAIN_PATH = "auto"  # path of plain layers: "auto" (matmul on CPU, fused elsewhere), "fused", "matmul"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,13 +299,23 @@ def _last_query(site: Site) -> Array:
     if lay is None or getattr(lay, "attention_mask", None) is None:
         return None
     am = lay.attention_mask
-    valid = (jnp.take(am, jnp.clip(qp, 0, am.shape[-1] - 1), axis=1) > 0) & (qp >= 0)[None]     # [B,T]
+    valid = (jnp.take(am, jnp.clip(qp, 0, am.shape[-1] - 1), axis=1) > 0) & (qp >= 0)[None]  # [B,T]
     return jnp.max(jnp.where(valid, qp[None], -1), axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- attend
-def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scale: float,
-           interventions=(), probes=(), query_chunk: int | None = None) -> tuple[Array, dict[str, Array]]:
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    site: Site,
+    mask: Array | None,
+    scale: float,
+    interventions=(),
+    probes=(),
+    query_chunk: int | None = None,
+) -> tuple[Array, dict[str, Array]]:
     """Attention with interventions and probes. See the module docstring for shapes.
 
     ``query_chunk`` (static): query rows per block of the explicit path; default
@@ -318,8 +328,9 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
     prs = [p for p in probes if p.applies(site)]
     if site.query_pos is None:
         site = dataclasses.replace(site, query_pos=jnp.arange(q.shape[1], dtype=jnp.int32))
-    site = dataclasses.replace(site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden,
-                               call_residual=site.residual, call_q_pre=site.q_pre)
+    site = dataclasses.replace(
+        site, mask=mask, call_pos=site.query_pos, call_hidden=site.hidden, call_residual=site.residual, call_q_pre=site.q_pre
+    )
     last = _last_query(site)
     if last is None:
         last = jnp.full((q.shape[0],), site.query_pos[-1], jnp.int32)
@@ -334,8 +345,9 @@ def attend(q: Array, k: Array, v: Array, *, site: Site, mask: Array | None, scal
         _TRACE.extend((site.tower, layer, path) for layer in (_SCANNED or (site.layer,)))
     if path == FUSED:
         impl = "xla" if jax.default_backend() == "cpu" else None
-        out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-                                           mask=mask, scale=scale, implementation=impl)
+        out = jax.nn.dot_product_attention(
+            q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale, implementation=impl
+        )
         return out, {}
     if path == MATMUL:
         return _explicit(q, k, v, mask, bias, scale, (), (), site)
@@ -353,7 +365,7 @@ def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
     kk, g = k.shape[1], k.shape[2]
     r = h // g
     qh = q.reshape(b, t, g, r, d).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, d)
-    z = jnp.matmul(qh, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)   # [B,G,R·T,K]
+    z = jnp.matmul(qh, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)  # [B,G,R·T,K]
     z = z.reshape(b, h, t, kk) * scale
     if bias is not None:
         z = z + bias
@@ -365,7 +377,7 @@ def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
     z_max = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
     e = jnp.exp(z - z_max)
     total = jnp.sum(e, axis=-1, keepdims=True)
-    a = e / total                                             # = jax.nn.softmax(z)
+    a = e / total  # = jax.nn.softmax(z)
     log_a = z - (z_max + jnp.log(total))
     for iv in ivs:
         if iv.has_stage("weights"):
@@ -374,7 +386,7 @@ def _explicit(q, k, v, mask, bias, scale, ivs, prs, site):
         site = dataclasses.replace(site, log_weights=log_a)
     results = {p.name: p(a, site) for p in prs}
     ah = a.astype(v.dtype).reshape(b, g, r * t, kk)
-    out = jnp.matmul(ah, v.transpose(0, 2, 1, 3))                                      # [B,G,R·T,D]
+    out = jnp.matmul(ah, v.transpose(0, 2, 1, 3))  # [B,G,R·T,D]
     return out.reshape(b, g, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), results
 
 
@@ -390,10 +402,13 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
     t = q.shape[1]
     n = -(-t // chunk)
     pad = n * chunk - t
-    pad_rows = lambda x, axis: x if x is None or x.ndim < -axis or x.shape[axis] != t else jnp.pad(
-        x, [(0, pad) if i == x.ndim + axis else (0, 0) for i in range(x.ndim)])
+    pad_rows = lambda x, axis: (
+        x
+        if x is None or x.ndim < -axis or x.shape[axis] != t
+        else jnp.pad(x, [(0, pad) if i == x.ndim + axis else (0, 0) for i in range(x.ndim)])
+    )
     qp, maskp, biasp = pad_rows(q, -3), pad_rows(mask, -2), pad_rows(bias, -2)
-    qpos = jnp.pad(site.query_pos, (0, pad), constant_values=-1)   # padding rows match no position
+    qpos = jnp.pad(site.query_pos, (0, pad), constant_values=-1)  # padding rows match no position
     q_pre = pad_rows(site.q_pre, -3)
     hidden = pad_rows(site.hidden, -2)
     residual = pad_rows(site.residual, -2)
@@ -401,25 +416,29 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
 
     def one(i):
         s = i * chunk
-        sub = dataclasses.replace(site, query_pos=jax.lax.dynamic_slice_in_dim(qpos, s, chunk),
-                                  q_pre=_take_rows(q_pre, s, chunk, tp, -3),
-                                  hidden=_take_rows(hidden, s, chunk, tp, -2),
-                                  residual=_take_rows(residual, s, chunk, tp, -2),
-                                  mask=_take_rows(maskp, s, chunk, tp, -2))
-        return _explicit(_take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2),
-                         scale, ivs, prs, sub)
+        sub = dataclasses.replace(
+            site,
+            query_pos=jax.lax.dynamic_slice_in_dim(qpos, s, chunk),
+            q_pre=_take_rows(q_pre, s, chunk, tp, -3),
+            hidden=_take_rows(hidden, s, chunk, tp, -2),
+            residual=_take_rows(residual, s, chunk, tp, -2),
+            mask=_take_rows(maskp, s, chunk, tp, -2),
+        )
+        return _explicit(
+            _take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2), scale, ivs, prs, sub
+        )
 
     outs, results = jax.lax.map(one, jnp.arange(n))
     out = jnp.moveaxis(outs, 0, 1).reshape((q.shape[0], tp) + q.shape[2:])[:, :t]
     joined = {}
     for p in prs:
-        r = results[p.name]                               # [n, ..., chunk, ...]
-        if p.query_axis is None:                          # row-selecting probes: chunks add up
+        r = results[p.name]  # [n, ..., chunk, ...]
+        if p.query_axis is None:  # row-selecting probes: chunks add up
             joined[p.name] = jnp.sum(r, axis=0)
             continue
         ax = p.query_axis % (r.ndim - 1)
-        r = jnp.moveaxis(r, 0, ax)                         # [..., n, chunk, ...]
-        shape = r.shape[:ax] + (tp,) + r.shape[ax + 2:]
+        r = jnp.moveaxis(r, 0, ax)  # [..., n, chunk, ...]
+        shape = r.shape[:ax] + (tp,) + r.shape[ax + 2 :]
         joined[p.name] = jax.lax.slice_in_dim(r.reshape(shape), 0, t, axis=ax)
     return out, joined
 
@@ -456,9 +475,8 @@ def run_and_plan(run, interventions, layout, probes=(), reprefill: bool = False)
     if plan_probes and reprefill:
         again = tuple(p for iv in planned for p in getattr(iv, "reprefill_probes", tuple)())
         last = run(planned, again)
-        if again:   # a plan that also depends on the prompt's run under it (RATION's released τ)
-            planned = tuple(iv.after_reprefill(last.probes, layout) if hasattr(iv, "after_reprefill") else iv
-                            for iv in planned)
+        if again:  # a plan that also depends on the prompt's run under it (RATION's released τ)
+            planned = tuple(iv.after_reprefill(last.probes, layout) if hasattr(iv, "after_reprefill") else iv for iv in planned)
     return first, last, planned
 
 

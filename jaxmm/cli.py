@@ -41,22 +41,25 @@ def demo(args) -> int:
     image, name = _load_image(args.image)
     pix = proc([image])
     cfg = model.config
-    n_img = int(pix["image_grid_thw"][0].prod()) // cfg.vision.spatial_merge_size ** 2
+    n_img = int(pix["image_grid_thw"][0].prod()) // cfg.vision.spatial_merge_size**2
     rng = np.random.default_rng(0)
     system = [int(t) for t in rng.integers(3, 100, 6)]
     question = [int(t) for t in rng.integers(3, 100, 8)]
-    ids = np.array([system + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img
-                    + [cfg.vision_end_token_id] + question], np.int64)
+    ids = np.array(
+        [system + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id] + question], np.int64
+    )
     s = ids.shape[1]
-    batch = model.prepare(input_ids=ids, attention_mask=np.ones_like(ids), pixel_values=pix["pixel_values"],
-                          image_grid_thw=pix["image_grid_thw"], system_spans=[[(0, len(system))]],
-                          question_spans=[[(s - len(question), s)]])
-    out = model.forward(batch=batch, probes=[P.VisualMass(), P.VisualEntropy(normalize=True), P.VAS()],
-                        interventions=args.method)
-    print(f"model   {path}  ({cfg.text.num_hidden_layers} text layers, {cfg.vision.depth} vision blocks, "
-          f"dtype {model.dtype})")
-    print(f"image   {name} -> grid {pix['image_grid_thw'][0].tolist()} patches, {n_img} image tokens; "
-          f"sequence {s} tokens")
+    batch = model.prepare(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=pix["pixel_values"],
+        image_grid_thw=pix["image_grid_thw"],
+        system_spans=[[(0, len(system))]],
+        question_spans=[[(s - len(question), s)]],
+    )
+    out = model.forward(batch=batch, probes=[P.VisualMass(), P.VisualEntropy(normalize=True), P.VAS()], interventions=args.method)
+    print(f"model   {path}  ({cfg.text.num_hidden_layers} text layers, {cfg.vision.depth} vision blocks, dtype {model.dtype})")
+    print(f"image   {name} -> grid {pix['image_grid_thw'][0].tolist()} patches, {n_img} image tokens; sequence {s} tokens")
     top = np.argsort(-np.asarray(out.logits[0, -1], np.float32))[:5]
     print(f"next-token top-5 ids: {top.tolist()}")
     print("last token, mean over heads:  layer  visual mass  visual entropy (norm.)  VAS (image/system)")
@@ -79,15 +82,21 @@ def generate(args) -> int:
 
     path = organism.resolve(args.model)
     model = jaxmm.load(path, dtype=args.dtype)
-    messages = host.vqa_messages(args.prompt, [_load_image(args.image)[0]] if args.image else [],
-                                 args.system or None)
+    messages = host.vqa_messages(args.prompt, [_load_image(args.image)[0]] if args.image else [], args.system or None)
     key = jax.random.PRNGKey(args.seed)
     if args.method:
         print(f"methods: {', '.join(map(str, args.method))}", file=sys.stderr)
     if not args.stream:
-        out = model.generate(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, key=key, interventions=args.method,
-                             pai_contrast=args.pai_contrast)
+        out = model.generate(
+            messages,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            key=key,
+            interventions=args.method,
+            pai_contrast=args.pai_contrast,
+        )
         print(out.text[0])
         return 0
     batch, _ = host.chat_batch(model, messages)
@@ -96,12 +105,20 @@ def generate(args) -> int:
     ids = []
     printed = ""
     ivs = model.interventions(args.method)
-    for step in stream(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
-                       sampling=Sampling(args.temperature, args.top_k, args.top_p), key=key, stop_tokens=stop,
-                       interventions=ivs, contrast=pai_contrast_for(batch, model.config, ivs, args.pai_contrast)):
+    for step in stream(
+        model.params,
+        model.config,
+        batch,
+        max_new_tokens=args.max_new_tokens,
+        sampling=Sampling(args.temperature, args.top_k, args.top_p),
+        key=key,
+        stop_tokens=stop,
+        interventions=ivs,
+        contrast=pai_contrast_for(batch, model.config, ivs, args.pai_contrast),
+    ):
         ids.append(int(step[0]))
         text = tok.decode(ids, skip_special_tokens=True)
-        print(text[len(printed):], end="", flush=True)
+        print(text[len(printed) :], end="", flush=True)
         printed = text
     print()
     return 0
@@ -114,7 +131,7 @@ def evaluate(args) -> int:
     from jaxmm.eval.report import load_rows, run_config, score_tables
 
     cfg = EvalConfig.from_yaml(args.config, args.overrides)
-    if args.distributed:       # multi-host: coordinator and process id from the TPU/SLURM environment
+    if args.distributed:  # multi-host: coordinator and process id from the TPU/SLURM environment
         import jax
 
         jax.distributed.initialize()
@@ -195,9 +212,15 @@ def inspect(args) -> int:
     batch, _ = host.chat_batch(model, host.vqa_messages(args.prompt, [image]))
     last = model.config.text.num_hidden_layers - 1
     tok = model.tokenizer
-    out = generate(model.params, model.config, batch, max_new_tokens=args.max_new_tokens,
-                   stop_tokens=host.stop_tokens(model),
-                   interventions=model.interventions(args.method), probes=(AttentionWeights(name="maps", layers=(last,)),))
+    out = generate(
+        model.params,
+        model.config,
+        batch,
+        max_new_tokens=args.max_new_tokens,
+        stop_tokens=host.stop_tokens(model),
+        interventions=model.interventions(args.method),
+        probes=(AttentionWeights(name="maps", layers=(last,)),),
+    )
     length = max(int(out.lengths[0]), 1)
     text = tok.decode(np.asarray(out.tokens[0, :length]), skip_special_tokens=True)
     lay = batch.layout
@@ -211,8 +234,10 @@ def inspect(args) -> int:
     return 0
 
 
-METHOD_HELP = ("intervention to apply, repeatable, in order: a name (pai, avar, ration, vrga, var), "
-               "NAME:knob=value,knob=value, or a YAML file (configs/methods/)")
+METHOD_HELP = (
+    "intervention to apply, repeatable, in order: a name (pai, avar, ration, vrga, var), "
+    "NAME:knob=value,knob=value, or a YAML file (configs/methods/)"
+)
 
 
 def main(argv=None) -> int:
@@ -223,15 +248,17 @@ def main(argv=None) -> int:
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="one probed forward on a photo (default: the embedded organism)")
-    d.add_argument("--model", help="HF checkpoint directory, 'organism' (the default: the embedded organism) or "
-                   "'organism-random' (its seeded random-weight start)")
+    d.add_argument(
+        "--model",
+        help="HF checkpoint directory, 'organism' (the default: the embedded organism) or "
+        "'organism-random' (its seeded random-weight start)",
+    )
     d.add_argument("--image", help="image file (default: a photo from scikit-image)")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d.add_argument("--method", action="append", default=[], help=METHOD_HELP)
     d.set_defaults(fn=demo)
     g = sub.add_parser("generate", help="answer a prompt about an image (default model: the organism)")
-    g.add_argument("--model", help="HF checkpoint directory with tokenizer, 'organism' (the default) or "
-                   "'organism-random'")
+    g.add_argument("--model", help="HF checkpoint directory with tokenizer, 'organism' (the default) or 'organism-random'")
     g.add_argument("--image", help="image file (omit for a text-only prompt)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--system", help="system message (default: the chat template's)")
@@ -249,9 +276,12 @@ def main(argv=None) -> int:
     e.add_argument("--config", help="a packaged config's name (organism, the default) or a YAML file")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=4 benchmarks.0.limit=8")
     e.add_argument("--no-progress", action="store_true")
-    e.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (every host of a TPU pod / SLURM job runs the "
-                        "same command; samples are split across processes, process 0 writes the report)")
+    e.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (every host of a TPU pod / SLURM job runs the "
+        "same command; samples are split across processes, process 0 writes the report)",
+    )
     e.set_defaults(fn=evaluate)
     t = sub.add_parser("train", help="SFT (resumable) on the grounded VQA generator")
     t.add_argument("--config", help="YAML (configs/train/)")
@@ -283,9 +313,9 @@ def main(argv=None) -> int:
     i.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     i.set_defaults(fn=inspect)
     args, extra = ap.parse_known_args(argv)
-    if hasattr(args, "overrides"):      # eval/train/grpo: key=value overrides before or after options
+    if hasattr(args, "overrides"):  # eval/train/grpo: key=value overrides before or after options
         rest = list(sys.argv[1:] if argv is None else argv)
-        rest = rest[rest.index(args.command) + 1:]      # the top level's only option is --debug
+        rest = rest[rest.index(args.command) + 1 :]  # the top level's only option is --debug
         vars(args).update(vars(sub.choices[args.command].parse_intermixed_args(rest)))
     elif extra:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -47,7 +47,7 @@ NonNegInt = Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 PosFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
 NonNegFloat = Annotated[float, BeforeValidator(_not_bool), Field(ge=0)]
-Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]      # 0 … 1
+Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]  # 0 … 1
 Dtype = typing.Literal["float32", "bfloat16", "float16"]
 
 
@@ -99,8 +99,10 @@ def mesh_axes(mesh, devices: int | None = None) -> dict | None:
             raise ValueError(f"mesh {mesh}: {devices} devices are not a multiple of the other axes' {fixed}")
         axes[rest[0]] = devices // fixed
     if devices is not None and math.prod(axes.values()) != devices:
-        raise ValueError(f"mesh {mesh}: data x fsdp x tensor = {math.prod(axes.values())}, but there are {devices} "
-                         "devices (all processes'); use -1 for one axis to take the rest")
+        raise ValueError(
+            f"mesh {mesh}: data x fsdp x tensor = {math.prod(axes.values())}, but there are {devices} "
+            "devices (all processes'); use -1 for one axis to take the rest"
+        )
     return axes
 
 
@@ -175,8 +177,9 @@ def read_yaml(path: str | Path) -> tuple[dict, dict]:
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config fields (key: value lines), "
-                          f"got a {type(data).__name__}: {_show(data)}")
+        raise ConfigError(
+            f"{path}: expected a mapping of config fields (key: value lines), got a {type(data).__name__}: {_show(data)}"
+        )
     lines: dict = {}
 
     def walk(n, prefix):
@@ -186,8 +189,7 @@ def read_yaml(path: str | Path) -> tuple[dict, dict]:
             for k, v in n.value:
                 line, key = k.start_mark.line + 1, ".".join(map(str, prefix + (k.value,)))
                 if k.tag == "tag:yaml.org,2002:bool":
-                    raise ConfigError(f"{path}:{line}: key {key!r} reads as a boolean in YAML 1.1; "
-                                      f"quote it (\"{k.value}\": ...)")
+                    raise ConfigError(f'{path}:{line}: key {key!r} reads as a boolean in YAML 1.1; quote it ("{k.value}": ...)')
                 if k.value in seen:
                     raise ConfigError(f"{path}:{line}: key {key!r} given twice (first at line {seen[k.value]})")
                 seen[k.value] = line
@@ -214,8 +216,7 @@ def apply_override(d: dict, override: str, defaults: dict | None = None) -> tupl
     import yaml
 
     if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected key=value (dotted keys, e.g. benchmarks.0.limit=8); "
-                          "there is no '='")
+        raise ConfigError(f"override {override!r}: expected key=value (dotted keys, e.g. benchmarks.0.limit=8); there is no '='")
     key, text = override.split("=", 1)
     keys = key.strip().split(".")
     if not all(keys):
@@ -223,8 +224,9 @@ def apply_override(d: dict, override: str, defaults: dict | None = None) -> tupl
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: the value {text!r} is not valid YAML "
-                          f"({getattr(e, 'problem', None) or e})") from None
+        raise ConfigError(
+            f"override {override!r}: the value {text!r} is not valid YAML ({getattr(e, 'problem', None) or e})"
+        ) from None
     if defaults and keys[0] not in d and keys[0] in defaults and len(keys) > 1:
         d[keys[0]] = copy.deepcopy(defaults[keys[0]])
     path: list = []
@@ -237,10 +239,14 @@ def apply_override(d: dict, override: str, defaults: dict | None = None) -> tupl
                 raise ConfigError(f"override {override!r}: {where} is a list; expected an index, got {k!r}")
             j = int(k)
             if not 0 <= j < len(node):
-                has = (f"has {len(node)} entr{'y' if len(node) == 1 else 'ies'} (indices 0..{len(node) - 1})" if node
-                       else "is an empty list")
-                raise ConfigError(f"override {override!r}: {where} {has}, no index {j}; set the whole list with "
-                                  f"{where}=[...] to add one")
+                has = (
+                    f"has {len(node)} entr{'y' if len(node) == 1 else 'ies'} (indices 0..{len(node) - 1})"
+                    if node
+                    else "is an empty list"
+                )
+                raise ConfigError(
+                    f"override {override!r}: {where} {has}, no index {j}; set the whole list with {where}=[...] to add one"
+                )
             k = j
         elif not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {where} is {_show(node)}, not a mapping or list")
@@ -251,8 +257,10 @@ def apply_override(d: dict, override: str, defaults: dict | None = None) -> tupl
             nxt = node[k] if isinstance(node, list) else node.get(k)
             if nxt is None:
                 if keys[i + 1].isdigit():
-                    raise ConfigError(f"override {override!r}: {'.'.join(map(str, path))} is not set, so it has no "
-                                      f"index {keys[i + 1]}; set the whole list with {'.'.join(map(str, path))}=[...]")
+                    raise ConfigError(
+                        f"override {override!r}: {'.'.join(map(str, path))} is not set, so it has no "
+                        f"index {keys[i + 1]}; set the whole list with {'.'.join(map(str, path))}=[...]"
+                    )
                 nxt = node[k] = {}
             node = nxt
     return tuple(path)
@@ -289,8 +297,7 @@ def _known_keys(cls, path) -> list | None:
 
 
 def _is_record(tp) -> bool:
-    return (dataclasses.is_dataclass(tp) or is_typeddict(tp)
-            or (isinstance(tp, type) and issubclass(tp, pydantic.BaseModel)))
+    return dataclasses.is_dataclass(tp) or is_typeddict(tp) or (isinstance(tp, type) and issubclass(tp, pydantic.BaseModel))
 
 
 def _fields(tp) -> dict:
@@ -321,8 +328,12 @@ def _path(err, data) -> tuple:
         elif isinstance(node, (list, tuple)) and isinstance(k, int) and 0 <= k < len(node):
             out.append(k)
             node = node[k]
-        elif (isinstance(node, dict) and isinstance(k, str) and i == len(loc) - 1
-              and err["type"] in ("missing", "missing_keyword_argument")):
+        elif (
+            isinstance(node, dict)
+            and isinstance(k, str)
+            and i == len(loc) - 1
+            and err["type"] in ("missing", "missing_keyword_argument")
+        ):
             out.append(k)
     return tuple(out)
 
@@ -362,7 +373,7 @@ class Validated:
     """
 
     def __post_init__(self):
-        if _VALIDATING.get():           # built by validate() itself, from checked values
+        if _VALIDATING.get():  # built by validate() itself, from checked values
             return
         fields = dataclasses.fields(self)
         checked = validate(type(self), {f.name: getattr(self, f.name) for f in fields}, type(self).__name__)
@@ -370,8 +381,7 @@ class Validated:
             object.__setattr__(self, f.name, getattr(checked, f.name))
 
 
-def validate(cls, data: dict, source: str | None = None, lines: dict | None = None,
-             origins: Sequence[tuple] = ()):
+def validate(cls, data: dict, source: str | None = None, lines: dict | None = None, origins: Sequence[tuple] = ()):
     """``cls`` (a config dataclass, or any type pydantic validates) built from ``data``, checked
     against its annotations.
 
@@ -388,7 +398,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
         return _adapter(cls).validate_python(data)
     except pydantic.ValidationError as e:
         parts: dict = {}
-        unknown: dict = {}          # parent path -> the unknown keys under it: one message per section
+        unknown: dict = {}  # parent path -> the unknown keys under it: one message per section
         for err in e.errors():
             path = _path(err, data)
             if err["type"] in ("extra_forbidden", "unexpected_keyword_argument") and path:
@@ -398,9 +408,12 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
         msgs = []
         for parent, keys in unknown.items():
             known = _known_keys(cls, parent)
-            msgs.append(_where(parent + (keys[0],), source, lines, origins)
-                        + (f"{'.'.join(map(str, parent))}: " if parent else "")
-                        + f"unknown field(s) {sorted(map(str, keys))}" + (f"; known: {known}" if known else ""))
+            msgs.append(
+                _where(parent + (keys[0],), source, lines, origins)
+                + (f"{'.'.join(map(str, parent))}: " if parent else "")
+                + f"unknown field(s) {sorted(map(str, keys))}"
+                + (f"; known: {known}" if known else "")
+            )
         for path, errs in parts.items():
             whats = list(dict.fromkeys(_what(err) for err in errs))
             what = whats[0] + "".join(" or " + w.removeprefix("expected ") for w in whats[1:])
@@ -413,7 +426,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
 def _field(path, err, what) -> str:
     name = ".".join(map(str, path))
     absent = err["type"] in ("missing", "missing_keyword_argument") and not isinstance(err["loc"][-1], int)
-    named = err["type"] == "value_error" and str(err.get("input")) in what    # the value is in the message
+    named = err["type"] == "value_error" and str(err.get("input")) in what  # the value is in the message
     if absent or not path or named:
         return f"{name + ': ' if name else ''}{what}"
     return f"{name}: {what}, got {_show(err.get('input'))}"

@@ -107,11 +107,11 @@ def select_token(logits: Array, sampling: Sampling, key: Array | None) -> Array:
         kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if sampling.top_p < 1.0:
-        order = jnp.argsort(logits, axis=-1)                          # ascending, as HF
+        order = jnp.argsort(logits, axis=-1)  # ascending, as HF
         sorted_logits = jnp.take_along_axis(logits, order, -1)
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
         remove_sorted = cum <= 1.0 - sampling.top_p
-        remove_sorted = remove_sorted.at[:, -1].set(False)             # keep at least one token
+        remove_sorted = remove_sorted.at[:, -1].set(False)  # keep at least one token
         remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, neg, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -163,10 +163,13 @@ def decode_side(full: Batch) -> Batch:
 def _squeeze_query(results: dict, probes) -> dict:
     """Per decode step: drop the query axis (length 1, at each probe's ``query_axis``) of the values."""
     axes = {p.name: p.query_axis for p in probes if p.kind == "attention"}
-    return {name: {tower: r if axes.get(name) is None else
-                   dataclasses.replace(r, values=jnp.squeeze(r.values, axes[name]))
-                   for tower, r in towers.items()}
-            for name, towers in results.items()}
+    return {
+        name: {
+            tower: r if axes.get(name) is None else dataclasses.replace(r, values=jnp.squeeze(r.values, axes[name]))
+            for tower, r in towers.items()
+        }
+        for name, towers in results.items()
+    }
 
 
 def _prefill_forward(params, config, batch: Batch, max_len: int, interventions=(), probes=(), prompt_len=None):
@@ -190,7 +193,7 @@ def _next_positions(batch: Batch, prompt_len) -> Array:
     """[B] int32: the M-RoPE position of generated token 0 of each row, max(prompt positions) + 1."""
     t = batch.input_ids.shape[1]
     rows = jnp.arange(t) < _prompt_len(batch, prompt_len)
-    valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]        # the prompt's real tokens
+    valid = (batch.attention_mask[None, :, :t] > 0) & rows[None, None]  # the prompt's real tokens
     return (jnp.max(jnp.where(valid, batch.position_ids, -1), axis=(0, 2)) + 1).astype(jnp.int32)
 
 
@@ -209,13 +212,16 @@ def prefill(params, config, batch: Batch, max_len: int, interventions=(), probes
     return out.logits[:, 0], out.cache, _next_positions(batch, prompt_len), out
 
 
-def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Array, pos: Array,
-                interventions=(), probes=()):
+def decode_step(params, config, decode_batch: Batch, cache: KVCache, token: Array, pos: Array, interventions=(), probes=()):
     """One token per row: ``token`` [B] at M-RoPE position ``pos`` [B]. Returns the model output
     (logits [B,1,V], probes, updated cache)."""
-    step = dataclasses.replace(decode_batch, input_ids=token[:, None],
-                               position_ids=jnp.broadcast_to(pos[None, :, None], (3,) + token.shape + (1,)),
-                               pixel_values=None, vision=None)
+    step = dataclasses.replace(
+        decode_batch,
+        input_ids=token[:, None],
+        position_ids=jnp.broadcast_to(pos[None, :, None], (3,) + token.shape + (1,)),
+        pixel_values=None,
+        vision=None,
+    )
     return forward(params, config, step, interventions, probes, False, cache)
 
 
@@ -238,8 +244,8 @@ class Contrast:
     gamma: float = dataclasses.field(default=1.1, metadata=dict(static=True))
     cutoff: float = dataclasses.field(default=0.1, metadata=dict(static=True))
     variant: str = dataclasses.field(default="paper", metadata=dict(static=True))
-    prompt_len: Any = None      # set by generate (its bucketed prefill batch holds more rows)
-    full: Any = None            # its decode-side batch over the cache (set by generate)
+    prompt_len: Any = None  # set by generate (its bucketed prefill batch holds more rows)
+    full: Any = None  # its decode-side batch over the cache (set by generate)
 
 
 def pai_contrast_for(batch: Batch, config, interventions=(), gamma: float | None = None) -> Contrast | None:
@@ -272,7 +278,7 @@ def text_only(batch: Batch, config) -> Batch:
     new_ids = np.zeros((len(rows), s), np.int64)
     new_am = np.zeros((len(rows), s), np.int64)
     for i, r in enumerate(rows):
-        new_ids[i, s - len(r):], new_am[i, s - len(r):] = r, 1
+        new_ids[i, s - len(r) :], new_am[i, s - len(r) :] = r, 1
     return prepare_batch(config, new_ids, new_am)
 
 
@@ -307,8 +313,18 @@ def _cache_constraint(mesh):
     return lambda c: jax.lax.with_sharding_constraint(c, cache_shardings(c, mesh))
 
 
-def start(params, config, batch: Batch, max_len: int, interventions=(), probes=(), reprefill: bool = False,
-          prompt_len=None, contrast=None, mesh=None):
+def start(
+    params,
+    config,
+    batch: Batch,
+    max_len: int,
+    interventions=(),
+    probes=(),
+    reprefill: bool = False,
+    prompt_len=None,
+    contrast=None,
+    mesh=None,
+):
     """Prefill and plan, the first piece of every generation: the prompt runs into an empty cache
     of ``max_len`` positions (:func:`prefill`) with ``probes`` plus every intervention's
     ``prefill_probes()``, the interventions re-plan from its probe results
@@ -331,14 +347,17 @@ def start(params, config, batch: Batch, max_len: int, interventions=(), probes=(
     if contrast is not None:
         t_last, t_cache, t_pos, _ = prefill(params, config, contrast.batch, max_len, (), (), contrast.prompt_len)
         text = (t_last, t_cache, t_pos)
-    state = DecodeState(logits=last.logits[:, 0], cache=_cache_constraint(mesh)(last.cache),
-                        next_pos=_next_positions(batch, prompt_len),
-                        done=jnp.zeros((batch.input_ids.shape[0],), bool), text=text)
+    state = DecodeState(
+        logits=last.logits[:, 0],
+        cache=_cache_constraint(mesh)(last.cache),
+        next_pos=_next_positions(batch, prompt_len),
+        done=jnp.zeros((batch.input_ids.shape[0],), bool),
+        text=text,
+    )
     return state, planned, pre
 
 
-def choose(state: DecodeState, key, sampling: Sampling, stop_tokens: Array, pad_token_id, contrast=None,
-           suppress=None):
+def choose(state: DecodeState, key, sampling: Sampling, stop_tokens: Array, pad_token_id, contrast=None, suppress=None):
     """One step's tokens from ``state.logits``: PAI's contrast with ``state.text`` (with a
     :class:`Contrast`), ``suppress`` ids [n] int32 set to −inf (or None), then the decoding rule
     (:func:`select_token`, ``key`` the step's PRNG key); a row already done gets ``pad_token_id``.
@@ -355,8 +374,18 @@ def choose(state: DecodeState, key, sampling: Sampling, stop_tokens: Array, pad_
     return tok, dataclasses.replace(state, done=state.done | jnp.isin(tok, stop_tokens))
 
 
-def advance(params, config, decode_batch: Batch, state: DecodeState, token: Array, t, interventions=(),
-            probes=(), contrast=None, mesh=None):
+def advance(
+    params,
+    config,
+    decode_batch: Batch,
+    state: DecodeState,
+    token: Array,
+    t,
+    interventions=(),
+    probes=(),
+    contrast=None,
+    mesh=None,
+):
     """Step ``t``'s forward (:func:`decode_step`): ``token`` [B] at position ``state.next_pos + t``
     (``t`` int32, may be traced) under the planned ``interventions``, with ``probes``; PAI's text
     stream takes the same token. ``decode_batch``: :func:`decode_side` of the batch over the cache.
@@ -374,9 +403,26 @@ def advance(params, config, decode_batch: Batch, state: DecodeState, token: Arra
 
 
 @partial(jax.jit, static_argnames=("config", "max_len", "max_new_tokens", "output_logits", "reprefill", "mesh"))
-def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int, max_new_tokens: int,
-                   sampling: Sampling, key, stop_tokens, pad_token_id, interventions, probes, output_logits,
-                   reprefill=False, contrast=None, mesh=None, prompt_len=None, suppress=None):
+def run_generation(
+    params,
+    config,
+    batch: Batch,
+    full_batch: Batch,
+    max_len: int,
+    max_new_tokens: int,
+    sampling: Sampling,
+    key,
+    stop_tokens,
+    pad_token_id,
+    interventions,
+    probes,
+    output_logits,
+    reprefill=False,
+    contrast=None,
+    mesh=None,
+    prompt_len=None,
+    suppress=None,
+):
     """The one jitted generation program behind :func:`generate` and :func:`jit_generate`:
     :func:`start`, then a ``lax.while_loop`` of :func:`choose` and :func:`advance` (the pieces
     :func:`stream` runs one by one) for at most ``max_new_tokens`` steps, ending once every row is
@@ -387,8 +433,9 @@ def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int
     prompt's length S (traced; default: all rows of ``batch``); ``stop_tokens`` [n] int32;
     ``pad_token_id`` int32; ``key`` the PRNG key split into one per step; ``suppress``: int32 [n]
     token ids never chosen (:func:`suppress_tokens`), or None. Returns a :class:`GenerateOutput`."""
-    state, interventions, pre = start(params, config, batch, max_len, interventions, probes, reprefill, prompt_len,
-                                      contrast, mesh)
+    state, interventions, pre = start(
+        params, config, batch, max_len, interventions, probes, reprefill, prompt_len, contrast, mesh
+    )
     keys = jax.random.split(key, max_new_tokens)
 
     def body(state, t):
@@ -416,9 +463,14 @@ def run_generation(params, config, batch: Batch, full_batch: Batch, max_len: int
     # Stacked over steps the values are [T_new, L, B, ...]; return [B, T_new, L, ...].
     step_probes = jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 2, 0), step_probes)
     tokens = tokens.T
-    return GenerateOutput(tokens=tokens, lengths=_lengths(tokens, stop_tokens),
-                          logits=None if logits is None else jnp.moveaxis(logits, 0, 1),
-                          probes=step_probes, prefill_probes=pre.probes, steps=steps)
+    return GenerateOutput(
+        tokens=tokens,
+        lengths=_lengths(tokens, stop_tokens),
+        logits=None if logits is None else jnp.moveaxis(logits, 0, 1),
+        probes=step_probes,
+        prefill_probes=pre.probes,
+        steps=steps,
+    )
 
 
 def _lengths(tokens: Array, stop_tokens: Array) -> Array:
@@ -433,7 +485,7 @@ def batch_with(prompt: Batch, full: Batch) -> Batch:
     return dataclasses.replace(prompt, attention_mask=full.attention_mask, layout=full.layout)
 
 
-PROMPT_BUCKET = 32   # the prompt's query rows are rounded up to a multiple of this
+PROMPT_BUCKET = 32  # the prompt's query rows are rounded up to a multiple of this
 
 
 def _reads_vision(objs) -> bool:
@@ -458,8 +510,9 @@ def prefill_batch(prompt: Batch, full: Batch, rows: int, config=None) -> Batch:
         lam = np.array(lay.attention_mask)
         lam[:, s:rows] = 0
         lay = dataclasses.replace(lay, attention_mask=lam)
-    out = dataclasses.replace(prompt, input_ids=grow(prompt.input_ids), position_ids=grow(prompt.position_ids),
-                              attention_mask=am, layout=lay)
+    out = dataclasses.replace(
+        prompt, input_ids=grow(prompt.input_ids), position_ids=grow(prompt.position_ids), attention_mask=am, layout=lay
+    )
     if config is not None and prompt.pixel_values is not None and isinstance(prompt.vision, VisionInputs):
         from jaxmm.models.core.vision_inputs import pad_vision
 
@@ -475,10 +528,8 @@ def check_max_new_tokens(max_new_tokens) -> int:
         ValueError: not a positive integer (bools, floats, strings, 0 and negatives are refused;
             transformers also refuses 0).
     """
-    if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {type(max_new_tokens).__name__} "
-                         f"{max_new_tokens!r}")
+    if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {type(max_new_tokens).__name__} {max_new_tokens!r}")
     return int(max_new_tokens)
 
 
@@ -491,11 +542,17 @@ def _warn_past_positions(config, batch: Batch, max_new_tokens: int) -> None:
         return
     longest = int(np.asarray(batch.attention_mask).sum(1).max())
     if longest + max_new_tokens > limit:
-        what = (f"the prompt ({longest} tokens) is longer than" if longest > limit else
-                f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds")
-        warnings.warn(f"{what} the model's max_position_embeddings ({limit}, from config.json); as in "
-                      f"transformers, generation goes on, but depending on the model you may observe "
-                      f"degraded output or nothing at all", stacklevel=4)
+        what = (
+            f"the prompt ({longest} tokens) is longer than"
+            if longest > limit
+            else f"the prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds"
+        )
+        warnings.warn(
+            f"{what} the model's max_position_embeddings ({limit}, from config.json); as in "
+            f"transformers, generation goes on, but depending on the model you may observe "
+            f"degraded output or nothing at all",
+            stacklevel=4,
+        )
 
 
 def plan_shapes(batch: Batch, max_new_tokens: int, max_len: int | None = None) -> tuple[int, int, int]:
@@ -531,8 +588,23 @@ def _stop_array(config, stop_tokens) -> Array:
     return jnp.asarray(stop or (-1,), jnp.int32)
 
 
-def _prepare(who, config, batch: Batch, max_new_tokens, sampling: Sampling, key, stop_tokens, pad_token_id,
-             interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens) -> dict:
+def _prepare(
+    who,
+    config,
+    batch: Batch,
+    max_new_tokens,
+    sampling: Sampling,
+    key,
+    stop_tokens,
+    pad_token_id,
+    interventions,
+    probes,
+    max_len,
+    reprefill,
+    contrast,
+    mesh,
+    suppress_tokens,
+) -> dict:
     """Host side of :func:`generate` and :func:`stream` alike: checks, bucketed shapes, the prefill
     and decode-side batches (placed on ``mesh``), the contrast's batches; returns the keyword
     arguments of :func:`run_generation` (less params, config, output_logits). Raises and warns as
@@ -554,25 +626,53 @@ def _prepare(who, config, batch: Batch, max_new_tokens, sampling: Sampling, key,
     if contrast is not None:
         c_s, c_rows, _ = plan_shapes(contrast.batch, max_new_tokens, max_len)
         c_full = extend_for_decoding(contrast.batch, max_len)
-        contrast = dataclasses.replace(contrast, batch=prefill_batch(contrast.batch, c_full, c_rows),
-                                       full=decode_side(c_full), prompt_len=np.int32(c_s))
+        contrast = dataclasses.replace(
+            contrast, batch=prefill_batch(contrast.batch, c_full, c_rows), full=decode_side(c_full), prompt_len=np.int32(c_s)
+        )
     full = decode_side(full)
     if mesh is not None:
         from jaxmm.sharding import batch_shardings
 
         pre = jax.device_put(pre, batch_shardings(pre, mesh))
         full = jax.device_put(full, batch_shardings(full, mesh))
-    return dict(batch=pre, full_batch=full, max_len=max_len, max_new_tokens=max_new_tokens, sampling=sampling,
-                key=jax.random.PRNGKey(0) if key is None else key, stop_tokens=_stop_array(config, stop_tokens),
-                pad_token_id=jnp.int32(pad_token_id), interventions=tuple(interventions), probes=tuple(probes),
-                reprefill=reprefill, contrast=contrast, mesh=mesh, prompt_len=jnp.int32(s), suppress=suppress)
+    return dict(
+        batch=pre,
+        full_batch=full,
+        max_len=max_len,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        key=jax.random.PRNGKey(0) if key is None else key,
+        stop_tokens=_stop_array(config, stop_tokens),
+        pad_token_id=jnp.int32(pad_token_id),
+        interventions=tuple(interventions),
+        probes=tuple(probes),
+        reprefill=reprefill,
+        contrast=contrast,
+        mesh=mesh,
+        prompt_len=jnp.int32(s),
+        suppress=suppress,
+    )
 
 
-def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
-             key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
-             interventions: Sequence = (), probes: Sequence = (), output_logits: bool = False,
-             max_len: int | None = None, reprefill: bool | None = None, contrast: Contrast | None = None,
-             mesh=None, suppress_tokens: Sequence[int] | None = None) -> GenerateOutput:
+def generate(
+    params,
+    config,
+    batch: Batch,
+    *,
+    max_new_tokens: int = 32,
+    sampling: Sampling = Sampling(),
+    key: Array | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    interventions: Sequence = (),
+    probes: Sequence = (),
+    output_logits: bool = False,
+    max_len: int | None = None,
+    reprefill: bool | None = None,
+    contrast: Contrast | None = None,
+    mesh=None,
+    suppress_tokens: Sequence[int] | None = None,
+) -> GenerateOutput:
     """Generates ``max_new_tokens`` tokens for every row of a left-padded prompt ``batch``.
 
     Args:
@@ -611,12 +711,43 @@ def generate(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling
         ValueError: ``max_new_tokens`` not a positive integer, right-padded prompts, sampling
             without a key, a ``max_len`` too short, a suppressed id outside the vocabulary.
     """
-    kw = _prepare("generate", config, batch, max_new_tokens, sampling, key, stop_tokens, pad_token_id,
-                  interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens)
-    return run_generation(params, config, kw["batch"], kw["full_batch"], kw["max_len"], kw["max_new_tokens"],
-                          kw["sampling"], kw["key"], kw["stop_tokens"], kw["pad_token_id"], kw["interventions"],
-                          kw["probes"], output_logits, kw["reprefill"], kw["contrast"], kw["mesh"],
-                          kw["prompt_len"], kw["suppress"])
+    kw = _prepare(
+        "generate",
+        config,
+        batch,
+        max_new_tokens,
+        sampling,
+        key,
+        stop_tokens,
+        pad_token_id,
+        interventions,
+        probes,
+        max_len,
+        reprefill,
+        contrast,
+        mesh,
+        suppress_tokens,
+    )
+    return run_generation(
+        params,
+        config,
+        kw["batch"],
+        kw["full_batch"],
+        kw["max_len"],
+        kw["max_new_tokens"],
+        kw["sampling"],
+        kw["key"],
+        kw["stop_tokens"],
+        kw["pad_token_id"],
+        kw["interventions"],
+        kw["probes"],
+        output_logits,
+        kw["reprefill"],
+        kw["contrast"],
+        kw["mesh"],
+        kw["prompt_len"],
+        kw["suppress"],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -643,11 +774,25 @@ _choose_jit = jax.jit(choose)
 _advance_jit = jax.jit(advance, static_argnames=("config", "mesh"))
 
 
-def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
-           key: Array | None = None, stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
-           interventions: Sequence = (), max_len: int | None = None, reprefill: bool | None = None,
-           suppress_tokens: Sequence[int] | None = None, probes: Sequence = (), contrast: Contrast | None = None,
-           mesh=None, on_step=None):
+def stream(
+    params,
+    config,
+    batch: Batch,
+    *,
+    max_new_tokens: int = 32,
+    sampling: Sampling = Sampling(),
+    key: Array | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    interventions: Sequence = (),
+    max_len: int | None = None,
+    reprefill: bool | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+    probes: Sequence = (),
+    contrast: Contrast | None = None,
+    mesh=None,
+    on_step=None,
+):
     """:func:`generate`, one jitted step at a time: yields each step's tokens [B] int32 (numpy) as
     they are chosen, stopping early once every row has stopped.
 
@@ -664,26 +809,59 @@ def stream(params, config, batch: Batch, *, max_new_tokens: int = 32, sampling: 
 
     Raises and warns as :func:`generate` (when the first token is requested).
     """
-    kw = _prepare("stream", config, batch, max_new_tokens, sampling, key, stop_tokens, pad_token_id,
-                  interventions, probes, max_len, reprefill, contrast, mesh, suppress_tokens)
-    state, ivs, pre = _start_jit(params, config, kw["batch"], kw["max_len"], kw["interventions"], kw["probes"],
-                                 kw["reprefill"], kw["prompt_len"], kw["contrast"], kw["mesh"])
+    kw = _prepare(
+        "stream",
+        config,
+        batch,
+        max_new_tokens,
+        sampling,
+        key,
+        stop_tokens,
+        pad_token_id,
+        interventions,
+        probes,
+        max_len,
+        reprefill,
+        contrast,
+        mesh,
+        suppress_tokens,
+    )
+    state, ivs, pre = _start_jit(
+        params,
+        config,
+        kw["batch"],
+        kw["max_len"],
+        kw["interventions"],
+        kw["probes"],
+        kw["reprefill"],
+        kw["prompt_len"],
+        kw["contrast"],
+        kw["mesh"],
+    )
     n = kw["max_new_tokens"]
     keys = jax.random.split(kw["key"], n)
     for t in range(n):
-        tok, chosen = _choose_jit(state, keys[t], kw["sampling"], kw["stop_tokens"], kw["pad_token_id"],
-                                  kw["contrast"], kw["suppress"])
+        tok, chosen = _choose_jit(
+            state, keys[t], kw["sampling"], kw["stop_tokens"], kw["pad_token_id"], kw["contrast"], kw["suppress"]
+        )
         host = np.asarray(tok)
         yield host
         last = t + 1 == n or bool(np.asarray(chosen.done).all())
         if last and on_step is None:
             return
-        nxt, step_probes = _advance_jit(params, config, kw["full_batch"], chosen, tok, jnp.int32(t), ivs,
-                                        kw["probes"], kw["contrast"], kw["mesh"])
+        nxt, step_probes = _advance_jit(
+            params, config, kw["full_batch"], chosen, tok, jnp.int32(t), ivs, kw["probes"], kw["contrast"], kw["mesh"]
+        )
         if on_step is not None:
-            on_step(Step(index=t, tokens=host, logits=state.logits,
-                         probes=jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 1, 0), step_probes),
-                         prefill_probes=pre.probes if t == 0 else None))
+            on_step(
+                Step(
+                    index=t,
+                    tokens=host,
+                    logits=state.logits,
+                    probes=jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 1, 0), step_probes),
+                    prefill_probes=pre.probes if t == 0 else None,
+                )
+            )
         if last:
             return
         state = nxt
@@ -704,15 +882,30 @@ def jit_prefill(config, mesh: jax.sharding.Mesh, params, batch, max_len: int, in
     cache = jax.eval_shape(lambda: KVCache.empty(config, batch.input_ids.shape[0], max_len, dtype, pre_rope))
     bsh = NamedSharding(mesh, batch_spec((batch.input_ids.shape[0],), 0, mesh, 1))
     logits_sh = NamedSharding(mesh, batch_spec((batch.input_ids.shape[0], 1), 0, mesh, 2))
-    return jax.jit(lambda p, b: prefill(p, config, b, max_len, interventions)[:3],
-                   in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
-                   out_shardings=(logits_sh, cache_shardings(cache, mesh), bsh))
+    return jax.jit(
+        lambda p, b: prefill(p, config, b, max_len, interventions)[:3],
+        in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
+        out_shardings=(logits_sh, cache_shardings(cache, mesh), bsh),
+    )
 
 
-def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens: int, *, max_len: int | None = None,
-                 sampling=None, stop_tokens=None, pad_token_id: int = 0, interventions=(), probes=(),
-                 output_logits: bool = False, reprefill: bool | None = None,
-                 suppress_tokens: Sequence[int] | None = None):
+def jit_generate(
+    config,
+    mesh: jax.sharding.Mesh,
+    params,
+    batch,
+    max_new_tokens: int,
+    *,
+    max_len: int | None = None,
+    sampling=None,
+    stop_tokens=None,
+    pad_token_id: int = 0,
+    interventions=(),
+    probes=(),
+    output_logits: bool = False,
+    reprefill: bool | None = None,
+    suppress_tokens: Sequence[int] | None = None,
+):
     """``jax.jit`` of the whole of :func:`generate` (its one program, :func:`run_generation`: prefill
     and plan, then the decode loop) with explicit in/out shardings: parameters as placed, the prompt
     ``batch`` [B,S] and its decoding extension by :func:`jaxmm.sharding.batch_shardings`, the KV
@@ -743,9 +936,26 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     full = extend_for_decoding(batch, max_len)
 
     def fn(p, prompt, full, key):
-        out = run_generation(p, config, batch_with(prompt, full), decode_side(full), max_len, max_new_tokens, sampling,
-                             key, stop, pad, interventions, probes, output_logits, reprefill, None, mesh, None,
-                             suppress)
+        out = run_generation(
+            p,
+            config,
+            batch_with(prompt, full),
+            decode_side(full),
+            max_len,
+            max_new_tokens,
+            sampling,
+            key,
+            stop,
+            pad,
+            interventions,
+            probes,
+            output_logits,
+            reprefill,
+            None,
+            mesh,
+            None,
+            suppress,
+        )
         return dataclasses.replace(out, prefill_probes=None)
 
     rep = NamedSharding(mesh, PartitionSpec())
@@ -753,7 +963,10 @@ def jit_generate(config, mesh: jax.sharding.Mesh, params, batch, max_new_tokens:
     abstract = jax.eval_shape(fn, params, batch, full, key)
     per_row = lambda x: NamedSharding(mesh, batch_spec(x.shape, 0, mesh, x.ndim)) if x.ndim and x.shape[0] == b else rep
     out_sh = jax.tree_util.tree_map(per_row, abstract)
-    f = jax.jit(fn, in_shardings=(shardings_of(params), batch_shardings(batch, mesh), batch_shardings(full, mesh), rep),
-                out_shardings=out_sh)
+    f = jax.jit(
+        fn,
+        in_shardings=(shardings_of(params), batch_shardings(batch, mesh), batch_shardings(full, mesh), rep),
+        out_shardings=out_sh,
+    )
     f.max_len = max_len
     return f

@@ -32,8 +32,10 @@ def main(argv=None) -> int:
     model = jaxmm.load(ckpt, dtype="bfloat16", mesh=mesh)
     local = sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(model.params) for s in leaf.addressable_shards)
     out = model.forward(input_ids=np.array([[1]]), attention_mask=np.array([[1]]))
-    print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of {n} devices, "
-          f"{local / 2**30:.2f} GiB of parameters here, logits {out.logits.shape}")
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local of {n} devices, "
+        f"{local / 2**30:.2f} GiB of parameters here, logits {out.logits.shape}"
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jaxmm.checkpoint.hf import CheckpointError, iter_converted, open_checkpoint
 from jaxmm.config import ConfigError
 from jaxmm.models.registry import FAMILIES, family_of  # noqa: F401  (re-exported: jaxmm.loading.family_of)
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -38,18 +39,29 @@ class Model:
         """The parameters' dtype (that of the first leaf: ``jaxmm.load`` casts all of them alike)."""
         return jax.tree_util.tree_leaves(self.params)[0].dtype
 
-    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                position_ids=None, **layout_spans):
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None, **layout_spans):
         """Host-side checks and index computation; returns the family's ``Batch``
         (:func:`jaxmm.processing.batch.tensor_batch`)."""
         from jaxmm.processing.batch import tensor_batch
 
-        return tensor_batch(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                            **layout_spans)
+        return tensor_batch(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, **layout_spans)
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-                position_ids=None, interventions: Sequence = (), probes: Sequence = (),
-                output_hidden_states: bool = False, batch=None, mm_token_type_ids=None, image_sizes=None, **unused):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        *,
+        position_ids=None,
+        interventions: Sequence = (),
+        probes: Sequence = (),
+        output_hidden_states: bool = False,
+        batch=None,
+        mm_token_type_ids=None,
+        image_sizes=None,
+        **unused,
+    ):
         """One jitted forward pass.
 
         Args:
@@ -76,12 +88,11 @@ class Model:
             extra = {} if image_sizes is None else {"image_sizes": image_sizes}
             batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, **extra)
         ivs = self.interventions(interventions)
-        if any(iv.prefill_probes() for iv in ivs):      # two-phase methods: plan from a first pass
+        if any(iv.prefill_probes() for iv in ivs):  # two-phase methods: plan from a first pass
             from jaxmm.attention import plan
 
             ivs = plan(self.params, self.config, batch, ivs, self.family.forward_jit)
-        return self.family.forward_jit(self.params, self.config, batch, ivs, tuple(probes),
-                                       output_hidden_states)
+        return self.family.forward_jit(self.params, self.config, batch, ivs, tuple(probes), output_hidden_states)
 
     def interventions(self, specs) -> tuple:
         """Names / dicts / YAML paths / objects -> intervention objects for this model's config."""
@@ -136,10 +147,22 @@ class Model:
 
         return chat_batch(self, conversations, add_generation_prompt, pad_to_multiple_of)
 
-    def generate(self, messages_or_batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, key=None, stop_tokens=None, interventions: Sequence = (),
-                 probes: Sequence = (), output_logits: bool = False, reprefill: bool | None = None,
-                 pai_contrast: float | None = None):
+    def generate(
+        self,
+        messages_or_batch,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        key=None,
+        stop_tokens=None,
+        interventions: Sequence = (),
+        probes: Sequence = (),
+        output_logits: bool = False,
+        reprefill: bool | None = None,
+        pai_contrast: float | None = None,
+    ):
         """Generates from chat messages (one conversation or a list) or from a prepared ``Batch``.
 
         ``interventions`` may be names, dicts or YAML paths (:func:`jaxmm.interventions.build`).
@@ -164,10 +187,21 @@ class Model:
             stop_tokens = host.stop_tokens(self, chat)
         pad = host.pad_token_id(self) if chat else 0
         ivs = self.interventions(interventions)
-        out = generate(self.params, self.config, batch, max_new_tokens=max_new_tokens,
-                       sampling=Sampling(temperature, top_k, top_p), key=key, stop_tokens=stop_tokens,
-                       pad_token_id=pad, interventions=ivs, probes=probes, output_logits=output_logits,
-                       reprefill=reprefill, contrast=pai_contrast_for(batch, self.config, ivs, pai_contrast))
+        out = generate(
+            self.params,
+            self.config,
+            batch,
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature, top_k, top_p),
+            key=key,
+            stop_tokens=stop_tokens,
+            pad_token_id=pad,
+            interventions=ivs,
+            probes=probes,
+            output_logits=output_logits,
+            reprefill=reprefill,
+            contrast=pai_contrast_for(batch, self.config, ivs, pai_contrast),
+        )
         if chat:
             from jaxmm.processing.chat import decode
 
@@ -178,9 +212,11 @@ class Model:
 
 #: Tensors only one family has (its vision MLP's names), to tell a config.json's model_type from
 #: the family the weights were saved by.
-_FINGERPRINTS = {"qwen2_5_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.gate_proj\.weight"),
-                 "qwen2_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.fc1\.weight"),
-                 "qwen3_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.linear_fc1\.weight")}
+_FINGERPRINTS = {
+    "qwen2_5_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.gate_proj\.weight"),
+    "qwen2_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.fc1\.weight"),
+    "qwen3_vl": re.compile(r"(.*\.)?visual\.blocks\.\d+\.mlp\.linear_fc1\.weight"),
+}
 
 
 def _check_family(ckpt, config_file: Path, model_type: str) -> None:
@@ -193,9 +229,11 @@ def _check_family(ckpt, config_file: Path, model_type: str) -> None:
     others = [f for f in found if f != model_type]
     if others and model_type not in found:
         key = found[others[0]]
-        raise CheckpointError(f"{config_file} says model_type={model_type!r}, but the weights are a "
-                              f"{others[0]!r} checkpoint (tensor {key!r} in {ckpt.file(key).name} is a "
-                              f"{others[0]} vision-MLP tensor); use the config.json saved with these weights")
+        raise CheckpointError(
+            f"{config_file} says model_type={model_type!r}, but the weights are a "
+            f"{others[0]!r} checkpoint (tensor {key!r} in {ckpt.file(key).name} is a "
+            f"{others[0]} vision-MLP tensor); use the config.json saved with these weights"
+        )
 
 
 def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> Model:
@@ -242,8 +280,9 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
     shardings = None
     if mesh is not None:
         from jaxmm.sharding import param_shardings
+
         shardings = param_shardings(abstract, mesh)
-    if store.is_converted(path):               # jaxmm convert output: each device reads its own slice
+    if store.is_converted(path):  # jaxmm convert output: each device reads its own slice
         arrays = store.restore(path, expected, np.dtype(_DTYPES[dtype]), shardings)
     else:
         ckpt = open_checkpoint(path)
@@ -251,15 +290,22 @@ def load(path: str | Path, dtype: str = "float32", mesh: jax.sharding.Mesh | Non
         ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
         try:
             # on a mesh, tensors stay unread (LazyTensor) until each device reads its own slice
-            tensors = dict(iter_converted(ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]),
-                                          ignore=ignore, lazy=shardings is not None))
+            tensors = dict(
+                iter_converted(
+                    ckpt, family.KEY_RULES, expected, dtype=np.dtype(_DTYPES[dtype]), ignore=ignore, lazy=shardings is not None
+                )
+            )
         except CheckpointError as e:
-            raise CheckpointError(f"{e}\n(if shapes differ everywhere, does {path / 'config.json'} describe "
-                                  f"these weights?)") from None
+            raise CheckpointError(
+                f"{e}\n(if shapes differ everywhere, does {path / 'config.json'} describe these weights?)"
+            ) from None
         # make_array_from_callback: each device takes its own slice, also across hosts
-        arrays = {p: jax.device_put(a) if shardings is None else
-                  jax.make_array_from_callback(a.shape, shardings[p], lambda idx, a=a: a[idx])
-                  for p, a in tensors.items()}
+        arrays = {
+            p: jax.device_put(a)
+            if shardings is None
+            else jax.make_array_from_callback(a.shape, shardings[p], lambda idx, a=a: a[idx])
+            for p, a in tensors.items()
+        }
     flat = [(p, v.replace(arrays[p])) for p, v in nnx.to_flat_state(abstract)]
     params = nnx.from_flat_state(flat)
     return Model(family, config, params, path)

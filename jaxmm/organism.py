@@ -22,30 +22,61 @@ VERSION = 3
 CONFIG = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "model_type": "qwen2_5_vl",
-    "image_token_id": 290, "video_token_id": 291,
-    "vision_start_token_id": 292, "vision_end_token_id": 293,
-    "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0,
+    "image_token_id": 290,
+    "video_token_id": 291,
+    "vision_start_token_id": 292,
+    "vision_end_token_id": 293,
+    "tie_word_embeddings": True,
+    "bos_token_id": None,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
     "text_config": {
-        "model_type": "qwen2_5_vl_text", "vocab_size": 294, "bos_token_id": None, "hidden_size": 128,
-        "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-        "max_position_embeddings": 4096, "eos_token_id": 1, "pad_token_id": 0,
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": 294,
+        "bos_token_id": None,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     },
     "vision_config": {
-        "model_type": "qwen2_5_vl_vision", "depth": 4, "hidden_size": 64, "intermediate_size": 128,
-        "num_heads": 4, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-        "temporal_patch_size": 2, "tokens_per_second": 2, "window_size": 112,
-        "out_hidden_size": 128, "fullatt_block_indexes": [1, 3], "hidden_act": "silu",
+        "model_type": "qwen2_5_vl_vision",
+        "depth": 4,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 4,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        "out_hidden_size": 128,
+        "fullatt_block_indexes": [1, 3],
+        "hidden_act": "silu",
         "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
     },
 }
 
 PREPROCESSOR = {
-    "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
-    "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
     "size": {"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
 }
 
@@ -107,7 +138,7 @@ def build(path: str | Path | None = None, seed: int = 0) -> Path:
     flat = {}
     for p, v in nnx.to_flat_state(abstract_params(config)):
         shape = v.get_value().shape
-        if p[-1] == "weight" and len(shape) == 1:          # norm scales
+        if p[-1] == "weight" and len(shape) == 1:  # norm scales
             flat[p] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             fan_in = shape[0] if p[-1] == "kernel" else shape[-1]
@@ -127,7 +158,8 @@ def build(path: str | Path | None = None, seed: int = 0) -> Path:
 
 # ----------------------------------------------------------------------------- tokenizer
 # The tiny tokenizer's training text.
-CORPUS = """
+CORPUS = (
+    """
 the cat sat on the mat and looked at the red ball near the window . a small dog ran across the
 garden while two birds sang in the old tree . what color is the car in the picture ? how many
 people are standing next to the boat ? the answer is three . describe the image in one sentence .
@@ -135,7 +167,9 @@ there is a man riding a horse on the beach at sunset . count the apples on the t
 stands on the launch pad under a clear blue sky . is the coffee cup full or empty ? it is full .
 let us think step by step about the objects we can see , then give the final answer .
 you are a helpful assistant . the photo shows an astronaut in a white suit holding a helmet .
-""" * 4
+"""
+    * 4
+)
 
 TEMPLATE = (
     "{% for message in messages %}"
@@ -162,17 +196,24 @@ def build_tokenizer(path, image_token_id: int = 290):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=image_token_id, special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=image_token_id,
+        special_tokens=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
     if tok.get_vocab_size() != image_token_id:
         raise RuntimeError(f"BPE vocabulary of {tok.get_vocab_size()} tokens, expected {image_token_id}")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=TEMPLATE)
-    fast.add_special_tokens({"additional_special_tokens": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                           "<|vision_end|>"]})
-    ids = fast.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>",
-                                      "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=TEMPLATE
+    )
+    fast.add_special_tokens(
+        {"additional_special_tokens": ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]}
+    )
+    ids = fast.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    )
     want = [0, 1, 2] + [image_token_id + i for i in range(4)]
     if ids != want:
         raise RuntimeError(f"special token ids {ids}, expected {want}")

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxmm.sharding import DEFAULT_RULES
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def _load_config(path):
@@ -34,7 +34,7 @@ def _load_config(path):
     from jaxmm.config import ConfigError, read_yaml
     from jaxmm.models.registry import FAMILIES
 
-    try:    # JSON first (JSON is YAML, but PyYAML, YAML 1.1, reads JSON's 1e-06 as a string)
+    try:  # JSON first (JSON is YAML, but PyYAML, YAML 1.1, reads JSON's 1e-06 as a string)
         d = json.loads(Path(path).read_text())
     except json.JSONDecodeError:
         d, _ = read_yaml(path)
@@ -47,8 +47,7 @@ def _load_config(path):
     return family, family.Config.from_dict(d, source=str(path))
 
 
-def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtype_bytes: int = 2,
-         query_chunk: int = 512) -> dict:
+def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtype_bytes: int = 2, query_chunk: int = 512) -> dict:
     """Bytes per device: {"params", "optimizer", "kv_cache", "attention_chunk", "total"} and counts."""
     import flax.nnx as nnx
 
@@ -74,14 +73,19 @@ def plan(model_yaml, mesh: dict[str, int], seq: int = 4096, batch: int = 1, dtyp
     kv = 2 * t.num_hidden_layers * b_local * seq * (t.num_key_value_heads / g_shard) * t.head_dim * dtype_bytes
     h_shard = mesh.get("tensor", 1) if t.num_attention_heads % mesh.get("tensor", 1) == 0 else 1
     chunk = b_local * (t.num_attention_heads / h_shard) * min(seq, query_chunk) * seq * 4
-    out = {"parameters": n_params, "params": per_dev * dtype_bytes, "optimizer": per_dev * 12,
-           "kv_cache": kv, "attention_chunk": chunk}
+    out = {
+        "parameters": n_params,
+        "params": per_dev * dtype_bytes,
+        "optimizer": per_dev * 12,
+        "kv_cache": kv,
+        "attention_chunk": chunk,
+    }
     out["total"] = out["params"] + out["optimizer"] + out["kv_cache"] + out["attention_chunk"]
     return out
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2} (missing axes are left out).
+    """ "data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2} (missing axes are left out).
 
     Raises:
         ValueError: a part that is not AXIS=N, an unknown or repeated axis, or a size that is not a
@@ -109,11 +113,13 @@ def report(model_yaml, mesh, seq, batch) -> str:
     training total, for ``batch`` sequences of ``seq`` tokens on ``mesh``."""
     r = plan(model_yaml, mesh, seq, batch)
     devices = int(np.prod(list(mesh.values()))) if mesh else 1
-    rows = [f"model {model_yaml}: {r['parameters'] / 1e9:.2f} B parameters; mesh {mesh} ({devices} devices); "
-            f"batch {batch} × {seq} tokens; bf16 compute",
-            f"  parameters        {r['params'] / GiB:8.2f} GiB / device",
-            f"  AdamW state (fp32 master + 2 moments) {r['optimizer'] / GiB:8.2f} GiB / device",
-            f"  KV cache          {r['kv_cache'] / GiB:8.2f} GiB / device",
-            f"  attention chunk   {r['attention_chunk'] / GiB:8.2f} GiB / device (explicit path, one layer)",
-            f"  total (training)  {r['total'] / GiB:8.2f} GiB / device"]
+    rows = [
+        f"model {model_yaml}: {r['parameters'] / 1e9:.2f} B parameters; mesh {mesh} ({devices} devices); "
+        f"batch {batch} × {seq} tokens; bf16 compute",
+        f"  parameters        {r['params'] / GiB:8.2f} GiB / device",
+        f"  AdamW state (fp32 master + 2 moments) {r['optimizer'] / GiB:8.2f} GiB / device",
+        f"  KV cache          {r['kv_cache'] / GiB:8.2f} GiB / device",
+        f"  attention chunk   {r['attention_chunk'] / GiB:8.2f} GiB / device (explicit path, one layer)",
+        f"  total (training)  {r['total'] / GiB:8.2f} GiB / device",
+    ]
     return "\n".join(rows)

@@ -31,9 +31,29 @@ from jaxmm.attention import AttentionWeights, Probe, Site, register, static_fiel
 
 Array = jax.Array
 
-__all__ = ["key_mass", "visual_mass", "visual_entropy", "mass_ratio", "vas", "focus_ratio", "efr",
-           "key_mean", "region_ratio", "residual_update", "key_count", "VisualMass", "KeyMass", "VisualEntropy", "VAS",
-           "FocusRatio", "EFR", "RegionRatio", "AttentionRows", "AttentionWeights", "ResidualUpdate"]
+__all__ = [
+    "key_mass",
+    "visual_mass",
+    "visual_entropy",
+    "mass_ratio",
+    "vas",
+    "focus_ratio",
+    "efr",
+    "key_mean",
+    "region_ratio",
+    "residual_update",
+    "key_count",
+    "VisualMass",
+    "KeyMass",
+    "VisualEntropy",
+    "VAS",
+    "FocusRatio",
+    "EFR",
+    "RegionRatio",
+    "AttentionRows",
+    "AttentionWeights",
+    "ResidualUpdate",
+]
 
 
 def _ksum(a: Array, keys: Array) -> Array:
@@ -48,8 +68,7 @@ def _div(n: Array, d: Array, eps: float) -> Array:
     return n / (d + eps) if eps else n / d
 
 
-def key_mass(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]
-             ) -> Float[Array, "batch heads query"]:
+def key_mass(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]) -> Float[Array, "batch heads query"]:
     """Attention mass on a key set, m(i) = Σ_j A_ij · w_j (primitive 1 on any set; methods.md "Shared
     primitives"): AVAR's system mass m_S, a named span of the layout (:class:`KeyMass`).
 
@@ -59,8 +78,7 @@ def key_mass(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batc
     return _ksum(a, keys)
 
 
-def visual_mass(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"]
-                ) -> Float[Array, "batch heads query"]:
+def visual_mass(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"]) -> Float[Array, "batch heads query"]:
     """m_V(i) = Σ_{j∈V} A_ij, the attention mass on the image keys (primitive 1; methods.md).
 
     ``image`` [B,K] bool (``layout.image_mask``). Returns [B,H,T] in ``a``'s dtype, in [0, 1] for
@@ -69,9 +87,13 @@ def visual_mass(a: Float[Array, "batch heads query key"], image: Shaped[Array, "
     return _ksum(a, image)
 
 
-def visual_entropy(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
-                   normalize: bool = False, log_a: Float[Array, "batch heads query key"] | None = None,
-                   renormalize: bool = True) -> Float[Array, "batch heads query"]:
+def visual_entropy(
+    a: Float[Array, "batch heads query key"],
+    image: Shaped[Array, "batch key"],
+    normalize: bool = False,
+    log_a: Float[Array, "batch heads query key"] | None = None,
+    renormalize: bool = True,
+) -> Float[Array, "batch heads query"]:
     """H_V = −Σ_{j∈V} Â_j log Â_j with Â_j = A_j / m_V, in nats (primitive 2; RATION's
     visual entropy, Xu et al. ACL Findings 2026, and VRGA's H_img, arXiv 2603.14184: not divided by log|V|).
 
@@ -106,16 +128,21 @@ def mass_ratio(m_v: Float[Array, "*shape"], m_s: Float[Array, "*shape"], eps: fl
     return _div(m_v, m_s, eps)
 
 
-def vas(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"], system: Shaped[Array, "batch key"],
-        eps: float = 0.0) -> Float[Array, "batch heads query"]:
+def vas(
+    a: Float[Array, "batch heads query key"],
+    image: Shaped[Array, "batch key"],
+    system: Shaped[Array, "batch key"],
+    eps: float = 0.0,
+) -> Float[Array, "batch heads query"]:
     """AVAR's Visual Attention Score per query: m_V / (m_S + eps) (primitive 3; arXiv 2603.03825;
     paper: eps = 0). ``image``, ``system`` [B,K] key sets (``layout.image_mask``, ``system_mask``).
     Returns [B,H,T], dimensionless (mass over mass)."""
     return mass_ratio(_ksum(a, image), _ksum(a, system), eps)
 
 
-def key_count(mask: Shaped[Array, "#batch #heads query key"] | None, like: Float[Array, "batch heads query key"]
-              ) -> Float[Array, "batch heads query"]:
+def key_count(
+    mask: Shaped[Array, "#batch #heads query key"] | None, like: Float[Array, "batch heads query key"]
+) -> Float[Array, "batch heads query"]:
     """N: number of keys each query may attend to, from the attention mask (True = visible),
     broadcast to [B,H,T] float32. ``mask=None``: every key of ``like`` (its last axis) counts."""
     if mask is None:
@@ -123,8 +150,9 @@ def key_count(mask: Shaped[Array, "#batch #heads query key"] | None, like: Float
     return jnp.broadcast_to(jnp.sum(mask, axis=-1).astype(jnp.float32), like.shape[:-1])
 
 
-def focus_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
-                n_keys: Float[Array, "batch heads query"]) -> Float[Array, "batch heads query"]:
+def focus_ratio(
+    a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"], n_keys: Float[Array, "batch heads query"]
+) -> Float[Array, "batch heads query"]:
     """VRGA's R_img = (m_V / |V|) / (Σ_j A_j / N) (primitive 4; arXiv 2603.14184, methods.md
     "VRGA"): mean weight per image key over mean weight per visible key; 1 = no preference.
 
@@ -136,17 +164,19 @@ def focus_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, "
     return (_ksum(a, image) / jnp.maximum(nv, 1.0)) / (total / n_keys)
 
 
-def efr(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
-        n_keys: Float[Array, "batch heads query"], log_a: Float[Array, "batch heads query key"] | None = None
-        ) -> Float[Array, "batch heads query"]:
+def efr(
+    a: Float[Array, "batch heads query key"],
+    image: Shaped[Array, "batch key"],
+    n_keys: Float[Array, "batch heads query"],
+    log_a: Float[Array, "batch heads query key"] | None = None,
+) -> Float[Array, "batch heads query"]:
     """VRGA's entropy–focus ratio EFR = H_img / R_img (arXiv 2603.14184) with H_img the
     renormalised image entropy (:func:`visual_entropy`) and R_img :func:`focus_ratio`; low EFR =
     a focused visual head. Returns [B,H,T] float32 (nats)."""
     return visual_entropy(a, image, log_a=log_a) / focus_ratio(a, image, n_keys)
 
 
-def key_mean(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]
-             ) -> Float[Array, "batch heads query"]:
+def key_mean(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batch key"]) -> Float[Array, "batch heads query"]:
     """Mean weight per key of a key set, ā = Σ_j w_j A_j / Σ_j w_j (SAYO's ā_R and ā_V, arXiv
     2602.08241; methods.md "SAYO").
 
@@ -157,8 +187,12 @@ def key_mean(a: Float[Array, "batch heads query key"], keys: Shaped[Array, "batc
     return _ksum(a, w) / jnp.maximum(jnp.sum(w, -1), 1e-12)[:, None, None]
 
 
-def region_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, "batch key"],
-                 region: Shaped[Array, "batch key"], eps: float = 0.0) -> Float[Array, "batch heads query"]:
+def region_ratio(
+    a: Float[Array, "batch heads query key"],
+    image: Shaped[Array, "batch key"],
+    region: Shaped[Array, "batch key"],
+    eps: float = 0.0,
+) -> Float[Array, "batch heads query"]:
     """SAYO's ā_R / ā_V: mean weight per region key over mean weight per image key (primitive 5;
     arXiv 2602.08241).
 
@@ -168,8 +202,9 @@ def region_ratio(a: Float[Array, "batch heads query key"], image: Shaped[Array, 
     return _div(key_mean(a, region), key_mean(a, image), eps)
 
 
-def residual_update(h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"],
-                    image: Shaped[Array, "batch seq"]) -> Float[Array, " batch"]:
+def residual_update(
+    h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"], image: Shaped[Array, "batch seq"]
+) -> Float[Array, " batch"]:
     """RATION's layer probe s_l = mean_{j∈V, d} |h_out[j,d] − h_in[j,d]| (methods.md "RATION"):
     the mean absolute change a decoder layer makes to the image tokens' hidden states.
 
@@ -288,17 +323,17 @@ class AttentionRows(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     positions: tuple[int, ...] = static_field((-1,))
-    query_axis: int | None = static_field(None)   # chunks are summed: each holds its own rows
+    query_axis: int | None = static_field(None)  # chunks are summed: each holds its own rows
 
     def __call__(self, a, site: Site):
         k = a.shape[-1]
         if site.layout is not None:
             am = site.layout.attention_mask[:, :k]
-            last = k - 1 - jnp.argmax(am[:, ::-1] > 0, axis=-1)          # [B]
+            last = k - 1 - jnp.argmax(am[:, ::-1] > 0, axis=-1)  # [B]
         else:
             last = jnp.full((a.shape[0],), k - 1)
         pos = jnp.stack([jnp.full_like(last, p) if p >= 0 else last + 1 + p for p in self.positions], -1)
-        sel = (site.query_pos[None, :, None] == pos[:, None, :]).astype(a.dtype)   # [B,T,P]
+        sel = (site.query_pos[None, :, None] == pos[:, None, :]).astype(a.dtype)  # [B,T,P]
         return jnp.einsum("bhtk,btp->bhpk", a, sel)
 
 
@@ -311,14 +346,15 @@ class ResidualUpdate(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     kind: str = static_field("residual")
-    row0_span: bool = static_field(False)   # RATION's release: keys from row 0's first to last image token
+    row0_span: bool = static_field(False)  # RATION's release: keys from row 0's first to last image token
 
     def selects(self, site: Site) -> bool:
         """True at the decoder layers (``layers``, None = all) of the chosen towers."""
         return site.tower in self.towers and (self.layers is None or site.layer in self.layers)
 
-    def residual(self, h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"], site: Site
-                 ) -> Float[Array, " batch"]:
+    def residual(
+        self, h_in: Float[Array, "batch seq embed"], h_out: Float[Array, "batch seq embed"], site: Site
+    ) -> Float[Array, " batch"]:
         """s_l of this call's tokens (:func:`residual_update`): the hidden states before and after
         the layer [B,S,E] of the call's S positions (from ``site.query_pos[0]``) -> [B] float32."""
         k = h_in.shape[1]

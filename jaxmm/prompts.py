@@ -29,23 +29,29 @@ class Prompt:
         """The chat (HF message dicts) of one sample: the system turn if any, then the user turn with
         the image first and the formatted question."""
         system = [] if self.system is None else [{"role": "system", "content": self.system}]
-        return system + [{"role": "user", "content": [{"type": "image", "image": image},
-                                                      {"type": "text", "text": self.user.format(question=question)}]}]
+        return system + [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": self.user.format(question=question)}],
+            }
+        ]
 
 
 PROMPTS: dict[str, Prompt] = {
     "vrga": Prompt("{question}\nThe final answer MUST BE in <answer> </answer> tags."),
     "vrga_think": Prompt("{question}\nLet's think step by step."),
-    "sayo": Prompt(system=(
-        "A conversation between a user and an assistant. The user asks a question, and the assistant must answer it."
-        "The assistant first conducts internal reasoning, followed immediately by the final answer enclosed within "
-        "<answer>...</answer> tags."
-        "Requirements:"
-        "1. The reasoning outside <answer></answer> should be concise, minimal, and essential.\n"
-        "2. The final answer must be correct, complete, and directly address the user\u2019s question.\n"
-        "3. When reasoning, focus on the areas of aim object in the image.\n"
-        "4. You MUST HAVE thinking process before the final answer.\n"
-    )),
+    "sayo": Prompt(
+        system=(
+            "A conversation between a user and an assistant. The user asks a question, and the assistant must answer it."
+            "The assistant first conducts internal reasoning, followed immediately by the final answer enclosed within "
+            "<answer>...</answer> tags."
+            "Requirements:"
+            "1. The reasoning outside <answer></answer> should be concise, minimal, and essential.\n"
+            "2. The final answer must be correct, complete, and directly address the user\u2019s question.\n"
+            "3. When reasoning, focus on the areas of aim object in the image.\n"
+            "4. You MUST HAVE thinking process before the final answer.\n"
+        )
+    ),
 }
 
 VRGA_MAX_PIXELS = 1024 * 28 * 28 * 2

@@ -54,8 +54,7 @@ def param_shardings(abstract: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_
         names = var.get_metadata().get("out_sharding")
         spec = logical_to_spec(names, mesh, rules)
         shape = var.get_value().shape
-        spec = PartitionSpec(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None
-                               for i, a in enumerate(spec)])
+        spec = PartitionSpec(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec)])
         out[path] = NamedSharding(mesh, spec)
     return out
 
@@ -189,9 +188,11 @@ def jit_forward(config, mesh: jax.sharding.Mesh, params, batch, interventions=()
     va = DEFAULT_RULES.get("vocab")
     if va in mesh.axis_names and mesh.shape[va] > 1 and v % mesh.shape[va] == 0:
         spec[2] = va
-    return jax.jit(lambda p, b: forward(p, config, b, interventions, probes).logits,
-                   in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
-                   out_shardings=NamedSharding(mesh, PartitionSpec(*spec)))
+    return jax.jit(
+        lambda p, b: forward(p, config, b, interventions, probes).logits,
+        in_shardings=(shardings_of(params), batch_shardings(batch, mesh)),
+        out_shardings=NamedSharding(mesh, PartitionSpec(*spec)),
+    )
 
 
 # ----------------------------------------------------------------------------- per-host data
@@ -214,21 +215,31 @@ def host_slice(global_batch_size: int, mesh: jax.sharding.Mesh | None = None) ->
     r, p = jax.process_index(), jax.process_count()
     if mesh is None:
         if n % p:
-            raise ValueError(f"global batch size {n} is not divisible by the {p} processes: each process "
-                             f"must supply the same number of rows (use a multiple of {p})")
+            raise ValueError(
+                f"global batch size {n} is not divisible by the {p} processes: each process "
+                f"must supply the same number of rows (use a multiple of {p})"
+            )
         k = n // p
         return slice(r * k, (r + 1) * k)
     axes = batch_axes(mesh)
     shards = 1 if axes is None else int(np.prod([mesh.shape[a] for a in axes]))
     if n % shards:
-        raise ValueError(f"global batch size {n} is not divisible by the {shards} batch shards of the mesh "
-                         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}); use a multiple of {shards}")
+        raise ValueError(
+            f"global batch size {n} is not divisible by the {shards} batch shards of the mesh "
+            f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}); use a multiple of {shards}"
+        )
     sharding = NamedSharding(mesh, PartitionSpec(axes))
-    idx = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop)
-                  for s in sharding.addressable_devices_indices_map((n,)).values()})
+    idx = sorted(
+        {
+            (s[0].start or 0, n if s[0].stop is None else s[0].stop)
+            for s in sharding.addressable_devices_indices_map((n,)).values()
+        }
+    )
     if any(a[1] != b[0] for a, b in zip(idx, idx[1:])):
-        raise ValueError(f"process {r}'s devices hold non-contiguous batch rows {idx} on this mesh; build the "
-                         "mesh with devices ordered by process (jaxmm.sharding.make_mesh over jax.devices())")
+        raise ValueError(
+            f"process {r}'s devices hold non-contiguous batch rows {idx} on this mesh; build the "
+            "mesh with devices ordered by process (jaxmm.sharding.make_mesh over jax.devices())"
+        )
     return slice(idx[0][0], idx[-1][1])
 
 
@@ -280,9 +291,11 @@ def global_batch(local, mesh: jax.sharding.Mesh, global_batch_size: int, shardin
         raise ValueError(f"no per-sample leaf with this process's {b_loc} rows (of {n}) in the given pytree")
     ids = local.get("input_ids") if isinstance(local, dict) else getattr(local, "input_ids", None)
     if ids is not None and ids.shape[0] != b_loc:
-        raise ValueError(f"input_ids has {ids.shape[0]} rows, but process {jax.process_index()} supplies rows "
-                         f"{rows.start}:{rows.stop} of the global {n} ({b_loc} rows; see host_slice/local_rows)")
-    shapes = [x.shape if d is None else x.shape[:d] + (n,) + x.shape[d + 1:] for (_, x), d in zip(flat, dims)]
+        raise ValueError(
+            f"input_ids has {ids.shape[0]} rows, but process {jax.process_index()} supplies rows "
+            f"{rows.start}:{rows.stop} of the global {n} ({b_loc} rows; see host_slice/local_rows)"
+        )
+    shapes = [x.shape if d is None else x.shape[:d] + (n,) + x.shape[d + 1 :] for (_, x), d in zip(flat, dims)]
     if shardings is None:
         rep = NamedSharding(mesh, PartitionSpec())
         sh = [rep if d is None else NamedSharding(mesh, batch_spec(g, d, mesh, len(g))) for g, d in zip(shapes, dims)]
@@ -295,8 +308,11 @@ def global_batch(local, mesh: jax.sharding.Mesh, global_batch_size: int, shardin
 
         rep = [x for (_, x), d in zip(flat, dims) if d is None]
         digest = np.array([zlib.crc32(np.ascontiguousarray(x).tobytes()) % 2**31 for x in rep] + [len(rep)], np.int32)
-        multihost_utils.assert_equal(digest, "global_batch: the replicated leaves (pixel_values, vision inputs, …) "
-                                     "differ between processes; every process must supply the whole global value")
+        multihost_utils.assert_equal(
+            digest,
+            "global_batch: the replicated leaves (pixel_values, vision inputs, …) "
+            "differ between processes; every process must supply the whole global value",
+        )
     out = [jax.make_array_from_process_local_data(s, x, g) for (_, x), s, g in zip(flat, sh, shapes)]
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -80,9 +80,17 @@ IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|video_pad|>
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 112 * 112 * 2
 
 
-def build_tokenizer(path, vocab_size: int = 300, *, image_token_id: int = 290, video_token_id: int = 291,
-                    vision_start_token_id: int = 292, vision_end_token_id: int = 293,
-                    min_pixels: int | None = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+def build_tokenizer(
+    path,
+    vocab_size: int = 300,
+    *,
+    image_token_id: int = 290,
+    video_token_id: int = 291,
+    vision_start_token_id: int = 292,
+    vision_end_token_id: int = 293,
+    min_pixels: int | None = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+):
     """Builds and saves the tiny tokenizer (see the module docstring for the ids).
 
     Args:
@@ -107,8 +115,12 @@ def build_tokenizer(path, vocab_size: int = 300, *, image_token_id: int = 290, v
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    vision = {IMAGE_PAD: image_token_id, VIDEO_PAD: video_token_id, VISION_START: vision_start_token_id,
-              VISION_END: vision_end_token_id}
+    vision = {
+        IMAGE_PAD: image_token_id,
+        VIDEO_PAD: video_token_id,
+        VISION_START: vision_start_token_id,
+        VISION_END: vision_end_token_id,
+    }
     ids = sorted(vision.values())
     bpe_size = ids[0]
     if len(set(ids)) != 4:
@@ -121,17 +133,26 @@ def build_tokenizer(path, vocab_size: int = 300, *, image_token_id: int = 290, v
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=bpe_size, special_tokens=[ENDOFTEXT, IM_END, IM_START],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size,
+        special_tokens=[ENDOFTEXT, IM_END, IM_START],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
     if tok.get_vocab_size() != bpe_size:
         raise RuntimeError(f"BPE vocabulary of {tok.get_vocab_size()} tokens, expected {bpe_size}")
 
     by_id = {v: k for k, v in vision.items()}
     added = [by_id.get(i, f"<|reserved_{i}|>") for i in range(bpe_size, ids[-1] + 1)]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                   chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
-                                   model_max_length=32768)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
     fast.add_special_tokens({"additional_special_tokens": added})
     names = [ENDOFTEXT, IM_END, IM_START, *added]
     got = fast.convert_tokens_to_ids(names)
@@ -174,13 +195,23 @@ def build_llava_tokenizer(path, image_token_id: int = 290):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=image_token_id, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=image_token_id,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([CORPUS], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>", chat_template=LLAVA_CHAT_TEMPLATE,
-                                   clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     assert fast.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<image>"]) == [0, 1, 2, image_token_id]
     Path(path).mkdir(parents=True, exist_ok=True)

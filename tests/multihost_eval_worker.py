@@ -19,11 +19,23 @@ import jaxmm.eval.report as report  # noqa: E402
 from jaxmm.eval.harness import EvalConfig, run  # noqa: E402
 
 assert jax.process_count() == 2
-if pid != 0:    # only process 0 renders figures and writes the report: anywhere else this fails the run
+if pid != 0:  # only process 0 renders figures and writes the report: anywhere else this fails the run
+
     def forbidden(*a, **k):
         raise AssertionError(f"process {pid} tried to write a report or a figure")
 
     report.write_report = report.render_heatmap = forbidden
-run(EvalConfig(model=model, out=out, mesh=mesh, methods=["baseline", "pai"], batch_size=2, max_new_tokens=4, heatmaps=2,
-               benchmarks=[{"name": "grounded", "limit": 5, "seed": 1, "image_size": 112}]), progress=False)
+run(
+    EvalConfig(
+        model=model,
+        out=out,
+        mesh=mesh,
+        methods=["baseline", "pai"],
+        batch_size=2,
+        max_new_tokens=4,
+        heatmaps=2,
+        benchmarks=[{"name": "grounded", "limit": 5, "seed": 1, "image_size": 112}],
+    ),
+    progress=False,
+)
 jax.distributed.shutdown()

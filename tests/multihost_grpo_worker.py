@@ -22,8 +22,9 @@ from jaxmm.train.sft import flat_params  # noqa: E402
 
 train(GRPOConfig(out=out, mesh={"data": 2, "fsdp": 2, "tensor": 1}, **kw), progress=False)
 mngr = ocp.CheckpointManager(os.path.join(out, "checkpoints"))
-restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                    data=ocp.args.JsonRestore()))
+restored = mngr.restore(
+    mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+)
 params = jax.tree_util.tree_map(lambda x: multihost_utils.process_allgather(x, tiled=True), restored.state["params"])
 if pid == 0:
     np.savez(os.path.join(out, "final.npz"), **flat_params(params))

@@ -17,15 +17,27 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from jaxmm.train.sft import TrainConfig, flat_params, train  # noqa: E402
 
-cfg = TrainConfig(model=model, out=out, steps=3, batch_size=4, lr=3e-3, save_every=3, log_every=1, keep=1,
-                  seq_len=160, tensorboard=False, mesh={"data": 2, "fsdp": 2, "tensor": 1},
-                  data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112})
+cfg = TrainConfig(
+    model=model,
+    out=out,
+    steps=3,
+    batch_size=4,
+    lr=3e-3,
+    save_every=3,
+    log_every=1,
+    keep=1,
+    seq_len=160,
+    tensorboard=False,
+    mesh={"data": 2, "fsdp": 2, "tensor": 1},
+    data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112},
+)
 import orbax.checkpoint as ocp  # noqa: E402
 
 train(cfg, progress=False)
 mngr = ocp.CheckpointManager(os.path.join(out, "checkpoints"))
-restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                    data=ocp.args.JsonRestore()))
+restored = mngr.restore(
+    mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+)
 params = jax.tree_util.tree_map(lambda x: multihost_utils.process_allgather(x, tiled=True), restored.state["params"])
 if pid == 0:
     np.savez(os.path.join(out, "final.npz"), **flat_params(params))

@@ -49,9 +49,13 @@ full_ext = global_batch(local_rows(extend_for_decoding(whole, gen.max_len), mesh
 tokens = gen(model.params, batch, full_ext, jax.random.PRNGKey(0)).tokens
 rows = host_slice(4, mesh)
 spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
-info = {"rows": [rows.start, rows.stop], "local_input_ids": np.asarray(mine.input_ids).tolist(),
-        "logits_spec": spec(logits), "tokens_spec": spec(tokens),
-        "local_shards": len(batch.input_ids.addressable_shards)}
+info = {
+    "rows": [rows.start, rows.stop],
+    "local_input_ids": np.asarray(mine.input_ids).tolist(),
+    "logits_spec": spec(logits),
+    "tokens_spec": spec(tokens),
+    "local_shards": len(batch.input_ids.addressable_shards),
+}
 with open(os.path.join(os.path.dirname(out), f"perhost{pid}.json"), "w") as f:
     json.dump(info, f)
 logits, tokens = (multihost_utils.process_allgather(x, tiled=True) for x in (logits, tokens))

@@ -24,9 +24,18 @@ def setup(tmp_path_factory):
     from PIL import Image
 
     img = Image.fromarray(data.astronaut()).resize((112, 84))
-    msgs = [[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "the cat ?"}]}],
-            [{"role": "user", "content": [{"type": "image", "image": img.rotate(90, expand=True)},
-                                          {"type": "text", "text": "what color is the car in the picture ?"}]}]]
+    msgs = [
+        [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "the cat ?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": img.rotate(90, expand=True)},
+                    {"type": "text", "text": "what color is the car in the picture ?"},
+                ],
+            }
+        ],
+    ]
     batch, info = model.prepare_chat(msgs)
     return model, batch, path, info
 
@@ -82,11 +91,10 @@ def test_rave_bias_matches_numpy_formula(setup, kind):
     probe = AttentionWeights(layers=(0,))
     base = forward(model.params, model.config, batch, (), (probe,), output_hidden_states=True)
     out = forward(model.params, model.config, batch, (rv,), (probe,))
-    a0 = np.asarray(base.probes[probe.name]["text"].values[0], np.float64)     # [B,H,T,K]
+    a0 = np.asarray(base.probes[probe.name]["text"].values[0], np.float64)  # [B,H,T,K]
     a1 = np.asarray(out.probes[probe.name]["text"].values[0], np.float64)
     p = flat_params(model.params)
-    x = _rms(np.asarray(base.hidden_states[0], np.float64), p["language_model.layers.0.input_layernorm.weight"],
-             t.rms_norm_eps)
+    x = _rms(np.asarray(base.hidden_states[0], np.float64), p["language_model.layers.0.input_layernorm.weight"], t.rms_norm_eps)
     att = "language_model.layers.0.self_attn."
     q = (x @ p[att + "q_proj.kernel"] + p[att + "q_proj.bias"]).reshape(*x.shape[:2], t.num_attention_heads, t.head_dim)
     k = (x @ p[att + "k_proj.kernel"] + p[att + "k_proj.bias"]).reshape(*x.shape[:2], t.num_key_value_heads, t.head_dim)
@@ -94,8 +102,8 @@ def test_rave_bias_matches_numpy_formula(setup, kind):
     rep = t.num_attention_heads // t.num_key_value_heads
     bias = np.zeros(a0.shape)
     for h in (1, 2, 3):
-        uq = q[:, :, h] @ u[h].T                                 # [B,T,r]
-        wk = k[:, :, h // rep] @ w[h // rep].T                   # [B,K,r]
+        uq = q[:, :, h] @ u[h].T  # [B,T,r]
+        wk = k[:, :, h // rep] @ w[h // rep].T  # [B,K,r]
         if kind == "bilinear":
             b = uq @ wk.transpose(0, 2, 1) / np.sqrt(u.shape[1])
         else:
@@ -132,7 +140,7 @@ def test_rave_generation_with_pre_rope_key_cache_equals_recomputation(setup):
     s = batch.input_ids.shape[1]
     for b in range(toks.shape[0]):
         n = max(1, min(int(lengths[b]), 5))
-        np.testing.assert_allclose(np.asarray(out.logits)[b, :n], ref[b, s - 1:s - 1 + n], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(out.logits)[b, :n], ref[b, s - 1 : s - 1 + n], atol=1e-4)
 
 
 def test_rave_save_load_roundtrip_and_errors(setup, tmp_path):
@@ -152,8 +160,17 @@ def test_rave_save_load_roundtrip_and_errors(setup, tmp_path):
 
 # ----------------------------------------------------------------------------- training
 def _cfg(tmp_path, name, **kw):
-    base = dict(out=str(tmp_path / name), steps=4, batch_size=2, lr=3e-2, save_every=2, keep=2, log_every=1,
-                seq_len=160, data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112})
+    base = dict(
+        out=str(tmp_path / name),
+        steps=4,
+        batch_size=2,
+        lr=3e-2,
+        save_every=2,
+        keep=2,
+        log_every=1,
+        seq_len=160,
+        data={"name": "grounded", "size": 16, "seed": 1, "image_size": 112},
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -170,8 +187,11 @@ def test_rave_trains_with_frozen_backbone_and_is_its_own_checkpoint_group(setup,
     rv = final_rave(out, model.config)
     assert rv.layers == (1, 2) and np.abs(np.asarray(rv.gamma)).max() > 0
     # the trained module changes the model; the events file holds the loss
-    assert not np.allclose(np.asarray(forward(model.params, model.config, batch, (rv,)).logits),
-                           np.asarray(forward(model.params, model.config, batch).logits), atol=1e-6)
+    assert not np.allclose(
+        np.asarray(forward(model.params, model.config, batch, (rv,)).logits),
+        np.asarray(forward(model.params, model.config, batch).logits),
+        atol=1e-6,
+    )
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert events and b"loss" in events[0].read_bytes()
     # resuming a finished run restores the module's static fields too
@@ -200,8 +220,9 @@ def test_agto_from_config_adds_the_avar_losses(setup, tmp_path, monkeypatch):
     """``agto:`` in the config adds α·L_enh + β·L_sup (objectives.avar, tested against numpy there)."""
     model, batch, path = setup[:3]
     monkeypatch.setenv("JAXMM_HOME", str(tmp_path / "home"))
-    out = train(_cfg(tmp_path, "agto", model=str(path), steps=2, agto={"alpha": 0.15, "beta": 0.15},
-                     tensorboard=False), progress=False)
+    out = train(
+        _cfg(tmp_path, "agto", model=str(path), steps=2, agto={"alpha": 0.15, "beta": 0.15}, tensorboard=False), progress=False
+    )
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(r["total"] - r["loss"]) > 1e-4 for r in rows)
     with pytest.raises(ValueError, match="agto: unknown"):

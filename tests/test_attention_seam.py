@@ -26,7 +26,7 @@ def setup(tmp_path_factory):
     raw = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")
     ids, am = raw["input_ids"], raw["attention_mask"]
     starts = am.argmax(1)
-    system = [[(int(s), int(s) + 2)] for s in starts]       # first two real tokens of each row
+    system = [[(int(s), int(s) + 2)] for s in starts]  # first two real tokens of each row
     question = [[(ids.shape[1] - 4, ids.shape[1])] for _ in starts]
     batch = model.prepare(**raw, system_spans=system, question_spans=question)
     ref = hf_forward(hf_model, raw)
@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
 
 
 def np_attn(ref):
-    return [a.numpy().astype(np.float64) for a in ref.attentions]     # L x [B,H,S,S]
+    return [a.numpy().astype(np.float64) for a in ref.attentions]  # L x [B,H,S,S]
 
 
 def _probe_values(out, name):
@@ -43,15 +43,22 @@ def _probe_values(out, name):
 
 def test_probes_match_numpy_on_transformers_attentions(setup):
     model, raw, batch, ref = setup
-    probes = [P.VisualMass(), P.VisualEntropy(), P.VisualEntropy(name="visual_entropy_norm", normalize=True),
-              P.VAS(), P.FocusRatio(), P.EFR(), P.AttentionRows(positions=(-1, -3))]
+    probes = [
+        P.VisualMass(),
+        P.VisualEntropy(),
+        P.VisualEntropy(name="visual_entropy_norm", normalize=True),
+        P.VAS(),
+        P.FocusRatio(),
+        P.EFR(),
+        P.AttentionRows(positions=(-1, -3)),
+    ]
     out = model.forward(batch=batch, probes=probes)
     lay = batch.layout
-    V = np.asarray(lay.image_mask, bool)                    # [B,K]
+    V = np.asarray(lay.image_mask, bool)  # [B,K]
     S = np.asarray(lay.system_mask, bool)
     am = raw["attention_mask"].astype(bool)
-    valid_q = am[:, None, :]                                # compare at real query rows
-    n_keys = np.cumsum(am, axis=1)[:, None, :]              # causal + padding: keys a query may see
+    valid_q = am[:, None, :]  # compare at real query rows
+    n_keys = np.cumsum(am, axis=1)[:, None, :]  # causal + padding: keys a query may see
     for layer, A in enumerate(np_attn(ref)):  # noqa: F402 (the weights' A of the papers)
         mV = (A * V[:, None, None]).sum(-1)
         mS = (A * S[:, None, None]).sum(-1)
@@ -60,9 +67,15 @@ def test_probes_match_numpy_on_transformers_attentions(setup):
             HV = -np.nansum(np.where(Ahat > 0, Ahat * np.log(Ahat), 0.0), -1)
             nV = V.sum(-1)[:, None, None]
             R = (mV / nV) / (A.sum(-1) / n_keys)
-            expected = {"visual_mass": mV, "visual_entropy": HV, "visual_entropy_norm": HV / np.log(nV),
-                        "vas": mV / mS, "r_img": R, "efr": HV / R}
-        sees_image = valid_q & (mV > 0)                     # queries after the first image token
+            expected = {
+                "visual_mass": mV,
+                "visual_entropy": HV,
+                "visual_entropy_norm": HV / np.log(nV),
+                "vas": mV / mS,
+                "r_img": R,
+                "efr": HV / R,
+            }
+        sees_image = valid_q & (mV > 0)  # queries after the first image token
         assert sees_image.sum() > 10 and (valid_q & (mV == 0)).sum() > 0
         for name, exp in expected.items():
             got = _probe_values(out, name)[layer]
@@ -72,7 +85,7 @@ def test_probes_match_numpy_on_transformers_attentions(setup):
         blind = valid_q & (mV == 0)
         assert np.all(_probe_values(out, "visual_entropy")[layer][blind] == 0)
         assert np.all(_probe_values(out, "visual_mass")[layer][blind] == 0)
-        rows = _probe_values(out, "attention_rows")[layer]   # [B,H,2,K]
+        rows = _probe_values(out, "attention_rows")[layer]  # [B,H,2,K]
         last = am.shape[1] - 1
         np.testing.assert_allclose(rows[:, :, 0], A[:, :, last], atol=1e-6)
         np.testing.assert_allclose(rows[:, :, 1], A[:, :, last - 2], atol=1e-6)
@@ -85,8 +98,14 @@ def test_region_ratio_and_residual_update_match_numpy(setup):
     lay = batch.layout
     photos = tiny.photos()
     sizes = {i: photos[n].size[::-1] for i, n in enumerate(["astronaut", "chelsea", "coffee"])}  # (h, w)
-    w = region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                       {0: [(100, 50, 300, 250)], 2: [(0, 0, 200, 150)]}, sizes, raw["image_grid_thw"])
+    w = region_weights(
+        np.asarray(lay.image_index),
+        np.asarray(lay.grid_pos),
+        np.asarray(lay.grid_hw),
+        {0: [(100, 50, 300, 250)], 2: [(0, 0, 200, 150)]},
+        sizes,
+        raw["image_grid_thw"],
+    )
     assert 0 < w.sum() < np.asarray(lay.image_mask).sum()
     batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
     out = model.forward(batch=batch, probes=[P.RegionRatio(), P.ResidualUpdate()])
@@ -96,11 +115,13 @@ def test_region_ratio_and_residual_update_match_numpy(setup):
         aR = (A * w[:, None, None]).sum(-1) / w.sum(-1)[:, None, None]
         aV = (A * V[:, None, None]).sum(-1) / V.sum(-1)[:, None, None]
         got = _probe_values(out, "region_ratio")[layer]
-        mask = am[:, None, :] & (aV > 0)                    # queries that see image keys
+        mask = am[:, None, :] & (aV > 0)  # queries that see image keys
         assert mask.sum() > 10
         np.testing.assert_allclose(got[mask], (aR / aV)[mask], rtol=1e-5, atol=1e-5)
-        h_in, h_out = (ref.hidden_states[layer].numpy().astype(np.float64),
-                       ref.hidden_states[layer + 1].numpy().astype(np.float64))
+        h_in, h_out = (
+            ref.hidden_states[layer].numpy().astype(np.float64),
+            ref.hidden_states[layer + 1].numpy().astype(np.float64),
+        )
         if layer + 1 == len(ref.hidden_states) - 1:
             continue  # transformers' last hidden state is after the final norm: not a layer output
         s = (np.abs(h_out - h_in).mean(-1) * V).sum(-1) / V.sum(-1)
@@ -143,18 +164,21 @@ def test_fused_function_runs_and_equals_matmul_and_explicit(setup, monkeypatch):
     real = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
     valid = np.asarray(batch.attention_mask, bool)
-    bias = (KeyBias(delta=jnp.array([0.3, -0.4])),)           # a bias stage keeps the plain path
+    bias = (KeyBias(delta=jnp.array([0.3, -0.4])),)  # a bias stage keeps the plain path
     logits = {}
     for name in ("fused", "matmul"):
         with A.options(plain=name), record_paths() as paths:
-            logits[name] = np.asarray(jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias).logits)(
-                model.params, batch))
+            logits[name] = np.asarray(
+                jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias).logits)(model.params, batch)
+            )
         assert {p for _, _, p in paths} == {name}
     n_layers = model.config.text.num_hidden_layers + model.config.vision.depth
-    assert len(calls) == n_layers and all(k["implementation"] == ("xla" if jax.default_backend() == "cpu" else None)
-                                          for k in calls)
-    explicit = np.asarray(jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias,
-                                                                  (P.VisualMass(name="m"),)).logits)(model.params, batch))
+    assert len(calls) == n_layers and all(
+        k["implementation"] == ("xla" if jax.default_backend() == "cpu" else None) for k in calls
+    )
+    explicit = np.asarray(
+        jax.jit(lambda p, b: qwen2_5_vl.forward(p, model.config, b, bias, (P.VisualMass(name="m"),)).logits)(model.params, batch)
+    )
     # fp32: 1e-6 of the logits' scale, the bound of test_seam_invariance.py. XLA's generic attention
     # ([B,T,N,H] contractions, its own softmax) rounds differently from the head-major matmuls:
     # measured 5.7e-6 on logits up to 5.3 after 3 text layers and 4 vision blocks (matmul and
@@ -167,8 +191,9 @@ def test_fused_function_runs_and_equals_matmul_and_explicit(setup, monkeypatch):
 def test_no_interventions_no_probes_is_bit_identical(setup):
     model, _, batch, _ = setup
     base = np.asarray(model.forward(batch=batch).logits)
-    untouched = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=1.0, layers=())],
-                                         probes=[P.VisualMass(layers=())]).logits)
+    untouched = np.asarray(
+        model.forward(batch=batch, interventions=[KeyLogitShift(delta=1.0, layers=())], probes=[P.VisualMass(layers=())]).logits
+    )
     np.testing.assert_array_equal(base, untouched)
     # a probe on one layer changes nothing in value either (explicit path, same numbers)
     probed = np.asarray(model.forward(batch=batch, probes=[P.VisualMass(layers=(1,))]).logits)
@@ -184,7 +209,7 @@ def test_weight_scaling_equals_logit_shift_primitive_7(setup):
     z = np.asarray(model.forward(batch=batch, interventions=[KeyLogitShift(delta=np.log(c))]).logits)
     b = np.asarray(model.forward(batch=batch, interventions=[KeyBias(delta=np.log(c))]).logits)
     base = np.asarray(model.forward(batch=batch).logits)
-    assert np.abs(w - base)[valid].max() > 1e-2            # the intervention does something
+    assert np.abs(w - base)[valid].max() > 1e-2  # the intervention does something
     np.testing.assert_allclose(w[valid], z[valid], atol=2e-5)
     np.testing.assert_allclose(b[valid], z[valid], atol=2e-5)
 
@@ -205,7 +230,8 @@ def test_chunked_explicit_path_matches_unchunked(setup, monkeypatch):
     ivs = (KeyLogitShift(delta=0.7),)
     full = qwen2_5_vl.forward(model.params, model.config, batch, ivs, probes)
     import jaxmm.attention as A
-    monkeypatch.setattr(A, "QUERY_CHUNK", 7)     # read at trace time
+
+    monkeypatch.setattr(A, "QUERY_CHUNK", 7)  # read at trace time
     chunked = qwen2_5_vl.forward(model.params, model.config, batch, ivs, probes)
     np.testing.assert_allclose(np.asarray(chunked.logits), np.asarray(full.logits), atol=1e-5)
     for name in ("visual_mass", "visual_entropy", "attentions", "attention_rows"):
@@ -220,9 +246,8 @@ def test_grad_of_probe_loss_matches_finite_differences(setup):
     model, _, batch, _ = setup
 
     def loss(alpha, params):
-        out = qwen2_5_vl.forward(params, model.config, batch, (KeyLogitShift(delta=alpha),),
-                                 (P.VisualMass(),))
-        m = out.probes["visual_mass"]["text"].values          # [L,B,H,S]
+        out = qwen2_5_vl.forward(params, model.config, batch, (KeyLogitShift(delta=alpha),), (P.VisualMass(),))
+        m = out.probes["visual_mass"]["text"].values  # [L,B,H,S]
         valid = batch.attention_mask[None, :, None, :]
         return -jnp.log(jnp.sum(m * valid) / jnp.sum(jnp.broadcast_to(valid, m.shape)))
 
@@ -249,13 +274,13 @@ def test_grad_of_probe_loss_matches_finite_differences(setup):
 class LowRankBias(jaxmm.Intervention):
     """A RAVE-style pre-softmax bias on image keys from pre-RoPE q̃, k̃ (test-local)."""
 
-    u: jax.Array            # [H, r, D]
-    w: jax.Array            # [G, r, D]
+    u: jax.Array  # [H, r, D]
+    w: jax.Array  # [G, r, D]
     layers: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
     towers: tuple = dataclasses.field(default=("text",), metadata=dict(static=True))
 
     def bias(self, site):
-        q, k = site.q_pre, site.k_pre                       # [B,T,H,D], [B,K,G,D]
+        q, k = site.q_pre, site.k_pre  # [B,T,H,D], [B,K,G,D]
         rep = q.shape[2] // k.shape[2]
         uq = jnp.einsum("bthd,hrd->bhtr", q, self.u)
         wk = jnp.repeat(jnp.einsum("bkgd,grd->bgkr", k, self.w), rep, axis=1)
@@ -269,8 +294,10 @@ def test_pre_rope_bias_keeps_fused_path_and_trains(setup):
     model, _, batch, _ = setup
     t = model.config.text
     rng = np.random.default_rng(0)
-    iv = LowRankBias(u=jnp.asarray(0.3 * rng.standard_normal((t.num_attention_heads, 4, t.head_dim)), jnp.float32),
-                     w=jnp.asarray(0.3 * rng.standard_normal((t.num_key_value_heads, 4, t.head_dim)), jnp.float32))
+    iv = LowRankBias(
+        u=jnp.asarray(0.3 * rng.standard_normal((t.num_attention_heads, 4, t.head_dim)), jnp.float32),
+        w=jnp.asarray(0.3 * rng.standard_normal((t.num_key_value_heads, 4, t.head_dim)), jnp.float32),
+    )
     assert all(p == A.plain_path() for _, _, p in _paths(model, batch, interventions=(iv,)))
     valid = np.asarray(batch.attention_mask, bool)
     base = np.asarray(model.forward(batch=batch).logits)
@@ -296,10 +323,10 @@ def test_box_to_token_indices_follows_the_cell_formula():
 
     # a 560x280 (w x h) image resized to grid (1, 20, 40) patches: 28-px cells, 10 rows x 20 cols
     idx = box_to_token_indices((30, 0, 85, 27), (280, 560), (1, 20, 40))
-    assert idx.tolist() == [1, 2, 3]                       # cols floor(30/28)=1 .. floor(85/28)=3, row 0
+    assert idx.tolist() == [1, 2, 3]  # cols floor(30/28)=1 .. floor(85/28)=3, row 0
     # original 1120x560 scaled by 1/2 onto the same grid: rows floor(60/2/28)=1 .. floor(119/2/28)=2
     idx = box_to_token_indices((0, 60, 56, 119), (560, 1120), (1, 20, 40))
     assert idx.tolist() == [20, 21, 40, 41]
-    assert box_to_token_indices((0, 0, 10_000, 10_000), (280, 560), (1, 20, 40)).size == 200   # clamped
+    assert box_to_token_indices((0, 0, 10_000, 10_000), (280, 560), (1, 20, 40)).size == 200  # clamped
     with pytest.raises(ValueError, match="x0 <= x1"):
         box_to_token_indices((50, 0, 10, 10), (280, 560), (1, 20, 40))

@@ -81,7 +81,7 @@ def test_a_bad_yaml_config_names_file_field_and_value(tmp_path, kind, text, need
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
         KINDS[kind].from_yaml(path)
-    assert isinstance(e.value, ValueError)      # the CLI's one-line error class
+    assert isinstance(e.value, ValueError)  # the CLI's one-line error class
     _check(str(e.value), str(path), *needles)
 
 
@@ -153,7 +153,7 @@ def test_a_bad_intervention_spec_names_the_spec_knob_and_value(spec, needles):
         assert repr(spec) in str(e.value)
 
 
-OUT_OF_RANGE = [       # on the 7B config: 28 layers, hidden size 3584
+OUT_OF_RANGE = [  # on the 7B config: 28 layers, hidden size 3584
     ("pai:alpha=-0.5", ["alpha=-0.5", ">= 0"]),
     ("pai:start=28", ["start=28", "0 … 27", "28 layers"]),
     ("pai:end=40", ["end=40", "1 … 28"]),
@@ -166,8 +166,7 @@ OUT_OF_RANGE = [       # on the 7B config: 28 layers, hidden size 3584
     ("vrga:fa=3", ["fa=3", "1 or 2"]),
     ("vrga:border_frac=0.6", ["border_frac=0.6", "[0, 0.5)"]),
     ("vrga:min_focus=0", ["min_focus=0", ">= 1"]),
-    ({"method": "vrga", "variant": "released", "head_mask": "random_choose", "head_mask_topk": 0},
-     ["head_mask_topk=0", ">= 1"]),
+    ({"method": "vrga", "variant": "released", "head_mask": "random_choose", "head_mask_topk": 0}, ["head_mask_topk=0", ">= 1"]),
     ("var:p=1.5", ["p=1.5", "[0, 1]"]),
     ("var:tau=0", ["tau=0", "> 0"]),
     ("var:dims=[10,4000]", ["dims=[10, 4000]", "0 … 3583"]),
@@ -184,7 +183,7 @@ def test_a_method_knob_out_of_range_names_the_knob_value_and_range(spec, needles
         I.build([spec], config)
     _check(str(e.value), *needles)
     ok = {"pai:alpha=-0.5": "pai:alpha=0.5", "vrga:fa=3": "vrga:fa=2", "var:dims=[10,4000]": "var:dims=[10,3583]"}
-    if isinstance(spec, str) and spec in ok:          # the same knob in range builds
+    if isinstance(spec, str) and spec in ok:  # the same knob in range builds
         assert len(I.build([ok[spec]], config)) == 1
 
 
@@ -196,13 +195,16 @@ def test_intervention_specs_take_lists_mappings_and_yaml_floats():
     assert I.parse("vrga") == ("vrga", {})
 
 
-@pytest.mark.parametrize("text,needles", [
-    ("data=0", ["data='0'", "positive integer"]),
-    ("model=2", ["unknown axis 'model'"]),
-    ("data=2,data=2", ["'data' given twice"]),
-    ("fsdp", ["'fsdp' is not AXIS=N"]),
-    ("tensor=two", ["tensor='two'"]),
-])
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("data=0", ["data='0'", "positive integer"]),
+        ("model=2", ["unknown axis 'model'"]),
+        ("data=2,data=2", ["'data' given twice"]),
+        ("fsdp", ["'fsdp' is not AXIS=N"]),
+        ("tensor=two", ["tensor='two'"]),
+    ],
+)
 def test_a_bad_mesh_string_names_the_part(text, needles):
     with pytest.raises(ValueError) as e:
         parse_mesh(text)
@@ -236,8 +238,12 @@ def test_yaml_1_1_floats():
     cfg = TrainConfig.from_yaml(None, ["lr=3e-4", "agto={alpha: 1e-1, beta: 0}"])
     assert cfg.lr == 3e-4 and isinstance(cfg.lr, float) and cfg.agto["alpha"] == 0.1
     assert GRPOConfig.from_yaml(None, ["adv_eps=1e-6"]).adv_eps == 1e-6
-    assert TrainConfig.from_yaml(None, ["data.size=10"]).data == {"name": "grounded", "size": 10, "seed": 0,
-                                                                 "image_size": 112}   # other defaults kept
+    assert TrainConfig.from_yaml(None, ["data.size=10"]).data == {
+        "name": "grounded",
+        "size": 10,
+        "seed": 0,
+        "image_size": 112,
+    }  # other defaults kept
 
 
 @pytest.mark.parametrize("kind", ["eval", "train", "grpo"])
@@ -282,7 +288,7 @@ BAD_PYTHON = [
     ("eval", {"heatmaps": True}, ["EvalConfig: heatmaps:", "boolean"]),
     ("train", {"lr": -1.0}, ["TrainConfig: lr:", "> 0", "-1"]),
     ("train", {"lr": "fast"}, ["TrainConfig: lr:", "'fast'"]),
-    ("train", {"steps": "4"}, None),                     # a numeric string reads as the number (as YAML's)
+    ("train", {"steps": "4"}, None),  # a numeric string reads as the number (as YAML's)
     ("train", {"freeze": ["("]}, ["TrainConfig: freeze.0:", "regular expression"]),
     ("train", {"agto": {"gamma": 1.0}}, ["TrainConfig: agto:", "unknown field(s) ['gamma']"]),
     ("train", {"lora": {"rank": 0}}, ["TrainConfig: lora.rank:", "> 0", "0"]),
@@ -316,11 +322,12 @@ def test_replace_and_python_values_are_validated():
     from jaxmm.interventions import PAI
 
     iv = PAI(alpha=0.2, layers=(1,))
-    assert EvalConfig(methods=["baseline", iv]).methods[1] is iv     # intervention objects pass as they are
+    assert EvalConfig(methods=["baseline", iv]).methods[1] is iv  # intervention objects pass as they are
 
 
-SHIPPED = ([("eval", p) for p in sorted(PACKAGED.glob("*.yaml"))]
-           + [("grpo" if p.name.startswith("grpo") else "train", p) for p in sorted((ROOT / "configs/train").glob("*.yaml"))])
+SHIPPED = [("eval", p) for p in sorted(PACKAGED.glob("*.yaml"))] + [
+    ("grpo" if p.name.startswith("grpo") else "train", p) for p in sorted((ROOT / "configs/train").glob("*.yaml"))
+]
 
 
 @pytest.mark.parametrize("kind,path", SHIPPED, ids=[p.name for _, p in SHIPPED])
@@ -356,16 +363,18 @@ def test_cli_takes_overrides_after_options_and_readme_commands(monkeypatch):
         cli.main(["eval", "--config", "organism", "benchmarks.0.limit=2", "--no-progress", "batch_size=3"])
     cfg, progress = seen[-1]
     assert cfg.benchmarks[0]["limit"] == 2 and cfg.batch_size == 3 and progress is False
-    with pytest.raises(_Ran):       # README: jaxmm eval --config qwen2_5_vl_7b_mmstar model=… benchmarks.0.path=…
+    with pytest.raises(_Ran):  # README: jaxmm eval --config qwen2_5_vl_7b_mmstar model=… benchmarks.0.path=…
         cli.main(["eval", "--config", "qwen2_5_vl_7b_mmstar", "model=ckpt/qwen2_5_vl_7b", "benchmarks.0.path=data/mmstar"])
     assert seen[-1][0].model == "ckpt/qwen2_5_vl_7b" and seen[-1][0].benchmarks[0]["path"] == "data/mmstar"
-    with pytest.raises(_Ran):       # README: jaxmm eval --config organism
+    with pytest.raises(_Ran):  # README: jaxmm eval --config organism
         cli.main(["eval", "--config", "organism"])
     assert seen[-1][0] == EvalConfig.from_yaml("organism") and seen[-1][1] is True
 
 
-@pytest.mark.parametrize("command,module,config", [("train", "jaxmm.train.sft", "configs/train/rave.yaml"),
-                                                   ("grpo", "jaxmm.train.grpo", "configs/train/grpo_sayo.yaml")])
+@pytest.mark.parametrize(
+    "command,module,config",
+    [("train", "jaxmm.train.sft", "configs/train/rave.yaml"), ("grpo", "jaxmm.train.grpo", "configs/train/grpo_sayo.yaml")],
+)
 def test_cli_train_and_grpo_take_overrides_after_options(monkeypatch, command, module, config):
     import importlib
 
@@ -385,14 +394,17 @@ def test_cli_train_and_grpo_take_overrides_after_options(monkeypatch, command, m
     assert cfg.out == KINDS[command].from_yaml(ROOT / config).out
 
 
-@pytest.mark.parametrize("argv,needles", [
-    (["eval", "--config", "organism", "benchmarks.3.limit=2", "--no-progress"], ["benchmarks has 1 entry"]),
-    (["eval", "--no-progress", "max_new_tokens=-3"], ["max_new_tokens:", "-3"]),
-    (["eval", "--config", "organsim"], ["'organsim'", "packaged"]),
-    (["train", "steps", "--no-progress"], ["override 'steps'", "no '='"]),
-    (["grpo", "group_size=1"], ["group_size=1"]),
-    (["plan", "--model", "configs/models/qwen3_vl_2b.yaml", "--mesh", "data=0"], ["--mesh 'data=0'"]),
-])
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["eval", "--config", "organism", "benchmarks.3.limit=2", "--no-progress"], ["benchmarks has 1 entry"]),
+        (["eval", "--no-progress", "max_new_tokens=-3"], ["max_new_tokens:", "-3"]),
+        (["eval", "--config", "organsim"], ["'organsim'", "packaged"]),
+        (["train", "steps", "--no-progress"], ["override 'steps'", "no '='"]),
+        (["grpo", "group_size=1"], ["group_size=1"]),
+        (["plan", "--model", "configs/models/qwen3_vl_2b.yaml", "--mesh", "data=0"], ["--mesh 'data=0'"]),
+    ],
+)
 def test_cli_prints_one_line_for_a_config_error(capsys, argv, needles):
     from jaxmm import cli
 

@@ -29,8 +29,9 @@ def model():
 def samples():
     from jaxmm.data.grounded import make_sample
 
-    return [make_sample(i, 3, (112, 112), "grounding", shape_scale=0.35, contrast=0.5) for i in range(3)] + \
-        [make_sample(7, 1, (140, 84))]
+    return [make_sample(i, 3, (112, 112), "grounding", shape_scale=0.35, contrast=0.5) for i in range(3)] + [
+        make_sample(7, 1, (140, 84))
+    ]
 
 
 def assert_same(a, b):
@@ -48,8 +49,9 @@ def assert_same(a, b):
 def old_batch_prompts(convs, tokenizer, counts, padding_side, add_generation_prompt, chat):
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else int(pad)
-    prompts = [build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt, chat=chat)
-               for c, n in zip(convs, counts)]
+    prompts = [
+        build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt, chat=chat) for c, n in zip(convs, counts)
+    ]
     lengths = [len(p["input_ids"]) for p in prompts]
     s = max(lengths)
     ids = np.full((len(prompts), s), pad, np.int64)
@@ -57,13 +59,19 @@ def old_batch_prompts(convs, tokenizer, counts, padding_side, add_generation_pro
     sys_spans, q_spans = [], []
     for i, (p, n) in enumerate(zip(prompts, lengths)):
         off = s - n if padding_side == "left" else 0
-        ids[i, off:off + n] = p["input_ids"]
-        am[i, off:off + n] = 1
+        ids[i, off : off + n] = p["input_ids"]
+        am[i, off : off + n] = 1
         a, b = p["system_span"]
         sys_spans.append([(a + off, b + off)] if b > a else [])
         q_spans.append([(a + off, b + off) for a, b in p["question_spans"]])
-    return {"input_ids": ids, "attention_mask": am, "system_spans": sys_spans, "question_spans": q_spans,
-            "texts": [p["text"] for p in prompts], "lengths": lengths}
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "system_spans": sys_spans,
+        "question_spans": q_spans,
+        "texts": [p["text"] for p in prompts],
+        "lengths": lengths,
+    }
 
 
 def old_prepare_chat(self, conversations, add_generation_prompt=True, pad_to_multiple_of=None, padding_side="left"):
@@ -80,19 +88,28 @@ def old_prepare_chat(self, conversations, add_generation_prompt=True, pad_to_mul
             patches.append(x)
             grids.append(grid)
             counts[-1].append(self.image_processor.num_image_tokens(grid))
-    enc = old_batch_prompts(conversations, self.tokenizer, counts, padding_side, add_generation_prompt,
-                            self.family.chat_format)
+    enc = old_batch_prompts(conversations, self.tokenizer, counts, padding_side, add_generation_prompt, self.family.chat_format)
     if pad_to_multiple_of:
         extra = -enc["input_ids"].shape[1] % int(pad_to_multiple_of)
         pad_id = self.tokenizer.pad_token_id or 0
-        enc = {**enc, "input_ids": np.pad(enc["input_ids"], ((0, 0), (extra, 0)), constant_values=pad_id),
-               "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
-               "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
-               "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]]}
+        enc = {
+            **enc,
+            "input_ids": np.pad(enc["input_ids"], ((0, 0), (extra, 0)), constant_values=pad_id),
+            "attention_mask": np.pad(enc["attention_mask"], ((0, 0), (extra, 0))),
+            "system_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["system_spans"]],
+            "question_spans": [[(a + extra, b + extra) for a, b in r] for r in enc["question_spans"]],
+        }
     pix = pixel_inputs(patches, grids) if images else {}
-    batch = self.family.prepare_batch(self.config, enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
-                                      pix.get("image_grid_thw"), None, system_spans=enc["system_spans"],
-                                      question_spans=enc["question_spans"])
+    batch = self.family.prepare_batch(
+        self.config,
+        enc["input_ids"],
+        enc["attention_mask"],
+        pix.get("pixel_values"),
+        pix.get("image_grid_thw"),
+        None,
+        system_spans=enc["system_spans"],
+        question_spans=enc["question_spans"],
+    )
     return batch, {"texts": enc["texts"], "image_grid_thw": pix.get("image_grid_thw")}
 
 
@@ -100,48 +117,69 @@ def old_sft_example(model, sample, seq_len):
     proc, tok = model.image_processor, model.tokenizer
     pix = proc([sample["image"]])
     n_img = proc.num_image_tokens(pix["image_grid_thw"][0])
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]},
-            {"role": "assistant", "content": sample["answer"]}]
+    conv = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["question"]}]},
+        {"role": "assistant", "content": sample["answer"]},
+    ]
     chat = model.family.chat_format
     enc = build_prompt(conv[:1], tok, [n_img], chat=chat)
     prompt = enc["input_ids"]
     full = build_prompt(conv, tok, [n_img], add_generation_prompt=False, chat=chat)["input_ids"]
     labels = np.full(len(full), -100, np.int64)
     answer_end = len(full) - 1 if tok.decode(full[-1:]).strip() == "" else len(full)
-    labels[len(prompt):answer_end] = full[len(prompt):answer_end]
+    labels[len(prompt) : answer_end] = full[len(prompt) : answer_end]
     pad = seq_len - len(full)
     a, b = enc["system_span"]
-    return {"input_ids": np.pad(full, (pad, 0)), "attention_mask": np.pad(np.ones_like(full), (pad, 0)),
-            "labels": np.pad(labels, (pad, 0), constant_values=-100), "pixel_values": pix["pixel_values"],
-            "image_grid_thw": pix["image_grid_thw"],
-            "system_spans": [(a + pad, b + pad)] if b > a else [],
-            "question_spans": [(x + pad, y + pad) for x, y in enc["question_spans"]]}
+    return {
+        "input_ids": np.pad(full, (pad, 0)),
+        "attention_mask": np.pad(np.ones_like(full), (pad, 0)),
+        "labels": np.pad(labels, (pad, 0), constant_values=-100),
+        "pixel_values": pix["pixel_values"],
+        "image_grid_thw": pix["image_grid_thw"],
+        "system_spans": [(a + pad, b + pad)] if b > a else [],
+        "question_spans": [(x + pad, y + pad) for x, y in enc["question_spans"]],
+    }
 
 
 def old_make_batch(model, samples, seq_len):
     exs = [old_sft_example(model, s, seq_len) for s in samples]
     stack = lambda k: np.stack([e[k] for e in exs])
-    batch = model.family.prepare_batch(model.config, stack("input_ids"), stack("attention_mask"),
-                                       np.concatenate([e["pixel_values"] for e in exs]),
-                                       np.concatenate([e["image_grid_thw"] for e in exs]), None,
-                                       system_spans=[e["system_spans"] for e in exs],
-                                       question_spans=[e["question_spans"] for e in exs])
+    batch = model.family.prepare_batch(
+        model.config,
+        stack("input_ids"),
+        stack("attention_mask"),
+        np.concatenate([e["pixel_values"] for e in exs]),
+        np.concatenate([e["image_grid_thw"] for e in exs]),
+        None,
+        system_spans=[e["system_spans"] for e in exs],
+        question_spans=[e["question_spans"] for e in exs],
+    )
     return batch, stack("labels")
 
 
 def old_grpo_prompts(model, samples, group_size, system=None):
     sys_turn = [] if system is None else [{"role": "system", "content": system}]
-    convs = [sys_turn + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                                      {"type": "text", "text": s["question"]}]}]
-             for s in samples for _ in range(group_size)]
+    convs = [
+        sys_turn
+        + [{"role": "user", "content": [{"type": "image", "image": s["image"]}, {"type": "text", "text": s["question"]}]}]
+        for s in samples
+        for _ in range(group_size)
+    ]
     batch, info = old_prepare_chat(model, convs, pad_to_multiple_of=32)
     lay = batch.layout
     rep = [s for s in samples for _ in range(group_size)]
     boxes = {i: [s["box"]] for i, s in enumerate(rep)}
     sizes = {i: s["image"].size[::-1] for i, s in enumerate(rep)}
-    w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                                    boxes, sizes, np.asarray(info["image_grid_thw"]), model.config.vision.patch_size,
-                                    model.config.vision.spatial_merge_size)
+    w = model.family.region_weights(
+        np.asarray(lay.image_index),
+        np.asarray(lay.grid_pos),
+        np.asarray(lay.grid_hw),
+        boxes,
+        sizes,
+        np.asarray(info["image_grid_thw"]),
+        model.config.vision.patch_size,
+        model.config.vision.spatial_merge_size,
+    )
     return batch, info, rep, w
 
 
@@ -156,27 +194,38 @@ def old_full_batch(model, prompt, info, tokens, lengths, region):
     batch = model.prepare(ids, am, np.asarray(prompt.pixel_values), np.asarray(info["image_grid_thw"]))
     pl = prompt.layout
     pad = lambda x, fill: np.concatenate([np.asarray(x), np.full((b, t), fill, np.asarray(x).dtype)], 1)
-    lay = dataclasses.replace(batch.layout, system_mask=jnp.asarray(pad(pl.system_mask, False)),
-                              question_mask=jnp.asarray(pad(pl.question_mask, False)),
-                              generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
-                              region_weight=jnp.asarray(pad(region, 0.0)))
+    lay = dataclasses.replace(
+        batch.layout,
+        system_mask=jnp.asarray(pad(pl.system_mask, False)),
+        question_mask=jnp.asarray(pad(pl.question_mask, False)),
+        generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
+        region_weight=jnp.asarray(pad(region, 0.0)),
+    )
     return dataclasses.replace(batch, layout=lay), mask
 
 
 def old_eval_batch(model, samples):
-    convs = [([] if s.get("_system") is None else [{"role": "system", "content": s["_system"]}])
-             + [{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                             {"type": "text", "text": s["question"]}]}]
-             for s in samples]
+    convs = [
+        ([] if s.get("_system") is None else [{"role": "system", "content": s["_system"]}])
+        + [{"role": "user", "content": [{"type": "image", "image": s["image"]}, {"type": "text", "text": s["question"]}]}]
+        for s in samples
+    ]
     batch, info = old_prepare_chat(model, convs)
     lay = batch.layout
     grid = np.asarray(info["image_grid_thw"])
     boxes = {i: [s["box"]] for i, s in enumerate(samples) if s.get("box") is not None}
     sizes = {i: s["image"].size[::-1] for i, s in enumerate(samples)}
     if boxes:
-        w = model.family.region_weights(np.asarray(lay.image_index), np.asarray(lay.grid_pos), np.asarray(lay.grid_hw),
-                                        boxes, sizes, grid, model.config.vision.patch_size,
-                                        model.config.vision.spatial_merge_size)
+        w = model.family.region_weights(
+            np.asarray(lay.image_index),
+            np.asarray(lay.grid_pos),
+            np.asarray(lay.grid_hw),
+            boxes,
+            sizes,
+            grid,
+            model.config.vision.patch_size,
+            model.config.vision.spatial_merge_size,
+        )
         batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=w))
     return batch, info
 
@@ -186,12 +235,23 @@ def conversations(samples):
     a, b, c, d = samples
     return [
         [{"role": "user", "content": "Say something without an image ."}],
-        [{"role": "system", "content": "be brief ."},
-         {"role": "user", "content": [{"type": "image", "image": a["image"]}, {"type": "text", "text": "and"},
-                                      {"type": "image", "image": d["image"]}, {"type": "text", "text": a["question"]}]}],
-        [{"role": "user", "content": [{"type": "image", "image": b["image"]}, {"type": "text", "text": b["question"]}]},
-         {"role": "assistant", "content": b["answer"]},
-         {"role": "user", "content": [{"type": "text", "text": "again:"}, {"type": "image", "image": c["image"]}]}],
+        [
+            {"role": "system", "content": "be brief ."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": a["image"]},
+                    {"type": "text", "text": "and"},
+                    {"type": "image", "image": d["image"]},
+                    {"type": "text", "text": a["question"]},
+                ],
+            },
+        ],
+        [
+            {"role": "user", "content": [{"type": "image", "image": b["image"]}, {"type": "text", "text": b["question"]}]},
+            {"role": "assistant", "content": b["answer"]},
+            {"role": "user", "content": [{"type": "text", "text": "again:"}, {"type": "image", "image": c["image"]}]},
+        ],
     ]
 
 
@@ -208,7 +268,7 @@ def test_chat_batch_equals_prepare_chat(model, samples, side, bucket):
         assert got.input_ids.shape[1] % bucket == 0
     pad_cols = np.asarray(got.attention_mask) == 0
     assert pad_cols.any() and (pad_cols[:, 0].any() if side == "left" else pad_cols[:, -1].any())
-    if side == "left":      # Model.prepare_chat is the pipeline's left-padded chat batch
+    if side == "left":  # Model.prepare_chat is the pipeline's left-padded chat batch
         assert_same(model.prepare_chat(convs, pad_to_multiple_of=bucket), (want, winfo))
 
 
@@ -238,15 +298,18 @@ def test_sft_batch_equals_the_old_make_batch(model, samples):
     from jaxmm.train.sft import make_batch, sft_example
 
     want, wlabels = old_make_batch(model, samples, 160)
-    exs = [pipeline.sft_example(model, pipeline.vqa_messages(s["question"], [s["image"]], answer=s["answer"]), 160)
-           for s in samples]
+    exs = [
+        pipeline.sft_example(model, pipeline.vqa_messages(s["question"], [s["image"]], answer=s["answer"]), 160) for s in samples
+    ]
     got, labels = pipeline.sft_batch(model, exs)
     assert_same((got, labels), (want, wlabels))
-    for s, e in zip(samples, exs):          # the per-example dicts too
+    for s, e in zip(samples, exs):  # the per-example dicts too
         w = old_sft_example(model, s, 160)
         assert e["system_spans"] == w["system_spans"] and e["question_spans"] == w["question_spans"]
-        assert_same({k: e[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")},
-                    {k: w[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")})
+        assert_same(
+            {k: e[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")},
+            {k: w[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw")},
+        )
         assert_same(sft_example(model, s, 160)["labels"], w["labels"])
     ds = {i: s for i, s in enumerate(samples)}
     assert_same(make_batch(model, ds, 0, len(samples), 160), (want, wlabels))
@@ -276,12 +339,10 @@ def test_completion_batch_equals_the_old_full_batch(model, samples):
 def test_eval_batches_and_region_weights(model, samples):
     rows = [dict(s, _system=None) for s in samples[:3]] + [dict(samples[3], box=None, _system="be brief .")]
     want, winfo = old_eval_batch(model, rows)
-    got, info = pipeline.chat_batch(model, [pipeline.vqa_messages(s["question"], [s["image"]], s["_system"])
-                                            for s in rows])
+    got, info = pipeline.chat_batch(model, [pipeline.vqa_messages(s["question"], [s["image"]], s["_system"]) for s in rows])
     boxes, sizes = pipeline.sample_boxes(rows)
     assert sorted(boxes) == [0, 1, 2]
-    got = pipeline.with_region_weights(got, pipeline.region_weights(model, got.layout, info["image_grid_thw"],
-                                                                    boxes, sizes))
+    got = pipeline.with_region_weights(got, pipeline.region_weights(model, got.layout, info["image_grid_thw"], boxes, sizes))
     assert_same(got, want)
     w = np.asarray(got.layout.region_weight)
     assert w[:3].any(axis=1).all() and not w[3].any()
@@ -325,8 +386,9 @@ def llava(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava_chat")
     tiny.build_hf_llava(seed=6).save_pretrained(path)
     build_llava_tokenizer(path)
-    CLIPImageProcessorPil(size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE},
-                          crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}).save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE}, crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}
+    ).save_pretrained(path)
     return jaxmm.load(path)
 
 
@@ -343,7 +405,6 @@ def test_llava_chat_batch_equals_prepare_chat(llava, samples, side, bucket):
     boxes, sizes = pipeline.sample_boxes(rows)
     want, winfo = old_eval_batch(llava, rows)
     got, info = pipeline.chat_batch(llava, [pipeline.vqa_messages(s["question"], [s["image"]]) for s in rows])
-    got = pipeline.with_region_weights(got, pipeline.region_weights(llava, got.layout, info["image_grid_thw"],
-                                                                    boxes, sizes))
+    got = pipeline.with_region_weights(got, pipeline.region_weights(llava, got.layout, info["image_grid_thw"], boxes, sizes))
     assert_same(got, want)
     assert np.asarray(got.layout.region_weight).any(axis=1).all()

@@ -38,8 +38,15 @@ def _processor(family):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family == "qwen3_vl":
-        return Qwen2VLImageProcessorPil(min_pixels=32 * 32 * 4, max_pixels=320 * 320, patch_size=16, merge_size=2,
-                                        temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        return Qwen2VLImageProcessorPil(
+            min_pixels=32 * 32 * 4,
+            max_pixels=320 * 320,
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
     return Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=280 * 280)
 
 
@@ -55,8 +62,7 @@ def make_batch(family, rows=ROWS, seed=0):
         images.append(photos[name])
     ids, am = tiny.make_rows(toks_rows, "left")
     pix = proc(images, return_tensors="np")
-    return {"input_ids": ids, "attention_mask": am, "pixel_values": pix["pixel_values"],
-            "image_grid_thw": pix["image_grid_thw"]}
+    return {"input_ids": ids, "attention_mask": am, "pixel_values": pix["pixel_values"], "image_grid_thw": pix["image_grid_thw"]}
 
 
 BUILDERS = {
@@ -68,7 +74,7 @@ BUILDERS = {
 
 def hf_run(model, batch):
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
-    if "image_grid_thw" in batch:                      # the Qwen families
+    if "image_grid_thw" in batch:  # the Qwen families
         t["mm_token_type_ids"] = torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"]))
     with torch.no_grad():
         return model(**t, output_hidden_states=True)
@@ -90,9 +96,14 @@ def measure(family, path, hf32=None, batch=None, attns=("eager",)):
     valid = batch["attention_mask"].astype(bool)
     ref = hf_run(hf32, batch)
     ref_logits, ref_hidden = ref.logits.numpy(), ref.hidden_states[-1].numpy()
-    out = {"family": family, "tokens": int(valid.sum()), "seq": valid.shape[1],
-           "params": sum(p.numel() for p in hf32.parameters()),
-           "scale": float(np.abs(ref_logits[valid]).max()), "hidden_scale": float(np.abs(ref_hidden[valid]).max())}
+    out = {
+        "family": family,
+        "tokens": int(valid.sum()),
+        "seq": valid.shape[1],
+        "params": sum(p.numel() for p in hf32.parameters()),
+        "scale": float(np.abs(ref_logits[valid]).max()),
+        "hidden_scale": float(np.abs(ref_hidden[valid]).max()),
+    }
     for attn in attns:
         hf16 = type(hf32).from_pretrained(path, dtype=torch.bfloat16, attn_implementation=attn).eval()
         r = hf_run(hf16, batch)
@@ -115,14 +126,22 @@ def measure(family, path, hf32=None, batch=None, attns=("eager",)):
 
 def report(f) -> str:
     s = f["scale"]
-    line = lambda k: (f"  {k:<18} max {f[k]['max']:.4f} ({f[k]['max'] / s:.2%})  mean {f[k]['mean']:.5f} "
-                      f"({f[k]['mean'] / s:.3%})  p99.9 {f[k]['p999']:.4f}")
-    return "\n".join([f"{f['family']}: {f['params']} params, batch 2 x {f['seq']} ({f['tokens']} real tokens), "
-                      f"max |logit| {s:.3f}, top-1 = fp32: jaxmm {f['top1_jaxmm']:.1%}, hf {f['top1_hf']:.1%}"]
-                     + [line(k) for k in ("jaxmm", "hf_eager", "hf_sdpa", "jaxmm_vs_hf") if k in f]
-                     + [f"  last hidden (max |h| {f['hidden_scale']:.2f}): mean err jaxmm "
-                        f"{f['jaxmm_hidden']['mean']:.5f}, hf {f['hf_eager_hidden']['mean']:.5f}; max jaxmm "
-                        f"{f['jaxmm_hidden']['max']:.4f}, hf {f['hf_eager_hidden']['max']:.4f}"])
+    line = lambda k: (
+        f"  {k:<18} max {f[k]['max']:.4f} ({f[k]['max'] / s:.2%})  mean {f[k]['mean']:.5f} "
+        f"({f[k]['mean'] / s:.3%})  p99.9 {f[k]['p999']:.4f}"
+    )
+    return "\n".join(
+        [
+            f"{f['family']}: {f['params']} params, batch 2 x {f['seq']} ({f['tokens']} real tokens), "
+            f"max |logit| {s:.3f}, top-1 = fp32: jaxmm {f['top1_jaxmm']:.1%}, hf {f['top1_hf']:.1%}"
+        ]
+        + [line(k) for k in ("jaxmm", "hf_eager", "hf_sdpa", "jaxmm_vs_hf") if k in f]
+        + [
+            f"  last hidden (max |h| {f['hidden_scale']:.2f}): mean err jaxmm "
+            f"{f['jaxmm_hidden']['mean']:.5f}, hf {f['hf_eager_hidden']['mean']:.5f}; max jaxmm "
+            f"{f['jaxmm_hidden']['max']:.4f}, hf {f['hf_eager_hidden']['max']:.4f}"
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -198,10 +217,14 @@ def _module_pairs(family, mine, hf):
     """(name, jaxmm module, transformers module, input width) for the modules that round in bf16."""
     t, v, ht, hv = mine.language_model, mine.visual, hf.model.language_model, hf.model.visual
     e, c = t.norm.weight.shape[0], v.blocks[0].norm1.weight.shape[0]
-    pairs = [("text final norm", t.norm, ht.norm, e), ("text mlp", t.layers[0].mlp, ht.layers[0].mlp, e),
-             ("text q_proj", t.layers[0].self_attn.q_proj, ht.layers[0].self_attn.q_proj, e),
-             ("vision norm1", v.blocks[0].norm1, hv.blocks[0].norm1, c),
-             ("vision mlp", v.blocks[0].mlp, hv.blocks[0].mlp, c), ("merger", v.merger, hv.merger, c)]
+    pairs = [
+        ("text final norm", t.norm, ht.norm, e),
+        ("text mlp", t.layers[0].mlp, ht.layers[0].mlp, e),
+        ("text q_proj", t.layers[0].self_attn.q_proj, ht.layers[0].self_attn.q_proj, e),
+        ("vision norm1", v.blocks[0].norm1, hv.blocks[0].norm1, c),
+        ("vision mlp", v.blocks[0].mlp, hv.blocks[0].mlp, c),
+        ("merger", v.merger, hv.merger, c),
+    ]
     if family == "qwen3_vl":
         pairs.append(("deepstack merger", v.deepstack_merger_list[0], hv.deepstack_merger_list[0], c))
     return pairs
@@ -227,7 +250,7 @@ def test_modules_bf16_no_less_accurate_than_transformers(ckpt):
     lines, failures = [], []
     for (name, m, h16, width), (_, _, h32, _) in zip(_module_pairs(family, mine, hf16), _module_pairs(family, mine, hf32)):
         x = rng.standard_normal((256, width)) * np.exp(0.5 * rng.standard_normal((256, 1))) * 2
-        x[:8, 5] *= 50                                         # an outlier channel
+        x[:8, 5] *= 50  # an outlier channel
         x = _bf16_values(x)
         out = np.asarray(jax.jit(lambda a: m(a))(jnp.asarray(x, jnp.bfloat16)), np.float32)
         with torch.no_grad():
@@ -274,8 +297,9 @@ def test_attention_bf16_more_accurate_than_transformers_eager(q_std, factor):
     rows = am[:, :, None, None] & np.ones((1, 1) + q.shape[2:], bool)
     add = torch.from_numpy(np.where(mask, 0.0, float(torch.finfo(torch.bfloat16).min))).bfloat16()
     tq = lambda a: torch.from_numpy(a).bfloat16().transpose(1, 2)
-    hf, _ = eager_attention_forward(types.SimpleNamespace(num_key_value_groups=2, training=False),
-                                    tq(q), tq(k), tq(v), add, scale)
+    hf, _ = eager_attention_forward(
+        types.SimpleNamespace(num_key_value_groups=2, training=False), tq(q), tq(k), tq(v), add, scale
+    )
     hf_err = np.abs(hf.float().numpy() - exact)[rows].mean()
     for path, opts, probes in _attention_paths():
         with opts:
@@ -295,7 +319,11 @@ def _attention_paths():
 
     weights = (A.AttentionWeights(),)
     options = getattr(A, "options", None)
-    if options is None:                                # no path options: the default plain path
+    if options is None:  # no path options: the default plain path
         return [("plain", contextlib.nullcontext(), ()), ("explicit", contextlib.nullcontext(), weights)]
-    return [("fused", options(plain="fused"), ()), ("matmul", options(plain="matmul"), ()),
-            ("explicit", contextlib.nullcontext(), weights), ("explicit, chunks of 64", options(query_chunk=64), weights)]
+    return [
+        ("fused", options(plain="fused"), ()),
+        ("matmul", options(plain="matmul"), ()),
+        ("explicit", contextlib.nullcontext(), weights),
+        ("explicit, chunks of 64", options(query_chunk=64), weights),
+    ]

@@ -7,28 +7,64 @@ import pytest
 
 from jaxmm.eval.chair import Chair, chair, load_synonyms, singular
 
-INSTANCES = {"categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 62, "name": "chair"},
-                            {"id": 70, "name": "toilet"}, {"id": 67, "name": "dining table"}],
-             "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 1, "category_id": 18},
-                             {"image_id": 2, "category_id": 70}, {"image_id": 3, "category_id": 67}]}
-GT_CAPTIONS = {"annotations": [{"image_id": 1, "caption": "A man walks his puppy past a bench."},
-                               {"image_id": 2, "caption": "A small bathroom with a white toilet."},
-                               {"image_id": 3, "caption": "Plates on a wooden table."}]}
+INSTANCES = {
+    "categories": [
+        {"id": 1, "name": "person"},
+        {"id": 18, "name": "dog"},
+        {"id": 62, "name": "chair"},
+        {"id": 70, "name": "toilet"},
+        {"id": 67, "name": "dining table"},
+    ],
+    "annotations": [
+        {"image_id": 1, "category_id": 1},
+        {"image_id": 1, "category_id": 18},
+        {"image_id": 2, "category_id": 70},
+        {"image_id": 3, "category_id": 67},
+    ],
+}
+GT_CAPTIONS = {
+    "annotations": [
+        {"image_id": 1, "caption": "A man walks his puppy past a bench."},
+        {"image_id": 2, "caption": "A small bathroom with a white toilet."},
+        {"image_id": 3, "caption": "Plates on a wooden table."},
+    ]
+}
 
 
 def test_the_table_and_singulars():
     syn = load_synonyms()
     assert len(set(syn.values())) == 80 and syn["puppy"] == "dog" and syn["dining table"] == "dining table"
-    assert syn["sofa"] == "couch" and syn["cellphone"] == "cell phone" and " motor bike" in syn   # verbatim quirk
-    plurals = {"men": "man", "women": "woman", "children": "child", "policemen": "policeman", "knives": "knife",
-               "mice": "mouse", "buses": "bus", "couches": "couch", "sandwiches": "sandwich", "boxes": "box",
-               "puppies": "puppy", "ponies": "pony", "ties": "tie", "giraffes": "giraffe", "suitcases": "suitcase",
-               "tvs": "tv", "skis": "ski", "glasses": "glass", "scissors": "scissors", "sheep": "sheep",
-               "toothbrushes": "toothbrush", "oxen": "ox", "dress": "dress", "bus": "bus"}
+    assert syn["sofa"] == "couch" and syn["cellphone"] == "cell phone" and " motor bike" in syn  # verbatim quirk
+    plurals = {
+        "men": "man",
+        "women": "woman",
+        "children": "child",
+        "policemen": "policeman",
+        "knives": "knife",
+        "mice": "mouse",
+        "buses": "bus",
+        "couches": "couch",
+        "sandwiches": "sandwich",
+        "boxes": "box",
+        "puppies": "puppy",
+        "ponies": "pony",
+        "ties": "tie",
+        "giraffes": "giraffe",
+        "suitcases": "suitcase",
+        "tvs": "tv",
+        "skis": "ski",
+        "glasses": "glass",
+        "scissors": "scissors",
+        "sheep": "sheep",
+        "toothbrushes": "toothbrush",
+        "oxen": "ox",
+        "dress": "dress",
+        "bus": "bus",
+    }
     for word, want in plurals.items():
         assert singular(word) == want, word
     c = Chair()
-    for word in syn:                      # every single-word name's regular plural names its category
+    for word in syn:  # every single-word name's regular plural names its category
         if " " not in word and word.isalpha() and not word.endswith(("s", "y", "ch", "sh", "x", "man", "fe", "f")):
             assert syn[c.lemma(word + "s")] == syn[word], word
 
@@ -36,16 +72,20 @@ def test_the_table_and_singulars():
 def test_caption_objects_follow_chairs_rules():
     c = Chair()
     assert c.objects("Two baby birds and a passenger jet near a hot dog stand.") == (
-        ["bird", "jet", "hot dog"], ["bird", "airplane", "hot dog"])
-    assert c.objects("The seat of the toilet is up.")[1] == ["toilet"]            # not a chair
+        ["bird", "jet", "hot dog"],
+        ["bird", "airplane", "hot dog"],
+    )
+    assert c.objects("The seat of the toilet is up.")[1] == ["toilet"]  # not a chair
     assert c.objects("A man on a seat.")[1] == ["person", "chair"]
     assert c.objects("A bow tie and two teddy bears.")[1] == ["tie", "teddy bear"]
 
 
 def test_scores_equal_a_hand_computation():
-    caps = ["A man and his dog sit on a couch next to a cat.",      # couch, cat hallucinated; man, dog right
-            "A toilet and a sink in a bathroom.",                     # sink hallucinated
-            "A table with plates."]                                    # no hallucination
+    caps = [
+        "A man and his dog sit on a couch next to a cat.",  # couch, cat hallucinated; man, dog right
+        "A toilet and a sink in a bathroom.",  # sink hallucinated
+        "A table with plates.",
+    ]  # no hallucination
     out = chair(caps, [1, 2, 3], INSTANCES, GT_CAPTIONS)
     # ground truth: 1 {person, dog, bench}, 2 {toilet}, 3 {dining table}
     mentions = [["person", "dog", "couch", "cat"], ["toilet", "sink"], ["dining table"]]
@@ -90,13 +130,20 @@ def test_the_chair_benchmark_scores_rows_and_reports_chair_i(tmp_path):
     ds = B.load("chair", f)
     samples = [ds[i] for i in range(len(ds))]
     assert samples[0]["question"] == B.CHAIR_PROMPT and samples[0]["answer"] == ["bench", "dog", "person"]
-    caps = ["A man and his dog sit on a couch next to a cat.", "A toilet and a sink in a bathroom.",
-            "A table with plates."]
+    caps = ["A man and his dog sit on a couch next to a cat.", "A toilet and a sink in a bathroom.", "A table with plates."]
     results = []
     for s, cap in zip(samples, caps):
         parsed, sc = score(s, cap)
-        results.append({"benchmark": "chair", "id": s["id"], "method": "baseline", "parsed": parsed, "score": sc,
-                        "metric": "CHAIR_s (lower is better)"})
+        results.append(
+            {
+                "benchmark": "chair",
+                "id": s["id"],
+                "method": "baseline",
+                "parsed": parsed,
+                "score": sc,
+                "metric": "CHAIR_s (lower is better)",
+            }
+        )
     assert [r["score"] for r in results] == [1.0, 1.0, 0.0]
     want = chair(caps, [1, 2, 3], INSTANCES, GT_CAPTIONS)
     got = chair_metrics(results)["baseline"]

@@ -8,8 +8,7 @@ import pytest
 
 import tiny
 from chat_fixtures import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS, build_tokenizer
-from jaxmm.processing.chat import (batch_prompts, build_prompt, decode, extract_answer, extract_think,
-                                   load_tokenizer)
+from jaxmm.processing.chat import batch_prompts, build_prompt, decode, extract_answer, extract_think, load_tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -35,8 +34,11 @@ def proc(tok):
     # type-checks the constructor's arguments; skip that check only (processing is unchanged).
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: type(arg))
-        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-                                   tokenizer=tok, chat_template=tok.chat_template)
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
+            tokenizer=tok,
+            chat_template=tok.chat_template,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -54,37 +56,56 @@ def txt(s):
 
 # name -> (messages with photo names in the image parts, the last user turn's text runs)
 CONVERSATIONS = {
-    "one_image_default_system": ([{"role": "user", "content": [img("chelsea"), txt("what color is the car ?")]}],
-                                 ["what color is the car ?"]),
-    "one_image_after_text_system": ([{"role": "system", "content": "you are a helpful assistant ."},
-                                     {"role": "user", "content": [txt("describe the image ."), img("astronaut")]}],
-                                    ["describe the image ."]),
-    "two_images_system": ([{"role": "system", "content": "look at the picture carefully ."},
-                           {"role": "user", "content": [img("coffee"), txt("count the apples"), img("rocket"),
-                                                        txt(" and the birds ?")]}],
-                          ["count the apples", " and the birds ?"]),
-    "multi_turn_text_last": ([{"role": "user", "content": [img("astronaut"), txt("describe the image .")]},
-                              {"role": "assistant", "content": "a cat sat on the mat ."},
-                              {"role": "user", "content": "how many people are standing ?"}],
-                             ["how many people are standing ?"]),
-    "multi_turn_two_images_system": ([{"role": "system", "content": "you are a helpful assistant ."},
-                                      {"role": "user", "content": [img("camera"), txt("is the light on or off ?")]},
-                                      {"role": "assistant", "content": "the light is off ."},
-                                      {"role": "user", "content": [img("logo"), txt("\nwhich animal is bigger ?\n")]}],
-                                     ["\nwhich animal is bigger ?\n"]),
+    "one_image_default_system": (
+        [{"role": "user", "content": [img("chelsea"), txt("what color is the car ?")]}],
+        ["what color is the car ?"],
+    ),
+    "one_image_after_text_system": (
+        [
+            {"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "user", "content": [txt("describe the image ."), img("astronaut")]},
+        ],
+        ["describe the image ."],
+    ),
+    "two_images_system": (
+        [
+            {"role": "system", "content": "look at the picture carefully ."},
+            {"role": "user", "content": [img("coffee"), txt("count the apples"), img("rocket"), txt(" and the birds ?")]},
+        ],
+        ["count the apples", " and the birds ?"],
+    ),
+    "multi_turn_text_last": (
+        [
+            {"role": "user", "content": [img("astronaut"), txt("describe the image .")]},
+            {"role": "assistant", "content": "a cat sat on the mat ."},
+            {"role": "user", "content": "how many people are standing ?"},
+        ],
+        ["how many people are standing ?"],
+    ),
+    "multi_turn_two_images_system": (
+        [
+            {"role": "system", "content": "you are a helpful assistant ."},
+            {"role": "user", "content": [img("camera"), txt("is the light on or off ?")]},
+            {"role": "assistant", "content": "the light is off ."},
+            {"role": "user", "content": [img("logo"), txt("\nwhich animal is bigger ?\n")]},
+        ],
+        ["\nwhich animal is bigger ?\n"],
+    ),
     "text_only": ([{"role": "user", "content": "the answer is three ."}], ["the answer is three ."]),
 }
 
 
 def with_photos(msgs, photos):
-    return [m if isinstance(m["content"], str) else
-            {**m, "content": [{**p, "image": photos[p["image"]]} if p["type"] == "image" else p for p in m["content"]]}
-            for m in msgs]
+    return [
+        m
+        if isinstance(m["content"], str)
+        else {**m, "content": [{**p, "image": photos[p["image"]]} if p["type"] == "image" else p for p in m["content"]]}
+        for m in msgs
+    ]
 
 
 def photo_list(msgs, photos):
-    return [photos[p["image"]] for m in msgs if not isinstance(m["content"], str) for p in m["content"]
-            if p["type"] == "image"]
+    return [photos[p["image"]] for m in msgs if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image"]
 
 
 def reference(proc, msgs, photos, **kw):
@@ -93,11 +114,11 @@ def reference(proc, msgs, photos, **kw):
     images = [im for m in msgs for im in photo_list(m, photos)]
     ref = proc(text=texts, images=images or None, return_tensors="np", **kw)
     grids = ref.get("image_grid_thw", np.zeros((0, 3), np.int64))
-    merged = [int(g.prod()) // proc.image_processor.merge_size ** 2 for g in grids]
+    merged = [int(g.prod()) // proc.image_processor.merge_size**2 for g in grids]
     counts, k = [], 0
     for m in msgs:
         n = len(photo_list(m, photos))
-        counts.append(merged[k:k + n])
+        counts.append(merged[k : k + n])
         k += n
     return ref["input_ids"], ref["attention_mask"], counts
 
@@ -133,8 +154,9 @@ def test_prompt_ids_match_qwen2_5_vl_processor(tok, proc, photos, name):
 def test_prompt_ids_match_processor_chat_template_with_images(tok, proc, photos):
     """The processor's own end-to-end path: images inside the messages, tokenize=True."""
     msgs, _ = CONVERSATIONS["two_images_system"]
-    full = proc.apply_chat_template(with_photos(msgs, photos), tokenize=True, return_dict=True,
-                                    add_generation_prompt=True, return_tensors="np")
+    full = proc.apply_chat_template(
+        with_photos(msgs, photos), tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="np"
+    )
     counts = [int(g.prod()) // 4 for g in full["image_grid_thw"]]
     np.testing.assert_array_equal(build_prompt(msgs, tok, counts)["input_ids"], full["input_ids"][0])
 
@@ -144,7 +166,7 @@ def test_no_generation_prompt_and_vision_ids(tok, proc, photos):
     _, _, (counts,) = reference(proc, [msgs], photos)
     out = build_prompt(msgs, tok, counts, add_generation_prompt=False)
     assert out["text"].endswith("which animal is bigger ?\n<|im_end|>\n")
-    with_ids = build_prompt(msgs, tok, counts, add_vision_id=True)   # template kwargs pass through
+    with_ids = build_prompt(msgs, tok, counts, add_vision_id=True)  # template kwargs pass through
     assert "Picture 1: <|vision_start|>" in with_ids["text"] and "Picture 2: <|vision_start|>" in with_ids["text"]
     text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, add_vision_id=True)
     ref = proc(text=[text], images=photo_list(msgs, photos), return_tensors="np")
@@ -162,8 +184,10 @@ def test_system_span_without_default_system_turn(tok):
     assert decode(t, out["input_ids"][slice(*out["question_span"])]) == "hello"
     sys_msg = [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "hello"}]
     s0, s1 = build_prompt(sys_msg, t)["system_span"]
-    assert decode(t, build_prompt(sys_msg, t)["input_ids"][s0:s1], skip_special_tokens=False) == \
-        "<|im_start|>system\nbe brief .<|im_end|>\n"
+    assert (
+        decode(t, build_prompt(sys_msg, t)["input_ids"][s0:s1], skip_special_tokens=False)
+        == "<|im_start|>system\nbe brief .<|im_end|>\n"
+    )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -183,11 +207,10 @@ def test_batch_matches_processor_padding_and_shifts_spans(tok, proc, photos, sid
         single = build_prompt(convs[row], tok, counts[row])
         assert b["texts"][row] == single["text"]
         assert b["system_spans"][row] == [(single["system_span"][0] + off, single["system_span"][1] + off)]
-        (s0, s1), = b["system_spans"][row]
+        ((s0, s1),) = b["system_spans"][row]
         assert s0 == off
         system = convs[row][0]["content"] if convs[row][0]["role"] == "system" else DEFAULT_SYSTEM
-        assert decode(tok, b["input_ids"][row, s0:s1], skip_special_tokens=False) == \
-            f"<|im_start|>system\n{system}<|im_end|>\n"
+        assert decode(tok, b["input_ids"][row, s0:s1], skip_special_tokens=False) == f"<|im_start|>system\n{system}<|im_end|>\n"
         runs = b["question_spans"][row]
         assert [decode(tok, b["input_ids"][row, a:e], skip_special_tokens=False) for a, e in runs] == CONVERSATIONS[name][1]
         assert all(b["attention_mask"][row, a:e].all() for a, e in runs + b["system_spans"][row])
@@ -200,7 +223,7 @@ def test_batch_pad_token_id_and_text_only_default(tok):
     b = batch_prompts(convs, tok, padding_side="right", pad_token_id=7)
     n = b["lengths"][0]
     assert (b["input_ids"][0, n:] == 7).all() and b["attention_mask"][0, n:].sum() == 0
-    (q0, q1), = b["question_spans"][0]
+    ((q0, q1),) = b["question_spans"][0]
     assert q1 < n and decode(tok, b["input_ids"][0, q0:q1]) == "hi"
     assert decode(tok, b["input_ids"][0, q1:n], skip_special_tokens=False) == "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -237,8 +260,11 @@ def test_bad_messages_are_named(tok):
         (["hi"], None, r"messages\[0\]: expected a dict"),
         ([{"role": "user", "content": 3}], None, r"messages\[0\]\['content'\]: expected a string or a list"),
         ([{"role": "user", "content": [{"type": "video"}]}], None, r"messages\[0\]\['content'\]\[0\]\['type'\]: 'video'"),
-        ([{"role": "system", "content": "s"}, {"role": "user", "content": [img("x"), {"type": "text"}]}], [4],
-         r"messages\[1\]\['content'\]\[1\]\['text'\]: expected a string"),
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": [img("x"), {"type": "text"}]}],
+            [4],
+            r"messages\[1\]\['content'\]\[1\]\['text'\]: expected a string",
+        ),
         ([{"role": "user", "content": ["hi"]}], None, r"messages\[0\]\['content'\]\[0\]: expected a dict with 'type'"),
         (one_image, [], "1 images but image_token_counts has 0"),
         (one_image, None, "1 images but image_token_counts has 0"),
@@ -267,8 +293,9 @@ def test_bad_batches_are_named(tok):
 def test_load_tokenizer(tok_dir, tmp_path):
     t = load_tokenizer(tok_dir)
     assert t.chat_template == CHAT_TEMPLATE and t.eos_token_id == 1 and t.pad_token_id == 0
-    ids = t.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>",
-                                   "<|vision_start|>", "<|vision_end|>"])
+    ids = t.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_end|>", "<|im_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+    )
     assert ids == [0, 1, 2, 290, 291, 292, 293] and len(t) == 294
     plain = [i for i in t("the cat sat on the mat . count the apples ?")["input_ids"]]
     assert all(3 <= i < 290 for i in plain)
@@ -284,10 +311,15 @@ def test_load_tokenizer(tok_dir, tmp_path):
 
 
 def test_fixture_ids_are_configurable(tmp_path):
-    t = build_tokenizer(tmp_path, 320, image_token_id=300, video_token_id=301, vision_start_token_id=310,
-                        vision_end_token_id=311, min_pixels=None)
-    assert t.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]) == \
-        [300, 301, 310, 311]
+    t = build_tokenizer(
+        tmp_path, 320, image_token_id=300, video_token_id=301, vision_start_token_id=310, vision_end_token_id=311, min_pixels=None
+    )
+    assert t.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]) == [
+        300,
+        301,
+        310,
+        311,
+    ]
     assert t.convert_tokens_to_ids("<|reserved_305|>") == 305 and not (tmp_path / "preprocessor_config.json").exists()
     with pytest.raises(ValueError, match="vision token id 293 >= vocab_size 293"):
         build_tokenizer(tmp_path, 293)

@@ -13,8 +13,15 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
-from jaxmm.checkpoint.hf import (CheckpointError, Rule, SafetensorsCheckpoint, convert, open_checkpoint,
-                                 save_safetensors, unflatten)
+from jaxmm.checkpoint.hf import (
+    CheckpointError,
+    Rule,
+    SafetensorsCheckpoint,
+    convert,
+    open_checkpoint,
+    save_safetensors,
+    unflatten,
+)
 
 SDS = jax.ShapeDtypeStruct
 
@@ -36,16 +43,20 @@ QWEN2_RULES = (
 def qwen2_expected(dtype=np.float32) -> dict:
     e = {("embed", "weight"): (VOCAB, HIDDEN), ("norm",): (HIDDEN,), ("head", "kernel"): (HIDDEN, VOCAB)}
     for i in range(LAYERS):
-        e |= {("layers", i, "attn", "q", "kernel"): (HIDDEN, HEADS * HEAD_DIM),
-              ("layers", i, "attn", "k", "kernel"): (HIDDEN, KV_HEADS * HEAD_DIM),
-              ("layers", i, "attn", "v", "kernel"): (HIDDEN, KV_HEADS * HEAD_DIM),
-              ("layers", i, "attn", "o", "kernel"): (HEADS * HEAD_DIM, HIDDEN),
-              ("layers", i, "attn", "q", "bias"): (HEADS * HEAD_DIM,),
-              ("layers", i, "attn", "k", "bias"): (KV_HEADS * HEAD_DIM,),
-              ("layers", i, "attn", "v", "bias"): (KV_HEADS * HEAD_DIM,),
-              ("layers", i, "mlp", "gate"): (HIDDEN, INTER), ("layers", i, "mlp", "up"): (HIDDEN, INTER),
-              ("layers", i, "mlp", "down"): (INTER, HIDDEN),
-              ("layers", i, "norm_input"): (HIDDEN,), ("layers", i, "norm_post_attention"): (HIDDEN,)}
+        e |= {
+            ("layers", i, "attn", "q", "kernel"): (HIDDEN, HEADS * HEAD_DIM),
+            ("layers", i, "attn", "k", "kernel"): (HIDDEN, KV_HEADS * HEAD_DIM),
+            ("layers", i, "attn", "v", "kernel"): (HIDDEN, KV_HEADS * HEAD_DIM),
+            ("layers", i, "attn", "o", "kernel"): (HEADS * HEAD_DIM, HIDDEN),
+            ("layers", i, "attn", "q", "bias"): (HEADS * HEAD_DIM,),
+            ("layers", i, "attn", "k", "bias"): (KV_HEADS * HEAD_DIM,),
+            ("layers", i, "attn", "v", "bias"): (KV_HEADS * HEAD_DIM,),
+            ("layers", i, "mlp", "gate"): (HIDDEN, INTER),
+            ("layers", i, "mlp", "up"): (HIDDEN, INTER),
+            ("layers", i, "mlp", "down"): (INTER, HIDDEN),
+            ("layers", i, "norm_input"): (HIDDEN,),
+            ("layers", i, "norm_post_attention"): (HIDDEN,),
+        }
     return {p: SDS(s, dtype) for p, s in e.items()}
 
 
@@ -54,8 +65,15 @@ def save_qwen2(path, dtype=torch.float32, **kw):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -70,17 +88,21 @@ def check_against_torch(out: dict, state: dict, rtol=0.0):
     for key, want in state.items():
         path = next(r.match(key) for r in QWEN2_RULES if r.match(key) is not None)
         got = np.asarray(out[path], np.float32)
-        np.testing.assert_allclose(got, want.T if path[-1] in ("kernel", "gate", "up", "down") else want,
-                                   rtol=rtol, atol=0)
+        np.testing.assert_allclose(got, want.T if path[-1] in ("kernel", "gate", "up", "down") else want, rtol=rtol, atol=0)
 
 
 # ----------------------------------------------------------------------------- reading
 def test_single_file_every_float_dtype_matches_torch(tmp_path):
     f = tmp_path / "model.safetensors"
     g = torch.Generator().manual_seed(0)
-    tensors = {"a.f32": torch.randn(3, 5, generator=g), "b.bf16": torch.randn(4, 6, generator=g).bfloat16(),
-               "c.f16": torch.randn(7, generator=g).half(), "d.i64": torch.arange(6).reshape(2, 3),
-               "e.empty": torch.zeros(0, 4), "f.scalar": torch.tensor(2.5).bfloat16()}
+    tensors = {
+        "a.f32": torch.randn(3, 5, generator=g),
+        "b.bf16": torch.randn(4, 6, generator=g).bfloat16(),
+        "c.f16": torch.randn(7, generator=g).half(),
+        "d.i64": torch.arange(6).reshape(2, 3),
+        "e.empty": torch.zeros(0, 4),
+        "f.scalar": torch.tensor(2.5).bfloat16(),
+    }
     torch_save_file(tensors, f, metadata={"format": "pt"})
     for ckpt in (open_checkpoint(tmp_path), open_checkpoint(f)):
         assert isinstance(ckpt, SafetensorsCheckpoint)
@@ -107,14 +129,21 @@ def test_sharded_bf16_save_pretrained_converts_like_torch(tmp_path):
     out = convert(ckpt, QWEN2_RULES, qwen2_expected(np.float32))
     assert set(out) == set(qwen2_expected())
     assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in out.values())
-    check_against_torch(out, state)                         # bf16 -> f32 is exact
+    check_against_torch(out, state)  # bf16 -> f32 is exact
     out16 = convert(ckpt, QWEN2_RULES, qwen2_expected(np.float32), dtype=ml_dtypes.bfloat16)
     assert all(a.dtype == ml_dtypes.bfloat16 for a in out16.values())
     check_against_torch(out16, state)
 
 
-@pytest.mark.parametrize("src,dst", [(torch.float16, np.float32), (torch.float32, np.float32),
-                                     (torch.float32, ml_dtypes.bfloat16), (torch.float16, ml_dtypes.bfloat16)])
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        (torch.float16, np.float32),
+        (torch.float32, np.float32),
+        (torch.float32, ml_dtypes.bfloat16),
+        (torch.float16, ml_dtypes.bfloat16),
+    ],
+)
 def test_single_file_save_pretrained_dtypes(tmp_path, src, dst):
     state = save_qwen2(tmp_path, src)
     assert (tmp_path / "model.safetensors").exists()
@@ -136,7 +165,7 @@ def test_expected_from_nnx_eval_shape(tmp_path):
             self.layers = nnx.List([nnx.Linear(3, 4, rngs=rngs) for _ in range(2)])
 
     abstract = nnx.eval_shape(lambda: Tiny(nnx.Rngs(0)))
-    expected = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))   # leaves are nnx.Param
+    expected = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))  # leaves are nnx.Param
     assert ("layers", 1, "kernel") in expected
     w = {f"l.{i}.weight": np.random.default_rng(i).normal(size=(4, 3)).astype(np.float16) for i in range(2)}
     w |= {f"l.{i}.bias": np.full(4, i, np.float16) for i in range(2)}
@@ -180,10 +209,17 @@ def test_truncated_shard_of_a_sharded_checkpoint(tmp_path):
         open_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("header", [b"not json at all", b"[1, 2, 3]", b'{"a": {"dtype": "F32"}}',
-                                    b'{"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}',
-                                    b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
-                                    b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}'])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json at all",
+        b"[1, 2, 3]",
+        b'{"a": {"dtype": "F32"}}',
+        b'{"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
+    ],
+)
 def test_corrupt_header(tmp_path, header):
     f = tmp_path / "x.safetensors"
     f.write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
@@ -267,7 +303,7 @@ def test_same_tensor_in_two_loose_files(tmp_path):
 def test_rule_target_syntax():
     r = Rule(r"model\.layers\.(\d+)\.mlp\.(up|down)_proj\.weight", r"lm.layers.\1.mlp.\2.kernel", "T")
     assert r.match("model.layers.12.mlp.up_proj.weight") == ("lm", "layers", 12, "mlp", "up", "kernel")
-    assert r.match("model.layers.12.mlp.up_proj.weight.x") is None          # fullmatch
+    assert r.match("model.layers.12.mlp.up_proj.weight.x") is None  # fullmatch
     assert r.match("xmodel.layers.1.mlp.up_proj.weight") is None
     named = Rule(r"(?P<tower>visual|model)\.(?P<i>\d+)", r"\g<tower>.\g<i>")
     assert named.match("visual.7") == ("visual", 7)
@@ -286,13 +322,17 @@ SMALL_RULES = (Rule(r"(?:model\.)?l\.(\d+)\.w", r"l.\1.kernel", "T"), Rule(r"(?:
 
 
 def small_expected(n=2):
-    return {**{("l", i, "kernel"): SDS((3, 4), np.float32) for i in range(n)},
-            **{("l", i, "bias"): SDS((4,), np.float32) for i in range(n)}}
+    return {
+        **{("l", i, "kernel"): SDS((3, 4), np.float32) for i in range(n)},
+        **{("l", i, "bias"): SDS((4,), np.float32) for i in range(n)},
+    }
 
 
 def small_tensors(n=2, prefix=""):
-    return {**{f"{prefix}l.{i}.w": np.full((4, 3), i, np.float32) for i in range(n)},
-            **{f"{prefix}l.{i}.b": np.full(4, i, np.float32) for i in range(n)}}
+    return {
+        **{f"{prefix}l.{i}.w": np.full((4, 3), i, np.float32) for i in range(n)},
+        **{f"{prefix}l.{i}.b": np.full(4, i, np.float32) for i in range(n)},
+    }
 
 
 def test_alternative_names_both_work(tmp_path):
@@ -331,13 +371,13 @@ def test_unexpected_tensor_and_ignore(tmp_path):
 
 
 def test_mis_shaped_tensor(tmp_path):
-    t = small_tensors() | {"l.0.w": np.ones((3, 4), np.float32)}   # already transposed: wrong after "T"
+    t = small_tensors() | {"l.0.w": np.ones((3, 4), np.float32)}  # already transposed: wrong after "T"
     with pytest.raises(CheckpointError) as e:
         convert(_small(tmp_path, t), SMALL_RULES, small_expected())
     msg = str(e.value)
     assert "mis-shaped tensor 'l.0.w' in model.safetensors (shape [3, 4])" in msg
     assert "l.0.kernel expects [3, 4], got [4, 3]" in msg
-    assert "missing parameters (1)" in msg                          # and what it left unfilled
+    assert "missing parameters (1)" in msg  # and what it left unfilled
 
 
 def test_transform_errors_are_reported(tmp_path):
@@ -386,14 +426,17 @@ def test_first_matching_rule_wins(tmp_path):
 
 # ----------------------------------------------------------------------------- writing
 def test_save_safetensors_round_trip_and_atomic(tmp_path):
-    t = {"w": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16),
-         "h": np.linspace(0, 1, 5, dtype=np.float16), "i": np.arange(3, dtype=np.int32),
-         "s": np.array(1.5, np.float32)}
+    t = {
+        "w": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16),
+        "h": np.linspace(0, 1, 5, dtype=np.float16),
+        "i": np.arange(3, dtype=np.int32),
+        "s": np.array(1.5, np.float32),
+    }
     f = save_safetensors(t, tmp_path / "out" / "model.safetensors", metadata={"format": "pt", "step": 3})
     assert f == tmp_path / "out" / "model.safetensors"
-    assert os.listdir(f.parent) == ["model.safetensors"]                 # no temp file left
+    assert os.listdir(f.parent) == ["model.safetensors"]  # no temp file left
     (n,) = struct.unpack("<Q", f.read_bytes()[:8])
-    assert n % 8 == 0 and json.loads(f.read_bytes()[8:8 + n])["__metadata__"] == {"format": "pt", "step": "3"}
+    assert n % 8 == 0 and json.loads(f.read_bytes()[8 : 8 + n])["__metadata__"] == {"format": "pt", "step": "3"}
     ref = torch_load_file(f)
     ckpt = open_checkpoint(f)
     for k, v in t.items():
@@ -436,10 +479,13 @@ def test_iter_converted_streams_in_file_order_and_can_keep_dtype(tmp_path):
 
 def test_get_slice_reads_the_part_of_each_dtype(tmp_path):
     rng = np.random.default_rng(0)
-    full = {"f32": rng.normal(size=(6, 5)).astype(np.float32),
-            "bf16": rng.normal(size=(4, 6)).astype(ml_dtypes.bfloat16),
-            "f8": rng.normal(size=(4, 3)).astype(ml_dtypes.float8_e4m3fn),
-            "i64": np.arange(24, dtype=np.int64).reshape(2, 3, 4), "scalar": np.float32(2.5)}
+    full = {
+        "f32": rng.normal(size=(6, 5)).astype(np.float32),
+        "bf16": rng.normal(size=(4, 6)).astype(ml_dtypes.bfloat16),
+        "f8": rng.normal(size=(4, 3)).astype(ml_dtypes.float8_e4m3fn),
+        "i64": np.arange(24, dtype=np.int64).reshape(2, 3, 4),
+        "scalar": np.float32(2.5),
+    }
     save_safetensors(full, tmp_path / "model.safetensors")
     ckpt = open_checkpoint(tmp_path)
     for key, want in full.items():
@@ -468,6 +514,9 @@ def test_lazy_conversion_equals_eager_and_checks_shapes(tmp_path):
         np.testing.assert_array_equal(t[()], want)
     bad = dict(qwen2_expected())
     bad[("layers", 0, "attn", "q", "kernel")] = SDS((HIDDEN + 1, HEADS * HEAD_DIM), np.float32)
-    with pytest.raises(CheckpointError, match=r"mis-shaped tensor 'model.layers.0.self_attn.q_proj.weight'.*"
-                                              r"expects \[17, 16\], got \[16, 16\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped tensor 'model.layers.0.self_attn.q_proj.weight'.*"
+        r"expects \[17, 16\], got \[16, 16\]",
+    ):
         dict(iter_converted(ckpt, QWEN2_RULES, bad, lazy=True))

@@ -13,7 +13,7 @@ def test_organism_is_a_checkpoint_transformers_reads_identically(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     path = organism.build(tmp_path / "org")
-    assert organism.build(tmp_path / "org") == path            # second call reuses it
+    assert organism.build(tmp_path / "org") == path  # second call reuses it
     ref_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     ref_model.config._attn_implementation = "eager"
     model = jaxmm.load(path)
@@ -21,13 +21,16 @@ def test_organism_is_a_checkpoint_transformers_reads_identically(tmp_path):
     pix = model.image_processor([photo])
     n = int(pix["image_grid_thw"][0].prod()) // 4
     ids = np.array([[5, 6, 292] + [290] * n + [293, 7, 8, 9]])
-    t = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long),
-             pixel_values=torch.from_numpy(pix["pixel_values"]), image_grid_thw=torch.from_numpy(pix["image_grid_thw"]),
-             mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(ids)))
+    t = dict(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.ones(ids.shape, dtype=torch.long),
+        pixel_values=torch.from_numpy(pix["pixel_values"]),
+        image_grid_thw=torch.from_numpy(pix["image_grid_thw"]),
+        mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(ids)),
+    )
     with torch.no_grad():
         ref = ref_model(**t).logits.numpy()
-    out = np.asarray(model.forward(input_ids=ids, pixel_values=pix["pixel_values"],
-                                   image_grid_thw=pix["image_grid_thw"]).logits)
+    out = np.asarray(model.forward(input_ids=ids, pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"]).logits)
     assert np.abs(out - ref).max() < 1e-4
 
 
@@ -42,6 +45,7 @@ def test_demo_and_generate_commands(tmp_path, monkeypatch, capsys):
     assert all(0.0 < m <= 1.0 for m in masses)
 
     from PIL import Image
+
     img = tmp_path / "coffee.png"
     tiny.photos()["coffee"].save(img)
     args = ["generate", "--image", str(img), "--prompt", "what is in the cup ?", "--max-new-tokens", "8"]
@@ -60,8 +64,24 @@ def test_inspect_renders_a_heatmap(tmp_path, monkeypatch, capsys):
     img = tmp_path / "cat.png"
     tiny.photos()["chelsea"].save(img)
     out = tmp_path / "heat.png"
-    assert cli.main(["inspect", "--image", str(img), "--prompt", "what animal is it ?", "--method", "vrga",
-                     "--out", str(out), "--max-new-tokens", "4"]) == 0
+    assert (
+        cli.main(
+            [
+                "inspect",
+                "--image",
+                str(img),
+                "--prompt",
+                "what animal is it ?",
+                "--method",
+                "vrga",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "answer:" in text and str(out) in text
     assert Image.open(out).size[0] > 200

@@ -29,22 +29,84 @@ def write_parquet(path, rows):
 
 
 SCHEMAS = {
-    "mmstar": ({"index": 7, "question": "Which animal?\nOptions: A: cat, B: dog", "answer": "A", "category": "coarse perception",
-                "l2_category": "image scene", "image": {"bytes": None, "path": None}}, "B", "option_letter"),
-    "mmbench": ({"index": 3, "question": "What is shown?", "hint": "nan", "A": "a cup", "B": "a car", "C": "a dog", "D": "nan",
-                 "answer": "A", "category": "object", "image": None}, "C. a dog", "option_letter"),
-    "mathvista": ({"pid": "12", "question": "What is the value?", "choices": None, "answer": "3", "question_type": "free_form",
-                   "answer_type": "integer", "query": "Hint: answer with an integer.\nWhat is the value?", "image": None},
-                  "3", "exact"),
-    "pope": ({"question_id": "5", "question": "Is there a cup in the image?", "answer": "yes", "category": "adversarial",
-              "image": None}, "no", "yes_no"),
-    "hallusionbench": ({"category": "VD", "subcategory": "illusion", "set_id": 1, "figure_id": 0, "question_id": 2,
-                        "question": "Is the left line longer?", "gt_answer": "1", "image": None}, "yes", "yes_no"),
+    "mmstar": (
+        {
+            "index": 7,
+            "question": "Which animal?\nOptions: A: cat, B: dog",
+            "answer": "A",
+            "category": "coarse perception",
+            "l2_category": "image scene",
+            "image": {"bytes": None, "path": None},
+        },
+        "B",
+        "option_letter",
+    ),
+    "mmbench": (
+        {
+            "index": 3,
+            "question": "What is shown?",
+            "hint": "nan",
+            "A": "a cup",
+            "B": "a car",
+            "C": "a dog",
+            "D": "nan",
+            "answer": "A",
+            "category": "object",
+            "image": None,
+        },
+        "C. a dog",
+        "option_letter",
+    ),
+    "mathvista": (
+        {
+            "pid": "12",
+            "question": "What is the value?",
+            "choices": None,
+            "answer": "3",
+            "question_type": "free_form",
+            "answer_type": "integer",
+            "query": "Hint: answer with an integer.\nWhat is the value?",
+            "image": None,
+        },
+        "3",
+        "exact",
+    ),
+    "pope": (
+        {
+            "question_id": "5",
+            "question": "Is there a cup in the image?",
+            "answer": "yes",
+            "category": "adversarial",
+            "image": None,
+        },
+        "no",
+        "yes_no",
+    ),
+    "hallusionbench": (
+        {
+            "category": "VD",
+            "subcategory": "illusion",
+            "set_id": 1,
+            "figure_id": 0,
+            "question_id": 2,
+            "question": "Is the left line longer?",
+            "gt_answer": "1",
+            "image": None,
+        },
+        "yes",
+        "yes_no",
+    ),
     "chartqa": ({"id": 4, "query": "What is the peak value?", "label": "41.5", "type": "human", "image": None}, "42", "relaxed"),
-    "textvqa": ({"question_id": 9, "question": "What brand?", "answers": ["nike"] * 7 + ["adidas"] * 3, "image": None},
-                "nike", "vqa"),
-    "docvqa": ({"questionId": 11, "question": "What is the date?", "answers": ["May 5, 1999", "5 May 1999"], "image": None},
-               "may 5 1999", "anls"),
+    "textvqa": (
+        {"question_id": 9, "question": "What brand?", "answers": ["nike"] * 7 + ["adidas"] * 3, "image": None},
+        "nike",
+        "vqa",
+    ),
+    "docvqa": (
+        {"questionId": 11, "question": "What is the date?", "answers": ["May 5, 1999", "5 May 1999"], "image": None},
+        "may 5 1999",
+        "anls",
+    ),
 }
 
 
@@ -86,21 +148,22 @@ def test_ids_without_a_field_are_the_same_in_every_process(tmp_path):
 
     q1, q2 = "What is the peak value?", "What is the lowest value?"
     img1, img2 = {"bytes": png_bytes("coffee"), "path": None}, {"bytes": png_bytes("chelsea"), "path": None}
-    rows = [{"query": q1, "label": "41.5", "type": "human", "image": img1},
-            {"query": q2, "label": "3", "type": "human", "image": img1},          # another question
-            {"query": q1, "label": "7", "type": "human", "image": img2},          # another chart
-            {"query": q1, "label": "41.5", "type": "human", "image": img1}]       # a duplicate row
+    rows = [
+        {"query": q1, "label": "41.5", "type": "human", "image": img1},
+        {"query": q2, "label": "3", "type": "human", "image": img1},  # another question
+        {"query": q1, "label": "7", "type": "human", "image": img2},  # another chart
+        {"query": q1, "label": "41.5", "type": "human", "image": img1},
+    ]  # a duplicate row
     data = write_parquet(tmp_path / "chartqa.parquet", rows)
     runs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", _IDS_SCRIPT, str(data)], env=env, capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _IDS_SCRIPT, str(data)], env=env, capture_output=True, text=True, check=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs[0]["hash"] != runs[1]["hash"]          # the salt differs between the two processes
+    assert runs[0]["hash"] != runs[1]["hash"]  # the salt differs between the two processes
     ids = runs[0]["ids"]
     assert runs[1]["ids"] == ids and len(set(ids)) == 4
-    digest = [i.rsplit("-", 1)[0] for i in ids]   # question and image part; the row index follows
+    digest = [i.rsplit("-", 1)[0] for i in ids]  # question and image part; the row index follows
     assert len(set(digest[:3])) == 3 and digest[3] == digest[0]
     assert ids == [s["id"] for s in B.load("chartqa", data)]
     assert B.load("chartqa", write_parquet(tmp_path / "one.parquet", [dict(rows[0], id=12)]))[0]["id"] == "12"
@@ -153,9 +216,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_end_to_end_grid_report_and_figures(tiny_model_dir, tmp_path):
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 8}],
-                     methods=["baseline", "vrga", {"method": "avar", "alpha_sys": 0.05}], batch_size=4, max_new_tokens=6,
-                     heatmaps=2)
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 8}],
+        methods=["baseline", "vrga", {"method": "avar", "alpha_sys": 0.05}],
+        batch_size=4,
+        max_new_tokens=6,
+        heatmaps=2,
+    )
     out = run(cfg, progress=False)
     rows = load_rows(out)
     assert len(rows) == 24 and all("error" not in r for r in rows)
@@ -182,13 +251,20 @@ def test_end_to_end_grid_report_and_figures(tiny_model_dir, tmp_path):
 def test_the_score_table_names_each_metric_and_counts_unparsed_answers():
     """Each benchmark's row names its own metric; unparsed answers and errors are counted; the
     orders are the ones given."""
-    row = lambda b, m, metric, score, parsed="x", **kw: dict(benchmark=b, method=m, metric=metric, score=score,
-                                                           parsed=parsed, **kw)
-    rows = [row("mmstar", "baseline", "accuracy", 1.0, "A"), row("mmstar", "baseline", "accuracy", 0.0, None),
-            row("mmstar", "pai", "accuracy", 1.0, "A"), row("mmstar", "pai", "accuracy", 1.0, "B"),
-            row("chartqa", "baseline", "relaxed accuracy", 1.0), row("chartqa", "pai", "relaxed accuracy", 0.0),
-            row("docvqa", "baseline", "ANLS", 0.75), row("docvqa", "pai", "ANLS", 0.5),
-            dict(benchmark="docvqa", method="pai", error="ValueError: bad image")]
+    row = lambda b, m, metric, score, parsed="x", **kw: dict(
+        benchmark=b, method=m, metric=metric, score=score, parsed=parsed, **kw
+    )
+    rows = [
+        row("mmstar", "baseline", "accuracy", 1.0, "A"),
+        row("mmstar", "baseline", "accuracy", 0.0, None),
+        row("mmstar", "pai", "accuracy", 1.0, "A"),
+        row("mmstar", "pai", "accuracy", 1.0, "B"),
+        row("chartqa", "baseline", "relaxed accuracy", 1.0),
+        row("chartqa", "pai", "relaxed accuracy", 0.0),
+        row("docvqa", "baseline", "ANLS", 0.75),
+        row("docvqa", "pai", "ANLS", 0.5),
+        dict(benchmark="docvqa", method="pai", error="ValueError: bad image"),
+    ]
     t = table(summarize(rows), ["mmstar", "chartqa", "docvqa"], ["pai", "baseline"]).splitlines()
     assert t[0] == "| benchmark | metric (%) | pai | baseline |"
     assert t[2] == "| mmstar | accuracy | 100.0 (+50.0) | 50.0 [1 unparsed] |"
@@ -199,8 +275,9 @@ def test_the_score_table_names_each_metric_and_counts_unparsed_answers():
 
     for r, task in zip(rows, ["coarse", "fine", "coarse", "fine"]):
         r["task"] = task
-    text = score_tables(rows, {"benchmarks": [{"name": "mmstar"}, {"name": "chartqa"}, {"name": "docvqa"}],
-                               "methods": ["pai", "baseline"]})
+    text = score_tables(
+        rows, {"benchmarks": [{"name": "mmstar"}, {"name": "chartqa"}, {"name": "docvqa"}], "methods": ["pai", "baseline"]}
+    )
     assert "| mmstar | coarse | 1 | 100.0 (+0.0) | 100.0 |" in text
     assert "| mmstar | fine | 1 | 100.0 (+100.0) | 0.0 [1 unparsed] |" in text
     assert text.index("## Scores (%)") < text.index("## Scores per task (%)") and "POPE" not in text
@@ -208,11 +285,20 @@ def test_the_score_table_names_each_metric_and_counts_unparsed_answers():
 
 def test_resume_after_a_kill_and_error_rows(tiny_model_dir, tmp_path):
     # a benchmark file whose second image is unreadable
-    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes() if i != 1 else b"not a png", "path": None})
-            for i in range(6)]
+    rows = [
+        dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes() if i != 1 else b"not a png", "path": None})
+        for i in range(6)
+    ]
     data = write_parquet(tmp_path / "pope.parquet", rows)
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "pope", "path": str(data)}],
-                     methods=["baseline", "pai"], batch_size=2, max_new_tokens=4, heatmaps=0)
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "pope", "path": str(data)}],
+        methods=["baseline", "pai"],
+        batch_size=2,
+        max_new_tokens=4,
+        heatmaps=0,
+    )
     out = run(cfg, progress=False)
     full = load_rows(out)
     assert len(full) == 12
@@ -240,8 +326,16 @@ def test_eval_config_overrides(tmp_path):
 
 
 def test_over_long_prompts_become_error_rows(tiny_model_dir, tmp_path):
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 3}],
-                     methods=["baseline"], batch_size=3, max_new_tokens=2, heatmaps=0, max_prompt_tokens=10)
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 3}],
+        methods=["baseline"],
+        batch_size=3,
+        max_new_tokens=2,
+        heatmaps=0,
+        max_prompt_tokens=10,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 3 and all("max_prompt_tokens" in r["error"] for r in rows)
     assert "[3 err]" in table(summarize(rows))
@@ -253,11 +347,11 @@ def test_stop_token_ids():
     from jaxmm.stopping import stop_token_ids
 
     assert stop_token_ids(NS(eos_token_id=(1, 7)), NS(eos_token_id=9)) == (1, 7, 9)
-    assert stop_token_ids(NS(eos_token_id=(1, 7)), NS(eos_token_id=7)) == (1, 7)   # already there: once
-    assert stop_token_ids(NS(eos_token_id=(1,)), NS(eos_token_id=None)) == (1,)     # no tokenizer eos
+    assert stop_token_ids(NS(eos_token_id=(1, 7)), NS(eos_token_id=7)) == (1, 7)  # already there: once
+    assert stop_token_ids(NS(eos_token_id=(1,)), NS(eos_token_id=None)) == (1,)  # no tokenizer eos
     assert stop_token_ids(NS(eos_token_id=(1,))) == (1,)
     assert stop_token_ids(NS(eos_token_id=None), NS(eos_token_id=3)) == (3,)
-    assert stop_token_ids(NS(eos_token_id=[5, 5, 2]), object()) == (5, 2)          # HF-style list; no attribute
+    assert stop_token_ids(NS(eos_token_id=[5, 5, 2]), object()) == (5, 2)  # HF-style list; no attribute
     ids = stop_token_ids(NS(eos_token_id=np.int64(4)), NS(eos_token_id=np.int32(6)))
     assert ids == (4, 6) and all(type(i) is int for i in ids)
 
@@ -275,16 +369,30 @@ def test_tokenizer_without_eos_evaluates(tmp_path):
     tc.pop("eos_token")
     (model / "tokenizer_config.json").write_text(json.dumps(tc))
     assert load_tokenizer(model).eos_token_id is None
-    cfg = EvalConfig(model=str(model), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 1}],
-                     methods=["baseline"], batch_size=1, max_new_tokens=2, heatmaps=0)
+    cfg = EvalConfig(
+        model=str(model),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 1}],
+        methods=["baseline"],
+        batch_size=1,
+        max_new_tokens=2,
+        heatmaps=0,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["prediction"] is not None and 1 <= rows[0]["n_tokens"] <= 2
 
 
 def test_resume_refuses_other_settings_and_a_second_concurrent_run(tiny_model_dir, tmp_path):
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 2}],
-                     methods=["baseline"], batch_size=2, max_new_tokens=3, heatmaps=0)
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 2}],
+        methods=["baseline"],
+        batch_size=2,
+        max_new_tokens=3,
+        heatmaps=0,
+    )
     out = run(cfg, progress=False)
     assert len(load_rows(out)) == 2
     # more samples and another method extend the same run
@@ -297,7 +405,7 @@ def test_resume_refuses_other_settings_and_a_second_concurrent_run(tiny_model_di
     styled = EvalConfig(**{**cfg.__dict__, "benchmarks": [{"name": "grounded", "limit": 2, "contrast": 0.9}]})
     with pytest.raises(SettingsChanged, match="benchmarks"):
         run(styled, progress=False)
-    assert len(load_rows(out)) == 6                       # nothing was written
+    assert len(load_rows(out)) == 6  # nothing was written
     # ... or written beside it when asked
     new = run(EvalConfig(**{**short.__dict__, "if_changed": "new"}), progress=False)
     assert new != out and new.name.startswith("run-") and len(load_rows(new)) == 2
@@ -309,7 +417,7 @@ def test_resume_refuses_other_settings_and_a_second_concurrent_run(tiny_model_di
             run(cfg, progress=False)
     finally:
         held.release()
-    run(cfg, progress=False)                              # free again
+    run(cfg, progress=False)  # free again
 
 
 def test_duplicate_ids_and_wrong_schema_fail_at_load(tmp_path):
@@ -330,7 +438,7 @@ def test_method_columns_carry_their_parameters():
     from jaxmm.interventions import HeadMask
 
     m1, m2 = np.zeros(12, np.float32), np.zeros(12, np.float32)
-    m2[10] = 1.0                                           # differs only after the 8 shown entries
+    m2[10] = 1.0  # differs only after the 8 shown entries
     n1, n2 = (method_name(HeadMask(mask=m, num_heads=4)) for m in (m1, m2))
     assert n1 != n2 and n1.startswith("headmask:mask=[0 0 0 0 0 0 0 0 … #")
     assert method_name(HeadMask(mask=m1.copy(), num_heads=4)) == n1
@@ -345,9 +453,15 @@ def test_an_intervention_object_with_array_fields_is_a_method_column(tiny_model_
     from jaxmm.interventions import HeadMask
 
     h = 4
-    every = HeadMask(mask=np.ones(3 * h, np.float32), num_heads=h)     # 3 layers x 4 heads
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), methods=["baseline", every],
-                     benchmarks=[{"name": "grounded", "limit": 3, "image_size": 56}], max_new_tokens=4, heatmaps=0)
+    every = HeadMask(mask=np.ones(3 * h, np.float32), num_heads=h)  # 3 layers x 4 heads
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        methods=["baseline", every],
+        benchmarks=[{"name": "grounded", "limit": 3, "image_size": 56}],
+        max_new_tokens=4,
+        heatmaps=0,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert {r["method"] for r in rows} == {"baseline", method_name(every)} and all("error" not in r for r in rows)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["methods"] == ["baseline", method_name(every)]
@@ -360,20 +474,38 @@ def test_pope_metrics_equal_a_hand_computation():
     from jaxmm.eval.report import pope_metrics, task_accuracy
 
     # (split, answer, parsed prediction): adversarial TP=2 FP=1 FN=1 TN=1 + 1 unparsed (gt yes)
-    cases = [("adversarial", "yes", "yes"), ("adversarial", "yes", "yes"), ("adversarial", "no", "yes"),
-             ("adversarial", "yes", "no"), ("adversarial", "no", "no"), ("adversarial", "yes", None),
-             ("random", "no", "no"), ("random", "yes", "yes")]
-    rows = [{"benchmark": "pope", "id": str(i), "method": "baseline", "task": t, "answer": a, "parsed": p,
-             "score": float(p == a)} for i, (t, a, p) in enumerate(cases)]
+    cases = [
+        ("adversarial", "yes", "yes"),
+        ("adversarial", "yes", "yes"),
+        ("adversarial", "no", "yes"),
+        ("adversarial", "yes", "no"),
+        ("adversarial", "no", "no"),
+        ("adversarial", "yes", None),
+        ("random", "no", "no"),
+        ("random", "yes", "yes"),
+    ]
+    rows = [
+        {"benchmark": "pope", "id": str(i), "method": "baseline", "task": t, "answer": a, "parsed": p, "score": float(p == a)}
+        for i, (t, a, p) in enumerate(cases)
+    ]
     rows.append({"benchmark": "pope", "id": "e", "method": "baseline", "task": "random", "error": "x"})
     m = pope_metrics(rows)
     adv = m[("baseline", "adversarial")]
-    prec, rec = 2 / 3, 2 / 3                          # TP / (TP + FP), TP / (TP + FN): FN counts "no" only
+    prec, rec = 2 / 3, 2 / 3  # TP / (TP + FP), TP / (TP + FN): FN counts "no" only
     assert adv["n"] == 6 and adv["unparsed"] == 1
-    np.testing.assert_allclose([adv["accuracy"], adv["precision"], adv["recall"], adv["f1"], adv["yes_ratio"]],
-                               [3 / 6, prec, rec, 2 * prec * rec / (prec + rec), 3 / 6])
-    assert m[("baseline", "random")] == {"n": 2, "accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0,
-                                         "yes_ratio": 0.5, "unparsed": 0}
+    np.testing.assert_allclose(
+        [adv["accuracy"], adv["precision"], adv["recall"], adv["f1"], adv["yes_ratio"]],
+        [3 / 6, prec, rec, 2 * prec * rec / (prec + rec), 3 / 6],
+    )
+    assert m[("baseline", "random")] == {
+        "n": 2,
+        "accuracy": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "yes_ratio": 0.5,
+        "unparsed": 0,
+    }
     assert m[("baseline", "all")]["n"] == 8 and m[("baseline", "all")]["precision"] == 3 / 4
     t = task_accuracy(rows)
     assert t[("pope", "adversarial", "baseline")] == {"accuracy": 0.5, "n": 6, "unparsed": 1}
@@ -385,7 +517,7 @@ def test_packaged_config_resolves_by_name_from_any_directory(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cfg = EvalConfig.from_yaml("organism", ["benchmarks.0.limit=3"])
     assert cfg.model is None and cfg.benchmarks[0]["limit"] == 3 and "ration" in cfg.methods
-    assert EvalConfig.from_yaml(None) == EvalConfig.from_yaml("organism")      # no config = the README's job
+    assert EvalConfig.from_yaml(None) == EvalConfig.from_yaml("organism")  # no config = the README's job
     with pytest.raises(FileNotFoundError, match=r"'organsim'.*packaged: \[.*'organism'.*\]"):
         resolve_config("organsim")
     (tmp_path / "mine.yaml").write_text("methods: [baseline]\n")
@@ -401,7 +533,7 @@ def test_a_directory_or_glob_of_parquet_shards_is_one_benchmark(tmp_path):
     for path in (d, str(d / "test-*.parquet")):
         ds = B.load("pope", path)
         assert [ds[i]["id"] for i in range(len(ds))] == ["0", "1", "2", "3", "4"]
-    write_parquet(d / "test-00002-of-00002.parquet", rows[1:2])       # a shard repeating an id
+    write_parquet(d / "test-00002-of-00002.parquet", rows[1:2])  # a shard repeating an id
     with pytest.raises(ValueError, match="id '1' appears in rows 1 and 5"):
         B.load("pope", d)
     with pytest.raises(FileNotFoundError, match="no .parquet or .jsonl"):
@@ -415,10 +547,10 @@ def test_weights_identity_tells_a_fine_tune_from_its_base(tiny_model_dir, tmp_pa
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    assert _weights_identity(copy) == _weights_identity(tiny_model_dir)       # a copy (other path, times)
+    assert _weights_identity(copy) == _weights_identity(tiny_model_dir)  # a copy (other path, times)
     f = copy / "model.safetensors"
     data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF                                              # same header, one weight byte
+    data[len(data) // 2] ^= 0xFF  # same header, one weight byte
     f.write_bytes(bytes(data))
     assert _weights_identity(copy) != _weights_identity(tiny_model_dir)
 
@@ -429,30 +561,40 @@ def test_a_mesh_run_equals_a_one_device_run_and_pixel_bounds_are_settings(tiny_m
     so they are run settings."""
     from jaxmm.eval.harness import mesh_axes
 
-    rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None})
-            for i in range(5)]
+    rows = [
+        dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None})
+        for i in range(5)
+    ]
     data = write_parquet(tmp_path / "pope.parquet", rows)
-    base = dict(model=str(tiny_model_dir), benchmarks=[{"name": "pope", "path": str(data)}],
-                methods=["baseline", "pai", "pai:gamma=2"], batch_size=4, max_new_tokens=4, heatmaps=1)
+    base = dict(
+        model=str(tiny_model_dir),
+        benchmarks=[{"name": "pope", "path": str(data)}],
+        methods=["baseline", "pai", "pai:gamma=2"],
+        batch_size=4,
+        max_new_tokens=4,
+        heatmaps=1,
+    )
     one = load_rows(run(EvalConfig(out=str(tmp_path / "one"), **base), progress=False))
-    sharded_out = run(EvalConfig(out=str(tmp_path / "mesh"), mesh={"data": 2, "fsdp": 2, "tensor": 2}, **base),
-                      progress=False)
+    sharded_out = run(EvalConfig(out=str(tmp_path / "mesh"), mesh={"data": 2, "fsdp": 2, "tensor": 2}, **base), progress=False)
     sharded = load_rows(sharded_out)
     key = lambda r: (r["id"], r["method"])
     assert len(one) == len(sharded) == 15 and all("error" not in r for r in sharded)
-    assert sorted((key(r), r["prediction"], r["n_tokens"]) for r in one) == \
-        sorted((key(r), r["prediction"], r["n_tokens"]) for r in sharded)
-    np.testing.assert_allclose([r["vas"] for r in sorted(sharded, key=key)], [r["vas"] for r in sorted(one, key=key)],
-                               rtol=1e-4)
+    assert sorted((key(r), r["prediction"], r["n_tokens"]) for r in one) == sorted(
+        (key(r), r["prediction"], r["n_tokens"]) for r in sharded
+    )
+    np.testing.assert_allclose([r["vas"] for r in sorted(sharded, key=key)], [r["vas"] for r in sorted(one, key=key)], rtol=1e-4)
     assert len(list((sharded_out / "figures").glob("heatmap_pope_0_*.png"))) == 3
     with pytest.raises(ValueError, match=r"EvalConfig: mesh: unknown field\(s\) \['model'\]"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"model": 8}, **base), progress=False)
     with pytest.raises(ValueError, match=r"tensor = 6, but there are 8 devices"):
         run(EvalConfig(out=str(tmp_path / "bad"), mesh={"fsdp": 3, "tensor": 2}, **base), progress=False)
     assert mesh_axes({"fsdp": 4, "tensor": 2}) == {"data": 1, "fsdp": 4, "tensor": 2}
-    assert mesh_axes({"fsdp": -1, "tensor": 2}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}   # -1: the rest
-    for bad, msg in [({"fsdp": -1, "data": -1}, "only one axis may be -1"), ({"fsdp": -1, "tensor": 3}, "not a multiple"),
-                     ({"tensor": 0}, r"mesh.tensor=0: expected a positive integer")]:
+    assert mesh_axes({"fsdp": -1, "tensor": 2}, 8) == {"data": 1, "fsdp": 4, "tensor": 2}  # -1: the rest
+    for bad, msg in [
+        ({"fsdp": -1, "data": -1}, "only one axis may be -1"),
+        ({"fsdp": -1, "tensor": 3}, "not a multiple"),
+        ({"tensor": 0}, r"mesh.tensor=0: expected a positive integer"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             mesh_axes(bad, 8)
     # a smaller max_pixels: fewer image tokens per prompt, and a resume with it is refused
@@ -484,13 +626,17 @@ def test_the_real_checkpoint_configs_validate_and_run(name, benchmark, tiny_mode
 
     assert len(I.build([m for m in cfg.methods if m != "baseline"], config)) == len(cfg.methods) - 1
     ids = {"pope": ("question_id", str), "mmstar": ("index", int)}[benchmark]
-    rows = [dict(SCHEMAS[benchmark][0], image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None},
-                 **{ids[0]: ids[1](i)}) for i in range(3)]
+    rows = [
+        dict(SCHEMAS[benchmark][0], image={"bytes": png_bytes(size=(64 + 8 * i, 48)), "path": None}, **{ids[0]: ids[1](i)})
+        for i in range(3)
+    ]
     (tmp_path / "data").mkdir()
     write_parquet(tmp_path / "data" / "test-00000-of-00001.parquet", rows)
     monkeypatch.chdir(tmp_path)
-    cfg = EvalConfig.from_yaml(name, [f"model={tiny_model_dir}", "benchmarks.0.path=data", "benchmarks.0.limit=3",
-                                      "methods=[baseline,pai]", "heatmaps=1"])
+    cfg = EvalConfig.from_yaml(
+        name,
+        [f"model={tiny_model_dir}", "benchmarks.0.path=data", "benchmarks.0.limit=3", "methods=[baseline,pai]", "heatmaps=1"],
+    )
     got = load_rows(run(cfg, progress=False))
     assert len(got) == 6 and all("error" not in r for r in got), got
     assert (tmp_path / cfg.out / "report.md").exists()
@@ -506,17 +652,41 @@ def test_the_packaged_config_runs_from_another_directory_after_a_non_editable_in
 
     repo = Path(__file__).parents[1]
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
-                    str(repo)], check=True, cwd=tmp_path, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site), str(repo)],
+        check=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert not (site / "jaxmm" / "__editable__").exists() and (site / "jaxmm" / "configs" / "eval" / "organism.yaml").exists()
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
-    code = ("import sys, jaxmm, jaxmm.cli; assert jaxmm.__file__.startswith(sys.argv[1]), jaxmm.__file__; "
-            "sys.exit(jaxmm.cli.main(sys.argv[2:]))")
-    done = subprocess.run([sys.executable, "-c", code, str(site), "eval", "--config", "organism", "--no-progress",
-                           "benchmarks.0.limit=2", "methods=[baseline]", "heatmaps=0", "out=run"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    code = (
+        "import sys, jaxmm, jaxmm.cli; assert jaxmm.__file__.startswith(sys.argv[1]), jaxmm.__file__; "
+        "sys.exit(jaxmm.cli.main(sys.argv[2:]))"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(site),
+            "eval",
+            "--config",
+            "organism",
+            "--no-progress",
+            "benchmarks.0.limit=2",
+            "methods=[baseline]",
+            "heatmaps=0",
+            "out=run",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "grounded" in done.stdout and (work / "run" / "report.md").exists()
     assert len((work / "run" / "results.jsonl").read_text().splitlines()) == 2
@@ -531,24 +701,37 @@ def test_a_named_prompt_formats_the_question_and_is_a_run_setting(tiny_model_dir
     rows = [dict(SCHEMAS["pope"][0], question_id=str(i), image={"bytes": png_bytes(), "path": None}) for i in range(2)]
     data = str(write_parquet(tmp_path / "pope.parquet", rows))
     base = dict(model=str(tiny_model_dir), methods=["baseline"], batch_size=2, max_new_tokens=3, heatmaps=0)
-    plain = load_rows(run(EvalConfig(out=str(tmp_path / "plain"), benchmarks=[{"name": "pope", "path": data}], **base),
-                          progress=False))
-    vrga = load_rows(run(EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga"}],
-                                    **base), progress=False))
+    plain = load_rows(
+        run(EvalConfig(out=str(tmp_path / "plain"), benchmarks=[{"name": "pope", "path": data}], **base), progress=False)
+    )
+    vrga = load_rows(
+        run(
+            EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga"}], **base),
+            progress=False,
+        )
+    )
     q = SCHEMAS["pope"][0]["question"]
     assert plain[0]["question"] == f"{q} {B.YES_NO_INSTRUCTION}"
     assert [r["question"] for r in vrga] == [PROMPTS["vrga"].user.format(question=q)] * 2
-    sayo = load_rows(run(EvalConfig(out=str(tmp_path / "sayo"), benchmarks=[{"name": "pope", "path": data, "prompt": "sayo"}],
-                                    **base), progress=False))
+    sayo = load_rows(
+        run(
+            EvalConfig(out=str(tmp_path / "sayo"), benchmarks=[{"name": "pope", "path": data, "prompt": "sayo"}], **base),
+            progress=False,
+        )
+    )
     assert sayo[0]["question"] == q
-    extra = sayo[0]["prompt_tokens"] - plain[0]["prompt_tokens"]     # the system turn, less the instruction
+    extra = sayo[0]["prompt_tokens"] - plain[0]["prompt_tokens"]  # the system turn, less the instruction
     assert extra > 20, extra
     with pytest.raises(SettingsChanged, match="benchmarks"):
-        run(EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga_think"}],
-                       **base), progress=False)
+        run(
+            EvalConfig(out=str(tmp_path / "vrga"), benchmarks=[{"name": "pope", "path": data, "prompt": "vrga_think"}], **base),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="prompt 'vgra': unknown"):
-        run(EvalConfig(out=str(tmp_path / "bad"), benchmarks=[{"name": "pope", "path": data, "prompt": "vgra"}], **base),
-            progress=False)
+        run(
+            EvalConfig(out=str(tmp_path / "bad"), benchmarks=[{"name": "pope", "path": data, "prompt": "vgra"}], **base),
+            progress=False,
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -561,27 +744,50 @@ def test_pai_gamma_decodes_with_the_contrast(tiny_model_dir, tmp_path):
     from jaxmm.stopping import stop_token_ids
 
     spec = {"name": "grounded", "limit": 3, "image_size": 56}
-    cfg = EvalConfig(model=str(tiny_model_dir), out=str(tmp_path / "run"), methods=["pai", "pai:gamma=3.0"],
-                     benchmarks=[spec], max_new_tokens=5, heatmaps=0, batch_size=3)
+    cfg = EvalConfig(
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "run"),
+        methods=["pai", "pai:gamma=3.0"],
+        benchmarks=[spec],
+        max_new_tokens=5,
+        heatmaps=0,
+        batch_size=3,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert all("error" not in r for r in rows) and len(rows) == 6
     model = jaxmm.load(tiny_model_dir)
     samples = list(B.load("grounded", None, 3, 0, image_size=56))
-    convs = [[{"role": "user", "content": [{"type": "image", "image": B.decode_image(s["image"])},
-                                           {"type": "text", "text": s["question"]}]}] for s in samples]
+    convs = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": B.decode_image(s["image"])}, {"type": "text", "text": s["question"]}],
+            }
+        ]
+        for s in samples
+    ]
     batch, _ = model.prepare_chat(convs)
     ivs = model.interventions(["pai"])
     stop = stop_token_ids(model.config, model.tokenizer)
-    decode = lambda contrast: generate(model.params, model.config, batch, max_new_tokens=5, stop_tokens=stop,
-                                       pad_token_id=model.tokenizer.pad_token_id or 0, interventions=ivs,
-                                       contrast=contrast)
+    decode = lambda contrast: generate(
+        model.params,
+        model.config,
+        batch,
+        max_new_tokens=5,
+        stop_tokens=stop,
+        pad_token_id=model.tokenizer.pad_token_id or 0,
+        interventions=ivs,
+        contrast=contrast,
+    )
     want = {}
     for name, contrast in (("pai", None), ("pai:gamma=3.0", Contrast(text_only(batch, model.config), gamma=3.0))):
         out = decode(contrast)
         toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
-        want[name] = [model.tokenizer.decode(toks[b, :lens[b]], skip_special_tokens=True) for b in range(3)]
-    got = {m: [r["prediction"] for r in sorted(rows, key=lambda r: r["id"]) if r["method"] == method_name(m)]
-           for m in ("pai", "pai:gamma=3.0")}
+        want[name] = [model.tokenizer.decode(toks[b, : lens[b]], skip_special_tokens=True) for b in range(3)]
+    got = {
+        m: [r["prediction"] for r in sorted(rows, key=lambda r: r["id"]) if r["method"] == method_name(m)]
+        for m in ("pai", "pai:gamma=3.0")
+    }
     ids = sorted(s["id"] for s in samples)
     order = [ids.index(s["id"]) for s in samples]
     assert [got["pai:gamma=3.0"][k] for k in order] == want["pai:gamma=3.0"]

@@ -14,13 +14,30 @@ import numpy as np
 from jaxmm.train.grpo import GRPOConfig, make_score_fn, make_update, rollout, train
 from jaxmm.train.sft import final_state, flat_params
 
-GROUNDING = {"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "shape_scale": 0.35, "contrast": 0.5,
-             "tasks": ["grounding"]}
+GROUNDING = {
+    "name": "grounded",
+    "size": 4,
+    "seed": 3,
+    "image_size": 112,
+    "shape_scale": 0.35,
+    "contrast": 0.5,
+    "tasks": ["grounding"],
+}
 
 
 def cfg_for(tmp_path, name, **kw):
-    base = dict(out=str(tmp_path / name), steps=16, prompts_per_step=4, group_size=4, max_new_tokens=8, lr=1e-3,
-                save_every=100, tensorboard=False, data=dict(GROUNDING), rewards={"r_att": 1.0})
+    base = dict(
+        out=str(tmp_path / name),
+        steps=16,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        save_every=100,
+        tensorboard=False,
+        data=dict(GROUNDING),
+        rewards={"r_att": 1.0},
+    )
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -53,8 +70,9 @@ def test_update_loss_and_kl_equal_numpy_on_a_rollout(tmp_path):
     state = initial_state(cfg, model.params, model.config)
     ds = dataset(cfg)
     score_fn = make_score_fn(model.config, cfg)
-    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(model, cfg, state, model.params,
-                                                                      [ds[0], ds[1]], 0, score_fn)
+    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(
+        model, cfg, state, model.params, [ds[0], ds[1]], 0, score_fn
+    )
     # the completion mask: tokens up to and including the stop token, nothing after
     np.testing.assert_array_equal(np.asarray(mask).sum(1), np.asarray(lengths))
     assert not np.asarray(mask)[:, 1:][~np.asarray(mask)[:, :-1]].any()
@@ -65,27 +83,26 @@ def test_update_loss_and_kl_equal_numpy_on_a_rollout(tmp_path):
     full = forward(model.params, model.config, batch, probes=(AttentionWeights(),))
     logits = np.asarray(full.logits, np.float64)
     s = batch.input_ids.shape[1] - tokens.shape[1]
-    lg = logits[:, s - 1:s - 1 + tokens.shape[1]]
+    lg = logits[:, s - 1 : s - 1 + tokens.shape[1]]
     lp_np = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
     want_lp = np.take_along_axis(lp_np, np.asarray(tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(scored["logp"]), want_lp, atol=1e-4)
     # r_att and the logged region ratio / VAS by hand from the full attention maps [L,B,H,S,S]
-    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[:, :, :, s:]     # completion queries
+    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[:, :, :, s:]  # completion queries
     lay, mk = batch.layout, np.asarray(mask)
     img, sysm = np.asarray(lay.image_mask, np.float64), np.asarray(lay.system_mask, np.float64)
     w = np.asarray(lay.region_weight, np.float64)
-    a_v = (att * img[None, :, None, None]).sum(-1) / img.sum(-1)[None, :, None, None]          # [L,B,H,T]
+    a_v = (att * img[None, :, None, None]).sum(-1) / img.sum(-1)[None, :, None, None]  # [L,B,H,T]
     a_r = (att * w[None, :, None, None]).sum(-1) / w.sum(-1)[None, :, None, None]
     a_rb = (att * (w > 0)[None, :, None, None]).sum(-1) / (w > 0).sum(-1)[None, :, None, None]
-    ent = -(np.exp(lp_np) * lp_np).sum(-1)                                                      # [B,T]
+    ent = -(np.exp(lp_np) * lp_np).sum(-1)  # [B,T]
     for b in range(len(texts)):
         n = int(lengths[b])
-        assert np.all(w[b] >= 0) and w[b].sum() > 0                     # every grounded sample has a box
-        top = np.argsort(-ent[b, :n], kind="stable")[:int(np.ceil(0.3 * n))]
+        assert np.all(w[b] >= 0) and w[b].sum() > 0  # every grounded sample has a box
+        top = np.argsort(-ent[b, :n], kind="stable")[: int(np.ceil(0.3 * n))]
         want = np.tanh(np.log((a_rb[-1, b, :, top].mean() + 1e-8) / (a_v[-1, b, :, top].mean() + 1e-8)))
         np.testing.assert_allclose(rewards["r_att"][b], want, atol=1e-5)
-        np.testing.assert_allclose(rewards["region_ratio"][b], (a_r[:, b, :, :n] / (a_v[:, b, :, :n] + 1e-12)).mean(),
-                                   rtol=1e-4)
+        np.testing.assert_allclose(rewards["region_ratio"][b], (a_r[:, b, :, :n] / (a_v[:, b, :, :n] + 1e-12)).mean(), rtol=1e-4)
         m_v = (att[:, b, :, :n] * img[b]).sum(-1)
         m_s = (att[:, b, :, :n] * sysm[b]).sum(-1)
         np.testing.assert_allclose(rewards["vas"][b], (m_v / (m_s + 1e-6)).mean(), rtol=1e-4)
@@ -96,8 +113,9 @@ def test_update_loss_and_kl_equal_numpy_on_a_rollout(tmp_path):
     adv = np.asarray(group_advantages(jnp.asarray(r, jnp.float32), 3))
     tx = optimizer(cfg, state)
     update = make_update(model.config, cfg, tx, state_mask(cfg, state))
-    _, _, m = update(state, tx.init(state), batch, tokens, mask, scored["logp"], jnp.asarray(ref_lp, jnp.float32),
-                     jnp.asarray(adv))
+    _, _, m = update(
+        state, tx.init(state), batch, tokens, mask, scored["logp"], jnp.asarray(ref_lp, jnp.float32), jnp.asarray(adv)
+    )
     # by hand: on-policy ratio 1, so the clipped term is A; k3 with δ = ref − logp
     lp = np.asarray(scored["logp"], np.float64)
     d = np.clip(ref_lp - lp, -20, 20)
@@ -134,8 +152,9 @@ def test_lora_grpo_moves_only_the_adapters(tmp_path):
     assert step == 2 and all(np.array_equal(start[k], trained[k]) for k in start)
     assert max(np.abs(np.asarray(v["b"])).max() for v in groups["lora"].values()) > 0
     # and the adapters change the policy: merged logits now differ from the base model's
-    moved = forward(lora.merge(groups["params"], groups["lora"], lora.LoraConfig.from_dict(cfg.lora)), model.config,
-                    prompt).logits
+    moved = forward(
+        lora.merge(groups["params"], groups["lora"], lora.LoraConfig.from_dict(cfg.lora)), model.config, prompt
+    ).logits
     assert np.abs(np.asarray(moved) - base).max() > 1e-4
 
 
@@ -148,8 +167,12 @@ train(GRPOConfig(**json.loads(sys.argv[1])), progress=False)
 
 def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
     # one persistent compilation cache for the three processes (the same executables, less compile time)
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     kw = dict(steps=6, save_every=2, keep=5, prompts_per_step=2, group_size=4, max_new_tokens=6)
     a, b = cfg_for(tmp_path, "killed", **kw), cfg_for(tmp_path, "whole", **kw)
     args = lambda c: [sys.executable, "-c", SCRIPT, json.dumps(c.__dict__)]
@@ -161,8 +184,8 @@ def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-    assert done and done[-1] < 6, done                     # killed before the end
-    subprocess.run(args(a), env=env, check=True)           # resumes
+    assert done and done[-1] < 6, done  # killed before the end
+    subprocess.run(args(a), env=env, check=True)  # resumes
     subprocess.run(args(b), env=env, check=True)
     pa, sa = final_state(tmp_path / "killed")
     pb, sb = final_state(tmp_path / "whole")
@@ -173,4 +196,4 @@ def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
     from jaxmm import organism
 
     start = flat_params(jaxmm.load(organism.default()).params)
-    assert max(np.abs(fa[k] - start[k]).max() for k in fa) > 1e-4          # training did move them
+    assert max(np.abs(fa[k] - start[k]).max() for k in fa) > 1e-4  # training did move them

@@ -39,8 +39,13 @@ def test_no_private_names_across_modules():
                     if a.name.startswith("_") and not a.name.startswith("__") and (rel, a.name) not in KNOWN:
                         bad.append(f"{rel}:{node.lineno}: from {node.module} import {a.name}")
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 bad.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, "\n".join(bad)
 
@@ -64,7 +69,7 @@ def test_no_import_circles():
         state[n] = "open"
         for m in sorted(graph[n]):
             if state.get(m) == "open":
-                circles.append(" -> ".join(path[path.index(m):] + [m]))
+                circles.append(" -> ".join(path[path.index(m) :] + [m]))
             elif m not in state:
                 visit(m, path + [m])
         state[n] = "done"

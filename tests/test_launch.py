@@ -21,8 +21,9 @@ def test_the_tpu_script_installs_tpu_jax_at_the_pinned_version():
     script = (ROOT / "launch" / "tpu_pod.sh").read_text()
     line = next(l for l in script.splitlines() if l.startswith("jax_version="))
     line = line.replace('$(dirname "$0")', shlex.quote(str(ROOT / "launch")))
-    got = subprocess.run(["bash", "-c", line + '; echo "$jax_version"'], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    got = subprocess.run(
+        ["bash", "-c", line + '; echo "$jax_version"'], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert got == pin and "'jax[tpu]==$jax_version'" in script
 
 
@@ -34,8 +35,7 @@ def test_commands_in_the_guide_exist():
         argv = shlex.split(cmd)[1:]
         if not argv or argv[0].startswith("-"):
             continue
-        help_ = subprocess.run([sys.executable, "-m", "jaxmm.cli", argv[0], "--help"], capture_output=True,
-                               text=True, cwd=ROOT)
+        help_ = subprocess.run([sys.executable, "-m", "jaxmm.cli", argv[0], "--help"], capture_output=True, text=True, cwd=ROOT)
         assert help_.returncode == 0, (cmd, help_.stderr[-300:])
         for flag in (a for a in argv[1:] if a.startswith("--")):
             assert flag in help_.stdout, (cmd, flag)
@@ -51,19 +51,20 @@ def test_guide_paths_modules_and_helpers_exist():
 
     text = (ROOT / "launch" / "README.md").read_text()
     paths = set(re.findall(r"configs/[\w/]+\.yaml", text))
-    exists = lambda p: (ROOT / p).exists() or (ROOT / "jaxmm" / p).exists()       # repo or packaged configs
+    exists = lambda p: (ROOT / p).exists() or (ROOT / "jaxmm" / p).exists()  # repo or packaged configs
     assert paths and all(map(exists, paths)), sorted(p for p in paths if not exists(p))
     checks = re.findall(r"python -m jaxmm\.launch_check ([^\"`\n]*)", text)
     assert checks
     for args in checks:
         argv = shlex.split(args)
-        assert len(argv) == 3 and all(a.isdigit() or a.isupper() for a in argv[1:]), args    # CKPT FSDP TENSOR
+        assert len(argv) == 3 and all(a.isdigit() or a.isupper() for a in argv[1:]), args  # CKPT FSDP TENSOR
     from jaxmm import launch_check
 
     assert "ckpt, fsdp, tensor" in inspect.getsource(launch_check.main)
     sharding = importlib.import_module("jaxmm.sharding")
     names = set(re.findall(r"jaxmm\.sharding\.(\w+)", text)) | {
-        n.strip() for imp in re.findall(r"from jaxmm\.sharding import ([\w, ]+)", text) for n in imp.split(",")}
+        n.strip() for imp in re.findall(r"from jaxmm\.sharding import ([\w, ]+)", text) for n in imp.split(",")
+    }
     names |= set(re.findall(r"`(jit_\w+|host_\w+|batch_shardings|cache_shardings)", text))
     assert {"host_slice", "local_rows", "global_batch", "is_writer"} <= names
     assert all(hasattr(sharding, n) for n in names), sorted(n for n in names if not hasattr(sharding, n))

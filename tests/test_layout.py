@@ -27,18 +27,25 @@ def vid(grid):
 
 
 GRIDS = [(1, 4, 6), (1, 8, 4), (1, 2, 2), (2, 4, 4), (1, 6, 10)]
-ROWS = [[5, 6] + img(GRIDS[0]) + [7] + img(GRIDS[1]) + [8, 9],
-        [10, 11, 12, 13],                                   # text only
-        [14] + img(GRIDS[2]) + [15] + vid((2, 2, 4)) + img(GRIDS[3]) + [16],
-        [17] + img(GRIDS[4]) + [18, 19]]
+ROWS = [
+    [5, 6] + img(GRIDS[0]) + [7] + img(GRIDS[1]) + [8, 9],
+    [10, 11, 12, 13],  # text only
+    [14] + img(GRIDS[2]) + [15] + vid((2, 2, 4)) + img(GRIDS[3]) + [16],
+    [17] + img(GRIDS[4]) + [18, 19],
+]
 VGRIDS = [(2, 2, 4)]
 
 
 def reference_layout(ids, am, grids):
     """Walks every row token by token (independent of the library's run segmentation)."""
     b, s = ids.shape
-    ref = dict(image_mask=np.zeros((b, s), bool), video_mask=np.zeros((b, s), bool),
-               image_index=np.full((b, s), -1), grid_pos=np.full((b, s, 3), -1), grid_hw=np.full((b, s, 2), -1))
+    ref = dict(
+        image_mask=np.zeros((b, s), bool),
+        video_mask=np.zeros((b, s), bool),
+        image_index=np.full((b, s), -1),
+        grid_pos=np.full((b, s, 3), -1),
+        grid_hw=np.full((b, s, 2), -1),
+    )
     n_img = -1
     for r in range(b):
         prev_was_image, k = False, 0
@@ -72,9 +79,18 @@ def test_fields_match_loop_construction(side):
     for name, want in ref.items():
         got = getattr(lay, name)
         np.testing.assert_array_equal(got, want, err_msg=name)
-    dtypes = dict(image_mask=bool, video_mask=bool, image_index=np.int32, grid_pos=np.int32, grid_hw=np.int32,
-                  attention_mask=np.int32, system_mask=bool, question_mask=bool, generated_mask=bool,
-                  region_weight=np.float32)
+    dtypes = dict(
+        image_mask=bool,
+        video_mask=bool,
+        image_index=np.int32,
+        grid_pos=np.int32,
+        grid_hw=np.int32,
+        attention_mask=np.int32,
+        system_mask=bool,
+        question_mask=bool,
+        generated_mask=bool,
+        region_weight=np.float32,
+    )
     for name, dt in dtypes.items():
         x = getattr(lay, name)
         assert isinstance(x, np.ndarray) and x.dtype == dt, name
@@ -92,8 +108,9 @@ def test_grid_pos_agrees_with_rope_positions(side):
     ids, am = tiny.make_rows(ROWS, side)
     grids = np.array(GRIDS)
     lay = build_token_layout(ids, am, grids, video_grid_thw=np.array(VGRIDS), **KW)
-    pos, _ = get_rope_index(ids, am, grids, np.array(VGRIDS), image_token_id=IMG, video_token_id=VID,
-                            spatial_merge_size=M, tokens_per_second=4)
+    pos, _ = get_rope_index(
+        ids, am, grids, np.array(VGRIDS), image_token_id=IMG, video_token_id=VID, spatial_merge_size=M, tokens_per_second=4
+    )
     for i in range(len(grids)):
         sel = lay.image_index == i
         start = pos[1][sel].min()
@@ -110,7 +127,7 @@ def test_no_images_and_no_mask():
 
 
 # --------------------------------------------------------------------------- vision tower order
-RASTER_GRIDS = [(1, 8, 12), (1, 4, 16), (2, 6, 4), (1, 2, 2)]   # window_size 56 -> 2x2 merged windows
+RASTER_GRIDS = [(1, 8, 12), (1, 4, 16), (2, 6, 4), (1, 2, 2)]  # window_size 56 -> 2x2 merged windows
 
 
 def _layout_of(grids):
@@ -143,7 +160,7 @@ class _CoordsOfPatch(torch.nn.Module):
         self.mean, self.std = mean, std
 
     def forward(self, x):
-        px = x.view(x.shape[0], 3, 2, 14, 14)[:, :2, 0, 7, 7]          # center pixel, R and G
+        px = x.view(x.shape[0], 3, 2, 14, 14)[:, :2, 0, 7, 7]  # center pixel, R and G
         px = (px * torch.tensor(self.std[:2]) + torch.tensor(self.mean[:2])) * 255
         return torch.round(px / 10)
 
@@ -156,7 +173,7 @@ class _MeanMerger(torch.nn.Module):
 def _coord_image(h_patches, w_patches):
     from PIL import Image
 
-    y, x = np.mgrid[0:h_patches * 14, 0:w_patches * 14]
+    y, x = np.mgrid[0 : h_patches * 14, 0 : w_patches * 14]
     return Image.fromarray(np.stack([(y // 14) * 10, (x // 14) * 10, np.full_like(y, 128)], -1).astype(np.uint8))
 
 
@@ -193,8 +210,9 @@ def test_grid_pos_is_vision_tower_output_order():
 # --------------------------------------------------------------------------- spans, extend, pytree
 def test_spans_set_masks_and_skip_padding():
     ids, am = tiny.make_rows([[5, 6, 7, 8, 9, 10], [11, 12, 13]], "left")
-    lay = build_token_layout(ids, am, None, system_spans=[[(0, 2)], [(0, 5)]],
-                             question_spans=[[(3, 5)], []], generated_spans=[None, [(5, 6)]], **KW)
+    lay = build_token_layout(
+        ids, am, None, system_spans=[[(0, 2)], [(0, 5)]], question_spans=[[(3, 5)], []], generated_spans=[None, [(5, 6)]], **KW
+    )
     np.testing.assert_array_equal(lay.system_mask, [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]])
     np.testing.assert_array_equal(lay.question_mask, [[0, 0, 0, 1, 1, 0], [0] * 6])
     np.testing.assert_array_equal(lay.generated_mask, [[0] * 6, [0, 0, 0, 0, 0, 1]])
@@ -212,12 +230,21 @@ def test_spans_set_masks_and_skip_padding():
 @pytest.mark.parametrize("method", ["extend", "append"])
 def test_extend(method):
     ids, am = tiny.make_rows(ROWS, "left")
-    lay = build_token_layout(ids, am, np.array(GRIDS), video_grid_thw=np.array(VGRIDS),
-                             system_spans=[[(0, 3)]] * 4, **KW)
+    lay = build_token_layout(ids, am, np.array(GRIDS), video_grid_thw=np.array(VGRIDS), system_spans=[[(0, 3)]] * 4, **KW)
     b, s = ids.shape
     big = getattr(lay, method)(3)
-    fills = dict(image_mask=False, video_mask=False, image_index=-1, grid_pos=-1, grid_hw=-1, attention_mask=1,
-                 system_mask=False, question_mask=False, generated_mask=True, region_weight=0.0)
+    fills = dict(
+        image_mask=False,
+        video_mask=False,
+        image_index=-1,
+        grid_pos=-1,
+        grid_hw=-1,
+        attention_mask=1,
+        system_mask=False,
+        question_mask=False,
+        generated_mask=True,
+        region_weight=0.0,
+    )
     for name in FIELDS:
         old, new = getattr(lay, name), getattr(big, name)
         assert new.dtype == old.dtype and new.shape == (b, s + 3) + old.shape[2:], name
@@ -244,8 +271,9 @@ def test_pytree_through_jit():
     assert int(n) == lay.image_mask.sum()
     assert isinstance(back, TokenLayout)
     np.testing.assert_array_equal(back.grid_pos, lay.grid_pos)
-    np.testing.assert_array_equal(np.asarray(raster)[lay.image_mask],
-                                  np.concatenate([np.arange(t * h * w // 4) % (h * w // 4) for t, h, w in GRIDS]))
+    np.testing.assert_array_equal(
+        np.asarray(raster)[lay.image_mask], np.concatenate([np.arange(t * h * w // 4) % (h * w // 4) for t, h, w in GRIDS])
+    )
     assert isinstance(jax.tree_util.tree_unflatten(treedef, leaves), TokenLayout)
 
 
@@ -254,8 +282,11 @@ def test_errors_name_the_problem():
     ids, am = tiny.make_rows([[5] + img((1, 4, 4)) + [6], [7, 8]], "left")
     with pytest.raises(ValueError, match=r"4 consecutive image pad tokens .* image_grid_thw\[0\]=\[1, 4, 6\] needs"):
         build_token_layout(ids, am, np.array([(1, 4, 6)]), **KW)
-    with pytest.raises(ValueError, match=r"more image token groups than the 0 rows of image_grid_thw "
-                                         r"\(image_grid_thw is None\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"more image token groups than the 0 rows of image_grid_thw "
+        r"\(image_grid_thw is None\)",
+    ):
         build_token_layout(ids, am, None, **KW)
     with pytest.raises(ValueError, match="image_grid_thw: 2 rows but input_ids hold 1 image token groups"):
         build_token_layout(ids, am, np.array([(1, 4, 4), (1, 2, 2)]), **KW)

@@ -27,16 +27,17 @@ def photos():
     """The test photos and two portrait ones (landscape, square and portrait images get different tile
     grids and are unpadded along different axes)."""
     p = tiny.photos()
-    p["tall"] = p["astronaut"].crop((0, 0, 200, 512))                  # 200 x 512: 3x1 tiles
-    p["portrait"] = p["chelsea"].transpose(2)                          # ROTATE_90: 300 x 451, 2x1 tiles
+    p["tall"] = p["astronaut"].crop((0, 0, 200, 512))  # 200 x 512: 3x1 tiles
+    p["portrait"] = p["chelsea"].transpose(2)  # ROTATE_90: 300 x 451, 2x1 tiles
     return p
 
 
 def hf_processor():
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    return LlavaNextImageProcessorPil(image_grid_pinpoints=tiny.LLAVA_NEXT_PINPOINTS, size={"shortest_edge": S},
-                                      crop_size={"height": S, "width": S})
+    return LlavaNextImageProcessorPil(
+        image_grid_pinpoints=tiny.LLAVA_NEXT_PINPOINTS, size={"shortest_edge": S}, crop_size={"height": S, "width": S}
+    )
 
 
 def hf_token_counts(hf_model, pv, sizes):
@@ -74,8 +75,7 @@ def ckpt(request, tmp_path_factory):
     return path, model
 
 
-@pytest.mark.parametrize("images,side", [([["chelsea", "tall"], []], "left"),
-                                         ([["astronaut"], ["portrait", "coffee"]], "right")])
+@pytest.mark.parametrize("images,side", [([["chelsea", "tall"], []], "left"), ([["astronaut"], ["portrait", "coffee"]], "right")])
 def test_logits_hidden_states_and_attention(ckpt, images, side):
     path, hf_model = ckpt
     batch = make_batch(hf_model, images, side)
@@ -109,8 +109,9 @@ def test_packed_image_features_equal_transformers(ckpt):
     tiles = [image_size_to_num_patches(sz.tolist(), tiny.LLAVA_NEXT_PINPOINTS, S) for sz in batch["image_sizes"]]
     assert len(set(tiles)) > 1
     with torch.no_grad():
-        ref = hf_model.model.get_image_features(torch.from_numpy(batch["pixel_values"]),
-                                                torch.from_numpy(batch["image_sizes"])).pooler_output
+        ref = hf_model.model.get_image_features(
+            torch.from_numpy(batch["pixel_values"]), torch.from_numpy(batch["image_sizes"])
+        ).pooler_output
     model = jaxmm.load(path)
     prepared = model.prepare(**batch)
     assert np.asarray(prepared.pixel_values).shape[0] == sum(tiles)
@@ -137,11 +138,11 @@ def test_layout_marks_every_image_token_with_its_grid(ckpt):
     assert [int((index == k).sum()) for k in range(2)] == counts
     for k in range(2):
         p, h = pos[index == k], hw[index == k]
-        assert (p[:G * G, 0] == 0).all() and (h[:G * G] == G).all()
-        assert (p[G * G:, 0] == 1).all()
+        assert (p[: G * G, 0] == 0).all() and (h[: G * G] == G).all()
+        assert (p[G * G :, 0] == 1).all()
         rows, cols1 = h[G * G]
         assert rows * cols1 == counts[k] - G * G
-        np.testing.assert_array_equal(p[G * G:, 1] * cols1 + p[G * G:, 2], np.arange(rows * cols1))
+        np.testing.assert_array_equal(p[G * G :, 1] * cols1 + p[G * G :, 2], np.arange(rows * cols1))
     # chelsea, 451x300: 1x2 tiles, a 4x8 grid unpadded to 4x6 (+ newline); tall, 200x512: 3x1 tiles,
     # a 12x4 grid unpadded to 10x4 (unpad_image's two branches)
     assert tuple(hw[index == 0][-1]) == (4, 7) and tuple(hw[index == 1][-1]) == (10, 5)
@@ -175,15 +176,14 @@ def test_bad_inputs_name_the_problem(ckpt):
     with pytest.raises(ValueError, match="image_sizes"):
         model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     ids = batch["input_ids"][0]
-    short = np.delete(ids, np.flatnonzero(ids == tiny.IMAGE_TOKEN)[:5])[None]      # 5 image tokens too few
+    short = np.delete(ids, np.flatnonzero(ids == tiny.IMAGE_TOKEN)[:5])[None]  # 5 image tokens too few
     with pytest.raises(ValueError, match="image tokens"):
         model.prepare(short, None, batch["pixel_values"], image_sizes=batch["image_sizes"])
-    split = np.concatenate([[tiny.IMAGE_TOKEN] * 5, [7], short[0]])[None]      # the right count, in two runs
+    split = np.concatenate([[tiny.IMAGE_TOKEN] * 5, [7], short[0]])[None]  # the right count, in two runs
     with pytest.raises(ValueError, match="do not match the images"):
         model.prepare(split, None, batch["pixel_values"], image_sizes=batch["image_sizes"])
     with pytest.raises(ValueError, match="tiles"):
-        model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][0, :2],
-                      image_sizes=batch["image_sizes"])
+        model.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][0, :2], image_sizes=batch["image_sizes"])
     from jaxmm.config import ConfigError
 
     cfg = {"model_type": "llava_next", "vision_feature_select_strategy": "full"}
@@ -229,11 +229,16 @@ def test_greedy_generation_matches_transformers(ckpt):
     batch = make_batch(hf_model, [["tall"], ["coffee", "chelsea"]], "left", seed=4)
     model = jaxmm.load(path)
     with torch.no_grad():
-        ref = hf_model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
-                                attention_mask=torch.from_numpy(batch["attention_mask"]),
-                                pixel_values=torch.from_numpy(batch["pixel_values"]),
-                                image_sizes=torch.from_numpy(batch["image_sizes"]), max_new_tokens=8,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = hf_model.generate(
+            input_ids=torch.from_numpy(batch["input_ids"]),
+            attention_mask=torch.from_numpy(batch["attention_mask"]),
+            pixel_values=torch.from_numpy(batch["pixel_values"]),
+            image_sizes=torch.from_numpy(batch["image_sizes"]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     got = generate(model.params, model.config, model.prepare(**batch), max_new_tokens=8, stop_tokens=[])
     s = batch["input_ids"].shape[1]
     np.testing.assert_array_equal(np.asarray(got.tokens), ref[:, s:].numpy())
@@ -269,14 +274,21 @@ def test_var_on_llava_next(ckpt):
     dims, tau, min_mass = (0, 1, 2, 3), 2.0, 0.05
     ref, base = var_reference(hf_model, batch, dims, tau, min_mass)
     assert np.abs(ref.logits.numpy() - base.logits.numpy()).max() > 1e-4
-    compare_edited(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau,
-                                                "min_mass": min_mass}], model.config))
+    compare_edited(
+        model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau, "min_mass": min_mass}], model.config)
+    )
 
 
 # ----------------------------------------------------------------------------- the processor
-@pytest.mark.parametrize("pinpoints,side", [(None, 336), (tiny.LLAVA_NEXT_PINPOINTS, S),
-                                            ([[336, 336], [336, 672], [672, 336], [672, 672], [1008, 336],
-                                              [336, 1008]], 336)], ids=["v1.6_default", "tiny", "with_square"])
+@pytest.mark.parametrize(
+    "pinpoints,side",
+    [
+        (None, 336),
+        (tiny.LLAVA_NEXT_PINPOINTS, S),
+        ([[336, 336], [336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]], 336),
+    ],
+    ids=["v1.6_default", "tiny", "with_square"],
+)
 def test_anyres_processor_is_bit_identical(pinpoints, side, tmp_path):
     """jaxmm's processor, read from the saved config, against LlavaNextImageProcessorPil on real photos
     of several sizes and aspect ratios (square, landscape, portrait, greyscale, RGBA)."""
@@ -296,8 +308,8 @@ def test_anyres_processor_is_bit_identical(pinpoints, side, tmp_path):
         ref = hf(im, return_tensors="np")
         x, grid = mine.preprocess_one(im)
         assert grid == (len(x), *ref["image_sizes"][0].tolist()), name
-        np.testing.assert_array_equal(x, ref["pixel_values"][0][:len(x)], err_msg=name)
-        assert not ref["pixel_values"][0][len(x):].any(), name            # HF's padding tiles only
+        np.testing.assert_array_equal(x, ref["pixel_values"][0][: len(x)], err_msg=name)
+        assert not ref["pixel_values"][0][len(x) :].any(), name  # HF's padding tiles only
         grids.add(len(x))
     assert len(grids) > 1 or pinpoints is None
 
@@ -321,26 +333,45 @@ def test_prepare_chat_equals_the_llava_next_processor(chat_ckpt):
 
     model = jaxmm.load(chat_ckpt)
     ph = photos()
-    convs = [[{"role": "system", "content": "you are a helpful assistant ."},
-              {"role": "user", "content": [{"type": "image", "image": ph["coffee"]},
-                                           {"type": "text", "text": "is the coffee cup full or empty ?"}]}],
-             [{"role": "user", "content": [{"type": "image", "image": ph["tall"]},
-                                           {"type": "image", "image": ph["camera"]},
-                                           {"type": "text", "text": "describe the image in one sentence ."}]}]]
+    convs = [
+        [
+            {"role": "system", "content": "you are a helpful assistant ."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": ph["coffee"]},
+                    {"type": "text", "text": "is the coffee cup full or empty ?"},
+                ],
+            },
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": ph["tall"]},
+                    {"type": "image", "image": ph["camera"]},
+                    {"type": "text", "text": "describe the image in one sentence ."},
+                ],
+            }
+        ],
+    ]
     batch, info = model.prepare_chat(convs)
-    proc = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil.from_pretrained(chat_ckpt),
-                              tokenizer=AutoTokenizer.from_pretrained(chat_ckpt), patch_size=tiny.LLAVA_PATCH,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=model.tokenizer.chat_template)
+    proc = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil.from_pretrained(chat_ckpt),
+        tokenizer=AutoTokenizer.from_pretrained(chat_ckpt),
+        patch_size=tiny.LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=model.tokenizer.chat_template,
+    )
     ids, am = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
     pix = []
     for row, conv in enumerate(convs):
         text = proc.apply_chat_template(conv, add_generation_prompt=True)
-        images = [p["image"] for m in conv if not isinstance(m["content"], str) for p in m["content"]
-                  if p["type"] == "image"]
+        images = [p["image"] for m in conv if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image"]
         ref = proc(text=text, images=images, return_tensors="np")
         np.testing.assert_array_equal(ids[row][am[row] > 0], ref["input_ids"][0])
-        pix += [p[:t] for p, t in zip(ref["pixel_values"], info["image_grid_thw"][len(pix):, 0])]
+        pix += [p[:t] for p, t in zip(ref["pixel_values"], info["image_grid_thw"][len(pix) :, 0])]
     np.testing.assert_array_equal(np.asarray(batch.pixel_values), np.concatenate(pix))
     assert len(set(info["image_grid_thw"][:, 0].tolist())) > 1
 
@@ -349,16 +380,23 @@ def test_jaxmm_eval_runs_baseline_pai_and_var_on_llava_next(chat_ckpt, tmp_path)
     from jaxmm.eval.harness import EvalConfig, run
     from jaxmm.eval.report import load_rows
 
-    cfg = EvalConfig(model=str(chat_ckpt), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 4}],
-                     methods=["baseline", "pai", {"method": "var", "dims": [0, 1, 2, 3], "tau": 2.0}],
-                     batch_size=2, max_new_tokens=4)
+    cfg = EvalConfig(
+        model=str(chat_ckpt),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 4}],
+        methods=["baseline", "pai", {"method": "var", "dims": [0, 1, 2, 3], "tau": 2.0}],
+        batch_size=2,
+        max_new_tokens=4,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 12 and all("error" not in r for r in rows), [r.get("error") for r in rows]
     by = {(r["id"], r["method"]): r for r in rows}
-    assert any(by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or
-               by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"] for i, _ in by)
+    assert any(
+        by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"]
+        for i, _ in by
+    )
     assert all(r["vas"] is not None and len(r["visual_entropy_per_layer"]) == 3 for r in rows)
-    assert any("heatmap" in r for r in rows)                 # drawn over the base image's grid
+    assert any("heatmap" in r for r in rows)  # drawn over the base image's grid
     assert all(r["region_ratio"] is not None and np.isfinite(r["region_ratio"]) for r in rows)
 
 
@@ -377,8 +415,9 @@ def test_every_shipped_intervention_and_probe_runs_on_llava_next(tmp_path):
     raw = make_batch(hf_model, [["chelsea", "tall"], ["coffee"]], "left")
     am = raw["attention_mask"]
     spans = [(int(np.flatnonzero(r)[0]), int(np.flatnonzero(r)[-1]) + 1) for r in am]
-    batch = model.prepare(**raw, system_spans=[[(a, a + 2)] for a, _ in spans],
-                          question_spans=[[(b - 5, b - 2)] for _, b in spans])
+    batch = model.prepare(
+        **raw, system_spans=[[(a, a + 2)] for a, _ in spans], question_spans=[[(b - 5, b - 2)] for _, b in spans]
+    )
     lay = batch.layout
     region = np.asarray(lay.image_mask) & (np.asarray(lay.grid_pos)[..., 1] < 2)
     batch = dataclasses.replace(batch, layout=dataclasses.replace(lay, region_weight=region.astype(np.float32)))
@@ -390,9 +429,12 @@ def test_every_shipped_intervention_and_probe_runs_on_llava_next(tmp_path):
         assert leaves and all(np.isfinite(x[~np.isnan(x)]).all() for x in leaves), name
     valid = am.astype(bool)
     for name, make in INTERVENTIONS.items():
-        if name == "VRGA":                                     # phase 2 edits the decode steps only
-            run = lambda ivs: np.asarray(generate(model.params, model.config, batch, max_new_tokens=3,
-                                                  stop_tokens=[], interventions=ivs, output_logits=True).logits)
+        if name == "VRGA":  # phase 2 edits the decode steps only
+            run = lambda ivs: np.asarray(
+                generate(
+                    model.params, model.config, batch, max_new_tokens=3, stop_tokens=[], interventions=ivs, output_logits=True
+                ).logits
+            )
             out, ref = run(model.interventions([make(model.config)])), run(())
             assert np.isfinite(out).all() and np.abs(out - ref).max() > 1e-5, f"{name} changed nothing"
             continue
@@ -411,13 +453,35 @@ def test_absent_fields_take_transformers_defaults():
     hf, cfg = LlavaNextConfig(), Config.from_dict({"model_type": "llava_next"})
     v, t, hv, ht = cfg.vision, cfg.text, hf.vision_config, hf.text_config
     assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.image_size, v.patch_size, v.in_channels) == (
-        hv.num_hidden_layers, hv.hidden_size, hv.intermediate_size, hv.num_attention_heads, hv.image_size,
-        hv.patch_size, hv.num_channels)
+        hv.num_hidden_layers,
+        hv.hidden_size,
+        hv.intermediate_size,
+        hv.num_attention_heads,
+        hv.image_size,
+        hv.patch_size,
+        hv.num_channels,
+    )
     assert (v.hidden_act, v.layer_norm_eps) == (hv.hidden_act, hv.layer_norm_eps)
-    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
-            t.num_key_value_heads, t.rms_norm_eps) == (ht.vocab_size, ht.hidden_size, ht.intermediate_size,
-                                                       ht.num_hidden_layers, ht.num_attention_heads,
-                                                       ht.num_key_value_heads, ht.rms_norm_eps)
+    assert (
+        t.vocab_size,
+        t.hidden_size,
+        t.intermediate_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.rms_norm_eps,
+    ) == (
+        ht.vocab_size,
+        ht.hidden_size,
+        ht.intermediate_size,
+        ht.num_hidden_layers,
+        ht.num_attention_heads,
+        ht.num_key_value_heads,
+        ht.rms_norm_eps,
+    )
     assert v.image_grid_pinpoints == tuple(map(tuple, hf.image_grid_pinpoints))
     assert (cfg.image_token_id, v.vision_feature_layer, v.vision_feature_select_strategy) == (
-        hf.image_token_id, hf.vision_feature_layer, hf.vision_feature_select_strategy)
+        hf.image_token_id,
+        hf.vision_feature_layer,
+        hf.vision_feature_select_strategy,
+    )

@@ -23,8 +23,9 @@ def make_batch(images_per_row, side, seed=0):
     processor on real photos."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    proc = CLIPImageProcessorPil(size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE},
-                                 crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE})
+    proc = CLIPImageProcessorPil(
+        size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE}, crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}
+    )
     photos = tiny.photos()
     rng = np.random.default_rng(seed)
     rows, imgs = [], []
@@ -43,10 +44,15 @@ def hf_forward(hf_model, batch, **kw):
     """The HF model on a batch of numpy inputs (every key as the model's argument: input_ids,
     attention_mask, pixel_values and, for LLaVA-NeXT, image_sizes) with generate's positions."""
     am = batch["attention_mask"]
-    pos = np.where(am > 0, np.cumsum(am, -1) - 1, 1)        # what generate gives a padded batch
+    pos = np.where(am > 0, np.cumsum(am, -1) - 1, 1)  # what generate gives a padded batch
     with torch.no_grad():
-        return hf_model(**{k: torch.from_numpy(v) for k, v in batch.items()}, position_ids=torch.from_numpy(pos),
-                        output_attentions=True, output_hidden_states=True, **kw)
+        return hf_model(
+            **{k: torch.from_numpy(v) for k, v in batch.items()},
+            position_ids=torch.from_numpy(pos),
+            output_attentions=True,
+            output_hidden_states=True,
+            **kw,
+        )
 
 
 @pytest.fixture(scope="module", params=[(False, -2), (True, [-3, -1])], ids=["untied", "tied_two_feature_layers"])
@@ -58,8 +64,7 @@ def ckpt(request, tmp_path_factory):
     return path, model
 
 
-@pytest.mark.parametrize("images,side", [([["astronaut", "chelsea"], []], "left"),
-                                         ([["coffee"], ["rocket", "camera"]], "right")])
+@pytest.mark.parametrize("images,side", [([["astronaut", "chelsea"], []], "left"), ([["coffee"], ["rocket", "camera"]], "right")])
 def test_logits_hidden_states_and_attention(ckpt, images, side):
     path, hf_model = ckpt
     batch = make_batch(images, side)
@@ -76,7 +81,7 @@ def test_logits_hidden_states_and_attention(ckpt, images, side):
     w = np.asarray(out.probes["attentions"]["text"].values)
     for i, r in enumerate(ref.attentions):
         assert np.abs(w[i] - r.numpy()).transpose(0, 2, 1, 3)[valid].max() < 1e-5, f"attention of layer {i}"
-    lay = model.prepare(**batch).layout                     # the layout sees each image as its patch grid
+    lay = model.prepare(**batch).layout  # the layout sees each image as its patch grid
     assert int(np.asarray(lay.image_mask).sum()) == N_TOK * sum(map(len, images))
     assert np.asarray(lay.grid_hw)[np.asarray(lay.image_mask)].max() == tiny.LLAVA_IMAGE_SIZE // tiny.LLAVA_PATCH
 
@@ -108,10 +113,15 @@ def test_greedy_generation_matches_transformers(ckpt):
     batch = make_batch([["astronaut"], ["coffee", "chelsea"]], "left", seed=4)
     model = jaxmm.load(path)
     with torch.no_grad():
-        ref = hf_model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
-                                attention_mask=torch.from_numpy(batch["attention_mask"]),
-                                pixel_values=torch.from_numpy(batch["pixel_values"]), max_new_tokens=8,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref = hf_model.generate(
+            input_ids=torch.from_numpy(batch["input_ids"]),
+            attention_mask=torch.from_numpy(batch["attention_mask"]),
+            pixel_values=torch.from_numpy(batch["pixel_values"]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     got = generate(model.params, model.config, model.prepare(**batch), max_new_tokens=8, stop_tokens=[])
     s = batch["input_ids"].shape[1]
     np.testing.assert_array_equal(np.asarray(got.tokens), ref[:, s:].numpy())
@@ -159,8 +169,10 @@ def var_reference(hf_model, batch, dims, tau, min_mass):
     other image keys, from layer 2 on, in rows whose image mass and sink share allow it. Returns
     (edited output, plain output)."""
     cap = {}
-    hooks = [layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
-             for i, layer in enumerate(hf_model.model.language_model.layers)]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
+        for i, layer in enumerate(hf_model.model.language_model.layers)
+    ]
     base = hf_forward(hf_model, batch)
     for h in hooks:
         h.remove()
@@ -191,8 +203,9 @@ def test_var_on_llava(ckpt):
     dims, tau, min_mass = (0, 1, 2, 3), 2.0, 0.05
     ref, base = var_reference(hf_model, batch, dims, tau, min_mass)
     assert np.abs(ref.logits.numpy() - base.logits.numpy()).max() > 1e-4
-    compare_edited(model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau,
-                                                "min_mass": min_mass}], model.config))
+    compare_edited(
+        model, batch, ref, I.build([{"method": "var", "dims": list(dims), "tau": tau, "min_mass": min_mass}], model.config)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +217,9 @@ def chat_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava_chat")
     tiny.build_hf_llava(seed=6).save_pretrained(path)
     build_llava_tokenizer(path)
-    CLIPImageProcessorPil(size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE},
-                          crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}).save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE}, crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}
+    ).save_pretrained(path)
     return path
 
 
@@ -217,34 +231,54 @@ def test_prepare_chat_equals_the_llava_processor(chat_ckpt):
 
     model = jaxmm.load(chat_ckpt)
     photos = tiny.photos()
-    convs = [[{"role": "system", "content": "you are a helpful assistant ."},
-              {"role": "user", "content": [{"type": "image", "image": photos["coffee"]},
-                                           {"type": "text", "text": "is the coffee cup full or empty ?"}]}],
-             [{"role": "user", "content": [{"type": "image", "image": photos["astronaut"]},
-                                           {"type": "image", "image": photos["camera"]},
-                                           {"type": "text", "text": "describe the image in one sentence ."}]}]]
+    convs = [
+        [
+            {"role": "system", "content": "you are a helpful assistant ."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": photos["coffee"]},
+                    {"type": "text", "text": "is the coffee cup full or empty ?"},
+                ],
+            },
+        ],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": photos["astronaut"]},
+                    {"type": "image", "image": photos["camera"]},
+                    {"type": "text", "text": "describe the image in one sentence ."},
+                ],
+            }
+        ],
+    ]
     batch, info = model.prepare_chat(convs)
-    proc = LlavaProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(chat_ckpt),
-                          tokenizer=AutoTokenizer.from_pretrained(chat_ckpt), patch_size=tiny.LLAVA_PATCH,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=model.tokenizer.chat_template)
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil.from_pretrained(chat_ckpt),
+        tokenizer=AutoTokenizer.from_pretrained(chat_ckpt),
+        patch_size=tiny.LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=model.tokenizer.chat_template,
+    )
     ids = np.asarray(batch.input_ids)
     am = np.asarray(batch.attention_mask)
     for row, conv in enumerate(convs):
         text = proc.apply_chat_template(conv, add_generation_prompt=True)
-        images = [p["image"] for m in conv if not isinstance(m["content"], str) for p in m["content"]
-                  if p["type"] == "image"]
+        images = [p["image"] for m in conv if not isinstance(m["content"], str) for p in m["content"] if p["type"] == "image"]
         ref = proc(text=text, images=images, return_tensors="np")
         np.testing.assert_array_equal(ids[row][am[row] > 0], ref["input_ids"][0])
-    ref_pix = CLIPImageProcessorPil.from_pretrained(chat_ckpt)([photos["coffee"], photos["astronaut"], photos["camera"]],
-                                                              return_tensors="np")["pixel_values"]
+    ref_pix = CLIPImageProcessorPil.from_pretrained(chat_ckpt)(
+        [photos["coffee"], photos["astronaut"], photos["camera"]], return_tensors="np"
+    )["pixel_values"]
     np.testing.assert_array_equal(np.asarray(batch.pixel_values), ref_pix)
     lay = batch.layout
     system, question = np.asarray(lay.system_mask), np.asarray(lay.question_mask)
     tok = model.tokenizer
-    assert tok.decode(ids[0][system[0]]).strip() == "<s>you are a helpful assistant ."     # from token 0 (BOS)
+    assert tok.decode(ids[0][system[0]]).strip() == "<s>you are a helpful assistant ."  # from token 0 (BOS)
     assert tok.decode(ids[1][question[1]]).strip() == "describe the image in one sentence ."
-    assert ids[1][system[1]].tolist() == [1]                  # no system message: the span is the BOS
+    assert ids[1][system[1]].tolist() == [1]  # no system message: the span is the BOS
     assert not (question & np.asarray(lay.image_mask)).any()
 
 
@@ -252,13 +286,20 @@ def test_jaxmm_eval_runs_baseline_pai_and_var_on_llava(chat_ckpt, tmp_path):
     from jaxmm.eval.harness import EvalConfig, run
     from jaxmm.eval.report import load_rows
 
-    cfg = EvalConfig(model=str(chat_ckpt), out=str(tmp_path / "run"), benchmarks=[{"name": "grounded", "limit": 4}],
-                     methods=["baseline", "pai", {"method": "var", "dims": [0, 1, 2, 3], "tau": 2.0}],
-                     batch_size=2, max_new_tokens=4)
+    cfg = EvalConfig(
+        model=str(chat_ckpt),
+        out=str(tmp_path / "run"),
+        benchmarks=[{"name": "grounded", "limit": 4}],
+        methods=["baseline", "pai", {"method": "var", "dims": [0, 1, 2, 3], "tau": 2.0}],
+        batch_size=2,
+        max_new_tokens=4,
+    )
     rows = load_rows(run(cfg, progress=False))
     assert len(rows) == 12 and all("error" not in r for r in rows), [r.get("error") for r in rows]
     assert {r["method"] for r in rows} == {"baseline", "pai", "var:dims=[0, 1, 2, 3],tau=2.0"}
     by = {(r["id"], r["method"]): r for r in rows}
-    assert any(by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or
-               by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"] for i, _ in by)
+    assert any(
+        by[(i, "pai")]["prediction"] != by[(i, "baseline")]["prediction"] or by[(i, "pai")]["vas"] != by[(i, "baseline")]["vas"]
+        for i, _ in by
+    )
     assert all(r["vas"] is not None and len(r["visual_entropy_per_layer"]) == 3 for r in rows)

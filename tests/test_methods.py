@@ -74,8 +74,12 @@ def hf_run(hf_model, raw, edit=None, hidden=False):
     t = {k: torch.from_numpy(v) for k, v in raw.items() if k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
     ctx = patched_eager(edit) if edit else contextlib.nullcontext()
     with ctx, torch.no_grad():
-        return hf_model(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
-                        output_attentions=True, output_hidden_states=hidden)
+        return hf_model(
+            **t,
+            mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
+            output_attentions=True,
+            output_hidden_states=hidden,
+        )
 
 
 def compare(model, batch, raw, ref, ivs, layers):
@@ -92,8 +96,10 @@ def compare(model, batch, raw, ref, ivs, layers):
 
 def masks(batch):
     lay = batch.layout
-    return (torch.from_numpy(np.asarray(lay.image_mask)).float()[:, None, None, :],
-            torch.from_numpy(np.asarray(lay.system_mask)).float()[:, None, None, :])
+    return (
+        torch.from_numpy(np.asarray(lay.image_mask)).float()[:, None, None, :],
+        torch.from_numpy(np.asarray(lay.system_mask)).float()[:, None, None, :],
+    )
 
 
 def test_avar_on_logits_and_weights(setup):
@@ -101,16 +107,17 @@ def test_avar_on_logits_and_weights(setup):
     img, sys_ = masks(batch)
     base = hf_run(hf_model, raw).logits.numpy()
     for on in ("logits", "weights"):
+
         def edit(layer, z, a, allowed, on=on):
             if on == "logits" and a is None:
                 return torch.where(allowed, z + 0.15 * img * z - 0.4 * sys_ * z, z), None
             if on == "weights" and a is not None:
                 return None, a + 0.15 * img * a - 0.4 * sys_ * a
             return None, None
+
         ref = hf_run(hf_model, raw, edit)
         assert np.abs(ref.logits.numpy() - base).max() > 1e-3
-        compare(model, batch, raw, ref, I.build([{"method": "avar", "alpha_sys": 0.4, "on": on}], model.config),
-                range(3))
+        compare(model, batch, raw, ref, I.build([{"method": "avar", "alpha_sys": 0.4, "on": on}], model.config), range(3))
 
 
 def test_pai_last_row_on_layer_range(setup):
@@ -168,9 +175,9 @@ def test_ration_plan_and_temperature(setup):
         z = q @ k.transpose(0, 1, 3, 2) / np.sqrt(t.head_dim)
         a = np.exp(z - z.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
-        h = _np_entropy(a, img[:, None, None, :])                       # [B,H,S]
-        ent.append((h * am[:, None]).sum(-1) / am.sum(-1)[:, None])      # mean over real queries
-    ent = np.stack(ent, 1)                                               # [B,L,H]
+        h = _np_entropy(a, img[:, None, None, :])  # [B,H,S]
+        ent.append((h * am[:, None]).sum(-1) / am.sum(-1)[:, None])  # mean over real queries
+    ent = np.stack(ent, 1)  # [B,L,H]
     # jaxmm's plan, with the same last-layer convention (its own residual probe on every layer)
     iv = I.build(["ration:top_k=2"], model.config)[0]
     out = qwen2_5_vl.forward_jit(model.params, model.config, batch, (iv,), iv.prefill_probes())
@@ -208,7 +215,7 @@ def np_vrga_plan(rows, img, grid_pos, grid_hw, image_index, n_keys, min_focus=10
     out = []
     for b in range(B):
         v = img[b]
-        a = rows[:, b][:, :, v].reshape(L * H, -1)                       # [LH, |V|]
+        a = rows[:, b][:, :, v].reshape(L * H, -1)  # [LH, |V|]
         m = a.sum(-1)
         r = (m / v.sum()) / (rows[:, b].sum(-1).reshape(-1) / n_keys[b])
         p = a / m[:, None]
@@ -227,7 +234,7 @@ def np_vrga_plan(rows, img, grid_pos, grid_hw, image_index, n_keys, min_focus=10
         prio = np.where((rr < 2) & (cc < 2), 0, np.where(rr == 0, 1, np.where(cc == 0, 2, 3)))
         order = sorted([j for j in range(v.sum()) if prio[j] < 3], key=lambda j: (prio[j], ii[j], j))
         masked = np.zeros(v.sum(), bool)
-        masked[order[:int(np.floor(0.2 * v.sum()))]] = True
+        masked[order[: int(np.floor(0.2 * v.sum()))]] = True
         kept = ~masked
         rho = ref / ref[kept].mean()
         focus = kept & (rho > rho[kept].mean() + 0.6 * rho[kept].std())
@@ -249,11 +256,11 @@ def test_vrga_plan_and_decode_boost(setup):
     iv = I.build(["vrga"], model.config)[0]
     planned = jaxmm.attention.plan(model.params, model.config, batch, (iv,), qwen2_5_vl.forward_jit)[0]
     ref0 = hf_run(hf_model, raw)
-    rows = np.stack([a.numpy().astype(np.float64) for a in ref0.attentions])       # [L,B,H,S,S]
+    rows = np.stack([a.numpy().astype(np.float64) for a in ref0.attentions])  # [L,B,H,S,S]
     qpos = [max(j for j in range(rows.shape[-1]) if np.asarray(lay.question_mask)[b, j]) for b in range(2)]
-    row = np.stack([rows[:, b, :, qpos[b]] for b in range(2)], 1)                 # [L,B,H,K]
+    row = np.stack([rows[:, b, :, qpos[b]] for b in range(2)], 1)  # [L,B,H,K]
     am = raw["attention_mask"]
-    n_keys = np.array([am[b, :qpos[b] + 1].sum() for b in range(2)], np.float64)
+    n_keys = np.array([am[b, : qpos[b] + 1].sum() for b in range(2)], np.float64)
     img = np.asarray(lay.image_mask)
     plan_np = np_vrga_plan(row, img, np.asarray(lay.grid_pos), np.asarray(lay.grid_hw), np.asarray(lay.image_index), n_keys)
     for b, (hv, focus) in enumerate(plan_np):
@@ -293,8 +300,10 @@ def test_var_redistributes_sink_mass(setup):
     hf_model, model, raw, batch = setup
     dims, tau = (0, 1, 2, 3), 1.5
     cap = {}
-    hooks = [layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
-             for i, layer in enumerate(hf_model.model.language_model.layers)]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, x, y, i=i: cap.__setitem__(i, y))
+        for i, layer in enumerate(hf_model.model.language_model.layers)
+    ]
     hf_run(hf_model, raw)
     for h in hooks:
         h.remove()
@@ -345,11 +354,15 @@ def test_methods_compose_and_batch_per_sample(setup):
         keep = am[b] == 1
         off = int(np.argmax(keep))
         imgs = per_row_images[b]
-        raw_b = {"input_ids": ids[b:b + 1, keep], "attention_mask": am[b:b + 1, keep],
-                 "pixel_values": raw["pixel_values"][patches[imgs[0]]:patches[imgs[-1] + 1]],
-                 "image_grid_thw": grid[imgs]}
-        alone, _ = run(raw_b, [[(q0 - off, q1 - off) for q0, q1 in q_spans[b]]],
-                       [[(s0 - off, s1 - off) for s0, s1 in sys_spans[b]]])
+        raw_b = {
+            "input_ids": ids[b : b + 1, keep],
+            "attention_mask": am[b : b + 1, keep],
+            "pixel_values": raw["pixel_values"][patches[imgs[0]] : patches[imgs[-1] + 1]],
+            "image_grid_thw": grid[imgs],
+        }
+        alone, _ = run(
+            raw_b, [[(q0 - off, q1 - off) for q0, q1 in q_spans[b]]], [[(s0 - off, s1 - off) for s0, s1 in sys_spans[b]]]
+        )
         np.testing.assert_allclose(alone[0], both[b][keep], atol=5e-5)
 
 
@@ -362,14 +375,14 @@ def test_methods_run_inside_generate_and_stream_alike(setup):
     ivs = model.interventions(["ration:top_k=2", "vrga", "avar", "pai", {"method": "var", "dims": [0, 1], "tau": 1.5}])
     out = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs)
     plain = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[])
-    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[],
-                                    interventions=ivs)), 1)
+    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs)), 1)
     np.testing.assert_array_equal(streamed, np.asarray(out.tokens))
     assert np.asarray(out.tokens).shape == (2, 8)
-    again = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs,
-                     reprefill=True, output_logits=True)
+    again = generate(
+        model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], interventions=ivs, reprefill=True, output_logits=True
+    )
     base = generate(model.params, model.config, batch, max_new_tokens=8, stop_tokens=[], output_logits=True)
-    assert np.abs(np.asarray(again.logits[:, 0]) - np.asarray(base.logits[:, 0])).max() > 1e-4   # plan reached the prompt
+    assert np.abs(np.asarray(again.logits[:, 0]) - np.asarray(base.logits[:, 0])).max() > 1e-4  # plan reached the prompt
     assert plain.tokens.shape == out.tokens.shape
 
 
@@ -386,24 +399,26 @@ def test_stream_is_generate_with_probes_and_an_after_prefill_plan(setup):
     probes = (P.VisualMass(), P.FocusRatio(layers=(0, 2)))
     kw = dict(max_new_tokens=8, stop_tokens=[], interventions=ivs, probes=probes)
     out = generate(model.params, model.config, batch, output_logits=True, **kw)
-    unplanned = generate(model.params, model.config, batch, output_logits=True, max_new_tokens=8, stop_tokens=[],
-                         probes=probes)
-    assert np.abs(np.asarray(out.logits) - np.asarray(unplanned.logits)).max() > 1e-4    # the plan edits decoding
+    unplanned = generate(model.params, model.config, batch, output_logits=True, max_new_tokens=8, stop_tokens=[], probes=probes)
+    assert np.abs(np.asarray(out.logits) - np.asarray(unplanned.logits)).max() > 1e-4  # the plan edits decoding
     steps = []
     streamed = np.stack(list(stream(model.params, model.config, batch, on_step=steps.append, **kw)), 1)
     np.testing.assert_array_equal(streamed, np.asarray(out.tokens))
     assert [s.index for s in steps] == list(range(8))
     np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), streamed)
-    np.testing.assert_allclose(np.stack([np.asarray(s.logits) for s in steps], 1), np.asarray(out.logits),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.stack([np.asarray(s.logits) for s in steps], 1), np.asarray(out.logits), atol=1e-5, rtol=0)
     for p in probes:
-        want = out.probes[p.name]["text"]                                      # values [B, T_new, L, H]
+        want = out.probes[p.name]["text"]  # values [B, T_new, L, H]
         assert steps[0].probes[p.name]["text"].layers == want.layers
         got = np.stack([np.asarray(s.probes[p.name]["text"].values) for s in steps], 1)
         np.testing.assert_allclose(got, np.asarray(want.values), rtol=1e-5, atol=1e-6, err_msg=p.name)
-        np.testing.assert_allclose(np.asarray(steps[0].prefill_probes[p.name]["text"].values),
-                                   np.asarray(out.prefill_probes[p.name]["text"].values), rtol=1e-5, atol=1e-6,
-                                   err_msg=p.name)
+        np.testing.assert_allclose(
+            np.asarray(steps[0].prefill_probes[p.name]["text"].values),
+            np.asarray(out.prefill_probes[p.name]["text"].values),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=p.name,
+        )
     assert all(s.prefill_probes is None for s in steps[1:])
     t = np.asarray(out.tokens)
     stop = sorted({int(t[0, 2]), int(t[1, 4])})
@@ -414,7 +429,7 @@ def test_stream_is_generate_with_probes_and_an_after_prefill_plan(setup):
     n = int(stopped.steps)
     assert n < 8 and streamed.shape == (2, n) and len(records) == n
     np.testing.assert_array_equal(streamed, np.asarray(stopped.tokens)[:, :n])
-    assert not np.asarray(stopped.tokens)[:, n:].any()                        # pad (0) after the last step
+    assert not np.asarray(stopped.tokens)[:, n:].any()  # pad (0) after the last step
 
 
 def test_efr_head_mask_zeroes_the_visual_heads(setup):
@@ -424,8 +439,8 @@ def test_efr_head_mask_zeroes_the_visual_heads(setup):
     h = model.config.text.num_attention_heads
     mask = I.efr_head_mask(planned, h)
     out = qwen2_5_vl.forward_jit(model.params, model.config, batch, (mask,), (AttentionWeights(),))
-    w = np.asarray(out.probes["attentions"]["text"].values)              # [L,B,H,S,S]
-    hv = np.asarray(planned.visual_heads).reshape(2, -1, h)               # [B,L,H]
+    w = np.asarray(out.probes["attentions"]["text"].values)  # [L,B,H,S,S]
+    hv = np.asarray(planned.visual_heads).reshape(2, -1, h)  # [B,L,H]
     assert hv.any()
     for l in range(w.shape[0]):
         for b in range(2):
@@ -443,17 +458,37 @@ def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
     tb = text_only(batch, model.config)
     assert (np.asarray(tb.input_ids) != tiny.IMAGE_TOKEN).all() and tb.input_ids.shape[1] < batch.input_ids.shape[1]
     ivs = I.build(["pai"], model.config)
-    out = generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs,
-                   contrast=Contrast(tb, gamma=3.0, cutoff=0.1))
+    out = generate(
+        model.params,
+        model.config,
+        batch,
+        max_new_tokens=6,
+        stop_tokens=[],
+        interventions=ivs,
+        contrast=Contrast(tb, gamma=3.0, cutoff=0.1),
+    )
     tokens = np.asarray(out.tokens)
     plain = np.asarray(generate(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[], interventions=ivs).tokens)
     assert (tokens != plain).any()
     # the same contrast asked for by the method (pai:gamma=3), through Model.generate
     asked = model.generate(batch, max_new_tokens=6, stop_tokens=[], interventions=["pai:gamma=3.0"])
     np.testing.assert_array_equal(np.asarray(asked.tokens), tokens)
-    streamed = np.stack(list(stream(model.params, model.config, batch, max_new_tokens=6, stop_tokens=[],
-                                    interventions=ivs, contrast=Contrast(tb, gamma=3.0, cutoff=0.1))), 1)
-    np.testing.assert_array_equal(streamed, tokens)                         # stream decodes the contrast alike
+    streamed = np.stack(
+        list(
+            stream(
+                model.params,
+                model.config,
+                batch,
+                max_new_tokens=6,
+                stop_tokens=[],
+                interventions=ivs,
+                contrast=Contrast(tb, gamma=3.0, cutoff=0.1),
+            )
+        ),
+        1,
+    )
+    np.testing.assert_array_equal(streamed, tokens)  # stream decodes the contrast alike
+
     # manual reference with full recomputation (no cache) of both streams
     def next_logits(b, pix, grid, extra, ivs_):
         # generated tokens are random ids (special ones too): give their M-RoPE positions explicitly
@@ -461,11 +496,16 @@ def test_pai_contrast_in_generation_matches_a_manual_two_stream_decode(setup):
         nxt = pos.max(axis=(0, 2))[None, :, None] + 1 + np.arange(extra.shape[1])[None, None, :]
         ids = np.concatenate([np.asarray(b.input_ids), extra], 1)
         am = np.concatenate([np.asarray(b.attention_mask), np.ones_like(extra)], 1)
-        full = dataclasses.replace(b, input_ids=ids, attention_mask=am,
-                                   position_ids=np.concatenate([pos, np.broadcast_to(nxt, (3,) + extra.shape)], 2),
-                                   layout=b.layout.extend(extra.shape[1]))
+        full = dataclasses.replace(
+            b,
+            input_ids=ids,
+            attention_mask=am,
+            position_ids=np.concatenate([pos, np.broadcast_to(nxt, (3,) + extra.shape)], 2),
+            layout=b.layout.extend(extra.shape[1]),
+        )
         o = qwen2_5_vl.forward_jit(model.params, model.config, full, ivs_, ())
         return np.asarray(o.logits[:, -1], np.float64)
+
     for t in range(6):
         lm = next_logits(batch, raw["pixel_values"], raw["image_grid_thw"], tokens[:, :t], ivs)
         lt = next_logits(tb, None, None, tokens[:, :t], ())

@@ -32,7 +32,8 @@ def test_agto_losses_match_numpy_on_attention_blocks():
     np.testing.assert_allclose(float(enh), want_enh / (L * B * H), rtol=1e-5)
     np.testing.assert_allclose(float(sup), want_sup / (L * B * H), rtol=1e-5)
     assert float(avar.agto_total(2.0, m_v, m_s, Q, V.sum(-1), S.sum(-1))) == pytest.approx(
-        2.0 + 0.15 * want_enh / 12 + 0.15 * want_sup / 12, rel=1e-5)
+        2.0 + 0.15 * want_enh / 12 + 0.15 * want_sup / 12, rel=1e-5
+    )
 
 
 def test_vars_reward_paper_and_released():
@@ -80,7 +81,7 @@ def test_sayo_token_selection_reward_and_format():
 
 
 def test_grpo_hand_computed_example():
-    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])          # two prompts, G = 3
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])  # two prompts, G = 3
     adv = np.asarray(grpo.group_advantages(rewards, 3))
     # group 1: mean 1/3, sample std sqrt(1/3) = 0.57735
     sd = 0.57735027 + 1e-4
@@ -99,7 +100,7 @@ def test_grpo_hand_computed_example():
     # token (0,0): ratio 1.25 -> min(1.25, 1.2)*1 = 1.2; kl 0 ; token (0,1): ratio 1 -> 1; kl = 0.5 - log .5 - 1
     kl01 = 0.5 - np.log(0.5) - 1
     seq0 = (1.2 + (1.0 - 0.1 * kl01)) / 2
-    seq1 = -2.0                                                    # ratio 1, A = -2, kl 0
+    seq1 = -2.0  # ratio 1, A = -2, kl 0
     assert loss == pytest.approx(-(seq0 + seq1) / 2, rel=1e-5)
 
 
@@ -114,8 +115,9 @@ def _spanned_batch(tmp_path):
     raw = make_batch([["coffee"], ["chelsea"]], "left")
     s = raw["input_ids"].shape[1]
     starts = raw["attention_mask"].argmax(1)
-    batch = model.prepare(**raw, system_spans=[[(int(b), int(b) + 3)] for b in starts],
-                          question_spans=[[(s - 5, s)] for _ in starts])
+    batch = model.prepare(
+        **raw, system_spans=[[(int(b), int(b) + 3)] for b in starts], question_spans=[[(s - 5, s)] for _ in starts]
+    )
     return hf, model, raw, batch
 
 
@@ -127,13 +129,26 @@ def test_agto_through_the_model_matches_numpy_on_transformers_attentions(tmp_pat
     out = model.forward(batch=batch, probes=[P.VisualMass(), P.KeyMass()])
     lay = batch.layout
     V, S, Q = (np.asarray(x) for x in (lay.image_mask, lay.system_mask, lay.question_mask))
-    enh, sup = avar.agto_losses(out.probes["visual_mass"]["text"].values, out.probes["system_mass"]["text"].values,
-                                Q, V.sum(-1), S.sum(-1))
+    enh, sup = avar.agto_losses(
+        out.probes["visual_mass"]["text"].values, out.probes["system_mass"]["text"].values, Q, V.sum(-1), S.sum(-1)
+    )
     A = np.stack([a.numpy() for a in hf_forward(hf, raw).attentions]).astype(np.float64)
-    want_enh = np.mean([-np.log(A[l, b, h][np.ix_(Q[b], V[b])].mean() + 1e-6)
-                        for l in range(A.shape[0]) for b in range(2) for h in range(A.shape[2])])
-    want_sup = np.mean([np.log(A[l, b, h][np.ix_(Q[b], S[b])].mean() + 1e-6)
-                        for l in range(A.shape[0]) for b in range(2) for h in range(A.shape[2])])
+    want_enh = np.mean(
+        [
+            -np.log(A[l, b, h][np.ix_(Q[b], V[b])].mean() + 1e-6)
+            for l in range(A.shape[0])
+            for b in range(2)
+            for h in range(A.shape[2])
+        ]
+    )
+    want_sup = np.mean(
+        [
+            np.log(A[l, b, h][np.ix_(Q[b], S[b])].mean() + 1e-6)
+            for l in range(A.shape[0])
+            for b in range(2)
+            for h in range(A.shape[2])
+        ]
+    )
     np.testing.assert_allclose([float(enh), float(sup)], [want_enh, want_sup], rtol=1e-5)
 
 

@@ -25,7 +25,7 @@ def test_pixel_values_bit_identical(edge, crop):
         got = mine([photos[name]])["pixel_values"]
         assert got.dtype == np.float32 and got.shape == want.shape, name
         np.testing.assert_array_equal(got, want, err_msg=name)
-    arr = np.asarray(photos["chelsea"])[:50, :90]                      # a uint8 array, smaller than some crops
+    arr = np.asarray(photos["chelsea"])[:50, :90]  # a uint8 array, smaller than some crops
     np.testing.assert_array_equal(mine([arr])["pixel_values"], ref(arr, return_tensors="np")["pixel_values"])
 
 

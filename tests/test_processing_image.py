@@ -13,9 +13,9 @@ from PIL import Image
 
 from jaxmm.processing.image import ImageProcessor, smart_resize
 
-SHRINK = (56 * 56, 224 * 224)            # the photos (300..1000 px a side) shrink
-TINY = (28 * 28 * 4, 112 * 112)          # a few merge blocks per image
-ENLARGE = (448 * 448, 896 * 896)         # small inputs grow
+SHRINK = (56 * 56, 224 * 224)  # the photos (300..1000 px a side) shrink
+TINY = (28 * 28 * 4, 112 * 112)  # a few merge blocks per image
+ENLARGE = (448 * 448, 896 * 896)  # small inputs grow
 
 
 def hf_processor(min_pixels, max_pixels, **kw):
@@ -55,8 +55,7 @@ def translucent(name="chelsea") -> Image.Image:
 def assert_same(images, pixels, ours_images=None, **kw):
     ref_pv, ref_grid = hf_run(hf_processor(*pixels, **kw), images)
     proc_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-    out = ImageProcessor(min_pixels=pixels[0], max_pixels=pixels[1], **proc_kw)(
-        images if ours_images is None else ours_images)
+    out = ImageProcessor(min_pixels=pixels[0], max_pixels=pixels[1], **proc_kw)(images if ours_images is None else ours_images)
     assert out["pixel_values"].dtype == np.float32 and out["image_grid_thw"].dtype == np.int64
     np.testing.assert_array_equal(out["image_grid_thw"], ref_grid)
     np.testing.assert_array_equal(out["pixel_values"], ref_pv)
@@ -77,7 +76,7 @@ def test_photo_matches_transformers(name, pixels):
 def test_enlarging_matches_transformers():
     small = photo("rocket").resize((90, 60))
     assert_same([small], ENLARGE)
-    assert_same([Image.new("RGB", (1, 1), (200, 10, 30))], TINY)   # 1x1 grows to 56x56
+    assert_same([Image.new("RGB", (1, 1), (200, 10, 30))], TINY)  # 1x1 grows to 56x56
 
 
 def test_modes_match_transformers():
@@ -105,7 +104,7 @@ def test_numpy_inputs_match_transformers():
 
 def test_batch_of_different_sizes_is_concatenated_in_order():
     names = ["hubble_deep_field", "chelsea", "camera", "rocket", "logo"]
-    images = [photo(n) for n in names] + [photo("coffee").resize((61, 300))]   # tall, aspect ratio ~4.9
+    images = [photo(n) for n in names] + [photo("coffee").resize((61, 300))]  # tall, aspect ratio ~4.9
     out = assert_same(images, SHRINK)
     grids = out["image_grid_thw"]
     assert len({tuple(g) for g in grids.tolist()}) >= 4
@@ -113,7 +112,7 @@ def test_batch_of_different_sizes_is_concatenated_in_order():
     offsets = np.concatenate([[0], np.cumsum(grids.prod(1))])
     for i, im in enumerate(images):
         one = proc([im])
-        np.testing.assert_array_equal(out["pixel_values"][offsets[i]:offsets[i + 1]], one["pixel_values"])
+        np.testing.assert_array_equal(out["pixel_values"][offsets[i] : offsets[i + 1]], one["pixel_values"])
         assert proc.num_image_tokens(grids[i]) == grids[i].prod() // 4
         assert proc.grid_thw(im.height, im.width) == tuple(grids[i])
 
@@ -142,28 +141,41 @@ def test_smart_resize_matches_transformers():
 
 def test_from_pretrained_reads_what_transformers_saves(tmp_path):
     """HF 5 writes size={shortest_edge, longest_edge}; the bicubic/mean/std fields round-trip."""
-    hf_processor(*TINY, patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2).save_pretrained(
-        tmp_path)
+    hf_processor(*TINY, patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=2).save_pretrained(tmp_path)
     assert "size" in json.loads((tmp_path / "preprocessor_config.json").read_text())
     p = ImageProcessor.from_pretrained(tmp_path)
     assert p == ImageProcessor(*TINY, patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3, resample=2)
     assert ImageProcessor.from_pretrained(tmp_path / "preprocessor_config.json") == p
 
 
-@pytest.mark.parametrize("config, expected", [
-    ({"min_pixels": 3136, "max_pixels": 50176}, (3136, 50176)),                       # Qwen2.5-VL hub files
-    ({"min_pixels": 3136, "max_pixels": 50176,
-      "size": {"min_pixels": 3136, "max_pixels": 50176}}, (3136, 50176)),             # Qwen2-VL hub files
-    ({"min_pixels": 5000, "max_pixels": 60000,
-      "size": {"shortest_edge": 1000, "longest_edge": 20000}}, (5000, 60000)),       # top-level keys win
-    ({"max_pixels": 20000}, (56 * 56, 20000)),                                      # other one: default
-    ({}, (56 * 56, 28 * 28 * 1280)),
-], ids=["legacy", "qwen2vl", "both", "partial", "empty"])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"min_pixels": 3136, "max_pixels": 50176}, (3136, 50176)),  # Qwen2.5-VL hub files
+        (
+            {"min_pixels": 3136, "max_pixels": 50176, "size": {"min_pixels": 3136, "max_pixels": 50176}},
+            (3136, 50176),
+        ),  # Qwen2-VL hub files
+        (
+            {"min_pixels": 5000, "max_pixels": 60000, "size": {"shortest_edge": 1000, "longest_edge": 20000}},
+            (5000, 60000),
+        ),  # top-level keys win
+        ({"max_pixels": 20000}, (56 * 56, 20000)),  # other one: default
+        ({}, (56 * 56, 28 * 28 * 1280)),
+    ],
+    ids=["legacy", "qwen2vl", "both", "partial", "empty"],
+)
 def test_from_pretrained_pixel_bounds_as_transformers(tmp_path, config, expected):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    config = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-              "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, **config}
+    config = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "patch_size": 14,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        **config,
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     p = ImageProcessor.from_pretrained(tmp_path)
     ref = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
@@ -174,8 +186,9 @@ def test_from_pretrained_prefers_nested_processor_config(tmp_path):
     """transformers 5 processors may save the image processor inside processor_config.json; HF reads that
     first."""
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 50176}))
-    (tmp_path / "processor_config.json").write_text(json.dumps(
-        {"image_processor": {"size": {"shortest_edge": 1000, "longest_edge": 20000}}, "processor_class": "x"}))
+    (tmp_path / "processor_config.json").write_text(
+        json.dumps({"image_processor": {"size": {"shortest_edge": 1000, "longest_edge": 20000}}, "processor_class": "x"})
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     ref = Qwen2VLImageProcessorPil.from_pretrained(tmp_path)
@@ -189,11 +202,17 @@ def test_from_pretrained_errors_name_file_and_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         ImageProcessor.from_pretrained(tmp_path / "nothing.json")
     f = tmp_path / "preprocessor_config.json"
-    for config, field in [({"patch_size": "14"}, "patch_size"), ({"min_pixels": -1}, "min_pixels"),
-                          ({"do_resize": "yes"}, "do_resize"), ({"resample": "bicubic"}, "resample"),
-                          ({"image_mean": [0.5, "a", 0.5]}, "image_mean"), ({"image_std": [0, 1, 1]}, "image_std"),
-                          ({"size": {"longest_edge": 20000}}, "size"), ({"size": 224}, "size"),
-                          ({"rescale_factor": 0}, "rescale_factor")]:
+    for config, field in [
+        ({"patch_size": "14"}, "patch_size"),
+        ({"min_pixels": -1}, "min_pixels"),
+        ({"do_resize": "yes"}, "do_resize"),
+        ({"resample": "bicubic"}, "resample"),
+        ({"image_mean": [0.5, "a", 0.5]}, "image_mean"),
+        ({"image_std": [0, 1, 1]}, "image_std"),
+        ({"size": {"longest_edge": 20000}}, "size"),
+        ({"size": 224}, "size"),
+        ({"rescale_factor": 0}, "rescale_factor"),
+    ]:
         f.write_text(json.dumps(config))
         with pytest.raises(ValueError, match=f"preprocessor_config.json: field '{field}'"):
             ImageProcessor.from_pretrained(tmp_path)

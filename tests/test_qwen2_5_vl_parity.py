@@ -59,8 +59,12 @@ def make_batch(images_per_row, padding_side):
 def hf_forward(model, batch):
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     with torch.no_grad():
-        return model(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
-                     output_hidden_states=True, output_attentions=True)
+        return model(
+            **t,
+            mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
 
 
 BATCHES = {
@@ -91,7 +95,7 @@ def test_logits_hidden_states_and_attention_match_transformers(ckpt, batch_name)
 
     probe = out.probes["attentions"]["text"]
     assert probe.layers == tuple(range(n_layers))
-    weights = np.asarray(probe.values)                      # [L,B,H,S,S]
+    weights = np.asarray(probe.values)  # [L,B,H,S,S]
     for i, ref_w in enumerate(ref.attentions):
         err = np.abs(weights[i] - ref_w.numpy()).transpose(0, 2, 1, 3)[valid].max()
         assert err < 1e-5, f"attention weights of layer {i}: max abs error {err}"
@@ -120,7 +124,7 @@ def _to_v5_name(k):
     if k.startswith("visual."):
         return "model." + k
     if k.startswith("model."):
-        return "model.language_model." + k[len("model."):]
+        return "model.language_model." + k[len("model.") :]
     return k
 
 
@@ -189,7 +193,7 @@ def test_config_that_does_not_match_weights_is_reported(ckpt, tmp_path):
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
-    tiny.hf_config("gqa_untied").save_pretrained(tmp_path)     # a complete config.json: no 7B defaults now
+    tiny.hf_config("gqa_untied").save_pretrained(tmp_path)  # a complete config.json: no 7B defaults now
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="safetensors"):
         jaxmm.load(tmp_path)
@@ -232,12 +236,17 @@ def hf_generate_position_ids(model, batch):
     [text; t; h; w] in transformers 5.x (read with a forward pre-hook on ``model.model.language_model``)."""
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda mod, args, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+        lambda mod, args, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     try:
         with torch.no_grad():
-            model.generate(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
-                           max_new_tokens=1, do_sample=False)
+            model.generate(
+                **t,
+                mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
+                max_new_tokens=1,
+                do_sample=False,
+            )
     finally:
         hook.remove()
     return seen[0].numpy()
@@ -251,8 +260,9 @@ def test_hf_four_row_position_ids_give_the_same_logits(ckpt):
     valid = batch["attention_mask"].astype(bool)
     assert (hf_pos[0] != hf_pos[1])[valid].any()  # the text row is not an M-RoPE row: dropping it matters
     model = jaxmm.load(path)
-    np.testing.assert_array_equal(np.asarray(model.prepare(**batch, position_ids=hf_pos).position_ids),
-                                  np.asarray(model.prepare(**batch).position_ids))
+    np.testing.assert_array_equal(
+        np.asarray(model.prepare(**batch, position_ids=hf_pos).position_ids), np.asarray(model.prepare(**batch).position_ids)
+    )
     base = np.asarray(model.forward(**batch).logits)
     for pos in (hf_pos, torch.from_numpy(hf_pos), hf_pos[1:]):
         got = np.asarray(model.forward(**batch, position_ids=pos).logits)
@@ -267,11 +277,18 @@ def test_position_ids_of_the_wrong_shape_are_named(ckpt):
     batch = make_batch([["chelsea"], []], "left")
     b, s = batch["input_ids"].shape
     pos = np.asarray(model.prepare(**batch).position_ids)
-    for bad in (np.zeros((5, b, s), np.int64), np.zeros((3, b, s + 1), np.int64), np.zeros((4, b, s - 1), np.int64),
-                np.zeros((b, s + 1), np.int64)):
-        with pytest.raises(ValueError, match=rf"position_ids: expected \[3,B,S\]=\(3, {b}, {s}\), HF's "
-                                             rf"\[4,B,S\]=\(4, {b}, {s}\) .*or \[B,S\]=\({b}, {s}\).*"
-                                             rf"got {re.escape(str(bad.shape))}"):
+    for bad in (
+        np.zeros((5, b, s), np.int64),
+        np.zeros((3, b, s + 1), np.int64),
+        np.zeros((4, b, s - 1), np.int64),
+        np.zeros((b, s + 1), np.int64),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=rf"position_ids: expected \[3,B,S\]=\(3, {b}, {s}\), HF's "
+            rf"\[4,B,S\]=\(4, {b}, {s}\) .*or \[B,S\]=\({b}, {s}\).*"
+            rf"got {re.escape(str(bad.shape))}",
+        ):
             model.forward(**batch, position_ids=bad)
     with pytest.raises(ValueError, match="position_ids: expected an integer array"):
         model.forward(**batch, position_ids=pos.astype(np.float32))

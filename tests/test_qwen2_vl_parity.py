@@ -37,9 +37,12 @@ def test_logits_hidden_states_attention_and_positions(ckpt, images, side):
         assert np.abs(w[i] - r.numpy()).transpose(0, 2, 1, 3)[valid].max() < 1e-5
     ids = torch.from_numpy(batch["input_ids"])
     mm_types = torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"]))
-    pos, deltas = hf_model.model.get_rope_index(ids, mm_token_type_ids=mm_types,
-                                                image_grid_thw=torch.from_numpy(batch["image_grid_thw"]),
-                                                attention_mask=torch.from_numpy(batch["attention_mask"]))
+    pos, deltas = hf_model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=mm_types,
+        image_grid_thw=torch.from_numpy(batch["image_grid_thw"]),
+        attention_mask=torch.from_numpy(batch["attention_mask"]),
+    )
     np.testing.assert_array_equal(np.asarray(model.prepare(**batch).position_ids), pos.numpy())
 
 
@@ -60,9 +63,15 @@ def test_greedy_generation_matches_transformers(ckpt):
     raw = make_batch([["astronaut"], ["coffee", "chelsea"]], "left")
     t = {k: torch.from_numpy(v) for k, v in raw.items()}
     with torch.no_grad():
-        ref = hf_model.generate(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
-                                max_new_tokens=16, do_sample=False, eos_token_id=1, pad_token_id=0)
+        ref = hf_model.generate(
+            **t,
+            mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
     model = jaxmm.load(path)
     out = generate(model.params, model.config, model.prepare(**raw), max_new_tokens=16, stop_tokens=[1])
-    ref_new = ref[:, raw["input_ids"].shape[1]:].numpy()
-    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :ref_new.shape[1]], ref_new)
+    ref_new = ref[:, raw["input_ids"].shape[1] :].numpy()
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, : ref_new.shape[1]], ref_new)

@@ -16,9 +16,12 @@ def qwen3_processor():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     kw = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return (Qwen2VLImageProcessorPil(min_pixels=32 * 32 * 4, max_pixels=128 * 128 * 2, **kw),
-            ImageProcessor(min_pixels=32 * 32 * 4, max_pixels=128 * 128 * 2, patch_size=16,
-                           image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
+    return (
+        Qwen2VLImageProcessorPil(min_pixels=32 * 32 * 4, max_pixels=128 * 128 * 2, **kw),
+        ImageProcessor(
+            min_pixels=32 * 32 * 4, max_pixels=128 * 128 * 2, patch_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3
+        ),
+    )
 
 
 def make_batch(images_per_row, side):
@@ -36,7 +39,7 @@ def make_batch(images_per_row, side):
     ids, am = tiny.make_rows(rows, side)
     ref = hf_proc(imgs, return_tensors="np")
     mine = proc(imgs)
-    np.testing.assert_array_equal(mine["pixel_values"], ref["pixel_values"])    # processor parity, patch 16
+    np.testing.assert_array_equal(mine["pixel_values"], ref["pixel_values"])  # processor parity, patch 16
     return {"input_ids": ids, "attention_mask": am, "pixel_values": ref["pixel_values"], "image_grid_thw": ref["image_grid_thw"]}
 
 
@@ -67,9 +70,12 @@ def test_logits_hidden_states_attention_positions(ckpt, images, side):
     for i, r in enumerate(ref.attentions):
         assert np.abs(w[i] - r.numpy()).transpose(0, 2, 1, 3)[valid].max() < 1e-5
     ids = torch.from_numpy(batch["input_ids"])
-    pos, _ = hf_model.model.get_rope_index(ids, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
-                                           image_grid_thw=torch.from_numpy(batch["image_grid_thw"]),
-                                           attention_mask=torch.from_numpy(batch["attention_mask"]))
+    pos, _ = hf_model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(batch["input_ids"])),
+        image_grid_thw=torch.from_numpy(batch["image_grid_thw"]),
+        attention_mask=torch.from_numpy(batch["attention_mask"]),
+    )
     np.testing.assert_array_equal(np.asarray(model.prepare(**batch).position_ids), pos.numpy())
 
 
@@ -83,11 +89,17 @@ def test_methods_and_generation(ckpt):
     assert np.isfinite(np.asarray(out.logits)).all()
     t = {k: torch.from_numpy(v) for k, v in raw.items()}
     with torch.no_grad():
-        ref = hf_model.generate(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
-                                max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)
+        ref = hf_model.generate(
+            **t,
+            mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(raw["input_ids"])),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
     gen = generate(model.params, model.config, model.prepare(**raw), max_new_tokens=12, stop_tokens=[1])
-    ref_new = ref[:, raw["input_ids"].shape[1]:].numpy()
-    np.testing.assert_array_equal(np.asarray(gen.tokens)[:, :ref_new.shape[1]], ref_new)
+    ref_new = ref[:, raw["input_ids"].shape[1] :].numpy()
+    np.testing.assert_array_equal(np.asarray(gen.tokens)[:, : ref_new.shape[1]], ref_new)
 
 
 def test_legacy_key_names_and_published_configs(ckpt, tmp_path):
@@ -102,9 +114,9 @@ def test_legacy_key_names_and_published_configs(ckpt, tmp_path):
 
     def legacy(k):
         if k.startswith("model.visual."):
-            return k[len("model."):]
+            return k[len("model.") :]
         if k.startswith("model.language_model."):
-            return "model." + k[len("model.language_model."):]
+            return "model." + k[len("model.language_model.") :]
         return k
 
     _rename_keys(path, tmp_path / "legacy", legacy)

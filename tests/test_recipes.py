@@ -8,7 +8,7 @@ import pytest
 
 REPO = Path(__file__).parents[1]
 MODELS = REPO / "configs" / "models"
-GiB = 2 ** 30
+GiB = 2**30
 
 # recipe -> (published model config, devices it is planned on, memory per device in GiB)
 EVAL_RECIPES = {

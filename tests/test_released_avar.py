@@ -43,7 +43,7 @@ def released_spans(decoded, response_start, seq_len, bos=False):
             break
     sys_m, q_m = np.zeros(seq_len, bool), np.zeros(seq_len, bool)
     if user_start > 0:
-        sys_m[(1 if bos else 0):user_start] = True
+        sys_m[(1 if bos else 0) : user_start] = True
     if user_start < response_start:
         q_m[user_start:response_start] = True
     return sys_m, q_m
@@ -59,7 +59,7 @@ def released_vars_score(attn, input_ids, image_token_id, layers, lambda_v, respo
     for i in range(b):
         non_ignored = np.flatnonzero(labels[i] != -100)
         response_start = non_ignored[0] if len(non_ignored) else s
-        sys[i, :max(1, response_start // 5)] = True
+        sys[i, : max(1, response_start // 5)] = True
     attn = [attn[i] for i in layers if i < len(attn)]
     ti, ts = np.zeros(b), np.zeros(b)
     for a in attn:
@@ -86,14 +86,21 @@ def easyr1_loss(logp, old, ref, adv, mask, kl_coef=1e-2, low=0.2, high=0.3, dual
 
 
 # ----------------------------------------------------------------------------- AGTO
-QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-               "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
-               "<|im_start|>assistant\n")
+QWEN_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>What is this?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 def test_released_spans_match_transcription():
-    for text, rs, n, bos in [(QWEN_PROMPT, 30, 40, False), (QWEN_PROMPT, 12, 40, True), ("no marker here", 37, 50, False),
-                             ("[INST] hi", 5, 8, False), ("x" * 90 + "User: q", 60, 64, False)]:
+    for text, rs, n, bos in [
+        (QWEN_PROMPT, 30, 40, False),
+        (QWEN_PROMPT, 12, 40, True),
+        ("no marker here", 37, 50, False),
+        ("[INST] hi", 5, 8, False),
+        ("x" * 90 + "User: q", 60, 64, False),
+    ]:
         got = avar.released_agto_spans(text, rs, n, bos)
         want = released_spans(text, rs, n, bos)
         np.testing.assert_array_equal(got[0], want[0])
@@ -109,7 +116,7 @@ def test_agto_released_matches_transcription_and_spans_differ_from_default():
     img = np.zeros((B, S), bool)
     img[:, 14:18] = True
     sys_r, q_r = map(np.stack, zip(*[avar.released_agto_spans(QWEN_PROMPT, 26, S)] * B))
-    m = lambda keys: np.stack([(a * keys[:, None, None, :]).sum(-1) for a in attn])        # [L,B,H,S]
+    m = lambda keys: np.stack([(a * keys[:, None, None, :]).sum(-1) for a in attn])  # [L,B,H,S]
     enh, sup = avar.agto_losses(m(img), m(sys_r), q_r, img.sum(-1), sys_r.sum(-1), variant="released")
     want_enh, want_sup = released_agto(attn, img, sys_r, q_r)
     assert float(enh) == pytest.approx(want_enh, abs=1e-5) and float(sup) == pytest.approx(want_sup, abs=1e-5)
@@ -148,7 +155,7 @@ def test_vars_released_rows_first_key_and_width_match_transcription():
     L, B, H, S, R = 10, 2, 2, 16, 5
     attn = [softmax_rows(rng.standard_normal((B, H, S, S)) + np.triu(np.full((S, S), -1e9), 1)) for _ in range(L)]
     ids = rng.integers(10, 50, (B, S))
-    ids[0, 3:7] = ids[1, 5:11] = 7                       # image tokens
+    ids[0, 3:7] = ids[1, 5:11] = 7  # image tokens
     layers = list(range(8))
     want = released_vars_score(attn, ids, 7, layers, 0.3, R)
     # jaxmm: the masses its probes give at every row, the FirstKeysMass probe for the system span
@@ -159,7 +166,7 @@ def test_vars_released_rows_first_key_and_width_match_transcription():
     np.testing.assert_allclose(0.3 * r * R, want, rtol=1e-5)
     # the paper reading (generated rows only, per-row ratios, the true system span, gated) differs
     gen = np.zeros((B, S), bool)
-    gen[:, S - R:] = True
+    gen[:, S - R :] = True
     sys = np.zeros((B, S), bool)
     sys[:, :3] = True
     m_s_paper = np.stack([(a * sys[:, None, None, :]).sum(-1) for a in attn[:8]])
@@ -172,13 +179,14 @@ def test_easyr1_loss_and_advantages_match_transcription():
     B, T = 4, 7
     logp = np.log(rng.uniform(0.05, 0.9, (B, T))).astype(np.float32)
     old = (logp + rng.normal(0, 0.6, (B, T))).astype(np.float32)
-    old[1, 0] = logp[1, 0] - 2.0                          # ratio e^2 > 3 on a negative advantage: dual clip
+    old[1, 0] = logp[1, 0] - 2.0  # ratio e^2 > 3 on a negative advantage: dual clip
     ref = (logp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
-    ref[0, 1] = logp[0, 1] + 3.0                          # k3 = e^3 - 4 > 10: the KL clamp
+    ref[0, 1] = logp[0, 1] + 3.0  # k3 = e^3 - 4 > 10: the KL clamp
     adv = np.array([1.2, -0.8, 0.4, -1.5], np.float32)
     mask = (np.arange(T)[None, :] < np.array([7, 3, 5, 1])[:, None]).astype(np.float32)
-    got = float(grpo.grpo_loss(logp, old, ref, adv, mask, beta=1e-2, clip_eps=0.2, variant="easyr1",
-                               clip_eps_high=0.3, dual_clip=3.0))
+    got = float(
+        grpo.grpo_loss(logp, old, ref, adv, mask, beta=1e-2, clip_eps=0.2, variant="easyr1", clip_eps_high=0.3, dual_clip=3.0)
+    )
     want = easyr1_loss(logp.astype(np.float64), old, ref, adv, mask)
     assert got == pytest.approx(want, abs=1e-5)
     paper = float(grpo.grpo_loss(logp, old, ref, adv, mask, beta=1e-2, clip_eps=0.2))
@@ -193,7 +201,13 @@ def test_released_grpo_config_loads():
 
     cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_avar_released.yaml")
     assert (cfg.loss_variant, cfg.clip_eps, cfg.clip_eps_high, cfg.dual_clip, cfg.adv_eps, cfg.kl_beta) == (
-        "easyr1", 0.2, 0.3, 3.0, 1e-6, 0.01)
+        "easyr1",
+        0.2,
+        0.3,
+        3.0,
+        1e-6,
+        0.01,
+    )
     assert cfg.vars_variant == "released" and cfg.vars_layers == list(range(8)) and cfg.group_size == 5
     assert cfg.rewards == {"accuracy": 0.9, "vars": 0.3}
     with pytest.raises(ValueError, match=r"loss_variant='easy'.*\('paper', 'easyr1', 'trl'\)"):
@@ -214,23 +228,44 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
     from jaxmm.train.grpo import GRPOConfig, make_score_fn, make_update, rollout
     from jaxmm.train.sft import dataset, initial_state, optimizer, state_mask
 
-    data = {"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "shape_scale": 0.35, "contrast": 0.5,
-            "tasks": ["grounding"]}
-    cfg = GRPOConfig(out=str(tmp_path / "rel"), group_size=3, prompts_per_step=2, max_new_tokens=8, lr=1e-3,
-                     tensorboard=False, data=data, rewards={"accuracy": 0.9, "vars": 0.3}, vars_variant="released",
-                     vars_layers=[0, 99], loss_variant="easyr1", clip_eps_high=0.3, adv_eps=1e-6, kl_beta=0.01)
+    data = {
+        "name": "grounded",
+        "size": 4,
+        "seed": 3,
+        "image_size": 112,
+        "shape_scale": 0.35,
+        "contrast": 0.5,
+        "tasks": ["grounding"],
+    }
+    cfg = GRPOConfig(
+        out=str(tmp_path / "rel"),
+        group_size=3,
+        prompts_per_step=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        tensorboard=False,
+        data=data,
+        rewards={"accuracy": 0.9, "vars": 0.3},
+        vars_variant="released",
+        vars_layers=[0, 99],
+        loss_variant="easyr1",
+        clip_eps_high=0.3,
+        adv_eps=1e-6,
+        kl_beta=0.01,
+    )
     model = jaxmm.load(organism.default())
     state = initial_state(cfg, model.params, model.config)
     ds = dataset(cfg)
-    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(model, cfg, state, model.params, [ds[0], ds[1]],
-                                                                      0, make_score_fn(model.config, cfg))
+    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(
+        model, cfg, state, model.params, [ds[0], ds[1]], 0, make_score_fn(model.config, cfg)
+    )
     full = forward(model.params, model.config, batch, probes=(AttentionWeights(layers=(0,)),))
-    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[0]             # [B,H,S,S]
+    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[0]  # [B,H,S,S]
     rows = np.asarray(batch.attention_mask, bool)
     img = np.asarray(batch.layout.image_mask, np.float64)
     t = tokens.shape[1]
     for b in range(len(texts)):
-        a = att[b][:, rows[b]]                                                              # real rows only
+        a = att[b][:, rows[b]]  # real rows only
         want = (a * img[b]).sum() / (a[..., 0].sum() + 1e-6) * t
         np.testing.assert_allclose(rewards["vars"][b], want, rtol=1e-4)
     rng = np.random.default_rng(1)
@@ -240,11 +275,19 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
     adv = np.asarray(group_advantages(jnp.asarray(r, jnp.float32), 3, eps=1e-6), np.float64)
     tx = optimizer(cfg, state)
     update = make_update(model.config, cfg, tx, state_mask(cfg, state))
-    _, _, m = update(state, tx.init(state), batch, tokens, mask, scored["logp"], jnp.asarray(ref_lp, jnp.float32),
-                     jnp.asarray(adv, jnp.float32))
+    _, _, m = update(
+        state,
+        tx.init(state),
+        batch,
+        tokens,
+        mask,
+        scored["logp"],
+        jnp.asarray(ref_lp, jnp.float32),
+        jnp.asarray(adv, jnp.float32),
+    )
     mk = np.asarray(mask, np.float64)
     d = np.clip(ref_lp - lp, -20, 20)
     k3 = np.clip(np.exp(d) - d - 1, -10, 10)
-    assert (k3 * mk).max() == 10.0                                  # the clamp is exercised
+    assert (k3 * mk).max() == 10.0  # the clamp is exercised
     want = (-adv[:, None] * mk).sum() / (mk.sum() + 1e-8) + 0.01 * (k3 * mk).sum() / (mk.sum() + 1e-8)
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-4, atol=1e-5)

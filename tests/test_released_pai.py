@@ -56,6 +56,7 @@ def released_edit(raw, alpha, start, end):
         for b, (s, e) in enumerate(spans):
             z[b, :, -1, s:e] = z[b, :, -1, s:e].abs() * alpha + z[b, :, -1, s:e]
         return z, None
+
     return edit
 
 
@@ -64,8 +65,7 @@ def test_released_pai_matches_the_released_edit(setup):
     n = model.config.text.num_hidden_layers
     ref = hf_run(hf_model, raw, released_edit(raw, ALPHA, START, n))
     assert np.abs(ref.logits.numpy()[0] - hf_run(hf_model, raw).logits.numpy()[0]).max() > 1e-3
-    compare(model, batch, raw, ref, I.build([f"pai:alpha={ALPHA},start={START},variant=released"], model.config),
-            range(n))
+    compare(model, batch, raw, ref, I.build([f"pai:alpha={ALPHA},start={START},variant=released"], model.config), range(n))
 
 
 def _logits(model, batch, spec):
@@ -106,7 +106,7 @@ def test_released_contrast_matches_the_released_logits_processor(gamma):
     assert (np.isinf(got) == np.isinf(want)).all()
     np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=1e-5)
     paper = np.asarray(I.pai_contrast(jnp.asarray(mm), jnp.asarray(tx), gamma=gamma))
-    if gamma == 1:      # the paper reading keeps the cutoff at γ = 1, the release skips it
+    if gamma == 1:  # the paper reading keeps the cutoff at γ = 1, the release skips it
         assert np.isinf(paper).any() and not np.isinf(got).any()
     else:
         np.testing.assert_array_equal(paper, got)
@@ -123,14 +123,18 @@ def test_released_with_the_contrast_edits_generated_tokens_only(left):
     ivs = I.build([f"pai:alpha={ALPHA},start={START},variant=released,use_cfg=true"], model.config)
     valid = raw["attention_mask"].astype(bool)
     np.testing.assert_allclose(_logits(model, batch, ivs)[valid], _logits(model, batch, [])[valid], atol=1e-5)
-    run = lambda ivs_: generate(model.params, model.config, batch, max_new_tokens=2, stop_tokens=[],
-                                interventions=ivs_, output_logits=True)
+    run = lambda ivs_: generate(
+        model.params, model.config, batch, max_new_tokens=2, stop_tokens=[], interventions=ivs_, output_logits=True
+    )
     out, plain = run(ivs), run(())
     np.testing.assert_allclose(np.asarray(out.logits[:, 0]), np.asarray(plain.logits[:, 0]), atol=1e-5)
     tok = np.asarray(out.tokens)[:, :1]
     assert not np.isin(tok, [tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, tiny.VISION_START, tiny.VISION_END]).any()
-    ext = dict(raw, input_ids=np.concatenate([raw["input_ids"], tok], 1),
-               attention_mask=np.concatenate([raw["attention_mask"], np.ones_like(tok)], 1))
+    ext = dict(
+        raw,
+        input_ids=np.concatenate([raw["input_ids"], tok], 1),
+        attention_mask=np.concatenate([raw["attention_mask"], np.ones_like(tok)], 1),
+    )
     ref = hf_run(hf_model, ext, released_edit(ext, ALPHA, START, n)).logits.numpy()[:, -1]
     assert np.abs(ref - hf_run(hf_model, ext).logits.numpy()[:, -1]).max() > 1e-3
     np.testing.assert_allclose(np.asarray(out.logits[:, 1]), ref, atol=1e-4)

@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("released_ration")
     hf_model = tiny.save_hf_model("gqa_untied", path, seed=7)
     model = jaxmm.load(path)
-    raw = make_batch([["astronaut", "chelsea"]], "left")     # the release runs one sample at a time
+    raw = make_batch([["astronaut", "chelsea"]], "left")  # the release runs one sample at a time
     return hf_model, model, raw, model.prepare(**raw)
 
 
@@ -39,11 +39,22 @@ def np_task_select(delta_by_layer):
     g = lambda i: delta_by_layer.get(i, 0)
     ocr = g(13) >= 2 and (g(19) >= 1 or g(23) >= 1 or g(24) >= 1)
     position = g(12) >= 4 and (g(11) >= 2 or g(10) >= 3) and g(24) >= 1 and (g(24) >= 2 or g(23) >= 1)
-    counting = ((g(10) >= 6 or g(12) >= 6 or g(11) >= 5 or (g(10) >= 5 and g(12) >= 4)
-                 or (g(10) >= 5 and g(11) >= 3) or (g(11) >= 4 and g(12) >= 4))
-                and (g(23) >= 1 or g(24) >= 1) and g(12) >= 2 and g(14) >= 1)
-    recogn = ((g(9) >= 2 and g(10) >= 2) or (g(10) >= 3 and g(12) >= 3) or (g(12) >= 4 and g(14) >= 1)) \
-        and g(24) >= 1 and g(13) <= 2
+    counting = (
+        (
+            g(10) >= 6
+            or g(12) >= 6
+            or g(11) >= 5
+            or (g(10) >= 5 and g(12) >= 4)
+            or (g(10) >= 5 and g(11) >= 3)
+            or (g(11) >= 4 and g(12) >= 4)
+        )
+        and (g(23) >= 1 or g(24) >= 1)
+        and g(12) >= 2
+        and g(14) >= 1
+    )
+    recogn = (
+        ((g(9) >= 2 and g(10) >= 2) or (g(10) >= 3 and g(12) >= 3) or (g(12) >= 4 and g(14) >= 1)) and g(24) >= 1 and g(13) <= 2
+    )
     task = "ocr" if ocr else "grounding" if position else "counting" if counting else "recogn" if recogn else "counting"
     return task, {"recogn": 0, "counting": 1, "grounding": 0, "ocr": 0}[task]
 
@@ -80,9 +91,14 @@ def released_oracle(hf_model, raw, top_k=TOP_K, d_a=1.0, d_b=1.0, new_tokens=0):
     lo, hi = int(idxs[0]), int(idxs[-1]) + 1
     layers = hf_model.model.language_model.layers
     scores = {}
-    hooks = [layer.register_forward_hook(
-        lambda m, x, y, i=i: scores.__setitem__(i, float((y[0] if isinstance(y, tuple) else y)[:, lo:hi].sub(
-            x[0][:, lo:hi]).abs().mean()))) for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_hook(
+            lambda m, x, y, i=i: scores.__setitem__(
+                i, float((y[0] if isinstance(y, tuple) else y)[:, lo:hi].sub(x[0][:, lo:hi]).abs().mean())
+            )
+        )
+        for i, layer in enumerate(layers)
+    ]
     hf_run(hf_model, raw)
     for h in hooks:
         h.remove()
@@ -111,11 +127,11 @@ def released_oracle(hf_model, raw, top_k=TOP_K, d_a=1.0, d_b=1.0, new_tokens=0):
             pv = probs * vm
             pn = pv / pv.sum(-1, keepdim=True).clamp_min(1e-12)
             h_head = (-(pn * pn.clamp_min(1e-12).log()).sum(-1)).mean(-1).mean(0)
-            tau = (h_head.max() / (h_head.mean() + 1e-6) * d_a if direct == 1
-                   else h_head.min() / (h_head.mean() + 1e-6) * d_b)
+            tau = h_head.max() / (h_head.mean() + 1e-6) * d_a if direct == 1 else h_head.min() / (h_head.mean() + 1e-6) * d_b
             taus[i] = float(tau)
             scaled = torch.where(vm.view(1, 1, t, 1).expand(b, nkv, t, 1), kh * (1.0 / float(tau)), kh)
             return scaled.permute(0, 2, 1, 3).reshape(b, t, dk)
+
         return hook
 
     hooks = [layers[i].self_attn.k_proj.register_forward_hook(k_hook(i)) for i in key_layers]
@@ -125,9 +141,16 @@ def released_oracle(hf_model, raw, top_k=TOP_K, d_a=1.0, d_b=1.0, new_tokens=0):
         if new_tokens:
             t = {k: torch.from_numpy(v) for k, v in raw.items()}
             with torch.no_grad():
-                gen = hf_model.generate(**t, mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(ids)),
-                                        max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                        output_logits=True, return_dict_in_generate=True)
+                gen = hf_model.generate(
+                    **t,
+                    mm_token_type_ids=torch.from_numpy(tiny.mm_token_type_ids(ids)),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
     finally:
         for h in hooks:
             h.remove()
@@ -138,7 +161,7 @@ def test_released_edit_pass_matches_the_release(setup):
     hf_model, model, raw, batch = setup
     want = released_oracle(hf_model, raw)
     assert want["task"] == "counting" and len(want["key_layers"]) == TOP_K
-    assert max(abs(t - 1) for t in want["taus"].values()) > 1e-2       # the edit is not the identity
+    assert max(abs(t - 1) for t in want["taus"].values()) > 1e-2  # the edit is not the identity
     iv = I.build([f"ration:top_k={TOP_K},variant=released"], model.config)[0]
     assert (iv.variant, iv.d_a, iv.d_b) == ("released", 1.0, 1.0)
     planned = plan(model.params, model.config, batch, (iv,), qwen2_5_vl.forward_jit)[0]
@@ -153,16 +176,14 @@ def test_released_decode_uses_the_edit_pass_tau(setup):
     hf_model, model, raw, batch = setup
     n = 4
     want = released_oracle(hf_model, raw, new_tokens=n)
-    ref_tokens = want["gen"].sequences[:, raw["input_ids"].shape[1]:].numpy()
+    ref_tokens = want["gen"].sequences[:, raw["input_ids"].shape[1] :].numpy()
     ref_logits = torch.stack(want["gen"].logits, 1).numpy()
     ivs = I.build([f"ration:top_k={TOP_K},variant=released"], model.config)
-    out = generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], interventions=ivs,
-                   output_logits=True)
+    out = generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], interventions=ivs, output_logits=True)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref_tokens)
     np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4)
     with pytest.raises(ValueError, match="reprefill"):
-        generate(model.params, model.config, batch, max_new_tokens=2, stop_tokens=[], interventions=ivs,
-                 reprefill=False)
+        generate(model.params, model.config, batch, max_new_tokens=2, stop_tokens=[], interventions=ivs, reprefill=False)
 
 
 def test_released_differs_from_default_and_validates(setup):

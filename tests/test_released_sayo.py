@@ -40,15 +40,24 @@ def released_attn_reward(rows, image_span, focus, ids):
     for b in range(len(rows)):
         toks = [rows[b][i] for i in ids[b]]
         first, last = image_span[b]
-        img = np.concatenate([t[..., first:last + 1] for t in toks], -1).mean()
-        aim = np.concatenate([t[..., s + first:e + first + 1] for t in toks for s, e in focus[b]], -1).mean()
+        img = np.concatenate([t[..., first : last + 1] for t in toks], -1).mean()
+        aim = np.concatenate([t[..., s + first : e + first + 1] for t in toks for s, e in focus[b]], -1).mean()
         out.append(math.tanh(math.log((aim + 1e-8) / (img + 1e-8))))
     return np.array(out)
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("text", ["<answer>3</answer>", "a <answer>3</answer><answer>4</answer>",
-                                  "<answer>\n3\n</answer> <answer>4", "no tags", "<answer>3", "</answer><answer>x</answer>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<answer>3</answer>",
+        "a <answer>3</answer><answer>4</answer>",
+        "<answer>\n3\n</answer> <answer>4",
+        "no tags",
+        "<answer>3",
+        "</answer><answer>x</answer>",
+    ],
+)
 @pytest.mark.parametrize("n", [0, 30, 59, 60, 80, 100, 101, 250])
 def test_format_reward_released_matches_transcription(text, n):
     assert sayo.format_reward(text, n, variant="released") == pytest.approx(released_format(text, n), abs=1e-12)
@@ -57,31 +66,31 @@ def test_format_reward_released_matches_transcription(text, n):
 def test_format_reward_released_differs_from_paper():
     two = "<answer>3</answer> so <answer>4</answer>"
     assert sayo.format_reward(two, 80) == 0.0 and sayo.format_reward(two, 80, variant="released") == 1.0
-    unclosed = "<answer>3</answer> then <answer>4"      # the release's lookahead skips the closed block
+    unclosed = "<answer>3</answer> then <answer>4"  # the release's lookahead skips the closed block
     assert sayo.format_reward(unclosed, 80) == 1.0 and sayo.format_reward(unclosed, 80, variant="released") == 0.0
 
 
 def test_top_entropy_and_r_att_released_match_transcription():
     B, T, H, K = 3, 12, 2, 20
-    lengths = [9, 5, 7]                                   # padded to 9; jaxmm's width T = 12 (max_new_tokens)
+    lengths = [9, 5, 7]  # padded to 9; jaxmm's width T = 12 (max_new_tokens)
     ent = rng.uniform(0.0, 3.0, (B, T)).astype(np.float32)
     comp = np.arange(T)[None, :] < np.array(lengths)[:, None]
     sel = np.asarray(sayo.select_high_entropy(ent, comp, 0.3, variant="released"))
     ids = released_top_entropy(ent, lengths)
     for b in range(B):
         assert sorted(np.flatnonzero(sel[b])) == sorted(ids[b])
-    assert sel.sum(1).tolist() == [2, 2, 2]               # max(1, int(0.3 * 8)) in every row, padding included
-    assert sel[1, 5:].any()                               # a padded position of the short completion is picked
+    assert sel.sum(1).tolist() == [2, 2, 2]  # max(1, int(0.3 * 8)) in every row, padding included
+    assert sel[1, 5:].any()  # a padded position of the short completion is picked
 
     w = rng.uniform(0.0, 1.0, (B, H, T, K)).astype(np.float32)
     w /= w.sum(-1, keepdims=True)
-    span = [(3, 14), (3, 14), (3, 14)]                   # image keys 3..14 (inclusive)
-    focus = [[(2, 5)], [(0, 3)], [(6, 11)]]               # region offsets inside the image
+    span = [(3, 14), (3, 14), (3, 14)]  # image keys 3..14 (inclusive)
+    focus = [[(2, 5)], [(0, 3)], [(6, 11)]]  # region offsets inside the image
     image = np.zeros((B, K), bool)
     image[:, 3:15] = True
     region = np.zeros((B, K), bool)
     for b, ((s, e),) in enumerate(focus):
-        region[b, 3 + s:3 + e + 1] = True
+        region[b, 3 + s : 3 + e + 1] = True
     got = np.asarray(sayo.r_att(w, image, region, sel))
     want = released_attn_reward(np.moveaxis(w, 2, 1), span, focus, ids)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -124,7 +133,7 @@ def test_trl_loss_matches_transcription_and_differs_from_paper():
     got = float(grpo.grpo_loss(logp, old, ref, adv, mask, beta=1e-3, clip_eps=0.2, variant="trl"))
     assert got == pytest.approx(want, abs=1e-5)
     paper = float(grpo.grpo_loss(logp, old, ref, adv, mask, beta=1e-3, clip_eps=0.2))
-    assert abs(paper - got) > 1e-2                       # per-sequence means vs one token mean
+    assert abs(paper - got) > 1e-2  # per-sequence means vs one token mean
 
 
 def test_released_grpo_config_loads():
@@ -152,26 +161,45 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
     from jaxmm.train.grpo import GRPOConfig, make_score_fn, make_update, rollout
     from jaxmm.train.sft import dataset, initial_state, optimizer, state_mask
 
-    data = {"name": "grounded", "size": 4, "seed": 3, "image_size": 112, "shape_scale": 0.35, "contrast": 0.5,
-            "tasks": ["grounding"]}
-    cfg = GRPOConfig(out=str(tmp_path / "rel"), group_size=3, prompts_per_step=2, max_new_tokens=8, lr=1e-3,
-                     tensorboard=False, data=data, rewards={"r_att": 1.0, "format": 1.0}, sayo_variant="released",
-                     loss_variant="trl", kl_beta=0.05, system_prompt="sayo")
+    data = {
+        "name": "grounded",
+        "size": 4,
+        "seed": 3,
+        "image_size": 112,
+        "shape_scale": 0.35,
+        "contrast": 0.5,
+        "tasks": ["grounding"],
+    }
+    cfg = GRPOConfig(
+        out=str(tmp_path / "rel"),
+        group_size=3,
+        prompts_per_step=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        tensorboard=False,
+        data=data,
+        rewards={"r_att": 1.0, "format": 1.0},
+        sayo_variant="released",
+        loss_variant="trl",
+        kl_beta=0.05,
+        system_prompt="sayo",
+    )
     model = jaxmm.load(organism.default())
     state = initial_state(cfg, model.params, model.config)
     ds = dataset(cfg)
-    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(model, cfg, state, model.params, [ds[0], ds[1]],
-                                                                      0, make_score_fn(model.config, cfg))
+    batch, tokens, mask, scored, _, rewards, texts, lengths = rollout(
+        model, cfg, state, model.params, [ds[0], ds[1]], 0, make_score_fn(model.config, cfg)
+    )
     prompt_text = model.tokenizer.decode(np.asarray(batch.input_ids)[0], skip_special_tokens=False)
     assert sayo.SYSTEM_PROMPT[:40] in prompt_text and np.asarray(batch.layout.system_mask).sum(1).min() > 20
     last = model.config.text.num_hidden_layers - 1
     full = forward(model.params, model.config, batch, probes=(AttentionWeights(layers=(last,)),))
     s = batch.input_ids.shape[1] - tokens.shape[1]
-    lg = np.asarray(full.logits, np.float64)[:, s - 1:s - 1 + tokens.shape[1]]
+    lg = np.asarray(full.logits, np.float64)[:, s - 1 : s - 1 + tokens.shape[1]]
     lp = lg - lg.max(-1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
     ent = -(np.exp(lp) * lp).sum(-1)
-    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[0][:, :, s:]      # [B,H,T,K]
+    att = np.asarray(full.probes["attentions"]["text"].values, np.float64)[0][:, :, s:]  # [B,H,T,K]
     img = np.asarray(batch.layout.image_mask, bool)
     reg = np.asarray(batch.layout.region_weight) > 0
     width = int(max(lengths)) - 1
@@ -188,9 +216,17 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
     adv = rng_.normal(0, 1, len(texts))
     tx = optimizer(cfg, state)
     update = make_update(model.config, cfg, tx, state_mask(cfg, state))
-    _, _, m = update(state, tx.init(state), batch, tokens, mask, scored["logp"], jnp.asarray(ref_lp, jnp.float32),
-                     jnp.asarray(adv, jnp.float32))
+    _, _, m = update(
+        state,
+        tx.init(state),
+        batch,
+        tokens,
+        mask,
+        scored["logp"],
+        jnp.asarray(ref_lp, jnp.float32),
+        jnp.asarray(adv, jnp.float32),
+    )
     mk = np.asarray(mask, np.float64)
     kl = np.exp(ref_lp - lp_old) - (ref_lp - lp_old) - 1
-    want = ((-adv[:, None] + 0.05 * kl) * mk).sum() / mk.sum()                   # ratio 1 on-policy
+    want = ((-adv[:, None] + 0.05 * kl) * mk).sum() / mk.sum()  # ratio 1 on-policy
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-4, atol=1e-5)

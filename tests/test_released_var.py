@@ -20,7 +20,7 @@ from test_methods import compare, hf_run
 from test_qwen2_5_vl_parity import make_batch
 
 ROOT = Path(__file__).parents[1]
-DIMS, TAU, START = (0, 1, 2, 3), 1.5, 1     # the tiny model has no massive activations: a low τ
+DIMS, TAU, START = (0, 1, 2, 3), 1.5, 1  # the tiny model has no massive activations: a low τ
 SPEC = {"method": "var", "dims": list(DIMS), "tau": TAU, "start": START}
 
 
@@ -29,11 +29,11 @@ def setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("released_var")
     hf_model = tiny.save_hf_model("gqa_untied", path, seed=7)
     model = jaxmm.load(path)
-    raw = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")     # row 0: two images
+    raw = make_batch([["astronaut", "chelsea"], ["coffee"]], "left")  # row 0: two images
     return hf_model, model, raw, model.prepare(**raw)
 
 
-def rmsnorm(hs, eps=1e-6):                                   # logic.py:99-102
+def rmsnorm(hs, eps=1e-6):  # logic.py:99-102
     hs = hs.to(torch.float32)
     return hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -42,20 +42,22 @@ def released_run(hf_model, raw, p=0.6, rho=0.5, summ=0.2, start=START):
     """The released rule, one prompt (batch row) at a time as the release runs it (batch size 1).
     Returns the patched forward's output and the sink indices per layer and row."""
     n = len(hf_model.model.language_model.layers)
-    layers = list(range(n))[start:]                            # logic.py:52 (layers [2:] there)
+    layers = list(range(n))[start:]  # logic.py:52 (layers [2:] there)
     ids = raw["input_ids"]
-    im = [int(np.flatnonzero(r == tiny.IMAGE_TOKEN)[0]) for r in ids]                      # begin_pos image
+    im = [int(np.flatnonzero(r == tiny.IMAGE_TOKEN)[0]) for r in ids]  # begin_pos image
     pa = [int(np.flatnonzero(r == tiny.IMAGE_TOKEN)[-1]) + 1 - i for r, i in zip(ids, im)]  # vis_len
     indices = {}
 
-    def prospect(module, args, layer):                        # llava.py:313-316 -> logic.py:105-110
+    def prospect(module, args, layer):  # llava.py:313-316 -> logic.py:105-110
         if layer in layers:
             rms = torch.abs(rmsnorm(args[0]))
             vals = torch.stack([rms[:, :, d] for d in DIMS], dim=-1)
             indices[layer] = [torch.nonzero(vals.max(-1)[0][b] > TAU)[:, 0] for b in range(len(ids))]
 
-    hooks = [layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: prospect(m, a, i))
-             for i, layer in enumerate(hf_model.model.language_model.layers)]
+    hooks = [
+        layer.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: prospect(m, a, i))
+        for i, layer in enumerate(hf_model.model.language_model.layers)
+    ]
 
     def edit(layer, z, a, allowed):
         if a is None or layer not in indices:
@@ -68,10 +70,10 @@ def released_run(hf_model, raw, p=0.6, rho=0.5, summ=0.2, start=START):
             vis_sink = torch.stack([i for i in sink if i0 <= i < i0 + n_v]) if any(i0 <= i < i0 + n_v for i in sink) else None
             if vis_sink is None:
                 continue
-            image_attn = a[b, :, :, i0:i0 + n_v]
+            image_attn = a[b, :, :, i0 : i0 + n_v]
             portion = image_attn[:, :, vis_sink - i0].sum(-1) / (image_attn + 1e-6).sum(-1)
             summation = image_attn.sum(-1)
-            coord = torch.nonzero((portion <= rho) & (summation >= summ))            # [(head, query)]
+            coord = torch.nonzero((portion <= rho) & (summation >= summ))  # [(head, query)]
             # VARProcessor.attn_redist, logic.py:177-211 (prefill: queries from im+pa on)
             for h in range(a.shape[1]):
                 q = coord[coord[:, 0] == h][:, 1]
@@ -87,8 +89,8 @@ def released_run(hf_model, raw, p=0.6, rho=0.5, summ=0.2, start=START):
                 budget_vis = copied[:, vis_idx].sum(1) * (1 - p)
                 budget_text = copied[:, text_idx].sum(1) * (1 - p)
                 copied[:, vis_idx] *= 0
-                ratios = copied[:, i0:i0 + n_v] / copied[:, i0:i0 + n_v].sum(1, keepdim=True)
-                sel[:, i0:i0 + n_v] += (budget_vis + budget_text).view(-1, 1) * ratios
+                ratios = copied[:, i0 : i0 + n_v] / copied[:, i0 : i0 + n_v].sum(1, keepdim=True)
+                sel[:, i0 : i0 + n_v] += (budget_vis + budget_text).view(-1, 1) * ratios
                 a[b, h, q, :] = sel
         return None, a
 
@@ -104,7 +106,7 @@ def test_released_var_matches_the_released_rule(setup):
     hf_model, model, raw, batch = setup
     ref, indices = released_run(hf_model, raw)
     img = raw["input_ids"] == tiny.IMAGE_TOKEN
-    for layer in indices:     # the case the release differs on: image and text sinks in each row
+    for layer in indices:  # the case the release differs on: image and text sinks in each row
         for b, s in enumerate(indices[layer]):
             s = s.numpy()
             assert img[b, s].any() and (~img[b, s] & raw["attention_mask"][b, s].astype(bool)).any()
@@ -125,18 +127,19 @@ def test_released_var_matches_the_released_rule(setup):
 
 def test_released_and_paper_readings_differ(setup):
     _, model, raw, batch = setup
-    run = lambda spec: np.asarray(qwen2_5_vl.forward_jit(model.params, model.config, batch,
-                                                         I.build([spec], model.config), ()).logits)
+    run = lambda spec: np.asarray(
+        qwen2_5_vl.forward_jit(model.params, model.config, batch, I.build([spec], model.config), ()).logits
+    )
     valid = raw["attention_mask"].astype(bool)
     paper, released = run(SPEC), run(dict(SPEC, variant="released"))
-    plain = run({"method": "var"})                  # no dims: no sinks, the model unchanged
+    plain = run({"method": "var"})  # no dims: no sinks, the model unchanged
     assert np.abs(paper - plain)[valid].max() > 1e-4 and np.abs(released - plain)[valid].max() > 1e-4
     assert np.abs(released - paper)[valid].max() > 1e-4
     # the release edits no query row before the span's end: the image rows keep the plain logits
     ends = [int(np.flatnonzero(r == tiny.IMAGE_TOKEN)[-1]) for r in raw["input_ids"]]
     for b, e in enumerate(ends):
-        np.testing.assert_allclose(released[b, :e + 1][valid[b, :e + 1]], plain[b, :e + 1][valid[b, :e + 1]], atol=1e-5)
-    assert max(np.abs(paper[b, :e + 1] - plain[b, :e + 1])[valid[b, :e + 1]].max() for b, e in enumerate(ends)) > 1e-4
+        np.testing.assert_allclose(released[b, : e + 1][valid[b, : e + 1]], plain[b, : e + 1][valid[b, : e + 1]], atol=1e-5)
+    assert max(np.abs(paper[b, : e + 1] - plain[b, : e + 1])[valid[b, : e + 1]].max() for b, e in enumerate(ends)) > 1e-4
 
 
 def test_unknown_variant_is_refused(setup):
@@ -169,10 +172,15 @@ def test_released_var_is_unchanged_by_query_chunks(setup):
     for chunk in (None, 7):
         with A.options(query_chunk=chunk):
             fwd = qwen2_5_vl.forward_jit(model.params, model.config, batch, ivs, ivs[0].prefill_probes())
-            gen = generate(model.params, model.config, batch, max_new_tokens=3, stop_tokens=[], interventions=ivs,
-                           output_logits=True)
-        out[chunk] = (np.asarray(fwd.logits), np.asarray(fwd.probes["var_sinks"]["text"].values),
-                      np.asarray(gen.tokens), np.asarray(gen.logits))
+            gen = generate(
+                model.params, model.config, batch, max_new_tokens=3, stop_tokens=[], interventions=ivs, output_logits=True
+            )
+        out[chunk] = (
+            np.asarray(fwd.logits),
+            np.asarray(fwd.probes["var_sinks"]["text"].values),
+            np.asarray(gen.tokens),
+            np.asarray(gen.logits),
+        )
     valid = raw["attention_mask"].astype(bool)
     assert out[None][1].any()
     np.testing.assert_allclose(out[7][0][valid], out[None][0][valid], atol=1e-5)

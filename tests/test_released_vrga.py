@@ -21,7 +21,7 @@ from test_methods import compare, hf_run
 from test_qwen2_5_vl_parity import make_batch
 
 ROOT = Path(__file__).parents[1]
-NQ = 4          # question tokens, right after <|vision_end|>
+NQ = 4  # question tokens, right after <|vision_end|>
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def setup(tmp_path_factory):
     ids = raw["input_ids"][0]
     ve = int(np.flatnonzero(ids == tiny.VISION_END)[0])
     s = len(ids)
-    assert s - 1 - ve == 6                        # 2 + 4 text tokens after the image (make_batch)
+    assert s - 1 - ve == 6  # 2 + 4 text tokens after the image (make_batch)
     batch = model.prepare(**raw, question_spans=[[(ve + 1, ve + 1 + NQ)]])
     gen = np.zeros_like(np.asarray(batch.layout.generated_mask))
-    gen[:, -2:] = True                            # the last two tokens play the generated ones
+    gen[:, -2:] = True  # the last two tokens play the generated ones
     batch = dataclasses.replace(batch, layout=dataclasses.replace(batch.layout, generated_mask=gen))
     return hf_model, model, raw, batch
 
@@ -96,7 +96,7 @@ def np_released_focus(att_rows, vision_start, vision_end, grid_w, eps=1e-12):
     att_mean = masked.sum() / ((n - mask_flat.size) + eps)
     rho = need / (att_mean + eps)
     rho[mask_flat] = -1e9
-    valid = rho[~mask_flat]                       # as released: bitwise not of integer indices
+    valid = rho[~mask_flat]  # as released: bitwise not of integer indices
     thr = valid.mean() + valid.std(ddof=1) * 0.6
     idx = np.flatnonzero(rho > thr)
     if len(idx) < 10:
@@ -118,10 +118,10 @@ def oracle(hf_model, raw, fa):
     ids = raw["input_ids"][0]
     vs0 = int(np.flatnonzero(ids == tiny.VISION_START)[0])
     ve = int(np.flatnonzero(ids == tiny.VISION_END)[0])
-    s = len(ids) - 2                                            # the prompt (before the "generated" two)
-    q_end_pos = ve + NQ                                         # eval_qwen.py:263-264
+    s = len(ids) - 2  # the prompt (before the "generated" two)
+    q_end_pos = ve + NQ  # eval_qwen.py:263-264
     ref0 = hf_run(hf_model, raw)
-    rows = np.stack([a.numpy()[0, :, q_end_pos - 1, :s] for a in ref0.attentions])   # [L,H,S]
+    rows = np.stack([a.numpy()[0, :, q_end_pos - 1, :s] for a in ref0.attentions])  # [L,H,S]
     grid_w = int(raw["image_grid_thw"][0][2]) // 2
     focus, heads = np_released_focus(rows, vs0, ve, grid_w)
     keep = np_keep(focus, vs0, ve, 2 if fa == 1 else 3)
@@ -131,13 +131,13 @@ def oracle(hf_model, raw, fa):
         if a is None:
             return None, None
         a = a.clone()
-        for q in (n - 2, n - 1):                                # the decode steps (q == 1)
+        for q in (n - 2, n - 1):  # the decode steps (q == 1)
             for h in range(a.shape[1]):
                 row = a[0, h, q].double()
                 att = row / row.sum()
                 image_att = att[vs0:ve]
                 ent = -(image_att * (image_att + 1e-12).log()).sum()
-                ratio = image_att.mean() / (att[:q + 1].mean())  # the q + 1 keys in the cache
+                ratio = image_att.mean() / (att[: q + 1].mean())  # the q + 1 keys in the cache
                 gate = bool(ratio > 0.6 and ratio > 0.2 * ent)
                 v = row.clone()
                 if fa == 1 and gate:
@@ -185,8 +185,7 @@ def test_released_differs_from_default(setup):
 def test_released_config_builds_the_released_variant(setup):
     _, model, _, _ = setup
     iv = I.build([ROOT / "configs" / "methods" / "vrga_released.yaml"], model.config)[0]
-    assert (iv.variant, iv.factor, iv.fa, iv.border_frac, iv.min_focus, iv.background_heads) == (
-        "released", 1.5, 1, 0.2, 10, 64)
+    assert (iv.variant, iv.factor, iv.fa, iv.border_frac, iv.min_focus, iv.background_heads) == ("released", 1.5, 1, 0.2, 10, 64)
     assert (iv.head_mask, iv.head_mask_topk, iv.head_mask_after) == (None, 5, 5)
 
 
@@ -206,14 +205,14 @@ def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_ty
             return None, None
         a = a.clone()
         for q in (n - 2, n - 1):
-            m = a[:, :, q, :q + 1].double().mean(0).numpy()              # [H, keys in the cache]
+            m = a[:, :, q, : q + 1].double().mean(0).numpy()  # [H, keys in the cache]
             r = np.array([m[h, vs0:ve].mean() / (m[h].mean() + eps) for h in range(m.shape[0])])
             p = m[:, vs0:ve] / (m[:, vs0:ve].sum(-1, keepdims=True) + eps)
             hr = -(p * np.log(p + eps)).sum(-1) / (r + eps)
             if mask_type == "R_high_HR_low":
                 cand = np.flatnonzero(r > np.median(r))
                 heads = cand[np.argsort(hr[cand])[:topk]] if len(cand) >= topk else cand
-            elif mask_type == "random_choose":       # the release: np.random.choice; jaxmm: keyed by (seed, layer, q)
+            elif mask_type == "random_choose":  # the release: np.random.choice; jaxmm: keyed by (seed, layer, q)
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), layer), q)
                 heads = np.asarray(jax.random.permutation(key, m.shape[0]))[:topk]
             else:
@@ -229,9 +228,20 @@ def test_released_head_masking_ablation_reselects_heads_each_step(setup, mask_ty
         return None, a
 
     ref = hf_run(hf_model, raw, edit)
-    assert len({c[2] for c in chosen}) > 1                      # the selection changes across steps/layers
-    iv = I.build([{"method": "vrga", "variant": "released", "head_mask": mask_type, "head_mask_topk": topk,
-                   "head_mask_after": 0, "head_mask_seed": 7}], model.config)[0]
+    assert len({c[2] for c in chosen}) > 1  # the selection changes across steps/layers
+    iv = I.build(
+        [
+            {
+                "method": "vrga",
+                "variant": "released",
+                "head_mask": mask_type,
+                "head_mask_topk": topk,
+                "head_mask_after": 0,
+                "head_mask_seed": 7,
+            }
+        ],
+        model.config,
+    )[0]
     assert iv.prefill_probes() == ()
     compare(model, batch, raw, ref, (iv,), range(model.config.text.num_hidden_layers))
     with pytest.raises(ValueError, match="head_mask"):

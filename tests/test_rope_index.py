@@ -9,8 +9,13 @@ from transformers import DynamicCache
 
 import tiny
 from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
-from jaxmm.models.core.rope import (decode_position_ids, generate_position_ids, get_rope_index,
-                                          get_rope_index_for_config, mm_token_type_ids)
+from jaxmm.models.core.rope import (
+    decode_position_ids,
+    generate_position_ids,
+    get_rope_index,
+    get_rope_index_for_config,
+    mm_token_type_ids,
+)
 
 IMG, VID, M = tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, 2
 
@@ -36,14 +41,20 @@ def vid(grid):
 def hf_rope(model, ids, am, grids=None, vgrids=None, secs=None):
     t = lambda x: None if x is None else (x if isinstance(x, (list, torch.Tensor)) else torch.tensor(np.asarray(x)))
     pos, deltas = model.model.get_rope_index(
-        torch.tensor(ids), mm_token_type_ids=torch.tensor(mm_token_type_ids(ids, IMG, VID)),
-        image_grid_thw=t(grids), video_grid_thw=t(vgrids), second_per_grid_ts=t(secs), attention_mask=t(am))
+        torch.tensor(ids),
+        mm_token_type_ids=torch.tensor(mm_token_type_ids(ids, IMG, VID)),
+        image_grid_thw=t(grids),
+        video_grid_thw=t(vgrids),
+        second_per_grid_ts=t(secs),
+        attention_mask=t(am),
+    )
     return pos.numpy(), deltas.numpy()
 
 
 def ours(ids, am, grids=None, vgrids=None, secs=None, tps=4):
-    return get_rope_index(ids, am, grids, vgrids, secs, image_token_id=IMG, video_token_id=VID,
-                          spatial_merge_size=M, tokens_per_second=tps)
+    return get_rope_index(
+        ids, am, grids, vgrids, secs, image_token_id=IMG, video_token_id=VID, spatial_merge_size=M, tokens_per_second=tps
+    )
 
 
 def assert_same(a, b):
@@ -57,14 +68,19 @@ def assert_same(a, b):
 G = [(1, 4, 6), (1, 8, 4), (1, 2, 2), (1, 6, 10), (2, 4, 4)]
 CASES = {
     # several images per row, non-square grids, one image with t=2
-    "several_images": ([[5, 6] + img(G[0]) + [7] + img(G[1]) + [8, 9],
-                        [10] + img(G[2]) + [11, 12, 13] + img(G[3]) + [14],
-                        [15] + img(G[4]) + [16]], G),
+    "several_images": (
+        [
+            [5, 6] + img(G[0]) + [7] + img(G[1]) + [8, 9],
+            [10] + img(G[2]) + [11, 12, 13] + img(G[3]) + [14],
+            [15] + img(G[4]) + [16],
+        ],
+        G,
+    ),
     # text-only rows between and around image rows
-    "text_only_rows": ([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
-                        [12] + img(G[3]) + [13],
-                        [20, 21],
-                        [22] + img(G[0]) + [23] + img(G[2])], [G[3], G[0], G[2]]),
+    "text_only_rows": (
+        [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [12] + img(G[3]) + [13], [20, 21], [22] + img(G[0]) + [23] + img(G[2])],
+        [G[3], G[0], G[2]],
+    ),
     # image at the very start and the very end of rows
     "image_at_edges": ([img(G[1])[1:-1] + [5, 6], [7] + img(G[0])[1:-1]], [G[1], G[0]]),
     "no_images": ([[5, 6, 7], [8, 9, 10, 11, 12], [13]], None),
@@ -101,13 +117,21 @@ def test_torch_inputs_and_config(hf_model):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_videos_with_seconds_per_grid(hf_model, tps, side):
     vg = [(2, 4, 4), (3, 2, 6), (4, 4, 2)]
-    rows = [[5] + vid(vg[0]) + [6] + img((1, 4, 4)),
-            [7, 8] + vid(vg[1]) + [9] + img((1, 2, 6)) + [10] + vid(vg[2]) + [11],
-            [12, 13]]
+    rows = [
+        [5] + vid(vg[0]) + [6] + img((1, 4, 4)),
+        [7, 8] + vid(vg[1]) + [9] + img((1, 2, 6)) + [10] + vid(vg[2]) + [11],
+        [12, 13],
+    ]
     ids, am = tiny.make_rows(rows, side)
     grids = np.array([(1, 4, 4), (1, 2, 6)])
-    for secs in (np.array([0.5, 2.0, 1.0], np.float32), np.array([0.5, 2.0, 1.0]), [0.5, 2.0, 1.0],
-                 torch.tensor([0.5, 3.0, 1.25]), np.array([1, 2, 3]), None):
+    for secs in (
+        np.array([0.5, 2.0, 1.0], np.float32),
+        np.array([0.5, 2.0, 1.0]),
+        [0.5, 2.0, 1.0],
+        torch.tensor([0.5, 3.0, 1.25]),
+        np.array([1, 2, 3]),
+        None,
+    ):
         ref = hf_rope(hf_model, ids, am, grids, np.array(vg), secs)
         got = ours(ids, am, grids, np.array(vg), secs, tps)
         assert_same(got, ref)
@@ -118,8 +142,12 @@ def test_video_interval_follows_torch_dtype(hf_model, tps):
     vg = np.array([(16, 2, 2)])
     ids, am = tiny.make_rows([[5] + vid(vg[0]) + [6]])
     results = {}
-    for name, secs in {"f32": np.array([1.05], np.float32), "f64": np.array([1.05]), "list": [1.05],
-                       "torch32": torch.tensor([1.05])}.items():
+    for name, secs in {
+        "f32": np.array([1.05], np.float32),
+        "f64": np.array([1.05]),
+        "list": [1.05],
+        "torch32": torch.tensor([1.05]),
+    }.items():
         ref = hf_rope(hf_model, ids, am, None, vg, secs)
         got = ours(ids, am, None, vg, secs, tps)
         assert_same(got, ref)
@@ -197,8 +225,14 @@ def _continuation_positions(model, ids, am, pixel_values, grids, n_new):
     new = np.full((b, n_new), 5)
     full_am = np.concatenate([am, np.ones((b, n_new), am.dtype)], 1)
     with torch.no_grad():
-        prefill = model(input_ids=t(ids), attention_mask=t(am), pixel_values=pixel_values, image_grid_thw=t(grids),
-                        mm_token_type_ids=t(mm_token_type_ids(ids, IMG, VID)), use_cache=True)
+        prefill = model(
+            input_ids=t(ids),
+            attention_mask=t(am),
+            pixel_values=pixel_values,
+            image_grid_thw=t(grids),
+            mm_token_type_ids=t(mm_token_type_ids(ids, IMG, VID)),
+            use_cache=True,
+        )
         seen = []
 
         def stop(mod, args, kw):
@@ -207,8 +241,14 @@ def _continuation_positions(model, ids, am, pixel_values, grids, n_new):
 
         hook = model.model.language_model.register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            model(input_ids=t(new), attention_mask=t(full_am), cache=prefill.cache,
-                  mm_token_type_ids=t(mm_token_type_ids(new, IMG, VID)), image_grid_thw=t(grids), use_cache=True)
+            model(
+                input_ids=t(new),
+                attention_mask=t(full_am),
+                cache=prefill.cache,
+                mm_token_type_ids=t(mm_token_type_ids(new, IMG, VID)),
+                image_grid_thw=t(grids),
+                use_cache=True,
+            )
         except _Captured:
             pass
         finally:
@@ -235,18 +275,29 @@ def test_decode_matches_continuation_with_mask(hf_model):
     np.testing.assert_array_equal(decode_position_ids(deltas[:, 0], am.sum(-1), n_new), ref)
 
 
-def _generate_positions(model, ids, am, pixel_values=None, grids=None, pixel_values_videos=None, vgrids=None,
-                        secs=None, n_new=4):
+def _generate_positions(model, ids, am, pixel_values=None, grids=None, pixel_values_videos=None, vgrids=None, secs=None, n_new=4):
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda mod, args, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+        lambda mod, args, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
     t = lambda x: None if x is None else torch.tensor(np.asarray(x))
     try:
-        extra = dict(pixel_values=pixel_values, image_grid_thw=t(grids), pixel_values_videos=pixel_values_videos,
-                     video_grid_thw=t(vgrids), second_per_grid_ts=t(secs))
-        model.generate(input_ids=t(ids), attention_mask=t(am), mm_token_type_ids=t(mm_token_type_ids(ids, IMG, VID)),
-                       max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                       **{k: v for k, v in extra.items() if v is not None})
+        extra = dict(
+            pixel_values=pixel_values,
+            image_grid_thw=t(grids),
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=t(vgrids),
+            second_per_grid_ts=t(secs),
+        )
+        model.generate(
+            input_ids=t(ids),
+            attention_mask=t(am),
+            mm_token_type_ids=t(mm_token_type_ids(ids, IMG, VID)),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            **{k: v for k, v in extra.items() if v is not None},
+        )
     finally:
         hook.remove()
     prefill, steps = seen[0], seen[1:]
@@ -304,8 +355,11 @@ def test_mm_token_type_ids():
 def test_errors_name_the_problem(hf_model):
     ids, am = tiny.make_rows([[5] + img((1, 4, 4)) + [6], [7, 8]])
     kw = dict(image_token_id=IMG, video_token_id=VID, spatial_merge_size=M, tokens_per_second=4)
-    with pytest.raises(ValueError, match=r"row 0: 4 consecutive image pad tokens at columns 2\.\.5, "
-                                         r"but image_grid_thw\[0\]=\[1, 4, 6\] needs t\*h\*w/merge\^2 = 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"row 0: 4 consecutive image pad tokens at columns 2\.\.5, "
+        r"but image_grid_thw\[0\]=\[1, 4, 6\] needs t\*h\*w/merge\^2 = 6",
+    ):
         get_rope_index(ids, am, np.array([(1, 4, 6)]), **kw)
     with pytest.raises(ValueError, match=r"more image token groups than the 0 rows of image_grid_thw"):
         get_rope_index(ids, am, None, **kw)

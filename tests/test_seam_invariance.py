@@ -41,9 +41,11 @@ PROBE_RTOL = 1e-5
 
 
 def close(got, ref, msg, rtol=0.0):
-    scale = np.nanmax(np.abs(ref), initial=0.0)          # NaN where a ratio is 0/0 (must match)
+    scale = np.nanmax(np.abs(ref), initial=0.0)  # NaN where a ratio is 0/0 (must match)
     np.testing.assert_allclose(got, ref, atol=TOL * (1.0 + scale), rtol=rtol, err_msg=msg)
-SINK = dict(dims=(0, 1), tau=1.5)      # sink dimensions that fire on the tiny model's hidden states
+
+
+SINK = dict(dims=(0, 1), tau=1.5)  # sink dimensions that fire on the tiny model's hidden states
 
 
 def _rave(cfg):
@@ -63,10 +65,12 @@ INTERVENTIONS = {
     "KeyBias": lambda cfg: I.KeyBias(delta=jnp.array([-0.5, 0.9])),
     "HeadMask": lambda cfg: I.HeadMask(
         mask=jnp.asarray(np.arange(cfg.text.num_hidden_layers * cfg.text.num_attention_heads) % 3 == 0, jnp.float32),
-        num_heads=cfg.text.num_attention_heads, layers=(1,)),
+        num_heads=cfg.text.num_attention_heads,
+        layers=(1,),
+    ),
 }
 
-PROBE_LAYERS = (0, 2)                  # layer 1 stays on the plain path unless an intervention edits it
+PROBE_LAYERS = (0, 2)  # layer 1 stays on the plain path unless an intervention edits it
 PROBES = {
     "VisualMass": lambda: P.VisualMass(layers=PROBE_LAYERS),
     "KeyMass": lambda: P.KeyMass(keys="question", layers=PROBE_LAYERS),
@@ -131,12 +135,25 @@ def _run(model, batch, ivs, probes, mode):
     opts = dict(query_chunk=CHUNK, plain="fused") if mode == "other" else {}
     with A.options(**opts):
         fwd = model.forward(batch=batch, interventions=ivs, probes=tuple(probes) + extra)
-        gen = generate(model.params, model.config, batch, max_new_tokens=4, stop_tokens=[], interventions=ivs,
-                       probes=tuple(probes) + extra, output_logits=True)
+        gen = generate(
+            model.params,
+            model.config,
+            batch,
+            max_new_tokens=4,
+            stop_tokens=[],
+            interventions=ivs,
+            probes=tuple(probes) + extra,
+            output_logits=True,
+        )
     drop = lambda tree: {k: v for k, v in tree.items() if k != "force_explicit"}
-    return dict(logits=np.asarray(fwd.logits, np.float64), probes=_flat(drop(fwd.probes)),
-                tokens=np.asarray(gen.tokens), gen_logits=np.asarray(gen.logits, np.float64),
-                gen_probes=_flat(drop(gen.probes)), prefill_probes=_flat(drop(gen.prefill_probes)))
+    return dict(
+        logits=np.asarray(fwd.logits, np.float64),
+        probes=_flat(drop(fwd.probes)),
+        tokens=np.asarray(gen.tokens),
+        gen_logits=np.asarray(gen.logits, np.float64),
+        gen_probes=_flat(drop(gen.probes)),
+        prefill_probes=_flat(drop(gen.prefill_probes)),
+    )
 
 
 def _compare(got, ref, valid, what):
@@ -152,7 +169,7 @@ def _compare(got, ref, valid, what):
 
 
 CASES = ["every probe"] + sorted(INTERVENTIONS)
-DECODE_ONLY = {"VRGA"}     # plans at prefill and edits only generated queries: the forward is unchanged
+DECODE_ONLY = {"VRGA"}  # plans at prefill and edits only generated queries: the forward is unchanged
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -164,10 +181,11 @@ def test_chunking_and_paths_change_nothing(setup, case):
     probes = tuple(make() for make in PROBES.values()) if not ivs else (PROBES["RegionRatio"](),)
     valid = np.asarray(batch.attention_mask, bool)
     ref = _run(model, batch, ivs, probes, "ref")
-    if ivs:   # the intervention does something (else the comparison proves nothing about it)
+    if ivs:  # the intervention does something (else the comparison proves nothing about it)
         if case in DECODE_ONLY:
-            plain = generate(model.params, model.config, batch, max_new_tokens=4, stop_tokens=[], probes=probes,
-                             output_logits=True)
+            plain = generate(
+                model.params, model.config, batch, max_new_tokens=4, stop_tokens=[], probes=probes, output_logits=True
+            )
             moved = np.abs(ref["gen_logits"] - np.asarray(plain.logits)).max()
         else:
             plain = model.forward(batch=batch, probes=probes)
@@ -190,5 +208,4 @@ def test_right_padding_equals_left_padding(setup, case):
             out[side] = np.asarray(model.forward(batch=batch, interventions=ivs).logits, np.float64)
     lam, ram = np.asarray(left.attention_mask, bool), np.asarray(right.attention_mask, bool)
     for r in range(lam.shape[0]):
-        np.testing.assert_allclose(out["right"][r][ram[r]], out["left"][r][lam[r]], atol=1e-5, rtol=0,
-                                   err_msg=f"{case}: row {r}")
+        np.testing.assert_allclose(out["right"][r][ram[r]], out["left"][r][lam[r]], atol=1e-5, rtol=0, err_msg=f"{case}: row {r}")

@@ -117,7 +117,7 @@ def test_explicit_activation_and_kv_cache_shardings(tmp_path):
     tm = generate(many.params, many.config, b1, max_new_tokens=6, stop_tokens=[], mesh=mesh)
     np.testing.assert_array_equal(np.asarray(t1.tokens), np.asarray(tm.tokens))
     streamed = np.stack(list(stream(many.params, many.config, b1, max_new_tokens=6, stop_tokens=[], mesh=mesh)), 1)
-    np.testing.assert_array_equal(streamed, np.asarray(t1.tokens))            # stream: the same engine on the mesh
+    np.testing.assert_array_equal(streamed, np.asarray(t1.tokens))  # stream: the same engine on the mesh
 
 
 def test_jit_generate_with_explicit_shardings(tmp_path):
@@ -140,7 +140,7 @@ def test_jit_generate_with_explicit_shardings(tmp_path):
     assert got.tokens.sharding.spec == PartitionSpec(rows, None)
     assert got.lengths.sharding.spec == PartitionSpec(rows)
     assert got.logits.sharding.spec == PartitionSpec(rows, None, None)
-    att = got.probes["attentions"]["text"].values                       # [B,T_new,L,H,K]
+    att = got.probes["attentions"]["text"].values  # [B,T_new,L,H,K]
     assert att.sharding.spec == PartitionSpec(rows, None, None, None, None)
     assert got.prefill_probes is None
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))

@@ -13,8 +13,18 @@ from jaxmm.train.sft import TrainConfig, final_params, flat_params, token_loss, 
 
 
 def cfg_for(tmp_path, name, **kw):
-    base = dict(model="organism-random", out=str(tmp_path / name), steps=12, batch_size=4, lr=3e-3, save_every=4,
-                keep=3, log_every=1, seq_len=160, data={"name": "grounded", "size": 64, "seed": 1, "image_size": 112})
+    base = dict(
+        model="organism-random",
+        out=str(tmp_path / name),
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        save_every=4,
+        keep=3,
+        log_every=1,
+        seq_len=160,
+        data={"name": "grounded", "size": 64, "seed": 1, "image_size": 112},
+    )
     base.update(kw)
     return TrainConfig(**base)
 

@@ -14,18 +14,30 @@ VOCAB = 300
 CONFIGS = {
     # untied head, GQA (4 query heads / 2 kv heads), windows of 2x2 merged tokens, 2 full-attention blocks
     "gqa_untied": dict(
-        text=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
-        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, window_size=56,
-                    fullatt_block_indexes=[1, 3]),
-        tie=False),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            mrope_section=[2, 3, 3],
+        ),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, window_size=56, fullatt_block_indexes=[1, 3]),
+        tie=False,
+    ),
     # tied head, MHA, larger windows (4x4 merged tokens), full attention at block 0 and 2
     "mha_tied": dict(
-        text=dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=2, mrope_section=[4, 4, 4]),
-        vision=dict(depth=3, hidden_size=48, intermediate_size=64, num_heads=4, window_size=112,
-                    fullatt_block_indexes=[0, 2]),
-        tie=True),
+        text=dict(
+            hidden_size=48,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            mrope_section=[4, 4, 4],
+        ),
+        vision=dict(depth=3, hidden_size=48, intermediate_size=64, num_heads=4, window_size=112, fullatt_block_indexes=[0, 2]),
+        tie=True,
+    ),
 }
 
 
@@ -36,13 +48,22 @@ def hf_config(name: str):
     t = dict(c["text"])
     section = t.pop("mrope_section")
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=1,
-                         pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": section}, **t),
+        text_config=dict(
+            vocab_size=VOCAB,
+            rms_norm_eps=1e-6,
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            **t,
+        ),
         vision_config=dict(out_hidden_size=t["hidden_size"], **c["vision"]),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=c["tie"])
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=c["tie"],
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -87,8 +108,14 @@ def photos():
     from PIL import Image
     from skimage import data
 
-    arrays = {"astronaut": data.astronaut(), "chelsea": data.chelsea(), "coffee": data.coffee(),
-              "rocket": data.rocket(), "camera": data.camera(), "logo": data.logo()}
+    arrays = {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "camera": data.camera(),
+        "logo": data.logo(),
+    }
     return {k: Image.fromarray(v) for k, v in arrays.items()}  # camera is grayscale (L), logo RGBA
 
 
@@ -118,13 +145,26 @@ def build_hf_qwen2_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None,
-                         eos_token_id=1, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
         vision_config=dict(depth=3, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=tie,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(Qwen2VLForConditionalGeneration(cfg).eval(), seed, std)
@@ -136,20 +176,42 @@ def build_hf_qwen3_vl(seed: int = 0, std: float = 0.15, tie: bool = False):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     cfg = Qwen3VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-                         bos_token_id=None, eos_token_id=1, pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1], patch_size=16),
-        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            out_hidden_size=64,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+            patch_size=16,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        tie_word_embeddings=tie,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(Qwen3VLForConditionalGeneration(cfg).eval(), seed, std)
 
 
-LLAVA_IMAGE_SIZE, LLAVA_PATCH = 56, 14      # a 4x4 patch grid: 16 image tokens per image
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 56, 14  # a 4x4 patch grid: 16 image tokens per image
 
 
 def build_hf_llava(seed: int = 0, std: float = 0.15, tie: bool = False, feature_layer=-2):
@@ -159,15 +221,36 @@ def build_hf_llava(seed: int = 0, std: float = 0.15, tie: bool = False, feature_
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     cfg = LlavaConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=512,
-                         tie_word_embeddings=tie),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
-                           projection_dim=32),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer, image_seq_length=16,
-        tie_word_embeddings=tie)
+        text_config=dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            max_position_embeddings=512,
+            tie_word_embeddings=tie,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=LLAVA_PATCH,
+            projection_dim=32,
+        ),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=feature_layer,
+        image_seq_length=16,
+        tie_word_embeddings=tie,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(LlavaForConditionalGeneration(cfg).eval(), seed, std)
@@ -184,15 +267,36 @@ def build_hf_llava_next(seed: int = 0, std: float = 0.15, tie: bool = False, fea
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     cfg = LlavaNextConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=1024,
-                         tie_word_embeddings=tie),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH,
-                           projection_dim=32),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        tie_word_embeddings=tie)
+        text_config=dict(
+            model_type="llama",
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            max_position_embeddings=1024,
+            tie_word_embeddings=tie,
+        ),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=LLAVA_PATCH,
+            projection_dim=32,
+        ),
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=feature_layer,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        tie_word_embeddings=tie,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(LlavaNextForConditionalGeneration(cfg).eval(), seed, std)

@@ -35,8 +35,9 @@ def main(argv=None):
     run = Path(args.run)
     res, curves, models = {}, {}, {}
     for name, over in (("agto", []), ("control", ["agto=null"])):
-        cfg = TrainConfig.from_yaml(ROOT / "configs/train/avar_cold_start.yaml",
-                                    [f"out={run / name}", f"steps={args.steps}", *over])
+        cfg = TrainConfig.from_yaml(
+            ROOT / "configs/train/avar_cold_start.yaml", [f"out={run / name}", f"steps={args.steps}", *over]
+        )
         out = train(cfg, progress=True)
         params, _ = final_params(out)
         models[name] = export_hf(params, jaxmm.load(organism.default()).config, organism.default(), run / f"{name}-hf")
@@ -44,8 +45,11 @@ def main(argv=None):
     res["organism"] = evaluate(str(organism.default()), ["baseline"], run / "heldout-organism", args.eval)["baseline"]
     for name, path in models.items():
         res[name] = evaluate(str(path), ["baseline"], run / f"heldout-{name}", args.eval)["baseline"]
-    names = {"organism": "organism (start)", "agto": "+ SFT with AGTO (AVAR cold start)",
-             "control": "+ SFT without AGTO (control)"}
+    names = {
+        "organism": "organism (start)",
+        "agto": "+ SFT with AGTO (AVAR cold start)",
+        "control": "+ SFT without AGTO (control)",
+    }
     from jaxmm.eval.report import _plt
 
     plt = _plt()
@@ -58,15 +62,22 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(HERE / "loss_curve.png", dpi=100)
     agto = curves["agto"]
-    lines = ["# AVAR cold start on the organism", "",
-             f"{args.steps} SFT steps × 16 samples from the shipped organism (lr 3e-4, grounded seed 2), with "
-             "AVAR's AGTO losses (α = β = 0.15, all layers; Q = question span, S = system turn) and without "
-             f"(control); evaluated greedy on {args.eval} held-out samples of seed 1. "
-             f"Command: `python experiments/avar/run.py --steps {args.steps}`.", "",
-             *table(res, names), "",
-             f"AGTO run: α·L_enh + β·L_sup = {agto[0]['total'] - agto[0]['loss']:+.3f} at the first logged step, "
-             f"{agto[-1]['total'] - agto[-1]['loss']:+.3f} at the last.", "",
-             "![loss curves](loss_curve.png)", ""]
+    lines = [
+        "# AVAR cold start on the organism",
+        "",
+        f"{args.steps} SFT steps × 16 samples from the shipped organism (lr 3e-4, grounded seed 2), with "
+        "AVAR's AGTO losses (α = β = 0.15, all layers; Q = question span, S = system turn) and without "
+        f"(control); evaluated greedy on {args.eval} held-out samples of seed 1. "
+        f"Command: `python experiments/avar/run.py --steps {args.steps}`.",
+        "",
+        *table(res, names),
+        "",
+        f"AGTO run: α·L_enh + β·L_sup = {agto[0]['total'] - agto[0]['loss']:+.3f} at the first logged step, "
+        f"{agto[-1]['total'] - agto[-1]['loss']:+.3f} at the last.",
+        "",
+        "![loss curves](loss_curve.png)",
+        "",
+    ]
     (HERE / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -38,8 +38,7 @@ def main(argv=None):
     from organism.train_organism import train_stages
 
     run = Path(args.run)
-    start, model, out1, out2, _ = train_stages(run, args.stage1, args.steps,
-                                               [f"save_every={args.every}", "keep=1000"])
+    start, model, out1, out2, _ = train_stages(run, args.stage1, args.steps, [f"save_every={args.every}", "keep=1000"])
 
     points = [("start", 0, start)]
     for stage, out, offset in (("stage 1", out1, 0), ("stage 2", out2, args.stage1)):
@@ -59,20 +58,30 @@ def main(argv=None):
     rank = lambda x: np.argsort(np.argsort(x))
     spearman = float(np.corrcoef(rank(vas), rank(acc))[0, 1])
 
-    lines = ["# AVAR's VAS and accuracy across the organism's training checkpoints", "",
-             f"The organism's recipe from the seeded random organism: stage 1 (recognition only, AGTO enhance loss "
-             f"α = 1) for {args.stage1} steps, then stage 2 (every task) for {args.steps} steps, a checkpoint every "
-             f"{args.every} steps; each checkpoint evaluated greedy on {args.eval} held-out grounded samples (seed 1). "
-             f"Command: `python experiments/avar/vas_checkpoints.py --stage1 {args.stage1} --steps {args.steps} "
-             f"--every {args.every} --eval {args.eval}`.", "",
-             "| checkpoint | step | accuracy | VAS | log10 VAS | " + " | ".join(TASKS) + " |",
-             "|---|" + "---|" * (4 + len(TASKS))]
+    lines = [
+        "# AVAR's VAS and accuracy across the organism's training checkpoints",
+        "",
+        f"The organism's recipe from the seeded random organism: stage 1 (recognition only, AGTO enhance loss "
+        f"α = 1) for {args.stage1} steps, then stage 2 (every task) for {args.steps} steps, a checkpoint every "
+        f"{args.every} steps; each checkpoint evaluated greedy on {args.eval} held-out grounded samples (seed 1). "
+        f"Command: `python experiments/avar/vas_checkpoints.py --stage1 {args.stage1} --steps {args.steps} "
+        f"--every {args.every} --eval {args.eval}`.",
+        "",
+        "| checkpoint | step | accuracy | VAS | log10 VAS | " + " | ".join(TASKS) + " |",
+        "|---|" + "---|" * (4 + len(TASKS)),
+    ]
     for stage, step, a, v, tasks in rows:
         cells = " | ".join(f"{100 * tasks.get(t, float('nan')):.0f}" for t in TASKS)
         lines.append(f"| {stage} | {step} | {100 * a:.1f} | {v:.4g} | {np.log10(v):.2f} | {cells} |")
-    lines += ["", f"Across the {len(rows)} checkpoints: Pearson r(VAS, accuracy) = {pearson:.3f}, "
-              f"r(log10 VAS, accuracy) = {pearson_log:.3f}, Spearman ρ = {spearman:.3f} "
-              f"(the paper, across models: r = 0.9616).", "", "![VAS vs accuracy](vas_checkpoints.png)", ""]
+    lines += [
+        "",
+        f"Across the {len(rows)} checkpoints: Pearson r(VAS, accuracy) = {pearson:.3f}, "
+        f"r(log10 VAS, accuracy) = {pearson_log:.3f}, Spearman ρ = {spearman:.3f} "
+        f"(the paper, across models: r = 0.9616).",
+        "",
+        "![VAS vs accuracy](vas_checkpoints.png)",
+        "",
+    ]
     from jaxmm.eval.report import _plt
 
     plt = _plt()

@@ -21,13 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 
 def table(figs) -> str:
-    rows = ["| model | params | prompt | max \\|logit\\| | jaxmm bf16 vs fp32 | transformers bf16 eager vs fp32 "
-            "| transformers bf16 sdpa vs fp32 | jaxmm bf16 vs transformers bf16 (eager) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | params | prompt | max \\|logit\\| | jaxmm bf16 vs fp32 | transformers bf16 eager vs fp32 "
+        "| transformers bf16 sdpa vs fp32 | jaxmm bf16 vs transformers bf16 (eager) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for f in figs:
         cell = lambda k: f"{f[k]['max']:.3f} / {f[k]['mean']:.4f}"
-        rows.append(f"| {f['family']} | {f['params'] / 1e3:.0f} k | 2 × {f['seq']} ({f['tokens']} real) | {f['scale']:.2f} "
-                    f"| {cell('jaxmm')} | {cell('hf_eager')} | {cell('hf_sdpa')} | {cell('jaxmm_vs_hf')} |")
+        rows.append(
+            f"| {f['family']} | {f['params'] / 1e3:.0f} k | 2 × {f['seq']} ({f['tokens']} real) | {f['scale']:.2f} "
+            f"| {cell('jaxmm')} | {cell('hf_eager')} | {cell('hf_sdpa')} | {cell('jaxmm_vs_hf')} |"
+        )
     return "\n".join(rows)
 
 
@@ -51,18 +55,22 @@ def main():
         print("\nmax / mean abs error of the logits at real positions:\n")
         print(table(figs))
         return
-    cases = [("qwen2_5_vl", "gqa_untied", lambda s: tiny.build_hf_model("gqa_untied", seed=s)),
-             ("qwen2_5_vl", "mha_tied", lambda s: tiny.build_hf_model("mha_tied", seed=s)),
-             ("qwen2_vl", "", lambda s: tiny.build_hf_qwen2_vl(seed=s)),
-             ("qwen3_vl", "", lambda s: tiny.build_hf_qwen3_vl(seed=s))]
+    cases = [
+        ("qwen2_5_vl", "gqa_untied", lambda s: tiny.build_hf_model("gqa_untied", seed=s)),
+        ("qwen2_5_vl", "mha_tied", lambda s: tiny.build_hf_model("mha_tied", seed=s)),
+        ("qwen2_vl", "", lambda s: tiny.build_hf_qwen2_vl(seed=s)),
+        ("qwen3_vl", "", lambda s: tiny.build_hf_qwen3_vl(seed=s)),
+    ]
     print("ratio of errors to transformers-eager's (mean / p99.9 / max), logits; last hidden state (mean / max)")
     for fam, cfg, build in cases:
         for s in args.seeds:
             f = T.measure(fam, tempfile.mkdtemp(), build(s), T.make_batch(fam, seed=s), attns=("eager", "sdpa"))
             r = lambda a, b: " / ".join(f"{f[a][k] / f[b][k]:.3f}" for k in ("mean", "p999", "max"))
             h = " / ".join(f"{f['jaxmm_hidden'][k] / f['hf_eager_hidden'][k]:.3f}" for k in ("mean", "max"))
-            print(f"{fam} {cfg} seed {s}: jaxmm {r('jaxmm', 'hf_eager')}  sdpa {r('hf_sdpa', 'hf_eager')}  "
-                  f"hidden jaxmm {h}", flush=True)
+            print(
+                f"{fam} {cfg} seed {s}: jaxmm {r('jaxmm', 'hf_eager')}  sdpa {r('hf_sdpa', 'hf_eager')}  hidden jaxmm {h}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,7 @@ def main(argv=None):
     check(src, root / "out-jaxmm", root / "out-orbax")
     print("| writer | peak RSS | after imports | added by the conversion | wall |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kind']} | {r['peak_mib']} MiB | {r['imports_mib']} MiB | {r['above_imports_mib']} MiB "
-              f"| {r['seconds']} s |")
+        print(f"| {r['kind']} | {r['peak_mib']} MiB | {r['imports_mib']} MiB | {r['above_imports_mib']} MiB | {r['seconds']} s |")
 
 
 def check(src, jaxmm_out, orbax_out):
@@ -91,8 +90,7 @@ def check(src, jaxmm_out, orbax_out):
     import jaxmm
 
     want = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(jaxmm.load(src).params)}
-    conv = {".".join(map(str, p)): np.asarray(v.get_value())
-            for p, v in nnx.to_flat_state(jaxmm.load(jaxmm_out).params)}
+    conv = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(jaxmm.load(jaxmm_out).params)}
     with ocp.StandardCheckpointer() as ck:
         orb = ck.restore(Path(orbax_out).absolute())
     assert set(want) == set(conv) == set(orb), "parameter sets differ"

@@ -51,10 +51,16 @@ def main(argv=None):
         model = jaxmm.load(d)
     one = inputs(cfg, image_hw=(224, 224), text_len=32)
     b = args.batch
-    raw = {"input_ids": np.repeat(one["input_ids"], b, 0), "attention_mask": np.repeat(one["attention_mask"], b, 0),
-           "pixel_values": np.concatenate([one["pixel_values"]] * b), "image_grid_thw": np.repeat(one["image_grid_thw"], b, 0)}
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.devices()[0].platform}")
+    raw = {
+        "input_ids": np.repeat(one["input_ids"], b, 0),
+        "attention_mask": np.repeat(one["attention_mask"], b, 0),
+        "pixel_values": np.concatenate([one["pixel_values"]] * b),
+        "image_grid_thw": np.repeat(one["image_grid_thw"], b, 0),
+    }
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.devices()[0].platform}"
+    )
     print(f"size={args.size} batch={b} prompt={raw['input_ids'].shape[1]} tokens, new={args.new}")
     t = {k: torch.from_numpy(v) for k, v in raw.items()}
     mm = torch.from_numpy((raw["input_ids"] == cfg.image_token_id).astype(np.int64))
@@ -62,24 +68,24 @@ def main(argv=None):
 
     def hf_gen(n):
         with torch.no_grad():
-            return hf.generate(**t, mm_token_type_ids=mm, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)
+            return hf.generate(**t, mm_token_type_ids=mm, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     batch = model.prepare(**raw)
-    max_len = 64 * -(-(raw["input_ids"].shape[1] + args.new) // 64)   # one cache size for both runs
+    max_len = 64 * -(-(raw["input_ids"].shape[1] + args.new) // 64)  # one cache size for both runs
 
     def jx_gen(n):
-        return jax.block_until_ready(generate(model.params, model.config, batch, max_new_tokens=n,
-                                              stop_tokens=[], max_len=max_len).tokens)
+        return jax.block_until_ready(
+            generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], max_len=max_len).tokens
+        )
 
     h1, hn = best_of(lambda: hf_gen(1), args.repeats), best_of(lambda: hf_gen(args.new), args.repeats)
     j1, jn = best_of(lambda: jx_gen(1), args.repeats), best_of(lambda: jx_gen(args.new), args.repeats)
-    same = (np.asarray(jx_gen(args.new)) == hf_gen(args.new)[:, raw["input_ids"].shape[1]:].numpy()).mean()
+    same = (np.asarray(jx_gen(args.new)) == hf_gen(args.new)[:, raw["input_ids"].shape[1] :].numpy()).mean()
     hf_tps = b * (args.new - 1) / (hn - h1)
     jx_tps = b * (args.new - 1) / (jn - j1)
-    print(f"transformers generate: {hn*1e3:8.1f} ms total, decode {hf_tps:8.1f} tok/s")
-    print(f"jaxmm generate:        {jn*1e3:8.1f} ms total, decode {jx_tps:8.1f} tok/s")
-    print(f"decode speed-up {jx_tps/hf_tps:.2f}x; end-to-end {hn/jn:.2f}x; greedy tokens agreeing: {same:.3f}")
+    print(f"transformers generate: {hn * 1e3:8.1f} ms total, decode {hf_tps:8.1f} tok/s")
+    print(f"jaxmm generate:        {jn * 1e3:8.1f} ms total, decode {jx_tps:8.1f} tok/s")
+    print(f"decode speed-up {jx_tps / hf_tps:.2f}x; end-to-end {hn / jn:.2f}x; greedy tokens agreeing: {same:.3f}")
     return 0
 
 

@@ -25,9 +25,18 @@ import numpy as np
 
 HERE = Path(__file__).parent
 
-SMALL = dict(text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
-                       num_key_value_heads=2, vocab_size=8192, mrope_section=[4, 6, 6]),
-             vision=dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=4))
+SMALL = dict(
+    text=dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=8192,
+        mrope_section=[4, 6, 6],
+    ),
+    vision=dict(depth=4, embed_dim=128, hidden_size=256, num_heads=4, mlp_ratio=4),
+)
 
 
 def build(path: Path):
@@ -42,10 +51,20 @@ def build(path: Path):
     section = t.pop("mrope_section")
     v = t["vocab_size"]
     cfg = Qwen2VLConfig(
-        text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-                         bos_token_id=None, eos_token_id=1, pad_token_id=0, initializer_range=0.1, **t),
+        text_config=dict(
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            bos_token_id=None,
+            eos_token_id=1,
+            pad_token_id=0,
+            initializer_range=0.1,
+            **t,
+        ),
         vision_config=dict(SMALL["vision"]),
-        image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+        image_token_id=v - 4,
+        video_token_id=v - 3,
+        vision_start_token_id=v - 2,
+        vision_end_token_id=v - 1,
+    )
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     # transformers initialises biases to 0 and norm weights to 1: randomise them so that a loader dropping the
@@ -71,12 +90,20 @@ def inputs(cfg, image_hw=(224, 224), text_len=32, batch=1, seed=0):
     pv = proc([img], return_tensors="np")
     n = int(pv["image_grid_thw"][0].prod()) // 4
     rng = np.random.default_rng(seed)
-    toks = ([int(x) for x in rng.integers(5, 1000, 8)] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
-            + [cfg.vision_end_token_id] + [int(x) for x in rng.integers(5, 1000, text_len)])
+    toks = (
+        [int(x) for x in rng.integers(5, 1000, 8)]
+        + [cfg.vision_start_token_id]
+        + [cfg.image_token_id] * n
+        + [cfg.vision_end_token_id]
+        + [int(x) for x in rng.integers(5, 1000, text_len)]
+    )
     ids = np.array([toks] * batch, np.int64)
-    return dict(input_ids=ids, attention_mask=np.ones_like(ids),
-                pixel_values=np.concatenate([pv["pixel_values"]] * batch).astype(np.float32),
-                image_grid_thw=np.repeat(pv["image_grid_thw"], batch, 0).astype(np.int64))
+    return dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=np.concatenate([pv["pixel_values"]] * batch).astype(np.float32),
+        image_grid_thw=np.repeat(pv["image_grid_thw"], batch, 0).astype(np.int64),
+    )
 
 
 def hf_reference(model, cfg, batch, new):
@@ -90,10 +117,9 @@ def hf_reference(model, cfg, batch, new):
     with torch.no_grad():
         logits = model(**t, mm_token_type_ids=mm).logits[0, -1].numpy()
         t0 = time.perf_counter()
-        out = model.generate(**t, mm_token_type_ids=mm, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(**t, mm_token_type_ids=mm, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         dt = time.perf_counter() - t0
-    return logits, out[:, batch["input_ids"].shape[1]:].numpy(), dt
+    return logits, out[:, batch["input_ids"].shape[1] :].numpy(), dt
 
 
 def main(argv=None):
@@ -112,11 +138,24 @@ def main(argv=None):
         batch = inputs(cfg, batch=args.batch)
         np.savez(d / "inputs.npz", **batch)
         ref_logits, ref_tokens, hf_s = hf_reference(model, cfg, batch, args.new)
-        print(f"prompt {batch['input_ids'].shape[1]} tokens x batch {args.batch}, "
-              f"{batch['pixel_values'].shape[0]} patches; transformers greedy {args.new} tokens in {hf_s:.2f} s")
-        cmd = [args.easydel_python, str(HERE / "easydel_runner.py"), "--checkpoint", str(d / "ckpt"),
-               "--inputs", str(d / "inputs.npz"), "--new", str(args.new), "--repeats", str(args.repeats),
-               "--out", str(d / "easydel.json")]
+        print(
+            f"prompt {batch['input_ids'].shape[1]} tokens x batch {args.batch}, "
+            f"{batch['pixel_values'].shape[0]} patches; transformers greedy {args.new} tokens in {hf_s:.2f} s"
+        )
+        cmd = [
+            args.easydel_python,
+            str(HERE / "easydel_runner.py"),
+            "--checkpoint",
+            str(d / "ckpt"),
+            "--inputs",
+            str(d / "inputs.npz"),
+            "--new",
+            str(args.new),
+            "--repeats",
+            str(args.repeats),
+            "--out",
+            str(d / "easydel.json"),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -128,10 +167,14 @@ def main(argv=None):
     err = float(np.abs(np.asarray(res["prefill_logits_last"], np.float32) - ref_logits).max())
     toks = np.asarray(res["tokens"])
     same = float((toks == ref_tokens).mean()) if toks.shape == ref_tokens.shape else 0.0
-    print(f"easydel {res['easydel_version']} (jax {res['jax_version']}) vs transformers: "
-          f"max |Δ last logits| {err:.2e}; greedy tokens equal {same:.3f} ({toks.shape})")
-    print(f"easydel prefill {res['prefill_s'] * 1e3:.1f} ms | decode {res['decode_tok_s'] or float('nan'):.1f} tok/s | "
-          f"first-call compile {res['compile_s']:.1f} s")
+    print(
+        f"easydel {res['easydel_version']} (jax {res['jax_version']}) vs transformers: "
+        f"max |Δ last logits| {err:.2e}; greedy tokens equal {same:.3f} ({toks.shape})"
+    )
+    print(
+        f"easydel prefill {res['prefill_s'] * 1e3:.1f} ms | decode {res['decode_tok_s'] or float('nan'):.1f} tok/s | "
+        f"first-call compile {res['compile_s']:.1f} s"
+    )
     print("timings:", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res["timings"].items()}))
     print("settings:", json.dumps(res["settings"]))
     ok = err <= 1e-3 and same == 1.0

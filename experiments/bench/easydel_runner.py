@@ -80,6 +80,7 @@ def _no_torch_shims():
     torch models; give EasyDeL empty modules in their place."""
     try:
         import torch  # noqa: F401
+
         return
     except ModuleNotFoundError:
         pass
@@ -123,7 +124,7 @@ def _rename(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.visual.", "model.language_model.")):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
@@ -154,10 +155,14 @@ def load(checkpoint: str, keep_default: tuple[str, ...] = (), attn: str = "vanil
         from jax.sharding import NamedSharding, PartitionSpec
 
         head_size = head_size or self.head_dim
-        freqs = get_frequencies(head_size=head_size, rotary_dim=rotary_dim or head_size,
-                                max_position=self.granted_freq_max_position_embedding,
-                                base=base or self.rope_theta, rope_scaling=self._get_rope_config().to_dict(),
-                                partial_rotary_factor=getattr(self, "partial_rotary_factor", 1.0))
+        freqs = get_frequencies(
+            head_size=head_size,
+            rotary_dim=rotary_dim or head_size,
+            max_position=self.granted_freq_max_position_embedding,
+            base=base or self.rope_theta,
+            rope_scaling=self._get_rope_config().to_dict(),
+            partial_rotary_factor=getattr(self, "partial_rotary_factor", 1.0),
+        )
         return ModuleCaches(jax.device_put(freqs.astype(jnp.float32), NamedSharding(self.mesh, PartitionSpec())))
 
     if "rope_table" not in keep_default:
@@ -220,10 +225,18 @@ def load(checkpoint: str, keep_default: tuple[str, ...] = (), attn: str = "vanil
     tc.attention_bias = "attention_bias" not in keep_default
     if getattr(cfg, "vocab_size", None) is None:
         cfg.vocab_size = tc.vocab_size
-    settings["text_attention_bias"] = ("none (default: checkpoint q/k/v biases dropped)" if "attention_bias"
-                                       in keep_default else "q/k/v from checkpoint, o_proj zeros")
-    basic = dict(attn_mechanism=attn, decode_attn_mechanism=attn, attn_dtype=jnp.float32,
-                 kvdtype=jnp.float32, attn_softmax_dtype=jnp.float32)
+    settings["text_attention_bias"] = (
+        "none (default: checkpoint q/k/v biases dropped)"
+        if "attention_bias" in keep_default
+        else "q/k/v from checkpoint, o_proj zeros"
+    )
+    basic = dict(
+        attn_mechanism=attn,
+        decode_attn_mechanism=attn,
+        attn_dtype=jnp.float32,
+        kvdtype=jnp.float32,
+        attn_softmax_dtype=jnp.float32,
+    )
     if "attn_dtype" in keep_default:
         del basic["attn_dtype"], basic["kvdtype"]
     for c in (cfg, tc, vc):
@@ -231,8 +244,9 @@ def load(checkpoint: str, keep_default: tuple[str, ...] = (), attn: str = "vanil
     settings.update({k: str(getattr(v, "__name__", v)) for k, v in basic.items()})
     settings.update(dtype="float32", param_dtype="float32", precision="HIGHEST")
 
-    model = Qwen2VLForConditionalGeneration.lazy_init(config=cfg, dtype=jnp.float32, param_dtype=jnp.float32,
-                                                      precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
+    model = Qwen2VLForConditionalGeneration.lazy_init(
+        config=cfg, dtype=jnp.float32, param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0)
+    )
     shards = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
     if not shards:
         raise FileNotFoundError(f"no *.safetensors in {checkpoint}")
@@ -264,10 +278,17 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--attn", default="vanilla", choices=("vanilla", "sdpa"),
-                    help="EasyDeL attn_mechanism (text decoder; the vision tower has its own plain attention)")
-    ap.add_argument("--persistent-cache", action="store_true",
-                    help="leave jax's persistent compilation cache on (EasyDeL turns it on at import)")
+    ap.add_argument(
+        "--attn",
+        default="vanilla",
+        choices=("vanilla", "sdpa"),
+        help="EasyDeL attn_mechanism (text decoder; the vision tower has its own plain attention)",
+    )
+    ap.add_argument(
+        "--persistent-cache",
+        action="store_true",
+        help="leave jax's persistent compilation cache on (EasyDeL turns it on at import)",
+    )
     ap.add_argument("--keep-default", default="", help=f"comma list from {ABLATIONS}: leave EasyDeL's default")
     args = ap.parse_args(argv)
     if args.new < 2:
@@ -304,16 +325,20 @@ def main(argv=None):
     @jax.jit
     def forward(gs, input_ids, attention_mask, pixel_values, position_ids):
         m = nnx.merge(graphdef, gs, graphother)
-        out = m(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                image_grid_thw=grid, position_ids=position_ids)
+        out = m(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=grid,
+            position_ids=position_ids,
+        )
         return out.logits
 
     def prefill():
         with model.mesh:
             return jax.block_until_ready(forward(graphstate, ids, mask, pixels, rope_index()))
 
-    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0,
-                               bos_token_id=None)
+    gen_cfg = GenerationConfig(do_sample=False, num_beams=1, eos_token_id=None, pad_token_id=0, bos_token_id=None)
     model.generation_config = gen_cfg
     gens = {}
 
@@ -325,10 +350,18 @@ def main(argv=None):
             m = nnx.merge(graphdef, gs, graphother)
             m.generation_config = gen_cfg
             cache = m.init_cache(batch, cache_len, None, None, gen_cfg.pad_token_id)
-            out = m.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             image_grid_thw=grid, position_ids=position_ids, past_key_values=cache,
-                             generation_config=gen_cfg, max_new_tokens=n)
+            out = m.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                image_grid_thw=grid,
+                position_ids=position_ids,
+                past_key_values=cache,
+                generation_config=gen_cfg,
+                max_new_tokens=n,
+            )
             return out.sequences[:, seq:]
+
         return gen
 
     def generate(n):
@@ -344,25 +377,45 @@ def main(argv=None):
     n_first, tn = best_of(lambda: generate(args.new), args.repeats)
     tokens = generate(args.new)
     res = dict(
-        prefill_s=prefill_s, compile_s=n_first - tn,
+        prefill_s=prefill_s,
+        compile_s=n_first - tn,
         # None when t(N) <= t(1): noise larger than the decode time (raise --new / --repeats)
         decode_tok_s=batch * (args.new - 1) / (tn - t1) if tn > t1 else None,
-        tokens=tokens.tolist(), prefill_logits_last=logits[0, -1].astype(float).tolist(),
-        easydel_version=easydel.__version__, jax_version=jax.__version__,
+        tokens=tokens.tolist(),
+        prefill_logits_last=logits[0, -1].astype(float).tolist(),
+        easydel_version=easydel.__version__,
+        jax_version=jax.__version__,
         version=f"EasyDeL {easydel.__version__} vanilla attention, jax {jax.__version__}",
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        settings=dict(settings, generation="model.generate (EasyGenerationMixin greedy) under jax.jit",
-                      eos="disabled (no early stop)", kv_cache=f"TransformerCache [{batch}, {cache_len}] float32",
-                      persistent_compilation_cache=bool(args.persistent_cache), backend=jax.devices()[0].platform),
-        timings=dict(load_s=load_s, rope_index_host_s=rope_s, prefill_first_call_s=prefill_first,
-                     prefill_compile_s=prefill_first - prefill_s,
-                     generate_1_s=t1, generate_1_first_call_s=one_first, generate_n_s=tn,
-                     generate_n_first_call_s=n_first, batch=batch, prompt_len=seq, new=args.new,
-                     repeats=args.repeats))
+        settings=dict(
+            settings,
+            generation="model.generate (EasyGenerationMixin greedy) under jax.jit",
+            eos="disabled (no early stop)",
+            kv_cache=f"TransformerCache [{batch}, {cache_len}] float32",
+            persistent_compilation_cache=bool(args.persistent_cache),
+            backend=jax.devices()[0].platform,
+        ),
+        timings=dict(
+            load_s=load_s,
+            rope_index_host_s=rope_s,
+            prefill_first_call_s=prefill_first,
+            prefill_compile_s=prefill_first - prefill_s,
+            generate_1_s=t1,
+            generate_1_first_call_s=one_first,
+            generate_n_s=tn,
+            generate_n_first_call_s=n_first,
+            batch=batch,
+            prompt_len=seq,
+            new=args.new,
+            repeats=args.repeats,
+        ),
+    )
     with open(args.out, "w") as f:
         json.dump(res, f)
-    print(f"easydel {easydel.__version__} jax {jax.__version__}: prefill {prefill_s * 1e3:.1f} ms, "
-          f"decode {res['decode_tok_s'] or float('nan'):.1f} tok/s, compile {res['compile_s']:.1f} s -> {args.out}")
+    print(
+        f"easydel {easydel.__version__} jax {jax.__version__}: prefill {prefill_s * 1e3:.1f} ms, "
+        f"decode {res['decode_tok_s'] or float('nan'):.1f} tok/s, compile {res['compile_s']:.1f} s -> {args.out}"
+    )
     return 0
 
 

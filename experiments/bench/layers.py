@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from forward import SIZES, build, inputs, timeit  # noqa: E402
 
 
-STATIC = (1, 4, 5, 12, 13, 15)   # run_generation's static arguments, by position
+STATIC = (1, 4, 5, 12, 13, 15)  # run_generation's static arguments, by position
 
 
 def main(argv=None):
@@ -47,8 +47,10 @@ def main(argv=None):
     raw = inputs(cfg, image_hw=(224, 224), text_len=32)
     batch = model.prepare(**raw)
     print(f"machine: {platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"size={args.size}: {cfg.text_config.num_hidden_layers} text layers, {cfg.vision_config.depth} vision blocks; "
-          f"prompt {raw['input_ids'].shape[1]} tokens; decode {args.new} new")
+    print(
+        f"size={args.size}: {cfg.text_config.num_hidden_layers} text layers, {cfg.vision_config.depth} vision blocks; "
+        f"prompt {raw['input_ids'].shape[1]} tokens; decode {args.new} new"
+    )
     s, rows, max_len = plan_shapes(batch, args.new, None)
     full = extend_for_decoding(batch, max_len)
     pre = prefill_batch(batch, full, rows, model.config)
@@ -57,8 +59,25 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
 
     def gen_args(n):
-        return (model.params, model.config, pre, dec, max_len, n, Sampling(), key, stop, pad, (), (), True,
-                False, None, None, jax.numpy.int32(s))
+        return (
+            model.params,
+            model.config,
+            pre,
+            dec,
+            max_len,
+            n,
+            Sampling(),
+            key,
+            stop,
+            pad,
+            (),
+            (),
+            True,
+            False,
+            None,
+            None,
+            jax.numpy.int32(s),
+        )
 
     results = {}
     for mode in ("unrolled", "scan"):
@@ -71,21 +90,30 @@ def main(argv=None):
             gen_n = run_generation.lower(*gen_args(args.new)).compile()
             c_gen = time.perf_counter() - t0
             gen_1 = run_generation.lower(*gen_args(1)).compile()
-            dyn = lambda n: [a for i, a in enumerate(gen_args(n)) if i not in STATIC]   # a compiled call takes these
+            dyn = lambda n: [a for i, a in enumerate(gen_args(n)) if i not in STATIC]  # a compiled call takes these
             t_fwd = timeit(lambda: fwd_c(model.params, batch).block_until_ready(), args.repeats)
             t1 = timeit(lambda: jax.block_until_ready(gen_1(*dyn(1))), args.repeats)
             tn = timeit(lambda: jax.block_until_ready(gen_n(*dyn(args.new))), args.repeats)
             out = gen_n(*dyn(args.new))
-            results[mode] = dict(compile_forward=c_fwd, compile_generate=c_gen, prefill=t_fwd,
-                                 decode=pre.input_ids.shape[0] * (args.new - 1) / (tn - t1),
-                                 logits=np.asarray(fwd_c(model.params, batch)), tokens=np.asarray(out.tokens))
+            results[mode] = dict(
+                compile_forward=c_fwd,
+                compile_generate=c_gen,
+                prefill=t_fwd,
+                decode=pre.input_ids.shape[0] * (args.new - 1) / (tn - t1),
+                logits=np.asarray(fwd_c(model.params, batch)),
+                tokens=np.asarray(out.tokens),
+            )
         r = results[mode]
-        print(f"{mode:9s} compile forward {r['compile_forward']:6.1f} s | compile generate {r['compile_generate']:6.1f} s | "
-              f"prefill {r['prefill']*1e3:7.1f} ms | decode {r['decode']:7.1f} tok/s")
+        print(
+            f"{mode:9s} compile forward {r['compile_forward']:6.1f} s | compile generate {r['compile_generate']:6.1f} s | "
+            f"prefill {r['prefill'] * 1e3:7.1f} ms | decode {r['decode']:7.1f} tok/s"
+        )
     a, b = results["unrolled"], results["scan"]
-    print(f"scan vs unrolled: max |Δlogits| {np.abs(a['logits'] - b['logits']).max():.1e}, "
-          f"tokens equal {bool((a['tokens'] == b['tokens']).all())}; compile speed-up forward "
-          f"{a['compile_forward'] / b['compile_forward']:.1f}x, generate {a['compile_generate'] / b['compile_generate']:.1f}x")
+    print(
+        f"scan vs unrolled: max |Δlogits| {np.abs(a['logits'] - b['logits']).max():.1e}, "
+        f"tokens equal {bool((a['tokens'] == b['tokens']).all())}; compile speed-up forward "
+        f"{a['compile_forward'] / b['compile_forward']:.1f}x, generate {a['compile_generate'] / b['compile_generate']:.1f}x"
+    )
     return 0
 
 

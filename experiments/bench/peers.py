@@ -42,9 +42,10 @@ import numpy as np
 HERE = Path(__file__).parent
 TEXT_LEN = 40
 # ~50 M parameters: text 512 wide x 10 layers (GQA 8/4), vocabulary 16384 (untied); vision 6 blocks
-MID_TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
-                num_key_value_heads=4, vocab_size=16384)
-SECTION = [8, 12, 12]                     # head_dim 64: 32 frequencies
+MID_TEXT = dict(
+    hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8, num_key_value_heads=4, vocab_size=16384
+)
+SECTION = [8, 12, 12]  # head_dim 64: 32 frequencies
 
 
 def build(family: str, path: Path):
@@ -52,18 +53,36 @@ def build(family: str, path: Path):
     import torch
     import transformers as tr
 
-    t = dict(MID_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": SECTION},
-             bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    t = dict(
+        MID_TEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": SECTION},
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     v = t["vocab_size"]
     ids = dict(image_token_id=v - 4, video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
     if family == "qwen2_5_vl":
-        cfg = tr.Qwen2_5_VLConfig(text_config=t, vision_config=dict(
-            depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, window_size=112,
-            fullatt_block_indexes=[2, 5], out_hidden_size=t["hidden_size"]), **ids)
+        cfg = tr.Qwen2_5_VLConfig(
+            text_config=t,
+            vision_config=dict(
+                depth=6,
+                hidden_size=256,
+                intermediate_size=1024,
+                num_heads=4,
+                window_size=112,
+                fullatt_block_indexes=[2, 5],
+                out_hidden_size=t["hidden_size"],
+            ),
+            **ids,
+        )
         cls = tr.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen2_vl":
-        cfg = tr.Qwen2VLConfig(text_config=t, vision_config=dict(
-            depth=6, embed_dim=256, mlp_ratio=4, num_heads=4, hidden_size=t["hidden_size"]), **ids)
+        cfg = tr.Qwen2VLConfig(
+            text_config=t,
+            vision_config=dict(depth=6, embed_dim=256, mlp_ratio=4, num_heads=4, hidden_size=t["hidden_size"]),
+            **ids,
+        )
         cls = tr.Qwen2VLForConditionalGeneration
     else:
         raise ValueError(f"--families: unknown family {family!r} (qwen2_vl, qwen2_5_vl)")
@@ -79,17 +98,25 @@ def make_inputs(cfg, image_tokens: int, batch: int, path: Path) -> dict:
     from skimage import data
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    side = 28 * int(round(image_tokens ** 0.5))
+    side = 28 * int(round(image_tokens**0.5))
     img = Image.fromarray(data.astronaut()).resize((side, side))
     pv = Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side)([img], return_tensors="np")
     n = int(pv["image_grid_thw"][0].prod()) // 4
     rng = np.random.default_rng(0)
-    toks = ([int(x) for x in rng.integers(5, 1000, 8)] + [cfg.vision_start_token_id] + [cfg.image_token_id] * n
-            + [cfg.vision_end_token_id] + [int(x) for x in rng.integers(5, 1000, TEXT_LEN - 8)])
+    toks = (
+        [int(x) for x in rng.integers(5, 1000, 8)]
+        + [cfg.vision_start_token_id]
+        + [cfg.image_token_id] * n
+        + [cfg.vision_end_token_id]
+        + [int(x) for x in rng.integers(5, 1000, TEXT_LEN - 8)]
+    )
     ids = np.repeat(np.array([toks], np.int64), batch, 0)
-    out = dict(input_ids=ids, attention_mask=np.ones_like(ids),
-               pixel_values=np.concatenate([pv["pixel_values"]] * batch).astype(np.float32),
-               image_grid_thw=np.repeat(pv["image_grid_thw"], batch, 0))
+    out = dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        pixel_values=np.concatenate([pv["pixel_values"]] * batch).astype(np.float32),
+        image_grid_thw=np.repeat(pv["image_grid_thw"], batch, 0),
+    )
     np.savez(path, **out)
     return out
 
@@ -122,7 +149,7 @@ def cpu_peak() -> float:
     """float32 matmul FLOP/s of this CPU: best of 5 numpy 2048² matmuls."""
     a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)
     best = min(_timed(lambda: a @ a) for _ in range(5))
-    return 2 * 2048 ** 3 / best
+    return 2 * 2048**3 / best
 
 
 def _timed(fn) -> float:
@@ -147,8 +174,9 @@ def worker_jaxmm(ckpt: str, inputs: dict, new: int, repeats: int) -> dict:
     fam = model.family
     max_len = 64 * -(-(inputs["input_ids"].shape[1] + new) // 64)
     fwd = lambda: fam.forward_jit(model.params, model.config, batch).logits.block_until_ready()
-    gen = lambda n: jax.block_until_ready(generate(model.params, model.config, batch, max_new_tokens=n,
-                                                   stop_tokens=[], max_len=max_len).tokens)
+    gen = lambda n: jax.block_until_ready(
+        generate(model.params, model.config, batch, max_new_tokens=n, stop_tokens=[], max_len=max_len).tokens
+    )
     _timed(fwd)
     first = _timed(lambda: gen(new))
     gen(1)
@@ -165,8 +193,7 @@ def worker_transformers(ckpt: str, inputs: dict, new: int, repeats: int) -> dict
     import torch
     import transformers
 
-    model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32,
-                                                                     attn_implementation="sdpa").eval()
+    model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     t["mm_token_type_ids"] = (t["input_ids"] == model.config.image_token_id).long()
 
@@ -180,13 +207,14 @@ def worker_transformers(ckpt: str, inputs: dict, new: int, repeats: int) -> dict
 
     _timed(fwd)
     first = _timed(lambda: gen(new))
-    out = dict(prefill_s=best_of(fwd, repeats),
-               version=f"transformers {transformers.__version__} sdpa, torch {torch.__version__} "
-                       f"({torch.get_num_threads()} threads)")
+    out = dict(
+        prefill_s=best_of(fwd, repeats),
+        version=f"transformers {transformers.__version__} sdpa, torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    )
     t1, tn = best_of(lambda: gen(1), repeats), best_of(lambda: gen(new), repeats)
     out["compile_s"] = first - tn
     out["decode_tok_s"] = inputs["input_ids"].shape[0] * (new - 1) / (tn - t1)
-    out["tokens"] = gen(new)[:, inputs["input_ids"].shape[1]:].numpy().tolist()
+    out["tokens"] = gen(new)[:, inputs["input_ids"].shape[1] :].numpy().tolist()
     out["prefill_logits_last"] = fwd()[0, -1].numpy().tolist()
     return out
 
@@ -216,8 +244,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-tokens", default="256", help="comma-separated, e.g. 256,1024,4096")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    ap.add_argument("--easydel-python", default=os.environ.get("EASYDEL_PYTHON"),
-                    help="python of a venv with easydel==0.3.0 (its own jax); default $EASYDEL_PYTHON")
+    ap.add_argument(
+        "--easydel-python",
+        default=os.environ.get("EASYDEL_PYTHON"),
+        help="python of a venv with easydel==0.3.0 (its own jax); default $EASYDEL_PYTHON",
+    )
     ap.add_argument("--worker", choices=("jaxmm", "transformers"), help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -227,8 +258,10 @@ def main(argv=None) -> int:
         return run_worker(args)
 
     peak = cpu_peak()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy fp32 matmul "
-          f"peak {peak / 1e9:.1f} GFLOP/s; greedy, {args.new} new tokens, best of {args.repeats}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; numpy fp32 matmul "
+        f"peak {peak / 1e9:.1f} GFLOP/s; greedy, {args.new} new tokens, best of {args.repeats}"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -241,8 +274,16 @@ def main(argv=None) -> int:
                     inputs = make_inputs(cfg, n_img, b, npz)
                     flops = prefill_flops(ckpt, cfg, inputs)
                     runs = {}
-                    common = ["--checkpoint", str(ckpt), "--inputs", str(npz), "--new", str(args.new),
-                              "--repeats", str(args.repeats)]
+                    common = [
+                        "--checkpoint",
+                        str(ckpt),
+                        "--inputs",
+                        str(npz),
+                        "--new",
+                        str(args.new),
+                        "--repeats",
+                        str(args.repeats),
+                    ]
                     for name in ("transformers", "jaxmm"):
                         out = d / f"{name}.json"
                         out.unlink(missing_ok=True)
@@ -250,8 +291,9 @@ def main(argv=None) -> int:
                     if args.easydel_python and family == "qwen2_vl":
                         out = d / "easydel.json"
                         out.unlink(missing_ok=True)
-                        runs["easydel"] = run_one([args.easydel_python, str(HERE / "easydel_runner.py"), *common,
-                                                   "--out", str(out)], out)
+                        runs["easydel"] = run_one(
+                            [args.easydel_python, str(HERE / "easydel_runner.py"), *common, "--out", str(out)], out
+                        )
                     ref = runs.get("transformers")
                     for name, r in runs.items():
                         if r is None:
@@ -259,18 +301,26 @@ def main(argv=None) -> int:
                         same = err = float("nan")
                         if ref is not None:
                             same = float((np.asarray(r["tokens"]) == np.asarray(ref["tokens"])).mean())
-                            err = float(np.abs(np.asarray(r["prefill_logits_last"])
-                                               - np.asarray(ref["prefill_logits_last"])).max())
+                            err = float(
+                                np.abs(np.asarray(r["prefill_logits_last"]) - np.asarray(ref["prefill_logits_last"])).max()
+                            )
                         rows.append((family, n_img, b, inputs["input_ids"].shape[1], name, r, flops, same, err))
-                        print(f"  {family} img={n_img} B={b}: {name:12s} prefill {r['prefill_s']:.3f} s, decode "
-                              f"{r['decode_tok_s']:.1f} tok/s, compile {r['compile_s']:.1f} s, RSS "
-                              f"{r['peak_rss_mib']:.0f} MiB ({r.get('version', '')})", flush=True)
-    print("\n| family | image tokens | batch | tokens | framework | prefill s | % of CPU peak | decode tok/s | "
-          "compile s | peak RSS MiB | tokens = HF | max Δ last logits |")
+                        print(
+                            f"  {family} img={n_img} B={b}: {name:12s} prefill {r['prefill_s']:.3f} s, decode "
+                            f"{r['decode_tok_s']:.1f} tok/s, compile {r['compile_s']:.1f} s, RSS "
+                            f"{r['peak_rss_mib']:.0f} MiB ({r.get('version', '')})",
+                            flush=True,
+                        )
+    print(
+        "\n| family | image tokens | batch | tokens | framework | prefill s | % of CPU peak | decode tok/s | "
+        "compile s | peak RSS MiB | tokens = HF | max Δ last logits |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for family, n_img, b, s, name, r, flops, same, err in rows:
-        print(f"| {family} | {n_img} | {b} | {s} | {name} | {r['prefill_s']:.3f} | {100 * flops / r['prefill_s'] / peak:.0f} | "
-              f"{r['decode_tok_s']:.0f} | {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} | {same:.2f} | {err:.1e} |")
+        print(
+            f"| {family} | {n_img} | {b} | {s} | {name} | {r['prefill_s']:.3f} | {100 * flops / r['prefill_s'] / peak:.0f} | "
+            f"{r['decode_tok_s']:.0f} | {r['compile_s']:.1f} | {r['peak_rss_mib']:.0f} | {same:.2f} | {err:.1e} |"
+        )
     return 0
 
 

@@ -44,22 +44,27 @@ def main(argv=None):
     variants = {
         "none": (),
         "all layers, all heads": (open_gate(rave.init(model.config, rank=8)),),
-        "2 layers x 2 heads": (open_gate(rave.init(model.config, rank=8, layers=[t.num_hidden_layers // 2,
-                                                                                  t.num_hidden_layers - 1],
-                                                   heads=[0, 1])),),
+        "2 layers x 2 heads": (
+            open_gate(rave.init(model.config, rank=8, layers=[t.num_hidden_layers // 2, t.num_hidden_layers - 1], heads=[0, 1])),
+        ),
     }
     gen = lambda p, b, ivs: generate(p, model.config, b, max_new_tokens=args.new_tokens, interventions=ivs).tokens
-    print(f"size={args.size} sequence={batch.input_ids.shape[1]} tokens, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, {args.new_tokens} new tokens")
+    print(
+        f"size={args.size} sequence={batch.input_ids.shape[1]} tokens, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, {args.new_tokens} new tokens"
+    )
     base = {}
     for name, ivs in variants.items():
-        pre = timeit(lambda: qwen2_5_vl.forward_jit(model.params, model.config, batch, ivs).logits.block_until_ready(),
-                     args.repeats)
+        pre = timeit(
+            lambda: qwen2_5_vl.forward_jit(model.params, model.config, batch, ivs).logits.block_until_ready(), args.repeats
+        )
         dec = timeit(lambda: gen(model.params, batch, ivs).block_until_ready(), max(2, args.repeats // 2))
         base.setdefault("pre", pre)
         base.setdefault("dec", dec)
-        print(f"{name:24s} prefill {pre * 1e3:8.1f} ms ({pre / base['pre']:.2f}x)   "
-              f"generate {dec * 1e3:8.1f} ms ({dec / base['dec']:.2f}x)")
+        print(
+            f"{name:24s} prefill {pre * 1e3:8.1f} ms ({pre / base['pre']:.2f}x)   "
+            f"generate {dec * 1e3:8.1f} ms ({dec / base['dec']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

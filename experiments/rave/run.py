@@ -40,8 +40,9 @@ def main(argv=None):
     model = jaxmm.load(organism.default())
     module = rave.save(final_rave(out, model.config), Path(args.run) / "module")
     rv = rave.load(module)
-    res = evaluate(str(organism.default()), ["baseline", {"method": "rave", "path": str(module)}],
-                   Path(args.run) / "heldout", n=args.eval)
+    res = evaluate(
+        str(organism.default()), ["baseline", {"method": "rave", "path": str(module)}], Path(args.run) / "heldout", n=args.eval
+    )
     names = {f"rave:path={module}": "organism + RAVE (trained)", "baseline": "organism"}
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     from jaxmm.eval.report import _plt
@@ -55,15 +56,22 @@ def main(argv=None):
     fig.savefig(HERE / "training_curve.png", dpi=100)
     n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree_util.tree_leaves(rv))
     gates = np.tanh(np.asarray(rv.gamma))
-    lines = ["# RAVE on the organism", "",
-             f"A {rv.kind} rank-{rv.u.shape[-2]} RAVE module ({n_params:,} parameters) on text layers "
-             f"{list(rv.layers)}, all heads, trained {metrics[-1]['step']} steps × {cfg.batch_size} samples "
-             f"(lr {cfg.lr}, backbone frozen) on grounded samples of seed 2; evaluated greedy on "
-             f"{args.eval} held-out samples of seed 1. Command: `python experiments/rave/run.py --steps {args.steps}`.", "",
-             *table(res, names), "",
-             f"SFT loss: first logged {metrics[0]['loss']:.3f}, last {metrics[-1]['loss']:.3f}. "
-             f"Learned gates tanh(γ): mean |g| {np.abs(gates).mean():.3f}, max |g| {np.abs(gates).max():.3f}.", "",
-             "![training curve](training_curve.png)", ""]
+    lines = [
+        "# RAVE on the organism",
+        "",
+        f"A {rv.kind} rank-{rv.u.shape[-2]} RAVE module ({n_params:,} parameters) on text layers "
+        f"{list(rv.layers)}, all heads, trained {metrics[-1]['step']} steps × {cfg.batch_size} samples "
+        f"(lr {cfg.lr}, backbone frozen) on grounded samples of seed 2; evaluated greedy on "
+        f"{args.eval} held-out samples of seed 1. Command: `python experiments/rave/run.py --steps {args.steps}`.",
+        "",
+        *table(res, names),
+        "",
+        f"SFT loss: first logged {metrics[0]['loss']:.3f}, last {metrics[-1]['loss']:.3f}. "
+        f"Learned gates tanh(γ): mean |g| {np.abs(gates).mean():.3f}, max |g| {np.abs(gates).max():.3f}.",
+        "",
+        "![training curve](training_curve.png)",
+        "",
+    ]
     (HERE / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

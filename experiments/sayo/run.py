@@ -29,8 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 RECIPES = {
     "grpo": ("r_att + acc, lr 3e-4, β 0.001", ["steps=60"]),
     "grpo-ratt-only": ("r_att only, lr 3e-4, β 0.001", ["steps=150", "rewards={r_att: 1.0}"]),
-    "grpo-lr1e-4-kl01": ("r_att + acc, lr 1e-4, β 0.01", ["steps=800", "lr=0.0001", "kl_beta=0.01",
-                                                        "save_every=100"]),
+    "grpo-lr1e-4-kl01": ("r_att + acc, lr 1e-4, β 0.01", ["steps=800", "lr=0.0001", "kl_beta=0.01", "save_every=100"]),
 }
 
 
@@ -57,13 +56,24 @@ def group_signal(cfg, n_steps: int = 12, offset: int = 1000) -> dict:
     acc, ratt, tasks = np.concatenate(acc), np.concatenate(ratt), np.array(tasks)
     mixed = acc.std(1) > 0
     da, dr = (acc - acc.mean(1, keepdims=True))[mixed], (ratt - ratt.mean(1, keepdims=True))[mixed]
-    per_task = {t: {"acc": float(acc[tasks == t].mean()), "r_att": float(ratt[tasks == t].mean()),
-                    "std_in_group": float(ratt[tasks == t].std(1).mean()), "groups": int((tasks == t).sum())}
-                for t in sorted(set(tasks))}
-    return {"groups": len(acc), "spread": int((ratt.std(1) > 0.01).sum()), "mixed_acc": int(mixed.sum()),
-            "corr": float(np.corrcoef(da.ravel(), dr.ravel())[0, 1]),
-            "std_between_groups": float(ratt.mean(1).std()), "std_in_group": float(ratt.std(1).mean()),
-            "per_task": per_task}
+    per_task = {
+        t: {
+            "acc": float(acc[tasks == t].mean()),
+            "r_att": float(ratt[tasks == t].mean()),
+            "std_in_group": float(ratt[tasks == t].std(1).mean()),
+            "groups": int((tasks == t).sum()),
+        }
+        for t in sorted(set(tasks))
+    }
+    return {
+        "groups": len(acc),
+        "spread": int((ratt.std(1) > 0.01).sum()),
+        "mixed_acc": int(mixed.sum()),
+        "corr": float(np.corrcoef(da.ravel(), dr.ravel())[0, 1]),
+        "std_between_groups": float(ratt.mean(1).std()),
+        "std_in_group": float(ratt.std(1).mean()),
+        "per_task": per_task,
+    }
 
 
 def main(argv=None):
@@ -85,8 +95,7 @@ def main(argv=None):
     res = {"organism": evaluate(str(organism.default()), ["baseline"], run / "heldout-organism", args.eval)["baseline"]}
     names, rows, cfgs = {"organism": "organism (start)"}, {}, {}
     for name, (label, overrides) in RECIPES.items():
-        cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo.yaml",
-                                   [f"out={run / name}", "tensorboard=false", *overrides])
+        cfg = GRPOConfig.from_yaml(ROOT / "configs/train/grpo_sayo.yaml", [f"out={run / name}", "tensorboard=false", *overrides])
         out = train(cfg, progress=True)
         params, step = final_params(out)
         hf = export_hf(params, base, organism.default(), run / f"{name}-hf")
@@ -106,7 +115,7 @@ def main(argv=None):
         steps = np.array([r["step"] for r in rs])
         for ax, key in zip(axes, ("reward/r_att", "reward/accuracy", "kl")):
             v = np.array([r[key] for r in rs])
-            ax.plot(steps[win - 1:], smooth(v), label=RECIPES[name][0])
+            ax.plot(steps[win - 1 :], smooth(v), label=RECIPES[name][0])
     for ax, title in zip(axes, ("r_att of the rollouts", "accuracy of the rollouts", "KL to the start (k3)")):
         ax.set_title(f"{title}, {win}-step mean", fontsize=9)
         ax.set_xlabel("GRPO step")
@@ -119,32 +128,47 @@ def main(argv=None):
         return f"{np.mean([r[key] for r in rs[:k]]):+.3f} → {np.mean([r[key] for r in rs[-k:]]):+.3f}"
 
     c0 = cfgs["grpo"]
-    lines = ["# SAYO's attention reward on the organism", "",
-             f"GRPO from the shipped organism, {c0.prompts_per_step} prompts × G = {c0.group_size} completions per "
-             f"step (temperature {c0.temperature}, top-p {c0.top_p}, full fine-tuning, max {c0.max_new_tokens} new "
-             "tokens), r_att on the top-30 % entropy tokens of each completion (last layer, region = the evidence "
-             "box), grounded training samples of seed 3 (all five tasks); evaluated greedy on "
-             f"{args.eval} held-out samples of seed 1 (`experiments/heldout.py`: VAS and region ratio are means over "
-             "generated tokens, all layers and heads). SAYO's format reward is left out: the organism never writes "
-             "`<answer>` tags, so it is 0 for every completion. Command: `python experiments/sayo/run.py`.", "",
-             *table(res, names), "",
-             "Rollout means (sampled at temperature 1, so below greedy accuracy), first 20 steps → last 20:", "",
-             "| recipe | steps | r_att | accuracy | region ratio | KL | entropy |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# SAYO's attention reward on the organism",
+        "",
+        f"GRPO from the shipped organism, {c0.prompts_per_step} prompts × G = {c0.group_size} completions per "
+        f"step (temperature {c0.temperature}, top-p {c0.top_p}, full fine-tuning, max {c0.max_new_tokens} new "
+        "tokens), r_att on the top-30 % entropy tokens of each completion (last layer, region = the evidence "
+        "box), grounded training samples of seed 3 (all five tasks); evaluated greedy on "
+        f"{args.eval} held-out samples of seed 1 (`experiments/heldout.py`: VAS and region ratio are means over "
+        "generated tokens, all layers and heads). SAYO's format reward is left out: the organism never writes "
+        "`<answer>` tags, so it is 0 for every completion. Command: `python experiments/sayo/run.py`.",
+        "",
+        *table(res, names),
+        "",
+        "Rollout means (sampled at temperature 1, so below greedy accuracy), first 20 steps → last 20:",
+        "",
+        "| recipe | steps | r_att | accuracy | region ratio | KL | entropy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, rs in rows.items():
         rr = span(rs, "region_ratio") if "region_ratio" in rs[0] else "(not logged)"
-        lines.append(f"| {RECIPES[name][0]} | {len(rs)} | {span(rs, 'reward/r_att')} | {span(rs, 'reward/accuracy')} "
-                     f"| {rr} | {span(rs, 'kl')} | {span(rs, 'entropy')} |")
-    lines += ["", "![reward curves](reward_curve.png)", "",
-              f"How much signal r_att carries inside a group, at the start policy ({diag['groups']} groups of "
-              f"G = {c0.group_size}, training prompts): {diag['spread']} groups have completions whose r_att differs "
-              f"(std > 0.01); the mean within-group std of r_att is {diag['std_in_group']:.3f} against "
-              f"{diag['std_between_groups']:.3f} between groups; in the {diag['mixed_acc']} groups with both right "
-              f"and wrong answers, the within-group correlation of r_att with correctness is {diag['corr']:+.2f}.", "",
-              "| task | groups | sampled accuracy | r_att | within-group std of r_att |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {RECIPES[name][0]} | {len(rs)} | {span(rs, 'reward/r_att')} | {span(rs, 'reward/accuracy')} "
+            f"| {rr} | {span(rs, 'kl')} | {span(rs, 'entropy')} |"
+        )
+    lines += [
+        "",
+        "![reward curves](reward_curve.png)",
+        "",
+        f"How much signal r_att carries inside a group, at the start policy ({diag['groups']} groups of "
+        f"G = {c0.group_size}, training prompts): {diag['spread']} groups have completions whose r_att differs "
+        f"(std > 0.01); the mean within-group std of r_att is {diag['std_in_group']:.3f} against "
+        f"{diag['std_between_groups']:.3f} between groups; in the {diag['mixed_acc']} groups with both right "
+        f"and wrong answers, the within-group correlation of r_att with correctness is {diag['corr']:+.2f}.",
+        "",
+        "| task | groups | sampled accuracy | r_att | within-group std of r_att |",
+        "|---|---|---|---|---|",
+    ]
     for t, d in diag["per_task"].items():
         lines.append(f"| {t} | {d['groups']} | {d['acc']:.2f} | {d['r_att']:+.3f} | {d['std_in_group']:.3f} |")
     old = (HERE / "results.md").read_text() if (HERE / "results.md").exists() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""
+    reading = old[old.index("## Reading") :] if "## Reading" in old else ""
     (HERE / "results.md").write_text("\n".join(lines) + "\n\n" + reading)
     print("\n".join(lines))
 

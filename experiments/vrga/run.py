@@ -41,10 +41,14 @@ def visual_head_frequency(model, n: int, seed: int = 2, batch_size: int = 25):
     counts, seen = 0.0, 0
     size = (STYLE["image_size"],) * 2
     for start in range(0, n, batch_size):
-        samples = [make_sample(i, seed, size, TASKS[i % len(TASKS)], STYLE["shape_scale"], STYLE["contrast"])
-                   for i in range(start, min(n, start + batch_size))]
-        chats = [[{"role": "user", "content": [{"type": "image", "image": s["image"]},
-                                              {"type": "text", "text": s["question"]}]}] for s in samples]
+        samples = [
+            make_sample(i, seed, size, TASKS[i % len(TASKS)], STYLE["shape_scale"], STYLE["contrast"])
+            for i in range(start, min(n, start + batch_size))
+        ]
+        chats = [
+            [{"role": "user", "content": [{"type": "image", "image": s["image"]}, {"type": "text", "text": s["question"]}]}]
+            for s in samples
+        ]
         batch, _ = model.prepare_chat(chats)
         out = model.forward(batch=batch, probes=iv.prefill_probes())
         planned = iv.after_prefill(out.probes, batch.layout)
@@ -74,7 +78,7 @@ def main(argv=None):
     freq = visual_head_frequency(model, args.calib)
     order = np.argsort(-freq, kind="stable")
     methods, names, groups = ["baseline"], {"baseline": "none"}, {"none": ["baseline"]}
-    for k in (n_layers // 2, n_layers):                   # one head per two layers, one per layer (on average)
+    for k in (n_layers // 2, n_layers):  # one head per two layers, one per layer (on average)
         efr = np.zeros(n_layers * n_heads, np.float32)
         efr[order[:k]] = 1.0
         spec = HeadMask(mask=efr, num_heads=n_heads)
@@ -90,24 +94,37 @@ def main(argv=None):
             names[method_name(spec)] = f"fixed: random heads, k={k}, draw {s}"
             groups.setdefault(f"fixed k={k}: random", []).append(method_name(spec))
     for topk in (1, 2):
-        for mask_type, label in (("R_high_HR_low", "EFR-guided (R high, H/R low)"),
-                                 ("random_choose", "random"), ("R_low_to_high", "lowest R")):
-            spec = {"method": "vrga", "variant": "released", "head_mask": mask_type, "head_mask_topk": topk,
-                    "head_mask_after": -1}
+        for mask_type, label in (
+            ("R_high_HR_low", "EFR-guided (R high, H/R low)"),
+            ("random_choose", "random"),
+            ("R_low_to_high", "lowest R"),
+        ):
+            spec = {
+                "method": "vrga",
+                "variant": "released",
+                "head_mask": mask_type,
+                "head_mask_topk": topk,
+                "head_mask_after": -1,
+            }
             methods.append(spec)
             names[method_name(spec)] = f"released, per step: {label}, {topk}/layer"
             groups.setdefault(f"released {topk}/layer: {label}", []).append(method_name(spec))
     res = evaluate(str(organism.default()), methods, Path(args.run) / "heldout", n=args.eval)
-    res = {m: res[m] for m in names if m in res}          # this configuration's columns, in its order
+    res = {m: res[m] for m in names if m in res}  # this configuration's columns, in its order
 
-    lines = ["# VRGA's head-masking ablation on the organism", "",
-             f"The organism ({n_layers} text layers × {n_heads} heads), greedy on {args.eval} held-out grounded "
-             f"samples of seed 1. EFR-guided heads are those VRGA's paper rule selects most often on {args.calib} "
-             f"calibration samples (seed 2). Command: `python experiments/vrga/run.py --eval {args.eval} "
-             f"--calib {args.calib}`.", "",
-             "Selection frequency of each head as a visual head (rows: layers, columns: heads):", "",
-             "| layer | " + " | ".join(f"h{h}" for h in range(n_heads)) + " |",
-             "|---|" + "---|" * n_heads]
+    lines = [
+        "# VRGA's head-masking ablation on the organism",
+        "",
+        f"The organism ({n_layers} text layers × {n_heads} heads), greedy on {args.eval} held-out grounded "
+        f"samples of seed 1. EFR-guided heads are those VRGA's paper rule selects most often on {args.calib} "
+        f"calibration samples (seed 2). Command: `python experiments/vrga/run.py --eval {args.eval} "
+        f"--calib {args.calib}`.",
+        "",
+        "Selection frequency of each head as a visual head (rows: layers, columns: heads):",
+        "",
+        "| layer | " + " | ".join(f"h{h}" for h in range(n_heads)) + " |",
+        "|---|" + "---|" * n_heads,
+    ]
     f = freq.reshape(n_layers, n_heads)
     lines += [f"| {li} | " + " | ".join(f"{x:.2f}" for x in f[li]) + " |" for li in range(n_layers)]
     lines += ["", "| ablation | " + " | ".join(TASKS) + " | all | n |", "|---|" + "---|" * (len(TASKS) + 2)]
@@ -115,10 +132,20 @@ def main(argv=None):
         cells = [f"{100 * r['tasks'].get(task, float('nan')):.1f}" for task in TASKS]
         lines.append(f"| {names.get(m, m)} | " + " | ".join(cells) + f" | {100 * r['all']:.1f} | {r['n']} |")
     summary = {g: float(np.mean([res[m]["all"] for m in ms])) for g, ms in groups.items()}
-    lines += ["", "Mean accuracy per group (random: mean of the draws):", "",
-              "| group | accuracy |", "|---|---|", *[f"| {g} | {100 * a:.1f} |" for g, a in summary.items()],
-              "", "Paper (Qwen2.5-VL-3B, 5 heads per layer in layers > 5 re-selected at every decode step): "
-              "none 87.64, random 83.38, EFR-guided 24.31.", "", "![ablation](ablation.png)", ""]
+    lines += [
+        "",
+        "Mean accuracy per group (random: mean of the draws):",
+        "",
+        "| group | accuracy |",
+        "|---|---|",
+        *[f"| {g} | {100 * a:.1f} |" for g, a in summary.items()],
+        "",
+        "Paper (Qwen2.5-VL-3B, 5 heads per layer in layers > 5 re-selected at every decode step): "
+        "none 87.64, random 83.38, EFR-guided 24.31.",
+        "",
+        "![ablation](ablation.png)",
+        "",
+    ]
     from jaxmm.eval.report import _plt
 
     plt = _plt()

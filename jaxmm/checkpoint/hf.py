@@ -26,10 +26,23 @@ import ml_dtypes
 import numpy as np
 
 #: safetensors dtype code -> numpy dtype (bf16 and fp8 through ml_dtypes).
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-          "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-          "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
@@ -38,9 +51,10 @@ MAX_HEADER_SIZE = 100_000_000
 
 CONVERT_HINT = (
     "jaxmm never unpickles checkpoints. Convert to safetensors first, e.g.\n"
-    "  python -c \"from transformers import AutoModelForImageTextToText as M; "
+    '  python -c "from transformers import AutoModelForImageTextToText as M; '
     "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"\n"
-    "or torch.load(f, weights_only=True) followed by safetensors.torch.save_file.")
+    "or torch.load(f, weights_only=True) followed by safetensors.torch.save_file."
+)
 
 
 _FLOAT_DTYPES = {np.dtype(DTYPES[c]) for c in _FLOAT_CODES}
@@ -64,8 +78,10 @@ def _refuse_pickle(path: Path, head: bytes) -> None:
     archive, or a pickle of protocol 2..5)."""
     if head[:4] == b"PK\x03\x04" or (head[0] == 0x80 and 2 <= head[1] <= 5):
         kind = "a zip archive" if head[:2] == b"PK" else f"a pickle (protocol {head[1]})"
-        raise CheckpointError(f"{path}: not a safetensors file but {kind}, as torch.save writes (a .bin "
-                              f"or .pt checkpoint, renamed?). {CONVERT_HINT}")
+        raise CheckpointError(
+            f"{path}: not a safetensors file but {kind}, as torch.save writes (a .bin "
+            f"or .pt checkpoint, renamed?). {CONVERT_HINT}"
+        )
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
@@ -77,22 +93,21 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_SIZE:
             _refuse_pickle(path, head)
-            raise CheckpointError(f"{path}: not a safetensors file: its first 8 bytes give a header of {n} "
-                                  f"bytes, over safetensors' limit of {MAX_HEADER_SIZE} (the file has "
-                                  f"{size} bytes)")
+            raise CheckpointError(
+                f"{path}: not a safetensors file: its first 8 bytes give a header of {n} "
+                f"bytes, over safetensors' limit of {MAX_HEADER_SIZE} (the file has "
+                f"{size} bytes)"
+            )
         if 8 + n > size:
             _refuse_pickle(path, head)
-            raise CheckpointError(f"{path}: truncated safetensors file: header of {n} bytes but the file "
-                                  f"has {size} bytes")
+            raise CheckpointError(f"{path}: truncated safetensors file: header of {n} bytes but the file has {size} bytes")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             _refuse_pickle(path, head)
-            raise CheckpointError(f"{path}: corrupt safetensors header of {n} bytes ({e}); "
-                                  f"the file has {size} bytes") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header of {n} bytes ({e}); the file has {size} bytes") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, "
-                              f"not an object")
+        raise CheckpointError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
     entries, data_end = {}, 0
     for key, info in header.items():
         if key == "__metadata__":
@@ -107,13 +122,13 @@ def _read_header(path: Path) -> dict[str, _Entry]:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
         want = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
         if e - b != want:
-            raise CheckpointError(f"{path}: tensor {key!r} spans {e - b} bytes, its shape {list(shape)} "
-                                  f"and dtype {dtype} need {want}")
+            raise CheckpointError(
+                f"{path}: tensor {key!r} spans {e - b} bytes, its shape {list(shape)} and dtype {dtype} need {want}"
+            )
         entries[key] = _Entry(path, dtype, shape, 8 + n + b, 8 + n + e)
         data_end = max(data_end, e)
     if 8 + n + data_end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + data_end} bytes, "
-                              f"the file has {size}")
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + data_end} bytes, the file has {size}")
     return entries
 
 
@@ -190,8 +205,10 @@ class SafetensorsCheckpoint:
     def _checked(self, key: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         e = self._entries[key]
         if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(DTYPES[e.dtype]):
-            raise CheckpointError(f"{e.file}: tensor {key!r} read as {a.dtype} {list(a.shape)}, its header says "
-                                  f"{e.dtype} {list(shape)} (file changed since it was opened?)")
+            raise CheckpointError(
+                f"{e.file}: tensor {key!r} read as {a.dtype} {list(a.shape)}, its header says "
+                f"{e.dtype} {list(shape)} (file changed since it was opened?)"
+            )
         return a
 
     def _raw(self, key: str) -> np.ndarray:
@@ -202,8 +219,10 @@ class SafetensorsCheckpoint:
             f.seek(e.begin)
             got = f.readinto(buf)
         if got != len(buf):
-            raise CheckpointError(f"{e.file}: truncated while reading tensor {key!r}: bytes "
-                                  f"{e.begin}..{e.end} wanted, {got} read (file changed since it was opened?)")
+            raise CheckpointError(
+                f"{e.file}: truncated while reading tensor {key!r}: bytes "
+                f"{e.begin}..{e.end} wanted, {got} read (file changed since it was opened?)"
+            )
         return np.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(e.shape)
 
 
@@ -256,15 +275,16 @@ def open_checkpoint(path: str | Path) -> SafetensorsCheckpoint:
     if not files:
         pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")] if path.is_dir() else []
         if pickles:
-            raise CheckpointError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}), no safetensors. "
-                                  f"{CONVERT_HINT}")
+            raise CheckpointError(f"{path}: only pickle weights ({', '.join(sorted(pickles))}), no safetensors. {CONVERT_HINT}")
         raise FileNotFoundError(f"{path}: no model.safetensors, index or *.safetensors file")
     entries = {}
     for f in files:
         for key, entry in _read_header(f).items():
             if key in entries:
-                raise CheckpointError(f"{path}: tensor {key!r} is in both {entries[key].file.name} and "
-                                      f"{f.name}; keep one file, or write a model.safetensors.index.json")
+                raise CheckpointError(
+                    f"{path}: tensor {key!r} is in both {entries[key].file.name} and "
+                    f"{f.name}; keep one file, or write a model.safetensors.index.json"
+                )
             entries[key] = entry
     return SafetensorsCheckpoint(entries)
 
@@ -294,8 +314,10 @@ class Rule:
     def __post_init__(self):
         re.compile(self.pattern)  # a bad regex fails when the table is built, not mid-conversion
         if not (self.transform is None or self.transform == "T" or callable(self.transform)):
-            raise ValueError(f"Rule({self.pattern!r}): transform {self.transform!r}; expected None, 'T' "
-                             f"or a callable (array, expected_shape) -> array")
+            raise ValueError(
+                f"Rule({self.pattern!r}): transform {self.transform!r}; expected None, 'T' "
+                f"or a callable (array, expected_shape) -> array"
+            )
 
     def match(self, key: str) -> tuple | None:
         """The parameter path ``key`` maps to (``target`` with the pattern's groups filled, digit
@@ -341,8 +363,9 @@ def _leaf(v):
     return v
 
 
-def convert(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
-            ignore: Iterable[str] = ()) -> dict[tuple, np.ndarray]:
+def convert(
+    ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None, ignore: Iterable[str] = ()
+) -> dict[tuple, np.ndarray]:
     """All of :func:`iter_converted` in a dict (the whole model in host memory)."""
     return dict(iter_converted(ckpt, rules, expected, dtype=dtype, ignore=ignore))
 
@@ -363,8 +386,16 @@ class LazyTensor:
         return _contiguous(self.ckpt.get_slice(self.key, index).astype(self.dtype))
 
 
-def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected: dict, *, dtype=None,
-                   ignore: Iterable[str] = (), keep_dtype: bool = False, lazy: bool = False):
+def iter_converted(
+    ckpt: SafetensorsCheckpoint,
+    rules: Iterable[Rule],
+    expected: dict,
+    *,
+    dtype=None,
+    ignore: Iterable[str] = (),
+    keep_dtype: bool = False,
+    lazy: bool = False,
+):
     """Maps every checkpoint tensor through ``rules`` onto the ``expected`` parameter paths.
 
     Args:
@@ -401,25 +432,32 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
             problems.append(f"unexpected tensor {key!r} in {ckpt.file(key).name}: no rule maps it to a parameter")
             continue
         if path not in expected:
-            problems.append(f"unexpected tensor {key!r} in {ckpt.file(key).name}: maps to {_fmt(path)}, "
-                            f"which the model does not have")
+            problems.append(
+                f"unexpected tensor {key!r} in {ckpt.file(key).name}: maps to {_fmt(path)}, which the model does not have"
+            )
             continue
         if path in source:
-            problems.append(f"parameter {_fmt(path)} filled twice: by {source[path]!r} in "
-                            f"{ckpt.file(source[path]).name} and by {key!r} in {ckpt.file(key).name}")
+            problems.append(
+                f"parameter {_fmt(path)} filled twice: by {source[path]!r} in "
+                f"{ckpt.file(source[path]).name} and by {key!r} in {ckpt.file(key).name}"
+            )
             continue
         want = tuple(expected[path].shape)
         if ckpt.dtype(key) not in _FLOAT_CODES and np.dtype(expected[path].dtype) in _FLOAT_DTYPES:
-            problems.append(f"tensor {key!r} in {ckpt.file(key).name} has dtype {ckpt.dtype(key)}, but parameter "
-                            f"{_fmt(path)} is a float weight (a quantised or corrupt checkpoint?); jaxmm "
-                            f"reads F32, F16, BF16 (and F64, F8) weights")
+            problems.append(
+                f"tensor {key!r} in {ckpt.file(key).name} has dtype {ckpt.dtype(key)}, but parameter "
+                f"{_fmt(path)} is a float weight (a quantised or corrupt checkpoint?); jaxmm "
+                f"reads F32, F16, BF16 (and F64, F8) weights"
+            )
             continue
         if lazy and rule.transform in (None, "T") and (rule.transform is None or len(ckpt.shape(key)) == 2):
             t = rule.transform == "T"
             shape = tuple(ckpt.shape(key))[::-1] if t else tuple(ckpt.shape(key))
             if shape != want:
-                problems.append(f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
-                                f"parameter {_fmt(path)} expects {list(want)}, got {list(shape)} after the key map")
+                problems.append(
+                    f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
+                    f"parameter {_fmt(path)} expects {list(want)}, got {list(shape)} after the key map"
+                )
                 continue
             source[path] = key
             cast = DTYPES[ckpt.dtype(key)] if keep_dtype else (dtype if dtype is not None else expected[path].dtype)
@@ -431,8 +469,10 @@ def iter_converted(ckpt: SafetensorsCheckpoint, rules: Iterable[Rule], expected:
             problems.append(f"tensor {key!r} in {ckpt.file(key).name}: {e}")
             continue
         if tuple(w.shape) != want:
-            problems.append(f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
-                            f"parameter {_fmt(path)} expects {list(want)}, got {list(w.shape)} after the key map")
+            problems.append(
+                f"mis-shaped tensor {key!r} in {ckpt.file(key).name} (shape {list(ckpt.shape(key))}): "
+                f"parameter {_fmt(path)} expects {list(want)}, got {list(w.shape)} after the key map"
+            )
             continue
         source[path] = key
         yield path, _contiguous(w if keep_dtype else w.astype(dtype if dtype is not None else expected[path].dtype))
@@ -506,7 +546,7 @@ def unflatten(flat: dict[tuple, object]) -> dict:
         for i, k in enumerate(path[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{_fmt(path)}: {_fmt(path[:i + 1])} is a leaf, not a subtree")
+                raise ValueError(f"{_fmt(path)}: {_fmt(path[: i + 1])} is a leaf, not a subtree")
         if path[-1] in node:
             raise ValueError(f"{_fmt(path)} is given twice, or is also a subtree")
         node[path[-1]] = value

@@ -25,8 +25,11 @@ MARKER = "jaxmm_checkpoint.json"
 def _spec(path: Path, shape=None, dtype=None, create=False):
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
     if create:
-        spec["metadata"] = {"shape": list(shape), "dtype": np.dtype(dtype).str if np.dtype(dtype).name != "bfloat16"
-                            else "bfloat16", "chunks": list(shape) if len(shape) else []}
+        spec["metadata"] = {
+            "shape": list(shape),
+            "dtype": np.dtype(dtype).str if np.dtype(dtype).name != "bfloat16" else "bfloat16",
+            "chunks": list(shape) if len(shape) else [],
+        }
         spec["create"] = True
         spec["delete_existing"] = True
     return spec
@@ -59,8 +62,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path) -> Path:
     ignore = family.IGNORE_TIED if config.tie_word_embeddings else family.IGNORE
     listing = {}
     try:
-        for path, array in iter_converted(ckpt, family.KEY_RULES, expected, dtype=None, ignore=ignore,
-                                          keep_dtype=True):
+        for path, array in iter_converted(ckpt, family.KEY_RULES, expected, dtype=None, ignore=ignore, keep_dtype=True):
             name = _name(path)
             store = ts.open(_spec(tmp / "params" / name, array.shape, array.dtype, create=True)).result()
             store.write(array).result()
@@ -115,7 +117,8 @@ def restore(path: str | Path, abstract: dict, dtype, shardings: dict | None = No
             out[p] = jax.numpy.asarray(np.asarray(store.read().result()).astype(dtype))
         else:
             out[p] = jax.make_array_from_callback(
-                tuple(want.shape), shardings[p], lambda idx, s=store: np.asarray(s[idx].read().result()).astype(dtype))
+                tuple(want.shape), shardings[p], lambda idx, s=store: np.asarray(s[idx].read().result()).astype(dtype)
+            )
     if problems:
         raise CheckpointError(f"{path}: converted checkpoint does not match the model:\n  " + "\n  ".join(problems))
     return out

@@ -57,8 +57,9 @@ def _union(boxes):
     return (int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max()))
 
 
-def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = None,
-                shape_scale: float = 0.2, contrast: float = 1.0) -> dict:
+def make_sample(
+    index: int, seed: int = 0, size=(224, 224), task: str | None = None, shape_scale: float = 0.2, contrast: float = 1.0
+) -> dict:
     """Sample ``index`` of the benchmark with ``seed`` (same inputs, same sample).
 
     ``shape_scale``: side of a shape as a fraction of the image width (counting shapes are 3/4 of
@@ -78,8 +79,10 @@ def make_sample(index: int, seed: int = 0, size=(224, 224), task: str | None = N
             return _compose(rng, index, seed, size, task, shape_scale, contrast)
         except _NoRoom:
             continue
-    raise RuntimeError(f"sample {index} (seed {seed}): no layout with room for every shape in 32 draws "
-                       f"(shape_scale={shape_scale} too large for {size})")
+    raise RuntimeError(
+        f"sample {index} (seed {seed}): no layout with room for every shape in 32 draws "
+        f"(shape_scale={shape_scale} too large for {size})"
+    )
 
 
 class _NoRoom(Exception):
@@ -102,8 +105,7 @@ def _compose(rng, index, seed, size, task, shape_scale, contrast) -> dict:
         else:
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             a = QUADRANTS[2 * (cy >= size[1] / 2) + (cx >= size[0] / 2)]
-            q = (f"Where is the {color} {shape}? Answer with one of: top-left, top-right, bottom-left, "
-                 f"bottom-right.")
+            q = f"Where is the {color} {shape}? Answer with one of: top-left, top-right, bottom-left, bottom-right."
         sample.update(question=q, answer=a, box=box)
     elif task == "counting":
         shape, n = SHAPES[rng.integers(3)], int(rng.integers(1, 5))
@@ -113,8 +115,7 @@ def _compose(rng, index, seed, size, task, shape_scale, contrast) -> dict:
             taken.append(b)
             boxes.append(b)
             _draw_shape(draw, shape, b, COLORS[list(COLORS)[rng.integers(4)]])
-        sample.update(question=f"How many {shape}s are there? Answer with a number.", answer=str(n),
-                      box=_union(boxes))
+        sample.update(question=f"How many {shape}s are there? Answer with a number.", answer=str(n), box=_union(boxes))
     elif task == "ocr":
         word = WORDS[rng.integers(len(WORDS))]
         font = ImageFont.load_default(size=s // 2)
@@ -131,8 +132,11 @@ def _compose(rng, index, seed, size, task, shape_scale, contrast) -> dict:
         _draw_shape(draw, a_shape, ba, COLORS["red"])
         _draw_shape(draw, b_shape, bb, COLORS["blue"])
         left = (ba[0] + ba[2]) < (bb[0] + bb[2])
-        sample.update(question=f"Is the {a_shape} to the left of the {b_shape}? Answer yes or no.",
-                      answer="yes" if left else "no", box=_union([ba, bb]))
+        sample.update(
+            question=f"Is the {a_shape} to the left of the {b_shape}? Answer yes or no.",
+            answer="yes" if left else "no",
+            box=_union([ba, bb]),
+        )
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     sample["image"] = img

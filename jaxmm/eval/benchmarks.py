@@ -119,15 +119,27 @@ def _options(row, letters="ABCDEFGH"):
 
 
 def _mmstar(row):
-    return dict(id=str(row["index"]), question=f"{row['question']}\n{LETTER_INSTRUCTION}", raw_question=row["question"],
-                answer=row["answer"], score="option_letter", task=row.get("category"))
+    return dict(
+        id=str(row["index"]),
+        question=f"{row['question']}\n{LETTER_INSTRUCTION}",
+        raw_question=row["question"],
+        answer=row["answer"],
+        score="option_letter",
+        task=row.get("category"),
+    )
 
 
 def _mmbench(row):
     hint = f"{row['hint']}\n" if row.get("hint") not in (None, "", "nan") else ""
     raw = f"{hint}{row['question']}\n{_options(row)}"
-    return dict(id=str(row["index"]), question=f"{raw}\n{LETTER_INSTRUCTION}", raw_question=raw,
-                answer=row["answer"], score="option_letter", task=row.get("category"))
+    return dict(
+        id=str(row["index"]),
+        question=f"{raw}\n{LETTER_INSTRUCTION}",
+        raw_question=raw,
+        answer=row["answer"],
+        score="option_letter",
+        task=row.get("category"),
+    )
 
 
 def _mathvista(row):
@@ -136,39 +148,70 @@ def _mathvista(row):
         letter = "ABCDEFGH"[list(choices).index(row["answer"])]
         q = row.get("query") or f"{row['question']}\n" + "\n".join(f"({'ABCDEFGH'[i]}) {c}" for i, c in enumerate(choices))
         return dict(id=str(row["pid"]), question=q, answer=letter, score="option_letter", task=row.get("task"))
-    return dict(id=str(row["pid"]), question=row.get("query") or row["question"], answer=str(row["answer"]),
-                score="exact", task=row.get("task"))
+    return dict(
+        id=str(row["pid"]),
+        question=row.get("query") or row["question"],
+        answer=str(row["answer"]),
+        score="exact",
+        task=row.get("task"),
+    )
 
 
 def _pope(row):
-    return dict(id=str(row["question_id"]), question=f"{row['question']} {YES_NO_INSTRUCTION}",
-                raw_question=row["question"], answer=row["answer"].strip().lower(), score="yes_no",
-                task=row.get("category"))
+    return dict(
+        id=str(row["question_id"]),
+        question=f"{row['question']} {YES_NO_INSTRUCTION}",
+        raw_question=row["question"],
+        answer=row["answer"].strip().lower(),
+        score="yes_no",
+        task=row.get("category"),
+    )
 
 
 def _hallusion(row):
     gt = "yes" if str(row["gt_answer"]).strip() in ("1", "yes") else "no"
     rid = "-".join(str(row.get(k, "")) for k in ("category", "subcategory", "set_id", "figure_id", "question_id"))
-    return dict(id=rid, question=f"{row['question']} {YES_NO_INSTRUCTION}", raw_question=row["question"], answer=gt,
-                score="yes_no", task=row.get("category"))
+    return dict(
+        id=rid,
+        question=f"{row['question']} {YES_NO_INSTRUCTION}",
+        raw_question=row["question"],
+        answer=gt,
+        score="yes_no",
+        task=row.get("category"),
+    )
 
 
 def _chartqa(row):
     rid = row.get("id") if row.get("id") is not None else row.get("question_id")
     raw = row.get("query", row.get("question"))
-    return dict(id=None if rid is None else str(rid),       # None: to_sample derives a stable one
-                question=f"{raw}\n{SHORT_INSTRUCTION}", raw_question=raw,
-                answer=str(row.get("label", row.get("answer"))), score="relaxed", task=row.get("type"))
+    return dict(
+        id=None if rid is None else str(rid),  # None: to_sample derives a stable one
+        question=f"{raw}\n{SHORT_INSTRUCTION}",
+        raw_question=raw,
+        answer=str(row.get("label", row.get("answer"))),
+        score="relaxed",
+        task=row.get("type"),
+    )
 
 
 def _textvqa(row):
-    return dict(id=str(row["question_id"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
-                raw_question=row["question"], answer=list(row["answers"]), score="vqa")
+    return dict(
+        id=str(row["question_id"]),
+        question=f"{row['question']}\n{SHORT_INSTRUCTION}",
+        raw_question=row["question"],
+        answer=list(row["answers"]),
+        score="vqa",
+    )
 
 
 def _docvqa(row):
-    return dict(id=str(row["questionId"]), question=f"{row['question']}\n{SHORT_INSTRUCTION}",
-                raw_question=row["question"], answer=list(row["answers"]), score="anls")
+    return dict(
+        id=str(row["questionId"]),
+        question=f"{row['question']}\n{SHORT_INSTRUCTION}",
+        raw_question=row["question"],
+        answer=list(row["answers"]),
+        score="anls",
+    )
 
 
 #: PAI's CHAIR prompt (chair_eval.py)
@@ -180,21 +223,30 @@ def _chair(row):
     categories, e.g. from :func:`jaxmm.eval.chair.ground_truth_rows`), optional ``question``."""
     objects = row["objects"]
     if isinstance(objects, str) or not all(isinstance(o, str) for o in objects):
-        raise ValueError(f"chair: field 'objects' of image {row.get('image_id')!r} must be a list of COCO "
-                         f"categories, got {objects!r}")
+        raise ValueError(
+            f"chair: field 'objects' of image {row.get('image_id')!r} must be a list of COCO categories, got {objects!r}"
+        )
     q = row.get("question") or CHAIR_PROMPT
     return dict(id=str(row["image_id"]), question=q, answer=sorted(objects), score="chair")
 
 
 def _grounded(row):
-    return dict(id=row["id"], question=row["question"], answer=row["answer"], score="exact", task=row["task"],
-                box=tuple(row["box"]))
+    return dict(
+        id=row["id"], question=row["question"], answer=row["answer"], score="exact", task=row["task"], box=tuple(row["box"])
+    )
 
 
 READERS: dict[str, Callable[[dict], dict]] = {
-    "mmstar": _mmstar, "mmbench": _mmbench, "mathvista": _mathvista, "pope": _pope,
-    "hallusionbench": _hallusion, "chartqa": _chartqa, "textvqa": _textvqa, "docvqa": _docvqa,
-    "grounded": _grounded, "chair": _chair,
+    "mmstar": _mmstar,
+    "mmbench": _mmbench,
+    "mathvista": _mathvista,
+    "pope": _pope,
+    "hallusionbench": _hallusion,
+    "chartqa": _chartqa,
+    "textvqa": _textvqa,
+    "docvqa": _docvqa,
+    "grounded": _grounded,
+    "chair": _chair,
 }
 
 
@@ -206,15 +258,16 @@ def to_sample(name: str, row: dict, index: int | None = None) -> dict:
     except KeyError as e:
         raise ValueError(f"{name}: a row lacks the field {e} of the benchmark's schema") from None
     s["benchmark"] = name
-    s.setdefault("raw_question", s["question"])      # MathVista's query and grounded: no added instruction
+    s.setdefault("raw_question", s["question"])  # MathVista's query and grounded: no added instruction
     s["image"] = row.get("image") if "image" in row else row.get("decoded_image")
     if s["id"] is None:
         s["id"] = stable_id(s["question"], _image_ref(s["image"])) + ("" if index is None else f"-{index}")
     return s
 
 
-def load(name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0,
-         image_size: int = 224, **style) -> grain.MapDataset:
+def load(
+    name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0, image_size: int = 224, **style
+) -> grain.MapDataset:
     """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path``.
 
     ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``, square
@@ -234,7 +287,8 @@ def load(name: str, path: str | Path | None = None, limit: int | None = None, se
         n = limit or 64
         size = (image_size, image_size)
         return grain.MapDataset.range(n).map(
-            lambda i: {**to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"})
+            lambda i: {**to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"}
+        )
     if style:
         raise ValueError(f"benchmark {name!r}: unknown field(s) {sorted(style)}")
     if path is None:
@@ -258,8 +312,10 @@ def check_ids(name: str, path, rows: list[dict]) -> None:
         except ValueError as e:
             if i == 0:
                 raise ValueError(f"{path}: {e} (first row; fields found: {sorted(row)})") from None
-            continue                     # one malformed row later in the file: an error row at run time
+            continue  # one malformed row later in the file: an error row at run time
         if sid in first:
-            raise ValueError(f"{path}: id {sid!r} appears in rows {first[sid]} and {i}; benchmark ids must be "
-                             "unique (results are resumed and merged by id)")
+            raise ValueError(
+                f"{path}: id {sid!r} appears in rows {first[sid]} and {i}; benchmark ids must be "
+                "unique (results are resumed and merged by id)"
+            )
         first[sid] = i

@@ -35,21 +35,68 @@ from typing import Iterable, Sequence
 SYNONYMS = Path(__file__).with_name("data") / "coco_synonyms.txt"
 
 #: two-word object names treated as one word (CHAIR's ``coco_double_words``)
-DOUBLE_WORDS = ("motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-                "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-                "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-                "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-                "stove top oven", "home plate", "train track")
+DOUBLE_WORDS = (
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
+)
 #: "baby X" / "adult X" name the animal X, not a person; "passenger X" the vehicle X
 ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 VEHICLE_WORDS = ("jet", "train")
 
-_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "mice": "mouse", "geese": "goose",
-              "feet": "foot", "teeth": "tooth", "oxen": "ox", "knives": "knife", "wives": "wife", "leaves": "leaf",
-              "shelves": "shelf", "calves": "calf", "halves": "half", "loaves": "loaf", "wolves": "wolf",
-              "scarves": "scarf", "buses": "bus", "people": "people", "police": "police", "sheep": "sheep",
-              "scissors": "scissors", "glasses": "glass", "skis": "ski", "taxis": "taxi", "series": "series",
-              "species": "species"}
+_IRREGULAR = {
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "mice": "mouse",
+    "geese": "goose",
+    "feet": "foot",
+    "teeth": "tooth",
+    "oxen": "ox",
+    "knives": "knife",
+    "wives": "wife",
+    "leaves": "leaf",
+    "shelves": "shelf",
+    "calves": "calf",
+    "halves": "half",
+    "loaves": "loaf",
+    "wolves": "wolf",
+    "scarves": "scarf",
+    "buses": "bus",
+    "people": "people",
+    "police": "police",
+    "sheep": "sheep",
+    "scissors": "scissors",
+    "glasses": "glass",
+    "skis": "ski",
+    "taxis": "taxi",
+    "series": "series",
+    "species": "species",
+}
 _KEEP = ("ss", "us", "is", "ous")
 
 
@@ -57,7 +104,7 @@ def singular(word: str) -> str:
     """A noun's singular by rule (see the module docstring); other words pass through mostly unchanged."""
     if word in _IRREGULAR:
         return _IRREGULAR[word]
-    if word.endswith("men") and len(word) > 4:                      # policemen, gentlemen, servicemen
+    if word.endswith("men") and len(word) > 4:  # policemen, gentlemen, servicemen
         return word[:-3] + "man"
     if len(word) <= 2 or not word.endswith("s") or word.endswith(_KEEP):
         return word
@@ -115,7 +162,7 @@ class Chair:
         toks = [self.lemma(t) for t in re.findall(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]", caption.lower())]
         out, i = [], 0
         while i < len(toks):
-            pair = " ".join(toks[i:i + 2])
+            pair = " ".join(toks[i : i + 2])
             if pair in self.double:
                 out.append(self.double[pair])
                 i += 2
@@ -195,13 +242,27 @@ class Chair:
             n_gt += len(gt)
             n_generated += len(set(cats))
             n_recalled += len(set(cats) & gt)
-            sentences.append({"image_id": imid, "mentions": mentions, "categories": cats, "hallucinated": hall,
-                              "CHAIR_i": len(hall) / len(cats) if cats else 0.0})
+            sentences.append(
+                {
+                    "image_id": imid,
+                    "mentions": mentions,
+                    "categories": cats,
+                    "hallucinated": hall,
+                    "CHAIR_i": len(hall) / len(cats) if cats else 0.0,
+                }
+            )
         div = lambda a, b: a / b if b else math.nan
         recall, precision = div(n_recalled, n_gt), div(n_recalled, n_generated)
         f1 = div(2 * recall * precision, recall + precision) if not math.isnan(recall + precision) else math.nan
-        return {"CHAIR_s": div(n_hall_caps, len(captions)), "CHAIR_i": div(n_hall, n_mentions), "recall": recall,
-                "precision": precision, "f1": f1, "len": div(0.01 * n_words, len(captions)), "sentences": sentences}
+        return {
+            "CHAIR_s": div(n_hall_caps, len(captions)),
+            "CHAIR_i": div(n_hall, n_mentions),
+            "recall": recall,
+            "precision": precision,
+            "f1": f1,
+            "len": div(0.01 * n_words, len(captions)),
+            "sentences": sentences,
+        }
 
 
 def _json(x):
@@ -220,8 +281,9 @@ def chair(captions: Iterable[str], image_ids: Iterable, instances, gt_captions=N
     return c.score(list(captions), list(image_ids))
 
 
-def ground_truth_rows(instances, gt_captions, image_dir: str | Path, image_ids: Iterable | None = None,
-                      file_name: str = "COCO_val2014_{:012d}.jpg") -> list[dict]:
+def ground_truth_rows(
+    instances, gt_captions, image_dir: str | Path, image_ids: Iterable | None = None, file_name: str = "COCO_val2014_{:012d}.jpg"
+) -> list[dict]:
     """The rows of a ``chair`` benchmark file (write them as JSONL): per COCO image ``image_id``,
     ``image`` (its path, ``image_dir / file_name.format(image_id)``) and ``objects`` (its
     ground-truth categories from ``instances`` and ``gt_captions``, sorted). PAI samples 500 images
@@ -230,5 +292,6 @@ def ground_truth_rows(instances, gt_captions, image_dir: str | Path, image_ids: 
     c.add_instances(instances)
     c.add_captions(gt_captions)
     ids = sorted(c.ground_truth) if image_ids is None else list(image_ids)
-    return [{"image_id": i, "image": str(Path(image_dir) / file_name.format(i)), "objects": sorted(c.ground_truth[i])}
-            for i in ids]
+    return [
+        {"image_id": i, "image": str(Path(image_dir) / file_name.format(i)), "objects": sorted(c.ground_truth[i])} for i in ids
+    ]

@@ -60,8 +60,19 @@ from typing_extensions import NotRequired, TypedDict
 from jaxmm import probes as P
 from jaxmm.eval.report import method_name
 from jaxmm.attention import Intervention
-from jaxmm.config import (ORGANISM_RANDOM, Dtype, Fraction, Mesh, ModelRef, NonNegInt, PosFloat, PosInt, Validated,
-                          load as load_config, mesh_axes)
+from jaxmm.config import (
+    ORGANISM_RANDOM,
+    Dtype,
+    Fraction,
+    Mesh,
+    ModelRef,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Validated,
+    load as load_config,
+    mesh_axes,
+)
 from jaxmm.prompts import get as get_prompt
 from jaxmm.eval import scoring
 
@@ -75,7 +86,7 @@ def _benchmark_name(name: str) -> str:
 
 
 def _prompt_name(name: str) -> str:
-    get_prompt(name)        # ValueError naming the known prompts
+    get_prompt(name)  # ValueError naming the known prompts
     return name
 
 
@@ -94,12 +105,12 @@ class BenchmarkSpec(TypedDict):
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     name: Annotated[str, AfterValidator(_benchmark_name)]
-    path: NotRequired[str | None]                 # parquet/jsonl file, directory or glob (not for grounded)
-    limit: NotRequired[PosInt | None]             # the first `limit` samples (None = all; grounded: 64)
-    seed: NotRequired[NonNegInt]                  # default: the config's seed
+    path: NotRequired[str | None]  # parquet/jsonl file, directory or glob (not for grounded)
+    limit: NotRequired[PosInt | None]  # the first `limit` samples (None = all; grounded: 64)
+    seed: NotRequired[NonNegInt]  # default: the config's seed
     prompt: NotRequired[Annotated[str, AfterValidator(_prompt_name)] | None]
-    image_size: NotRequired[PosInt]               # grounded only: square images of this many pixels
-    shape_scale: NotRequired[PosFloat]            # grounded only: style of make_sample
+    image_size: NotRequired[PosInt]  # grounded only: square images of this many pixels
+    shape_scale: NotRequired[PosFloat]  # grounded only: style of make_sample
     contrast: NotRequired[Fraction]
 
 
@@ -119,23 +130,23 @@ class EvalConfig(Validated):
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    model: ModelRef = None              # HF checkpoint dir; None (or "organism") = the embedded organism
+    model: ModelRef = None  # HF checkpoint dir; None (or "organism") = the embedded organism
     dtype: Dtype = "float32"
     out: str = "runs/eval"
     benchmarks: Annotated[list[BenchmarkSpec], Field(min_length=1)] = dataclasses.field(
-        default_factory=lambda: [{"name": "grounded", "limit": 40}])
-    methods: Annotated[list[MethodSpec], Field(min_length=1)] = dataclasses.field(
-        default_factory=lambda: ["baseline"])
+        default_factory=lambda: [{"name": "grounded", "limit": 40}]
+    )
+    methods: Annotated[list[MethodSpec], Field(min_length=1)] = dataclasses.field(default_factory=lambda: ["baseline"])
     batch_size: PosInt = 8
     max_new_tokens: PosInt = 16
     max_prompt_tokens: PosInt = 4096
-    heatmaps: NonNegInt = 2             # samples per benchmark rendered as attention heatmaps
+    heatmaps: NonNegInt = 2  # samples per benchmark rendered as attention heatmaps
     seed: NonNegInt = 0
-    if_changed: Literal["refuse", "new"] = "refuse"   # resuming `out` with other settings: refuse, or new (out-<hash>)
-    min_pixels: PosInt | None = None    # image resolution bounds (pixel counts); None = the checkpoint's
+    if_changed: Literal["refuse", "new"] = "refuse"  # resuming `out` with other settings: refuse, or new (out-<hash>)
+    min_pixels: PosInt | None = None  # image resolution bounds (pixel counts); None = the checkpoint's
     max_pixels: PosInt | None = None
-    mesh: Mesh | None = None            # {data, fsdp, tensor}: one model sharded over every device of
-                                        # every process (see run()); None = a whole model per process
+    mesh: Mesh | None = None  # {data, fsdp, tensor}: one model sharded over every device of
+    # every process (see run()); None = a whole model per process
 
     @classmethod
     def from_yaml(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "EvalConfig":
@@ -203,11 +214,17 @@ def run_settings(cfg: EvalConfig) -> dict:
     weights' identity, dtype, each benchmark's spec (but its ``limit``: more samples extend a run),
     decoding and prompt limits, image resolution bounds, seed. Not the ``mesh``: the same model
     split another way gives the same rows (up to float rounding)."""
-    return {"model": cfg.model if cfg.model in (None, ORGANISM_RANDOM) else str(Path(cfg.model).resolve()),
-            "weights": _weights_identity(cfg.model), "dtype": cfg.dtype,
-            "benchmarks": [{k: v for k, v in dict(b).items() if k != "limit"} for b in cfg.benchmarks],
-            "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens, "seed": cfg.seed,
-            "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+    return {
+        "model": cfg.model if cfg.model in (None, ORGANISM_RANDOM) else str(Path(cfg.model).resolve()),
+        "weights": _weights_identity(cfg.model),
+        "dtype": cfg.dtype,
+        "benchmarks": [{k: v for k, v in dict(b).items() if k != "limit"} for b in cfg.benchmarks],
+        "max_new_tokens": cfg.max_new_tokens,
+        "max_prompt_tokens": cfg.max_prompt_tokens,
+        "seed": cfg.seed,
+        "min_pixels": cfg.min_pixels,
+        "max_pixels": cfg.max_pixels,
+    }
 
 
 def _settings_hash(settings: dict) -> str:
@@ -223,13 +240,15 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     if not f.exists():
         return
     old = json.loads(f.read_text()).get("settings", {})
-    new = json.loads(json.dumps(settings, default=str))          # as stored (tuples as lists, …)
+    new = json.loads(json.dumps(settings, default=str))  # as stored (tuples as lists, …)
     changed = [k for k in new if old.get(k) != new[k]]
     if changed:
         show = lambda v: json.dumps(v, default=str)[:120]
         what = "; ".join(f"{k}: {show(old.get(k))} -> {show(new[k])}" for k in changed)
-        raise SettingsChanged(f"{out_dir} holds rows made with other settings ({what}). Use another `out`, "
-                              "or `if_changed=new` to write a new run directory beside it")
+        raise SettingsChanged(
+            f"{out_dir} holds rows made with other settings ({what}). Use another `out`, "
+            "or `if_changed=new` to write a new run directory beside it"
+        )
 
 
 class _Lock:
@@ -243,8 +262,10 @@ class _Lock:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.f.close()
-            raise RuntimeError(f"{path.parent} is in use by another jaxmm eval (lock {path.name} is held); "
-                               "wait for it to finish or use another `out`") from None
+            raise RuntimeError(
+                f"{path.parent} is in use by another jaxmm eval (lock {path.name} is held); "
+                "wait for it to finish or use another `out`"
+            ) from None
 
     def release(self):
         self.f.close()
@@ -266,7 +287,7 @@ def _done_rows(path: Path) -> set:
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
-            except json.JSONDecodeError:      # a line cut by a kill: that sample runs again
+            except json.JSONDecodeError:  # a line cut by a kill: that sample runs again
                 continue
             done.add((r["benchmark"], r["id"], r["method"]))
     return done
@@ -303,7 +324,7 @@ def score(sample: dict, prediction: str) -> tuple[Any, float]:
     if rule == "yes_no":
         parsed = scoring.yes_no(prediction)
         return parsed, float(parsed == sample["answer"])
-    if rule == "chair":      # parsed: the caption's object mentions; score: 1 if any is hallucinated
+    if rule == "chair":  # parsed: the caption's object mentions; score: 1 if any is hallucinated
         mentions, cats = _chair().objects(prediction)
         hallucinated = [c for c in cats if c not in set(sample["answer"])]
         return {"mentions": mentions, "categories": cats, "hallucinated": hallucinated}, float(bool(hallucinated))
@@ -322,12 +343,14 @@ def score(sample: dict, prediction: str) -> tuple[Any, float]:
 def _metrics(out, b, n_tokens, has_box):
     """Means over the generated tokens (t < n), layers and heads of row b."""
     n = max(int(n_tokens), 1)
-    get = lambda name: np.asarray(out.probes[name]["text"].values[b, :n], np.float64)   # [T,L,H]
+    get = lambda name: np.asarray(out.probes[name]["text"].values[b, :n], np.float64)  # [T,L,H]
     with np.errstate(invalid="ignore", divide="ignore"):
         vas, ent = get("vas"), get("visual_entropy")
-        m = {"vas": float(np.nanmean(np.where(np.isfinite(vas), vas, np.nan))),
-             "visual_entropy": float(np.mean(ent)),
-             "visual_entropy_per_layer": [float(x) for x in ent.mean(axis=(0, 2))]}
+        m = {
+            "vas": float(np.nanmean(np.where(np.isfinite(vas), vas, np.nan))),
+            "visual_entropy": float(np.mean(ent)),
+            "visual_entropy_per_layer": [float(x) for x in ent.mean(axis=(0, 2))],
+        }
         if has_box:
             rr = get("region_ratio")
             m["region_ratio"] = float(np.nanmean(np.where(np.isfinite(rr), rr, np.nan)))
@@ -355,7 +378,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> Path:
     if cfg.if_changed not in ("refuse", "new"):
         raise ValueError(f"if_changed={cfg.if_changed!r}: expected 'refuse' or 'new'")
     rank, n_proc = jax.process_index(), jax.process_count()
-    mesh_axes(cfg.mesh, jax.device_count())     # a bad mesh or prompt name fails before anything is written
+    mesh_axes(cfg.mesh, jax.device_count())  # a bad mesh or prompt name fails before anything is written
     for b in cfg.benchmarks:
         if dict(b).get("prompt") is not None:
             get_prompt(b["prompt"])
@@ -386,9 +409,9 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     from jaxmm.sharding import host_samples, make_mesh
 
     mesh = None if cfg.mesh is None else make_mesh(**mesh_axes(cfg.mesh, jax.device_count()))
-    spmd = mesh is not None and n_proc > 1      # one program over every process: process 0 writes the rows
+    spmd = mesh is not None and n_proc > 1  # one program over every process: process 0 writes the rows
     if rank == 0:
-        written = dataclasses.asdict(cfg)     # an intervention object as a method: by its column name
+        written = dataclasses.asdict(cfg)  # an intervention object as a method: by its column name
         written["methods"] = [m if isinstance(m, (str, dict)) else method_name(m) for m in cfg.methods]
         (out_dir / "config.json").write_text(json.dumps(written, indent=2))
         tmp = out_dir / "settings.json.tmp"
@@ -397,7 +420,7 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     merged = out_dir / "results.jsonl"
     single_writer = n_proc == 1 or spmd
     resumed_ranks = single_writer and bool(_rank_files(out_dir))
-    if resumed_ranks and rank == 0:     # resuming a per-process run with one writer: its rows count as done
+    if resumed_ranks and rank == 0:  # resuming a per-process run with one writer: its rows count as done
         _repair(merged)
         merge_rank_files(out_dir)
     if spmd:
@@ -408,17 +431,21 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     if rank == 0 or not single_writer:
         _repair(results)
     done = _done_rows(results)
-    if n_proc > 1 and not spmd:     # rows any process already wrote, whatever the process count was then
+    if n_proc > 1 and not spmd:  # rows any process already wrote, whatever the process count was then
         done |= _done_rows(merged).union(*(_done_rows(f) for f in _rank_files(out_dir)))
     model = jaxmm.load(organism.resolve(cfg.model), dtype=cfg.dtype, mesh=mesh)
     if cfg.min_pixels is not None or cfg.max_pixels is not None:
         proc = model.image_processor
         if not hasattr(proc, "min_pixels"):
-            raise ValueError(f"min_pixels / max_pixels set, but {type(proc).__name__} (model_type="
-                             f"{model.config.model_type!r}) resizes to a fixed size; leave them unset")
+            raise ValueError(
+                f"min_pixels / max_pixels set, but {type(proc).__name__} (model_type="
+                f"{model.config.model_type!r}) resizes to a fixed size; leave them unset"
+            )
         model.image_processor = dataclasses.replace(
-            proc, min_pixels=proc.min_pixels if cfg.min_pixels is None else cfg.min_pixels,
-            max_pixels=proc.max_pixels if cfg.max_pixels is None else cfg.max_pixels)
+            proc,
+            min_pixels=proc.min_pixels if cfg.min_pixels is None else cfg.min_pixels,
+            max_pixels=proc.max_pixels if cfg.max_pixels is None else cfg.max_pixels,
+        )
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
     total = 0
@@ -442,7 +469,7 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
         for mname, ivs in methods:
             todo = list(range(len(ds)) if spmd else host_samples(len(ds)))
             for start in range(0, len(todo), cfg.batch_size):
-                chunk = todo[start:start + cfg.batch_size]
+                chunk = todo[start : start + cfg.batch_size]
                 rows, ok = [], []
                 for i in chunk:
                     try:
@@ -454,7 +481,7 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
                         continue
                     try:
                         s["image"] = B.decode_image(s["image"])
-                        s["_source"] = (k, i)       # for process 0 to render another process's heatmap
+                        s["_source"] = (k, i)  # for process 0 to render another process's heatmap
                         if prompts[k] is not None:  # a named prompt: its user text and system turn
                             s["question"] = prompts[k].user.format(question=s["raw_question"])
                             s["_system"] = prompts[k].system
@@ -493,7 +520,7 @@ def _rank_files(out_dir: Path) -> list[Path]:
     """Every ``results.rank{r}.jsonl`` in ``out_dir``, by rank (any process count, past or present)."""
     found = []
     for f in Path(out_dir).glob("results.rank*.jsonl"):
-        r = f.name[len("results.rank"):-len(".jsonl")]
+        r = f.name[len("results.rank") : -len(".jsonl")]
         if r.isdigit():
             found.append((int(r), f))
     return [f for _, f in sorted(found)]
@@ -519,8 +546,7 @@ def render_deferred_heatmaps(out_dir: Path, datasets) -> int:
                 continue
             k, i = d["source"]
             image = B.decode_image(datasets[k][i]["image"])
-            render_heatmap(image, np.asarray(d["map"], np.float32), out_dir / r["heatmap"], title=d["title"],
-                           box=d.get("box"))
+            render_heatmap(image, np.asarray(d["map"], np.float32), out_dir / r["heatmap"], title=d["title"], box=d.get("box"))
             n += 1
     return n
 
@@ -559,8 +585,14 @@ def merge_rank_files(out_dir: Path) -> Path:
 
 
 def _error_row(s, method, e):
-    return {"benchmark": s["benchmark"], "id": s["id"], "method": method, "question": s.get("question"),
-            "answer": s.get("answer"), "error": f"{type(e).__name__}: {e}"}
+    return {
+        "benchmark": s["benchmark"],
+        "id": s["id"],
+        "method": method,
+        "question": s.get("question"),
+        "answer": s.get("answer"),
+        "error": f"{type(e).__name__}: {e}",
+    }
 
 
 def _run_batch(model, samples, mname, ivs, cfg, nl, out_dir, render=True, mesh=None):
@@ -584,42 +616,60 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     from jaxmm.processing import batch as host
     from jaxmm.sharding import on_host
 
-    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], s.get("_system"))
-                                          for s in samples])
+    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], s.get("_system")) for s in samples])
     if batch.input_ids.shape[1] > cfg.max_prompt_tokens:
         raise ValueError(f"prompt of {batch.input_ids.shape[1]} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")
     boxes, sizes = host.sample_boxes(samples)
     if boxes:
-        batch = host.with_region_weights(batch, host.region_weights(model, batch.layout, info["image_grid_thw"],
-                                                                    boxes, sizes))
+        batch = host.with_region_weights(batch, host.region_weights(model, batch.layout, info["image_grid_thw"], boxes, sizes))
     lay = batch.layout
-    index = [s["id"].rsplit("-", 1)[-1] for s in samples]          # heatmaps for samples 0 … heatmaps−1
+    index = [s["id"].rsplit("-", 1)[-1] for s in samples]  # heatmaps for samples 0 … heatmaps−1
     drawn = [i.isdigit() and int(i) < cfg.heatmaps for i in index]
     probes = (P.VAS(eps=1e-6), P.VisualEntropy(), P.RegionRatio(eps=1e-12))
-    if any(drawn):      # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
+    if any(drawn):  # the full last-layer maps [B,T,1,H,K] only for a batch that draws a heatmap
         probes += (P.AttentionWeights(name="last_layer", layers=(nl - 1,)),)
     t0 = time.perf_counter()
-    out = generate(model.params, model.config, batch, max_new_tokens=cfg.max_new_tokens,
-                   stop_tokens=host.stop_tokens(model), pad_token_id=host.pad_token_id(model), interventions=ivs,
-                   probes=probes, mesh=mesh, contrast=pai_contrast_for(batch, model.config, ivs))
-    out = on_host(out)        # gathered first where a mesh spans processes
+    out = generate(
+        model.params,
+        model.config,
+        batch,
+        max_new_tokens=cfg.max_new_tokens,
+        stop_tokens=host.stop_tokens(model),
+        pad_token_id=host.pad_token_id(model),
+        interventions=ivs,
+        probes=probes,
+        mesh=mesh,
+        contrast=pai_contrast_for(batch, model.config, ivs),
+    )
+    out = on_host(out)  # gathered first where a mesh spans processes
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     prompt_tokens = np.asarray(batch.attention_mask).sum(axis=1)
     seconds = (time.perf_counter() - t0) / len(samples)
     rows = []
-    heat = np.asarray(out.probes["last_layer"]["text"].values) if any(drawn) else None      # [B,T,1,H,K]
+    heat = np.asarray(out.probes["last_layer"]["text"].values) if any(drawn) else None  # [B,T,1,H,K]
     for b, s in enumerate(samples):
-        pred = model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True)
+        pred = model.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True)
         parsed, sc = score(s, pred)
-        row = {"benchmark": s["benchmark"], "id": s["id"], "method": mname, "task": s.get("task"),
-               "question": s["question"], "answer": s["answer"], "prediction": pred, "parsed": parsed,
-               "score": sc, "metric": scoring.METRIC[s["score"]], "n_tokens": int(lengths[b]),
-               "prompt_tokens": int(prompt_tokens[b]), "seconds": seconds}
+        row = {
+            "benchmark": s["benchmark"],
+            "id": s["id"],
+            "method": mname,
+            "task": s.get("task"),
+            "question": s["question"],
+            "answer": s["answer"],
+            "prediction": pred,
+            "parsed": parsed,
+            "score": sc,
+            "metric": scoring.METRIC[s["score"]],
+            "n_tokens": int(lengths[b]),
+            "prompt_tokens": int(prompt_tokens[b]),
+            "seconds": seconds,
+        }
         row.update(_metrics(out, b, lengths[b], b in boxes))
         if drawn[b]:
             img_keys = np.asarray(lay.image_mask[b])
-            first = np.asarray(lay.grid_pos[b])[img_keys][:, 0] == 0     # frame 0 (LLaVA-NeXT: the base image)
-            att = heat[b, :max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys][first]
+            first = np.asarray(lay.grid_pos[b])[img_keys][:, 0] == 0  # frame 0 (LLaVA-NeXT: the base image)
+            att = heat[b, : max(int(lengths[b]), 1), 0].mean(axis=(0, 1))[: img_keys.shape[0]][img_keys][first]
             gh, gw = (int(x) for x in np.asarray(lay.grid_hw[b])[img_keys][0])
             fig = out_dir / "figures" / f"heatmap_{s['benchmark']}_{s['id']}_{mname.replace(':', '_').replace(',', '_')}.png"
             title = f"{s['id']} · {mname} · Q: {s['question']} · answer: {s['answer']} · prediction: {pred}"
@@ -627,8 +677,11 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
                 render_heatmap(s["image"], att.reshape(gh, gw), fig, title=title, box=s.get("box"))
             row["heatmap"] = str(fig.relative_to(out_dir))
             if not render:
-                row["heatmap_data"] = {"map": att.reshape(gh, gw).tolist(), "title": title,
-                                       "box": None if s.get("box") is None else [float(v) for v in s["box"]],
-                                       "source": list(s["_source"])}
+                row["heatmap_data"] = {
+                    "map": att.reshape(gh, gw).tolist(),
+                    "title": title,
+                    "box": None if s.get("box") is None else [float(v) for v in s["box"]],
+                    "source": list(s["_source"]),
+                }
         rows.append(row)
     return rows

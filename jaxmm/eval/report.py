@@ -27,8 +27,9 @@ def method_name(spec) -> str:
         rest = ",".join(f"{k}={v}" for k, v in spec.items() if k != "method")
         return spec["method"] + (f":{rest}" if rest else "")
     if dataclasses.is_dataclass(spec):
-        rest = ",".join(f"{f.name}={_show(getattr(spec, f.name))}" for f in dataclasses.fields(spec)
-                        if getattr(spec, f.name) is not None)
+        rest = ",".join(
+            f"{f.name}={_show(getattr(spec, f.name))}" for f in dataclasses.fields(spec) if getattr(spec, f.name) is not None
+        )
         return type(spec).__name__.lower() + (f":{rest}" if rest else "")
     return type(spec).__name__.lower()
 
@@ -72,7 +73,7 @@ def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", bo
     if title:
         import textwrap
 
-        shown = "".join(c if c.isprintable() else " " for c in title)      # model output may hold control chars
+        shown = "".join(c if c.isprintable() else " " for c in title)  # model output may hold control chars
         fig.suptitle("\n".join(textwrap.wrap(shown, 90)[:4]), fontsize=7)
     if box is not None:
         from matplotlib.patches import Rectangle
@@ -121,10 +122,17 @@ def summarize(rows: list[dict]) -> dict:
 
         layers = [r["visual_entropy_per_layer"] for r in ok if r.get("visual_entropy_per_layer")]
         metric = next((r["metric"] for r in ok if r.get("metric")), "accuracy")
-        out[key] = {"accuracy": mean("score"), "metric": metric, "n": len(ok), "errors": len(rs) - len(ok),
-                    "unparsed": sum(r.get("parsed") is None for r in ok), "vas": mean("vas"),
-                    "visual_entropy": mean("visual_entropy"), "region_ratio": mean("region_ratio"),
-                    "per_layer": np.mean(layers, 0).tolist() if layers else None}
+        out[key] = {
+            "accuracy": mean("score"),
+            "metric": metric,
+            "n": len(ok),
+            "errors": len(rs) - len(ok),
+            "unparsed": sum(r.get("parsed") is None for r in ok),
+            "vas": mean("vas"),
+            "visual_entropy": mean("visual_entropy"),
+            "region_ratio": mean("region_ratio"),
+            "per_layer": np.mean(layers, 0).tolist() if layers else None,
+        }
     return out
 
 
@@ -156,9 +164,15 @@ def chair_metrics(rows: list[dict]) -> dict:
         m["hallucinated_captions"] += bool(r["parsed"]["hallucinated"])
         m["hallucinated"] += len(r["parsed"]["hallucinated"])
         m["mentions"] += len(r["parsed"]["categories"])
-    return {k: {"n": v["n"], "CHAIR_s": v["hallucinated_captions"] / v["n"], "mentions": v["mentions"],
-                "CHAIR_i": v["hallucinated"] / v["mentions"] if v["mentions"] else float("nan")}
-            for k, v in out.items()}
+    return {
+        k: {
+            "n": v["n"],
+            "CHAIR_s": v["hallucinated_captions"] / v["n"],
+            "mentions": v["mentions"],
+            "CHAIR_i": v["hallucinated"] / v["mentions"] if v["mentions"] else float("nan"),
+        }
+        for k, v in out.items()
+    }
 
 
 def pope_metrics(rows: list[dict]) -> dict:
@@ -182,9 +196,15 @@ def pope_metrics(rows: list[dict]) -> dict:
         fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gt))
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
-        out[key] = {"n": len(rs), "accuracy": sum(p == g for p, g in zip(pred, gt)) / len(rs), "precision": prec,
-                    "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-                    "yes_ratio": sum(p == "yes" for p in pred) / len(rs), "unparsed": sum(p is None for p in pred)}
+        out[key] = {
+            "n": len(rs),
+            "accuracy": sum(p == g for p, g in zip(pred, gt)) / len(rs),
+            "precision": prec,
+            "recall": rec,
+            "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "yes_ratio": sum(p == "yes" for p in pred) / len(rs),
+            "unparsed": sum(p is None for p in pred),
+        }
     return out
 
 
@@ -195,8 +215,14 @@ def task_accuracy(rows: list[dict]) -> dict:
     for r in rows:
         if "error" not in r and r.get("task") is not None:
             groups[(r["benchmark"], r["task"], r["method"])].append(r)
-    return {k: {"accuracy": float(np.mean([r["score"] for r in rs])), "n": len(rs),
-                "unparsed": sum(r.get("parsed") is None for r in rs)} for k, rs in groups.items()}
+    return {
+        k: {
+            "accuracy": float(np.mean([r["score"] for r in rs])),
+            "n": len(rs),
+            "unparsed": sum(r.get("parsed") is None for r in rs),
+        }
+        for k, rs in groups.items()
+    }
 
 
 def _fmt(x, pct=False):
@@ -292,24 +318,36 @@ def score_tables(rows: list[dict], config: dict | None = None) -> str:
     ``jaxmm eval`` prints when it ends."""
     summary = summarize(rows)
     benches, methods = config_order(rows, config)
-    out = ["## Scores (%) — each benchmark's own metric; delta against baseline in points", "",
-           table(summary, benches, methods), ""]
+    out = [
+        "## Scores (%) — each benchmark's own metric; delta against baseline in points",
+        "",
+        table(summary, benches, methods),
+        "",
+    ]
     tasks = task_table(rows, benches, methods)
     if tasks:
         out += ["## Scores per task (%)", "", tasks, ""]
-    pope = ["| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for (m, split), s in sorted(pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1],
-                                                                              methods.index(kv[0][0]))):
-        pope.append(f"| {split} | {m} | {s['n']} | " + " | ".join(_fmt(s[k], pct=True) for k in (
-            "accuracy", "precision", "recall", "f1", "yes_ratio")) + f" | {s['unparsed']} |")
+    pope = [
+        "| split | method | n | accuracy | precision | recall | F1 | yes ratio | unparsed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (m, split), s in sorted(
+        pope_metrics(rows).items(), key=lambda kv: (kv[0][1] == "all", kv[0][1], methods.index(kv[0][0]))
+    ):
+        pope.append(
+            f"| {split} | {m} | {s['n']} | "
+            + " | ".join(_fmt(s[k], pct=True) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+            + f" | {s['unparsed']} |"
+        )
     if len(pope) > 2:
-        out += ["## POPE (%, \"yes\" is the positive class)", "", "\n".join(pope), ""]
+        out += ['## POPE (%, "yes" is the positive class)', "", "\n".join(pope), ""]
     chair = chair_metrics(rows)
     if chair:
         lines = ["| method | captions | object mentions | CHAIR_s | CHAIR_i |", "|---|---|---|---|---|"]
-        lines += [f"| {m} | {c['n']} | {c['mentions']} | {_fmt(c['CHAIR_s'], pct=True)} | {_fmt(c['CHAIR_i'], pct=True)} |"
-                  for m, c in sorted(chair.items(), key=lambda kv: methods.index(kv[0]))]
+        lines += [
+            f"| {m} | {c['n']} | {c['mentions']} | {_fmt(c['CHAIR_s'], pct=True)} | {_fmt(c['CHAIR_i'], pct=True)} |"
+            for m, c in sorted(chair.items(), key=lambda kv: methods.index(kv[0]))
+        ]
         out += ["## CHAIR (%, lower is better: hallucinated objects in captions)", "", "\n".join(lines), ""]
     return "\n".join(out).rstrip()
 
@@ -337,8 +375,9 @@ def write_report(out_dir: str | Path) -> Path:
     for (b, m), s in ordered:
         if s["vas"] is not None and s["accuracy"] is not None:
             ax.scatter(s["vas"], 100 * s["accuracy"], label=f"{m} · {b}", s=30)
-    ax.set_xlabel("VAS = attention mass on image tokens / on system tokens\n(mean over generated tokens, layers, heads)",
-                  fontsize=8)
+    ax.set_xlabel(
+        "VAS = attention mass on image tokens / on system tokens\n(mean over generated tokens, layers, heads)", fontsize=8
+    )
     ax.set_ylabel("accuracy (%)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
@@ -362,23 +401,37 @@ def write_report(out_dir: str | Path) -> Path:
     for (b, m), s in ordered:
         attn.append(f"| {b} | {m} | {s['n']} | {_fmt(s['vas'])} | {_fmt(s['visual_entropy'])} | {_fmt(s['region_ratio'])} |")
     grids = heatmap_grids(out_dir, rows, methods)
-    text = "\n".join([
-        "# Evaluation report", "",
-        f"Model: `{cfg.get('model') or 'embedded organism'}` · rows: {len(rows)} · "
-        f"errors: {sum('error' in r for r in rows)}", "",
-        score_tables(rows, cfg), "",
-        "## Attention (means over samples; per sample: over generated tokens, layers, heads)", "",
-        "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
-        "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
-        "per-token means): it is often far above 1, since the image holds many tokens and the system "
-        "prompt few, and it grows when the answer looks at the image rather than at the prompt. "
-        "Visual entropy is the entropy (nats) of the attention within the image; region ratio is the mean "
-        "attention on the evidence box over the mean on the image.", "",
-        "\n".join(attn), "",
-        "## Figures", "", "![VAS vs accuracy](figures/vas_vs_accuracy.png)", "",
-        "![visual entropy per layer](figures/visual_entropy_per_layer.png)", "",
-        "Attention heatmaps, one figure per sample (a row per method):", "",
-        *[f"![{Path(h).stem}]({h})" for h in grids], ""])
+    text = "\n".join(
+        [
+            "# Evaluation report",
+            "",
+            f"Model: `{cfg.get('model') or 'embedded organism'}` · rows: {len(rows)} · errors: {sum('error' in r for r in rows)}",
+            "",
+            score_tables(rows, cfg),
+            "",
+            "## Attention (means over samples; per sample: over generated tokens, layers, heads)",
+            "",
+            "VAS (AVAR's Visual Attention Score) is the attention mass a generated token puts on the image "
+            "tokens divided by the mass on the system-prompt tokens, m_V / m_S (a ratio of totals, not of "
+            "per-token means): it is often far above 1, since the image holds many tokens and the system "
+            "prompt few, and it grows when the answer looks at the image rather than at the prompt. "
+            "Visual entropy is the entropy (nats) of the attention within the image; region ratio is the mean "
+            "attention on the evidence box over the mean on the image.",
+            "",
+            "\n".join(attn),
+            "",
+            "## Figures",
+            "",
+            "![VAS vs accuracy](figures/vas_vs_accuracy.png)",
+            "",
+            "![visual entropy per layer](figures/visual_entropy_per_layer.png)",
+            "",
+            "Attention heatmaps, one figure per sample (a row per method):",
+            "",
+            *[f"![{Path(h).stem}]({h})" for h in grids],
+            "",
+        ]
+    )
     path = out_dir / "report.md"
     path.write_text(text)
     return path

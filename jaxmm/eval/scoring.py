@@ -18,8 +18,15 @@ import re
 
 from jaxmm.processing.chat import extract_answer
 
-METRIC = {"option_letter": "accuracy", "yes_no": "accuracy", "exact": "exact match", "relaxed": "relaxed accuracy",
-          "anls": "ANLS", "vqa": "VQA accuracy", "chair": "CHAIR_s (lower is better)"}
+METRIC = {
+    "option_letter": "accuracy",
+    "yes_no": "accuracy",
+    "exact": "exact match",
+    "relaxed": "relaxed accuracy",
+    "anls": "ANLS",
+    "vqa": "VQA accuracy",
+    "chair": "CHAIR_s (lower is better)",
+}
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile(r"[^\w\s.\-]")
@@ -66,7 +73,7 @@ def exact(prediction: str, answer: str) -> float:
     pn, an = _number(p), _number(a)
     if pn is not None and an is not None:
         return float(pn == an)
-    return float(p == a or (len(a) > 0 and p.split(" ")[:len(a.split())] == a.split() and len(p.split()) <= len(a.split()) + 1))
+    return float(p == a or (len(a) > 0 and p.split(" ")[: len(a.split())] == a.split() and len(p.split()) <= len(a.split()) + 1))
 
 
 def relaxed(prediction: str, answer: str, tolerance: float = 0.05) -> float:

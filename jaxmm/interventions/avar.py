@@ -47,8 +47,10 @@ class AVAR(Intervention):
         if self.on not in ("logits", "weights"):
             raise ValueError(f"AVAR: on={self.on!r}; expected 'logits' or 'weights'")
         if self.variant != "paper":
-            raise ValueError(f"AVAR: variant={self.variant!r}; expected one of ('paper',): lrlbbzl/Qwen-AVAR "
-                             "releases no code for the training-free intervention")
+            raise ValueError(
+                f"AVAR: variant={self.variant!r}; expected one of ('paper',): lrlbbzl/Qwen-AVAR "
+                "releases no code for the training-free intervention"
+            )
 
     def has_stage(self, name: str) -> bool:
         """Only the stage ``on`` names runs (``"logits"`` or ``"weights"``)."""

@@ -18,8 +18,14 @@ import jax.numpy as jnp
 
 from jaxmm.attention import Intervention, Site, register, static_field
 
-KEY_FIELDS = {"image": "image_mask", "video": "video_mask", "system": "system_mask",
-           "question": "question_mask", "generated": "generated_mask", "region": "region_weight"}
+KEY_FIELDS = {
+    "image": "image_mask",
+    "video": "video_mask",
+    "system": "system_mask",
+    "question": "question_mask",
+    "generated": "generated_mask",
+    "region": "region_weight",
+}
 """Key-set name (an intervention's or probe's ``keys`` field) -> the boolean [B,T] mask field of
 :class:`jaxmm.processing.layout.Layout` that selects those keys."""
 
@@ -52,8 +58,6 @@ def per_sample(x) -> jax.Array:
     """Scalar, [B] or [B,H] leaf -> broadcastable to [B,H,T,K]."""
     x = jnp.asarray(x, jnp.float32)
     return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim else x
-
-
 
 
 @register

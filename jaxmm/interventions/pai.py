@@ -55,8 +55,8 @@ class PAI(Intervention):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     variant: str = static_field("paper")
-    use_cfg: bool = static_field(False)     # released only: the run also decodes with the contrast
-    gamma: float | None = static_field(None)    # decode with the contrast at γ (None: the edit alone)
+    use_cfg: bool = static_field(False)  # released only: the run also decodes with the contrast
+    gamma: float | None = static_field(None)  # decode with the contrast at γ (None: the edit alone)
 
     def __post_init__(self):
         _check_variant(self.variant)
@@ -76,19 +76,26 @@ class PAI(Intervention):
                 # at setup and first cleared by the logits processor, so the prompt's prefill is not
                 # edited; only generated queries are
                 gen = jnp.take_along_axis(site.layout.generated_mask, jnp.clip(row, 0)[:, None], axis=1)[:, 0]
-                row = jnp.where(gen, row, -2)                                        # -2: no query row
+                row = jnp.where(gen, row, -2)  # -2: no query row
             # released: attention.py:91 slices img_start_idx:img_end_idx, one span per prompt
             # (model_loader.py:121-122: the first image position + 576 LLaVA-1.5 image tokens)
             keys = image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
         else:
             row, keys = site.last_query, key_set(site, "image")
-        last = (site.query_pos[None, :] == row[:, None])[:, None, :, None]               # [B,1,T,1]
+        last = (site.query_pos[None, :] == row[:, None])[:, None, :, None]  # [B,1,T,1]
         edit = z + per_sample(self.alpha) * jnp.abs(z) * keys
         return jnp.where(last & site.mask, edit, z)
 
 
-def pai(num_layers: int, alpha: float = 0.2, start: int = 2, end: int | None = None, variant: str = "paper",
-        use_cfg: bool = False, gamma: float | None = None) -> PAI:
+def pai(
+    num_layers: int,
+    alpha: float = 0.2,
+    start: int = 2,
+    end: int | None = None,
+    variant: str = "paper",
+    use_cfg: bool = False,
+    gamma: float | None = None,
+) -> PAI:
     """PAI on layers ``start … end−1`` (default: 2 … num_layers−1); ``gamma``: also decode with the
     contrast against a text-only pass at γ (:func:`decoding_contrast`)."""
     end = num_layers if end is None else min(end, num_layers)
@@ -109,8 +116,9 @@ def decoding_contrast(interventions) -> tuple[float, str] | None:
     return (float(asks[0].gamma), asks[0].variant) if asks else None
 
 
-def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1,
-                 variant: str = "paper") -> jax.Array:
+def pai_contrast(
+    logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.1, cutoff: float = 0.1, variant: str = "paper"
+) -> jax.Array:
     """PAI's image-vs-text contrast on next-token logits [..., V] -> contrasted log-probabilities
     (float32 [..., V]; ``variant="released"``: at γ = 1, log p_mm with no cutoff)."""
     _check_variant(variant)
@@ -120,5 +128,5 @@ def pai_contrast(logits_mm: jax.Array, logits_text: jax.Array, gamma: float = 1.
     keep = lp_mm >= jnp.log(cutoff) + jnp.max(lp_mm, -1, keepdims=True)
     out = jnp.where(keep, out, -jnp.inf)
     if variant == "released":
-        out = jnp.where(gamma == 1, lp_mm, out)          # released: CFG.py:29-31 returns log p_mm at γ = 1
+        out = jnp.where(gamma == 1, lp_mm, out)  # released: CFG.py:29-31 returns log p_mm at γ = 1
     return out

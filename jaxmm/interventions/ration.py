@@ -71,7 +71,7 @@ def released_entropy(q, k, span, key_ok):
     pre-RoPE, span [B,T] image keys, key_ok [T] the call's real positions -> H [B,H,T]. Softmax
     over every key of the call (no causal or padding mask); the image slice renormalised with a
     clamp at 1e-12, log of the renormalised weights clamped at 1e-12."""
-    z = jnp.where(key_ok[None, None, None, :], pre_rope_scores(q, k), -jnp.inf)   # bucket padding only
+    z = jnp.where(key_ok[None, None, None, :], pre_rope_scores(q, k), -jnp.inf)  # bucket padding only
     p = jax.nn.softmax(z, -1) * span.astype(jnp.float32)[:, None, None, :]
     p = p / jnp.maximum(jnp.sum(p, -1, keepdims=True), 1e-12)
     return -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)), -1)
@@ -92,7 +92,7 @@ class PreRopeVisualEntropy(Probe):
     name: str = static_field("ration_entropy")
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
-    variant: str = static_field("paper")    # "released": :func:`released_entropy` of this chunk's queries
+    variant: str = static_field("paper")  # "released": :func:`released_entropy` of this chunk's queries
 
     def __call__(self, a, site: Site):
         if self.variant == "released":
@@ -100,8 +100,8 @@ class PreRopeVisualEntropy(Probe):
             ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)
             span = jnp.take(row0_image_span(site.layout.image_mask), site.call_pos, axis=1)
             return released_entropy(site.q_pre, site.k_pre[:, :t], span, ok)
-        z = pre_rope_scores(site.q_pre, site.k_pre)                                # [B,H,T,K]
-        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask[:, :z.shape[-1]])
+        z = pre_rope_scores(site.q_pre, site.k_pre)  # [B,H,T,K]
+        return visual_entropy(jax.nn.softmax(z, -1), site.layout.image_mask[:, : z.shape[-1]])
 
 
 def map_layers(layers_28, num_layers: int) -> tuple[int, ...]:
@@ -119,7 +119,7 @@ def route(delta: jax.Array, num_layers: int, thresholds=(0.0, 0.0, 0.0)) -> jax.
     """δ [B,L] -> task index [B] into :data:`TASKS` by jaxmm's default rules (see module doc)."""
     groups = [jnp.mean(delta[:, list(map_layers(g, num_layers))], -1) for g in RULE_LAYERS_28]
     task = jnp.full(delta.shape[:1], 3)
-    for i in (2, 1, 0):                      # first matching rule wins: ocr, grounding, recognition
+    for i in (2, 1, 0):  # first matching rule wins: ocr, grounding, recognition
         task = jnp.where(groups[i] >= thresholds[i], i, task)
     return task.astype(jnp.int32)
 
@@ -129,16 +129,28 @@ def route_released(delta: jax.Array) -> jax.Array:
     δ of absolute layer ids (``max_pos.get("layer_i", 0)``: 0 where the model has no layer i);
     first match of ocr, grounding (``is_position``), counting, recognition; else counting."""
     d = lambda i: delta[:, i] if i < delta.shape[1] else jnp.zeros(delta.shape[:1])
-    ocr = (d(13) >= 2) & ((d(19) >= 1) | (d(23) >= 1) | (d(24) >= 1))                    # :27-35
-    position = ((d(12) >= 4) & ((d(11) >= 2) | (d(10) >= 3)) & (d(24) >= 1)
-                & ((d(24) >= 2) | (d(23) >= 1)))                                          # :37-43
-    counting = (((d(10) >= 6) | (d(12) >= 6) | (d(11) >= 5) | ((d(10) >= 5) & (d(12) >= 4))
-                 | ((d(10) >= 5) & (d(11) >= 3)) | ((d(11) >= 4) & (d(12) >= 4)))
-                & ((d(23) >= 1) | (d(24) >= 1)) & (d(12) >= 2) & (d(14) >= 1))             # :45-62
-    recogn = ((((d(9) >= 2) & (d(10) >= 2)) | ((d(10) >= 3) & (d(12) >= 3)) | ((d(12) >= 4) & (d(14) >= 1)))
-              & (d(24) >= 1) & (d(13) <= 2))                                              # :64-73
+    ocr = (d(13) >= 2) & ((d(19) >= 1) | (d(23) >= 1) | (d(24) >= 1))  # :27-35
+    position = (d(12) >= 4) & ((d(11) >= 2) | (d(10) >= 3)) & (d(24) >= 1) & ((d(24) >= 2) | (d(23) >= 1))  # :37-43
+    counting = (
+        (
+            (d(10) >= 6)
+            | (d(12) >= 6)
+            | (d(11) >= 5)
+            | ((d(10) >= 5) & (d(12) >= 4))
+            | ((d(10) >= 5) & (d(11) >= 3))
+            | ((d(11) >= 4) & (d(12) >= 4))
+        )
+        & ((d(23) >= 1) | (d(24) >= 1))
+        & (d(12) >= 2)
+        & (d(14) >= 1)
+    )  # :45-62
+    recogn = (
+        (((d(9) >= 2) & (d(10) >= 2)) | ((d(10) >= 3) & (d(12) >= 3)) | ((d(12) >= 4) & (d(14) >= 1)))
+        & (d(24) >= 1)
+        & (d(13) <= 2)
+    )  # :64-73
     task = jnp.where(ocr, 0, jnp.where(position, 1, jnp.where(counting, 3, jnp.where(recogn, 2, 3))))
-    return task.astype(jnp.int32)                                                         # :75-84
+    return task.astype(jnp.int32)  # :75-84
 
 
 @register
@@ -151,15 +163,15 @@ class RATION(Intervention):
     d_a: float = static_field(0.8)
     d_b: float = static_field(1.2)
     thresholds: tuple[float, float, float] = static_field((0.0, 0.0, 0.0))
-    key_layers: tuple[int, ...] | None = static_field(None)   # fixed key layers instead of top-k
-    variant: str = static_field("paper")     # or "released" (module doc)
+    key_layers: tuple[int, ...] | None = static_field(None)  # fixed key layers instead of top-k
+    variant: str = static_field("paper")  # or "released" (module doc)
     tau: jax.Array | None = None
     key: jax.Array | None = None
     task: jax.Array | None = None
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
 
-    replans_prompt = True    # generate re-runs the prompt under the plan (prefill and decode)
+    replans_prompt = True  # generate re-runs the prompt under the plan (prefill and decode)
 
     def __post_init__(self):
         check_variant(self.variant)
@@ -171,7 +183,7 @@ class RATION(Intervention):
     def prefill_probes(self):
         """s_l per layer (:class:`~jaxmm.probes.ResidualUpdate`) and, for the paper variant, the
         pre-RoPE visual entropies (:class:`PreRopeVisualEntropy`)."""
-        if self.variant == "released":   # no entropies from the unedited pass (τ comes from the edit pass)
+        if self.variant == "released":  # no entropies from the unedited pass (τ comes from the edit pass)
             return (ResidualUpdate(name="ration_update", row0_span=True),)
         return (ResidualUpdate(name="ration_update"), PreRopeVisualEntropy())
 
@@ -179,9 +191,9 @@ class RATION(Intervention):
         """z [B,H,T,K] float32 -> z / τ on the image keys at key layers (visible keys only)."""
         if self.variant == "released":
             return self._released_logits(z, site)
-        inv = 1.0 / self.tau[:, site.layer]                                # [B]
+        inv = 1.0 / self.tau[:, site.layer]  # [B]
         on = self.key[:, site.layer]
-        factor = 1.0 + on * (inv - 1.0)                                    # 1 off the key layers
+        factor = 1.0 + on * (inv - 1.0)  # 1 off the key layers
         edit = z * (1.0 + (factor[:, None, None, None] - 1.0) * key_set(site, "image"))
         return jnp.where(site.mask, edit, z)
 
@@ -193,13 +205,14 @@ class RATION(Intervention):
         else:
             t = site.call_pos.shape[0]
             if t == 1:
-                raise ValueError("RATION variant='released' computes τ from the prompt's edit pass: "
-                                 "generate with reprefill=True (the default)")
+                raise ValueError(
+                    "RATION variant='released' computes τ from the prompt's edit pass: generate with reprefill=True (the default)"
+                )
             # released: controller.py:39-40 (τ only from a multi-token call), :43 (q from the edited hs)
-            ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)        # [T]
+            ok = jnp.any(jnp.take(site.layout.attention_mask, site.call_pos, axis=1) > 0, 0)  # [T]
             span = jnp.take(row0_image_span(site.layout.image_mask), site.call_pos, axis=1)
-            h = released_entropy(site.call_q_pre, site.k_pre[:, :t], span, ok)                     # [B,H,T]
-            h = jnp.sum(h * ok, -1) / jnp.maximum(jnp.sum(ok), 1)    # released: controller.py:10 (all queries)
+            h = released_entropy(site.call_q_pre, site.k_pre[:, :t], span, ok)  # [B,H,T]
+            h = jnp.sum(h * ok, -1) / jnp.maximum(jnp.sum(ok), 1)  # released: controller.py:10 (all queries)
             tau = released_tau(h, self.task == 3, self.d_a, self.d_b)
         factor = 1.0 + self.key[:, site.layer] * (1.0 / tau - 1.0)
         span = row0_image_span(site.layout.image_mask).astype(jnp.float32)[:, None, None, :]
@@ -214,20 +227,20 @@ class RATION(Intervention):
     def after_reprefill(self, probe_results, layout):
         """released: τ of the edit pass kept for the decode steps, whose queries meet the scaled
         image keys in the cache (controller.py:39-40, 77-86)."""
-        ent = probe_results["ration_entropy"]["text"].values                           # [L,B,H,S]
+        ent = probe_results["ration_entropy"]["text"].values  # [L,B,H,S]
         s = ent.shape[-1]
-        ok = jnp.any(layout.attention_mask[:, :s] > 0, 0).astype(jnp.float32)         # [S]
-        h = jnp.sum(ent * ok, -1) / jnp.maximum(jnp.sum(ok), 1.0)                      # [L,B,H]
-        tau = jax.vmap(lambda x: released_tau(x, self.task == 3, self.d_a, self.d_b))(h)   # [L,B]
+        ok = jnp.any(layout.attention_mask[:, :s] > 0, 0).astype(jnp.float32)  # [S]
+        h = jnp.sum(ent * ok, -1) / jnp.maximum(jnp.sum(ok), 1.0)  # [L,B,H]
+        tau = jax.vmap(lambda x: released_tau(x, self.task == 3, self.d_a, self.d_b))(h)  # [L,B]
         return dataclasses.replace(self, tau=tau.T)
 
     def after_prefill(self, probe_results, layout):
         """Phase 2 from the prefill's probes: :meth:`plan` on s [B,L] and the entropies [L,B,H,S]."""
-        s = probe_results["ration_update"]["text"].values.T              # [B,L]
+        s = probe_results["ration_update"]["text"].values.T  # [B,L]
         if self.variant == "released":
             return self.plan(s, None)
-        ent = probe_results["ration_entropy"]["text"].values              # [L,B,H,S]
-        return self.plan(s, ent, layout.attention_mask[:, :ent.shape[-1]])
+        ent = probe_results["ration_entropy"]["text"].values  # [L,B,H,S]
+        return self.plan(s, ent, layout.attention_mask[:, : ent.shape[-1]])
 
     def plan(self, s, ent, query_mask=None):
         """s [B,L], entropies [L,B,H,S] (+ [B,S] mask of the prompt's real queries) -> phase 2."""
@@ -243,11 +256,11 @@ class RATION(Intervention):
             return dataclasses.replace(self, key=key, task=task)
         task = route(delta, n, self.thresholds)
         if query_mask is None:
-            h = jnp.mean(ent, axis=-1)                                    # [L,B,H]
+            h = jnp.mean(ent, axis=-1)  # [L,B,H]
         else:
             w = query_mask.astype(jnp.float32)[None, :, None, :]
             h = jnp.sum(ent * w, -1) / jnp.maximum(jnp.sum(w, -1), 1.0)
-        h_bar, h_max, h_min = h.mean(-1).T, h.max(-1).T, h.min(-1).T     # [B,L]
+        h_bar, h_max, h_min = h.mean(-1).T, h.max(-1).T, h.min(-1).T  # [B,L]
         up = (task == 3)[:, None]
         tau = jnp.where(up, self.d_a * h_max / (h_bar + 1e-6), self.d_b * h_min / (h_bar + 1e-6))
         if self.key_layers is not None:

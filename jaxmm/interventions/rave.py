@@ -41,7 +41,7 @@ KINDS = ("bilinear", "mlp")
 class RAVE(Intervention):
     """Learned pair-gating bias on image keys (see the module docstring for shapes)."""
 
-    reads_pre_rope_keys = True      # generate keeps a pre-RoPE key cache so decoding sees every k̃_j
+    reads_pre_rope_keys = True  # generate keeps a pre-RoPE key cache so decoding sees every k̃_j
 
     gamma: jax.Array
     u: jax.Array
@@ -49,7 +49,7 @@ class RAVE(Intervention):
     c: jax.Array | None = None
     v: jax.Array | None = None
     layers: tuple[int, ...] = static_field((0,))
-    heads: tuple[int, ...] | None = static_field(None)     # query heads that get a bias (None = all)
+    heads: tuple[int, ...] | None = static_field(None)  # query heads that get a bias (None = all)
     kind: str = static_field("bilinear")
     towers: tuple[str, ...] = static_field(("text",))
 
@@ -63,31 +63,32 @@ class RAVE(Intervention):
         if site.q_pre is None or site.k_pre is None:
             raise ValueError("RAVE needs the pre-RoPE q̃, k̃ of the site (text tower of a jaxmm model)")
         if site.k_pre.shape[1] != site.layout.image_mask.shape[1]:
-            raise ValueError(f"RAVE needs the pre-RoPE keys of all {site.layout.image_mask.shape[1]} key positions, "
-                             f"got {site.k_pre.shape[1]}: decode with jaxmm.generate (it keeps a pre-RoPE key "
-                             "cache for RAVE) or a cache from KVCache.empty(..., pre_rope=True)")
+            raise ValueError(
+                f"RAVE needs the pre-RoPE keys of all {site.layout.image_mask.shape[1]} key positions, "
+                f"got {site.k_pre.shape[1]}: decode with jaxmm.generate (it keeps a pre-RoPE key "
+                "cache for RAVE) or a cache from KVCache.empty(..., pre_rope=True)"
+            )
         i = self.layers.index(site.layer)
-        q, k = site.q_pre.astype(jnp.float32), site.k_pre.astype(jnp.float32)     # [B,T,H,D], [B,K,G,D]
+        q, k = site.q_pre.astype(jnp.float32), site.k_pre.astype(jnp.float32)  # [B,T,H,D], [B,K,G,D]
         h, g = q.shape[2], k.shape[2]
         rep = h // g
         r = self.u.shape[-2]
-        uq = jnp.einsum("bthd,hrd->bhtr", q, self.u[i])                          # [B,H,T,r]
-        wk = jnp.einsum("bkgd,grd->bgkr", k, self.w[i])                          # [B,G,K,r]
-        wk = jnp.repeat(wk, rep, axis=1)                                          # [B,H,K,r]
+        uq = jnp.einsum("bthd,hrd->bhtr", q, self.u[i])  # [B,H,T,r]
+        wk = jnp.einsum("bkgd,grd->bgkr", k, self.w[i])  # [B,G,K,r]
+        wk = jnp.repeat(wk, rep, axis=1)  # [B,H,K,r]
         if self.kind == "bilinear":
             b = jnp.einsum("bhtr,bhkr->bhtk", uq, wk) / np.sqrt(r)
         else:
             hid = jax.nn.silu(uq[:, :, :, None, :] + wk[:, :, None, :, :] + self.c[i][None, :, None, None, :])
             b = jnp.einsum("bhtkr,hr->bhtk", hid, self.v[i])
-        gate = jnp.tanh(self.gamma[i])                                            # [H]
+        gate = jnp.tanh(self.gamma[i])  # [H]
         if self.heads is not None:
             gate = gate * jnp.zeros(h, jnp.float32).at[jnp.asarray(self.heads)].set(1.0)
-        img = site.layout.image_mask.astype(jnp.float32)[:, None, None, :]       # [B,1,1,K]
+        img = site.layout.image_mask.astype(jnp.float32)[:, None, None, :]  # [B,1,1,K]
         return b * gate[None, :, None, None] * img
 
 
-def init(config, layers=None, heads=None, rank: int = 8, kind: str = "bilinear", seed: int = 0,
-         scale: float = 1.0) -> RAVE:
+def init(config, layers=None, heads=None, rank: int = 8, kind: str = "bilinear", seed: int = 0, scale: float = 1.0) -> RAVE:
     """A RAVE module for a model ``config`` with γ = 0 (the model is unchanged at step 0).
 
     ``layers``: text layers (default all); ``heads``: query heads (default all); U, W (and the MLP's
@@ -113,10 +114,19 @@ def init(config, layers=None, heads=None, rank: int = 8, kind: str = "bilinear",
     normal = lambda *shape: jnp.asarray(scale * rng.standard_normal(shape) / np.sqrt(d), jnp.float32)
     extra = {}
     if kind == "mlp":
-        extra = {"c": jnp.zeros((n, h, rank), jnp.float32),
-                 "v": jnp.asarray(rng.standard_normal((n, h, rank)) / np.sqrt(rank), jnp.float32)}
-    return RAVE(gamma=jnp.zeros((n, h), jnp.float32), u=normal(n, h, rank, d), w=normal(n, g, rank, d),
-                layers=layers, heads=heads, kind=kind, **extra)
+        extra = {
+            "c": jnp.zeros((n, h, rank), jnp.float32),
+            "v": jnp.asarray(rng.standard_normal((n, h, rank)) / np.sqrt(rank), jnp.float32),
+        }
+    return RAVE(
+        gamma=jnp.zeros((n, h), jnp.float32),
+        u=normal(n, h, rank, d),
+        w=normal(n, g, rank, d),
+        layers=layers,
+        heads=heads,
+        kind=kind,
+        **extra,
+    )
 
 
 def from_config(config, d: dict | None) -> RAVE | None:
@@ -136,8 +146,7 @@ def save(rave: RAVE, path) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(getattr(rave, k), np.float32) for k in ("gamma", "u", "w", "c", "v")
-              if getattr(rave, k) is not None}
+    arrays = {k: np.asarray(getattr(rave, k), np.float32) for k in ("gamma", "u", "w", "c", "v") if getattr(rave, k) is not None}
     tmp = path / "rave.safetensors.tmp"
     save_safetensors(arrays, tmp)
     tmp.replace(path / "rave.safetensors")

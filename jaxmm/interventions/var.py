@@ -80,7 +80,7 @@ class SinkTokens(Probe):
         qp = site.query_pos
         if self.variant == "released":
             return (released_sink_tokens(site.residual, self.dims, self.tau) & (qp >= 0)[None]).astype(jnp.float32)
-        image = site.layout.image_mask[:, jnp.clip(qp, 0)] & (qp >= 0)[None]            # [B,T]
+        image = site.layout.image_mask[:, jnp.clip(qp, 0)] & (qp >= 0)[None]  # [B,T]
         return sink_tokens(site.hidden, image, self.dims, self.tau).astype(jnp.float32)
 
 
@@ -88,7 +88,7 @@ def redistribute(a, image, sinks, p: float = 0.6, min_mass: float = 0.2, max_sha
     """The VAR edit of weights a [B,H,T,K] with image/sinks [B,K] (see module doc)."""
     img = image.astype(jnp.float32)[:, None, None, :]
     snk = (sinks & image).astype(jnp.float32)[:, None, None, :]
-    m_v = visual_mass(a, image)[..., None]                                # [B,H,T,1]
+    m_v = visual_mass(a, image)[..., None]  # [B,H,T,1]
     m_s = key_mass(a, sinks & image)[..., None]
     rest = key_mass(a, image & ~sinks)[..., None]
     centric = (m_v >= min_mass) & (m_s <= max_share * m_v) & (m_s > 0) & (rest > 0)
@@ -100,23 +100,23 @@ def redistribute(a, image, sinks, p: float = 0.6, min_mass: float = 0.2, max_sha
 def redistribute_released(a, span, sinks, query_pos, p: float = 0.6, min_mass: float = 0.2, max_share: float = 0.5):
     """The released VAR edit of weights a [B,H,T,K]; span/sinks [B,K] bool, query_pos [T]."""
     spn = span.astype(jnp.float32)[:, None, None, :]
-    vis = (sinks & span).astype(jnp.float32)[:, None, None, :]            # logic.py:189
-    snk = sinks.astype(jnp.float32)[:, None, None, :]                     # text sinks too: logic.py:190,196
+    vis = (sinks & span).astype(jnp.float32)[:, None, None, :]  # logic.py:189
+    snk = sinks.astype(jnp.float32)[:, None, None, :]  # text sinks too: logic.py:190,196
     # logic.py:123-125: no sink in the span -> no head is selected
     has_vis = jnp.any(sinks & span, -1)[:, None, None, None]
     # logic.py:129: the denominator adds 1e-6 per span key
     portion = jnp.sum(a * vis, -1, keepdims=True) / jnp.sum((a + 1e-6) * spn, -1, keepdims=True)
-    m_v = jnp.sum(a * spn, -1, keepdims=True)                             # logic.py:130
-    end = jnp.max(jnp.where(span, jnp.arange(span.shape[-1]), -1), -1)    # the span's last key [B]
+    m_v = jnp.sum(a * spn, -1, keepdims=True)  # logic.py:130
+    end = jnp.max(jnp.where(span, jnp.arange(span.shape[-1]), -1), -1)  # the span's last key [B]
     # logic.py:179: at prefill only query rows after the span (a decoded row always is)
     after = (query_pos[None, :] > end[:, None])[:, None, :, None]
-    rest = a * spn * (1 - vis)                                            # logic.py:204
+    rest = a * spn * (1 - vis)  # logic.py:204
     total = jnp.sum(rest, -1, keepdims=True)
-    centric = has_vis & (portion <= max_share) & (m_v >= min_mass) & after   # logic.py:133-138
-    centric = centric & (total > 0)           # ours: logic.py:207 divides 0/0 (a NaN row) there
-    freed = (1 - p) * jnp.sum(a * snk, -1, keepdims=True)                 # logic.py:200-201
-    ratio = rest / jnp.where(total > 0, total, 1.0)                       # logic.py:207
-    edited = a * (1 - snk * (1 - p)) + freed * ratio                      # logic.py:196-197, 210
+    centric = has_vis & (portion <= max_share) & (m_v >= min_mass) & after  # logic.py:133-138
+    centric = centric & (total > 0)  # ours: logic.py:207 divides 0/0 (a NaN row) there
+    freed = (1 - p) * jnp.sum(a * snk, -1, keepdims=True)  # logic.py:200-201
+    ratio = rest / jnp.where(total > 0, total, 1.0)  # logic.py:207
+    edited = a * (1 - snk * (1 - p)) + freed * ratio  # logic.py:196-197, 210
     return jnp.where(centric, edited, a)
 
 
@@ -137,7 +137,7 @@ class VAR(Intervention):
     p: float = static_field(0.6)
     min_mass: float = static_field(0.2)
     max_share: float = static_field(0.5)
-    sinks: jax.Array | None = None             # [L,B,K] after prefill
+    sinks: jax.Array | None = None  # [L,B,K] after prefill
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     variant: str = static_field("paper")
@@ -152,9 +152,9 @@ class VAR(Intervention):
     def after_prefill(self, probe_results, layout):
         """Stores the prefill's sink sets as ``sinks`` [L,B,K] bool (generated keys never sinks)."""
         s = probe_results["var_sinks"]["text"]
-        vals = s.values > 0.5                                                        # [L',B,S]
+        vals = s.values > 0.5  # [L',B,S]
         full = jnp.zeros((max(s.layers) + 1,) + layout.image_mask.shape, bool)
-        full = full.at[jnp.asarray(s.layers), :, :vals.shape[-1]].set(vals)
+        full = full.at[jnp.asarray(s.layers), :, : vals.shape[-1]].set(vals)
         return dataclasses.replace(self, sinks=full)
 
     def weights(self, a, site):
@@ -163,18 +163,17 @@ class VAR(Intervention):
         released = self.variant == "released"
         if self.sinks is not None:
             sinks = self.sinks[site.layer]
-        else:   # phase 1 = a prefill: the call's tokens are the keys at call_pos (a cache holds more)
+        else:  # phase 1 = a prefill: the call's tokens are the keys at call_pos (a cache holds more)
             pos = site.call_pos
-            if released:    # released: llava.py:314-316, sinks from this layer's input at prefill
+            if released:  # released: llava.py:314-316, sinks from this layer's input at prefill
                 own = released_sink_tokens(site.call_residual, self.dims, self.tau)
             else:
-                image = jnp.take(site.layout.image_mask, pos, axis=1)                    # [B,T]
+                image = jnp.take(site.layout.image_mask, pos, axis=1)  # [B,T]
                 own = sink_tokens(site.call_hidden, image, self.dims, self.tau)
             sinks = jnp.zeros(site.layout.image_mask.shape, bool).at[:, pos].set(own)
         if released:
-            span = image_span(site.layout.image_mask)      # released: logic.py:122 (im, pa: one slice)
-            return redistribute_released(a, span, sinks, site.query_pos,
-                                         self.p, self.min_mass, self.max_share)
+            span = image_span(site.layout.image_mask)  # released: logic.py:122 (im, pa: one slice)
+            return redistribute_released(a, span, sinks, site.query_pos, self.p, self.min_mass, self.max_share)
         return redistribute(a, site.layout.image_mask, sinks, self.p, self.min_mass, self.max_share)
 
 

@@ -54,9 +54,8 @@ from jaxmm.attention import Intervention, Probe, Site, register, static_field
 from jaxmm.probes import focus_ratio, key_count, visual_entropy
 
 
-
 VARIANTS = ("paper", "released")
-MODEL = "VRGA/models/modeling_qwen2_5_vl.py"     # the released file the line numbers below refer to
+MODEL = "VRGA/models/modeling_qwen2_5_vl.py"  # the released file the line numbers below refer to
 
 
 def check_variant(variant: str) -> None:
@@ -106,12 +105,12 @@ class QuestionRow(Probe):
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
     query_axis: int | None = static_field(None)
-    variant: str = static_field("paper")         # "released": the row of :func:`released_question_position`
+    variant: str = static_field("paper")  # "released": the row of :func:`released_question_position`
 
     def __call__(self, a, site: Site):
         where = released_question_position if self.variant == "released" else last_question_position
-        pos = where(site.layout)                                                    # [B]
-        sel = (site.query_pos[None, :] == pos[:, None]).astype(a.dtype)             # [B,T]
+        pos = where(site.layout)  # [B]
+        sel = (site.query_pos[None, :] == pos[:, None]).astype(a.dtype)  # [B,T]
         return jnp.einsum("bhtk,bt->bhk", a, sel)
 
 
@@ -125,9 +124,9 @@ def head_statistics(rows, image, n_keys):
     """rows [L,B,H,K], image [B,K], n_keys [B] -> R_img, H_img (renormalised), EFR, each [B, L·H]
     in layer-major order: :func:`~jaxmm.probes.focus_ratio` and :func:`~jaxmm.probes.visual_entropy`
     with the layers as the query axis."""
-    a = jnp.transpose(rows, (1, 2, 0, 3))                                            # [B,H,L,K]
+    a = jnp.transpose(rows, (1, 2, 0, 3))  # [B,H,L,K]
     n = jnp.broadcast_to(jnp.asarray(n_keys, jnp.float32)[:, None, None], a.shape[:-1])
-    r = focus_ratio(a, image, n)                                                     # [B,H,L]
+    r = focus_ratio(a, image, n)  # [B,H,L]
     h = visual_entropy(a, image)
     flat = lambda x: jnp.transpose(x, (0, 2, 1)).reshape(x.shape[0], -1)
     return flat(r), flat(h), flat(h / r)
@@ -181,24 +180,23 @@ class VRGA(Intervention):
     border_frac: float = static_field(0.2)
     min_focus: int = static_field(10)
     background_heads: int = static_field(64)
-    boost: jax.Array | None = None            # [B,K] keys to boost (fa=1) or to keep (fa=2)
-    visual_heads: jax.Array | None = None     # [B, L·H] (for the head-masking ablation)
-    focus: jax.Array | None = None            # [B,K]
+    boost: jax.Array | None = None  # [B,K] keys to boost (fa=1) or to keep (fa=2)
+    visual_heads: jax.Array | None = None  # [B, L·H] (for the head-masking ablation)
+    focus: jax.Array | None = None  # [B,K]
     layers: tuple[int, ...] | None = static_field(None)
     towers: tuple[str, ...] = static_field(("text",))
-    variant: str = static_field("paper")       # or "released" (module doc)
+    variant: str = static_field("paper")  # or "released" (module doc)
     # the released head-masking ablation instead of the boost (variant="released" only): heads
     # re-selected at every decode step in layers > head_mask_after (:func:`released_head_mask`)
-    head_mask: str | None = static_field(None)   # "R_high_HR_low" or "R_low_to_high"
+    head_mask: str | None = static_field(None)  # "R_high_HR_low" or "R_low_to_high"
     head_mask_topk: int = static_field(5)
     head_mask_after: int = static_field(5)
-    head_mask_seed: int = static_field(0)        # "random_choose": the draw's seed
+    head_mask_seed: int = static_field(0)  # "random_choose": the draw's seed
 
     def __post_init__(self):
         check_variant(self.variant)
         if self.head_mask is not None and (self.variant != "released" or self.head_mask not in HEAD_MASKS):
-            raise ValueError(f"VRGA: head_mask={self.head_mask!r} needs variant='released' and one of "
-                             f"{list(HEAD_MASKS)}")
+            raise ValueError(f"VRGA: head_mask={self.head_mask!r} needs variant='released' and one of {list(HEAD_MASKS)}")
 
     def has_stage(self, name: str) -> bool:
         """Only ``weights``, once planned (``boost`` set) or with the head-masking ablation."""
@@ -217,7 +215,7 @@ class VRGA(Intervention):
             return self
         if self.variant == "released":
             return self._released_plan(probe_results, layout)
-        rows = probe_results["vrga_row"]["text"].values                             # [L,B,H,K]
+        rows = probe_results["vrga_row"]["text"].values  # [L,B,H,K]
         k = rows.shape[-1]
         lay = jax.tree_util.tree_map(lambda x: x[:, :k], layout)
         qpos = last_question_position(lay)
@@ -228,9 +226,10 @@ class VRGA(Intervention):
         hv = (efr <= t1) & (r >= t2)
         hv = jnp.where(hv.any(-1, keepdims=True), hv, r >= t2)
         hb = (jnp.arange(r.shape[-1]) < self.background_heads)[None] & (r < 0.01)
-        flat_rows = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)   # [B, L·H, K]
-        mean_of = lambda sel: jnp.einsum("bnk,bn->bk", flat_rows, sel.astype(jnp.float32)) / jnp.maximum(
-            jnp.sum(sel, -1, keepdims=True), 1)
+        flat_rows = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)  # [B, L·H, K]
+        mean_of = lambda sel: (
+            jnp.einsum("bnk,bn->bk", flat_rows, sel.astype(jnp.float32)) / jnp.maximum(jnp.sum(sel, -1, keepdims=True), 1)
+        )
         img = lay.image_mask
         a_ref = _minmax(jnp.maximum(0.0, _minmax(mean_of(hv), img) - _minmax(mean_of(hb), img)), img)
         kept = img & ~border_mask(lay, self.border_frac)
@@ -243,68 +242,67 @@ class VRGA(Intervention):
 
     def _released_plan(self, probe_results, layout):
         """Phase 1 as released (modeling_qwen2_5_vl.py:1584-1765), row by row."""
-        rows = probe_results["vrga_row"]["text"].values.astype(jnp.float32)         # [L,B,H,K]
+        rows = probe_results["vrga_row"]["text"].values.astype(jnp.float32)  # [L,B,H,K]
         k = rows.shape[-1]
         lay = jax.tree_util.tree_map(lambda x: x[:, :k], layout)
-        flat = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)      # [B, L·H, K]
+        flat = jnp.transpose(rows, (1, 0, 2, 3)).reshape(rows.shape[1], -1, k)  # [B, L·H, K]
         eps = 1e-12
-        vs = vision_slice(lay)                                                      # [B,K]
+        vs = vision_slice(lay)  # [B,K]
         vsf = vs.astype(jnp.float32)[:, None, :]
-        n_slice = jnp.sum(vsf, -1)                                                  # [B,1]
+        n_slice = jnp.sum(vsf, -1)  # [B,1]
         n_all = jnp.sum((lay.attention_mask > 0) & ~lay.generated_mask, -1).astype(jnp.float32)[:, None]
         total = jnp.sum(flat, -1)
         att = jnp.where(total[..., None] > 0, flat / (total[..., None] + eps), flat)  # :1606-1611
-        image_att = att * vsf                                                       # :1614
+        image_att = att * vsf  # :1614
         img_sum = jnp.sum(image_att, -1)
         norm = image_att / (img_sum[..., None] + eps)
         h = jnp.where(img_sum > 0, -jnp.sum(norm * jnp.log(norm + eps) * vsf, -1), 0.0)  # :1617-1621
         # released: :1624 — att.mean() over every key of the prompt (seq_len_all), not those q* sees
         r = (img_sum / n_slice) / (jnp.sum(att, -1) / n_all + eps)
-        efr = h / (r + eps)                                                         # :1627
-        finite = jnp.isfinite(efr) & jnp.isfinite(r)                                # :1639-1647
+        efr = h / (r + eps)  # :1627
+        finite = jnp.isfinite(efr) & jnp.isfinite(r)  # :1639-1647
         t1 = jnp.nanpercentile(jnp.where(finite, efr, jnp.nan), 5, axis=-1, keepdims=True)
         t2 = jnp.nanpercentile(jnp.where(finite, r, jnp.nan), 95, axis=-1, keepdims=True)
-        hv = finite & (efr <= t1) & (r >= t2)                                       # :1661
-        hv = jnp.where(hv.any(-1, keepdims=True), hv, finite & (r >= t2))           # :1671-1674
+        hv = finite & (efr <= t1) & (r >= t2)  # :1661
+        hv = jnp.where(hv.any(-1, keepdims=True), hv, finite & (r >= t2))  # :1671-1674
         # released: :1658-1665 — `i += 1` before `i < 64`: the first 63 (finite) heads
         hb = finite & (jnp.cumsum(finite, -1) < self.background_heads) & (r < 0.01)
-        mean_of = lambda sel: jnp.einsum("bnk,bn->bk", image_att, sel.astype(jnp.float32)) / jnp.maximum(
-            jnp.sum(sel, -1, keepdims=True), 1)
-        need, bg = mean_of(hv), mean_of(hb)                                         # :1677-1685
+        mean_of = lambda sel: (
+            jnp.einsum("bnk,bn->bk", image_att, sel.astype(jnp.float32)) / jnp.maximum(jnp.sum(sel, -1, keepdims=True), 1)
+        )
+        need, bg = mean_of(hv), mean_of(hb)  # :1677-1685
         # released: :1687-1690 — Norm = division by the sum, applied only when there are background heads
         edited = jnp.maximum(need / jnp.sum(need, -1, keepdims=True) - bg / jnp.sum(bg, -1, keepdims=True), 0.0)
         edited = edited / jnp.sum(edited, -1, keepdims=True)
         need = jnp.where(hb.any(-1, keepdims=True), edited, need)
         # border exclusion in slice coordinates (slice index 0 = <|vision_start|>): :1696-1721
         start = jnp.argmax(vs, -1)[:, None]
-        sidx = jnp.arange(k)[None] - start                                          # slice index
+        sidx = jnp.arange(k)[None] - start  # slice index
         gw = jnp.take_along_axis(lay.grid_hw[..., 1], jnp.argmax(lay.image_mask, -1)[:, None], 1)
         gh = n_slice.astype(jnp.int32) // gw
         row, col = sidx // gw, sidx % gw
         cand = vs & (row < gh)
-        prio = jnp.where(cand & (row < 2) & (col < 2), 0, jnp.where(cand & (row == 0), 1,
-                                                                     jnp.where(cand & (col == 0), 2, 3)))
+        prio = jnp.where(cand & (row < 2) & (col < 2), 0, jnp.where(cand & (row == 0), 1, jnp.where(cand & (col == 0), 2, 3)))
         order = jnp.where(prio < 3, prio * (2 * k) + sidx, 8 * k)
         rank = jnp.argsort(jnp.argsort(order, -1), -1)
-        t_max = jnp.floor(n_slice * self.border_frac).astype(jnp.int32)            # :1700
+        t_max = jnp.floor(n_slice * self.border_frac).astype(jnp.int32)  # :1700
         masked = (prio < 3) & (rank < t_max)
         n_masked = jnp.sum(masked, -1, keepdims=True)
         att_mean = jnp.sum(jnp.where(masked, 0.0, need), -1, keepdims=True) / ((n_slice - n_masked) + eps)  # :1724-1728
-        rho = need / (att_mean + eps)                                               # :1731
-        rho = jnp.where(masked, -1e9, rho)                                          # :1734
+        rho = need / (att_mean + eps)  # :1731
+        rho = jnp.where(masked, -1e9, rho)  # :1734
         # released: :1747 — ρ[~mask_flat] with integer indices: ρ at slice index n_slice − 1 − m for
         # each masked slice index m (bitwise not counts from the end), μ and σ (ddof 1) over those
         picked = jnp.zeros_like(vs)
-        mirror = (n_slice.astype(jnp.int32) - 1 - sidx) + start                    # key of ρ[-(m+1)]
-        picked = picked.at[jnp.arange(vs.shape[0])[:, None], jnp.where(masked, mirror, k)].set(
-            True, mode="drop")
+        mirror = (n_slice.astype(jnp.int32) - 1 - sidx) + start  # key of ρ[-(m+1)]
+        picked = picked.at[jnp.arange(vs.shape[0])[:, None], jnp.where(masked, mirror, k)].set(True, mode="drop")
         n_p = jnp.sum(picked, -1, keepdims=True).astype(jnp.float32)
         mu = jnp.sum(jnp.where(picked, rho, 0.0), -1, keepdims=True) / n_p
         sigma = jnp.sqrt(jnp.sum(jnp.where(picked, (rho - mu) ** 2, 0.0), -1, keepdims=True) / (n_p - 1))
-        focus = vs & (rho > mu + 0.6 * sigma)                                       # :1753-1756
-        top = jnp.argsort(jnp.where(vs, -rho, jnp.inf), -1, stable=True)[:, :self.min_focus]
+        focus = vs & (rho > mu + 0.6 * sigma)  # :1753-1756
+        top = jnp.argsort(jnp.where(vs, -rho, jnp.inf), -1, stable=True)[:, : self.min_focus]
         topmask = jnp.zeros_like(vs).at[jnp.arange(vs.shape[0])[:, None], top].set(True) & vs
-        focus = jnp.where(jnp.sum(focus, -1, keepdims=True) < self.min_focus, topmask, focus)   # :1759-1760
+        focus = jnp.where(jnp.sum(focus, -1, keepdims=True) < self.min_focus, topmask, focus)  # :1759-1760
         # phase-2 keep set (:930-941, :969-982): focus slice index in [3, |slice|), ± radius, clipped
         radius = 2 if self.fa == 1 else 3
         ok = focus & (sidx >= 3)
@@ -319,39 +317,40 @@ class VRGA(Intervention):
     def _released_weights(self, a, site):
         """Phase 2 as released (modeling_qwen2_5_vl.py:882-1000, 1104-1105) on generated queries."""
         vs = vision_slice(site.layout).astype(jnp.float32)[:, None, None, :]
-        att = a / jnp.sum(a, -1, keepdims=True)                                     # :916-917
+        att = a / jnp.sum(a, -1, keepdims=True)  # :916-917
         image_att = att * vs
-        h = -jnp.sum(image_att * jnp.log(image_att + 1e-12) * vs, -1)              # :920-921
-        n = jnp.sum(site.mask, -1).astype(jnp.float32)        # the keys in the cache (batch of one)
-        r = (jnp.sum(image_att, -1) / jnp.sum(vs, -1)) / (jnp.sum(att, -1) / n)    # :924
-        generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
-            site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :]    # q == 1 (:886)
-        gate = (r > 0.6) & (r > 0.2 * h)                                            # :925
+        h = -jnp.sum(image_att * jnp.log(image_att + 1e-12) * vs, -1)  # :920-921
+        n = jnp.sum(site.mask, -1).astype(jnp.float32)  # the keys in the cache (batch of one)
+        r = (jnp.sum(image_att, -1) / jnp.sum(vs, -1)) / (jnp.sum(att, -1) / n)  # :924
+        generated = jnp.take_along_axis(
+            site.layout.generated_mask, jnp.broadcast_to(site.query_pos[None], (a.shape[0], a.shape[2])), axis=1
+        )[:, None, :]  # q == 1 (:886)
+        gate = (r > 0.6) & (r > 0.2 * h)  # :925
         sel = self.boost.astype(jnp.float32)[:, None, None, :]
         if self.fa == 1:
-            edited = jnp.where(gate[..., None], a * (1.0 + (self.factor - 1.0) * sel), a)   # :947
+            edited = jnp.where(gate[..., None], a * (1.0 + (self.factor - 1.0) * sel), a)  # :947
         else:
             # released: :996-997 — the slice of every row, gated or not, is multiplied by the keep mask
             keep = jnp.where(gate[..., None], sel, 0.0)
             edited = a * (1.0 - vs * (1.0 - keep))
-        edited = edited / jnp.sum(edited, -1, keepdims=True)                        # :1104
-        edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)              # :1105
+        edited = edited / jnp.sum(edited, -1, keepdims=True)  # :1104
+        edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)  # :1105
         return jnp.where(generated[..., None], edited, a)
 
     def weights(self, a, site):
         """Phase 2 on a [B,H,T,K] float32: gated rows of generated queries boosted (``fa=1``) or
         restricted to the focus neighbourhoods (``fa=2``), renormalised; other rows unchanged."""
         if self.head_mask is not None:
-            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after,
-                                      self.head_mask_seed)
+            return released_head_mask(a, site, self.head_mask, self.head_mask_topk, self.head_mask_after, self.head_mask_seed)
         if self.variant == "released":
             return self._released_weights(a, site)
         img = site.layout.image_mask
         imgf = img.astype(jnp.float32)[:, None, None, :]
         r = focus_ratio(a, img, key_count(site.mask, a))
-        h_raw = visual_entropy(a, img, renormalize=False)                 # the raw slice's entropy
-        generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
-            site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :]      # [B,1,T]
+        h_raw = visual_entropy(a, img, renormalize=False)  # the raw slice's entropy
+        generated = jnp.take_along_axis(
+            site.layout.generated_mask, jnp.broadcast_to(site.query_pos[None], (a.shape[0], a.shape[2])), axis=1
+        )[:, None, :]  # [B,1,T]
         gate = (r > 0.6) & (r > 0.2 * h_raw) & generated
         sel = self.boost.astype(jnp.float32)[:, None, None, :]
         if self.fa == 1:
@@ -374,39 +373,41 @@ def released_head_mask(a, site, mask_type: str, topk: int = 5, after: int = 5, s
     heads drawn without replacement at every layer and decode step — the release draws with
     unseeded ``np.random.choice``, jaxmm from ``jax.random`` keyed by (``seed``, layer, the query's key position),
     so a run is reproducible. a [B,H,T,K]."""
-    if site.layer <= after:                                                  # :1023
+    if site.layer <= after:  # :1023
         return a
     eps = 1e-12
     vs = vision_slice(site.layout).astype(jnp.float32)[:, None, None, :]
-    mean = jnp.mean(a, 0)                                                    # [H,T,K] (:747)
+    mean = jnp.mean(a, 0)  # [H,T,K] (:747)
     vm = vs[0]
     n_slice = jnp.sum(vm, -1)
-    n = jnp.sum(site.mask[0], -1).astype(jnp.float32)                        # the keys in the cache
-    r = (jnp.sum(mean * vm, -1) / n_slice) / (jnp.sum(mean, -1) / n + eps)   # :755
+    n = jnp.sum(site.mask[0], -1).astype(jnp.float32)  # the keys in the cache
+    r = (jnp.sum(mean * vm, -1) / n_slice) / (jnp.sum(mean, -1) / n + eps)  # :755
     p = mean * vm / (jnp.sum(mean * vm, -1, keepdims=True) + eps)
-    h = -jnp.sum(p * jnp.log(p + eps) * vm, -1)                              # :756-757
+    h = -jnp.sum(p * jnp.log(p + eps) * vm, -1)  # :756-757
     hr = h / (r + eps)
-    if mask_type == "R_high_HR_low":                                        # :778-782
+    if mask_type == "R_high_HR_low":  # :778-782
         cand = r > jnp.median(r, axis=0, keepdims=True)
         order = jnp.argsort(jnp.where(cand, hr, jnp.inf), axis=0)
         rank = jnp.argsort(order, axis=0)
         heads = cand & (rank < topk)
-    elif mask_type == "random_choose":                                      # :775
+    elif mask_type == "random_choose":  # :775
         n_heads, t = r.shape
         base = jax.random.fold_in(jax.random.PRNGKey(seed), site.layer)
-        drawn = jax.vmap(lambda q: jax.random.permutation(jax.random.fold_in(base, q), n_heads)[:min(topk, n_heads)])(
-            site.query_pos)                                                  # [T,topk]
+        drawn = jax.vmap(lambda q: jax.random.permutation(jax.random.fold_in(base, q), n_heads)[: min(topk, n_heads)])(
+            site.query_pos
+        )  # [T,topk]
         heads = jnp.zeros((t, n_heads), bool).at[jnp.arange(t)[:, None], drawn].set(True).T
-    else:                                                                    # :785
+    else:  # :785
         rank = jnp.argsort(jnp.argsort(r, axis=0), axis=0)
         heads = rank < topk
-    zero = heads.astype(jnp.float32)[None, :, :, None] * vs                  # [B,H,T,K]
+    zero = heads.astype(jnp.float32)[None, :, :, None] * vs  # [B,H,T,K]
     edited = a * (1.0 - zero)
-    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-12)           # :819-820
-    edited = edited / jnp.sum(edited, -1, keepdims=True)                     # :1104
-    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)            # :1105
-    generated = jnp.take_along_axis(site.layout.generated_mask, jnp.broadcast_to(
-        site.query_pos[None], (a.shape[0], a.shape[2])), axis=1)[:, None, :, None]
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-12)  # :819-820
+    edited = edited / jnp.sum(edited, -1, keepdims=True)  # :1104
+    edited = edited / (jnp.sum(edited, -1, keepdims=True) + 1e-8)  # :1105
+    generated = jnp.take_along_axis(
+        site.layout.generated_mask, jnp.broadcast_to(site.query_pos[None], (a.shape[0], a.shape[2])), axis=1
+    )[:, None, :, None]
     return jnp.where(generated, edited, a)
 
 
@@ -423,7 +424,7 @@ class HeadMask(Intervention):
     def weights(self, a, site):
         """a [B,H,T,K] -> a with the masked heads' rows zeroed (not renormalised)."""
         m = jnp.asarray(self.mask, jnp.float32)
-        m = m.reshape(m.shape[:-1] + (-1, self.num_heads))[..., site.layer, :]         # [B,H] or [H]
+        m = m.reshape(m.shape[:-1] + (-1, self.num_heads))[..., site.layer, :]  # [B,H] or [H]
         keep = 1.0 - (m[:, :, None, None] if m.ndim == 2 else m[None, :, None, None])
         return a * keep
 

@@ -61,13 +61,25 @@ def _anyres_processor(path, config):
     return AnyResImageProcessor.from_pretrained(path, patch_size=config.vision.patch_size)
 
 
-def _family(name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN,
-            region_weights=regions.region_weights) -> Family:
-    return Family(name=name, Config=module.Config, model_class=model_class, KEY_RULES=module.KEY_RULES,
-                  IGNORE=module.IGNORE, IGNORE_TIED=module.IGNORE_TIED, prepare_batch=module.prepare_batch,
-                  forward=module.forward, forward_jit=module.forward_jit, graphdef=module.graphdef,
-                  abstract_params=module.abstract_params, image_processor=image_processor, chat_format=chat_format,
-                  region_weights=region_weights)
+def _family(
+    name: str, module, model_class: type, image_processor=_qwen_processor, chat_format=QWEN, region_weights=regions.region_weights
+) -> Family:
+    return Family(
+        name=name,
+        Config=module.Config,
+        model_class=model_class,
+        KEY_RULES=module.KEY_RULES,
+        IGNORE=module.IGNORE,
+        IGNORE_TIED=module.IGNORE_TIED,
+        prepare_batch=module.prepare_batch,
+        forward=module.forward,
+        forward_jit=module.forward_jit,
+        graphdef=module.graphdef,
+        abstract_params=module.abstract_params,
+        image_processor=image_processor,
+        chat_format=chat_format,
+        region_weights=region_weights,
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -75,8 +87,14 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl": _family("qwen2_vl", qwen2_vl, qwen2_vl.Qwen2VLForConditionalGeneration),
     "qwen3_vl": _family("qwen3_vl", qwen3_vl, qwen3_vl.Qwen3VLForConditionalGeneration),
     "llava": _family("llava", llava, llava.LlavaForConditionalGeneration, _clip_processor, LLAVA),
-    "llava_next": _family("llava_next", llava_next, llava_next.LlavaNextForConditionalGeneration,
-                          _anyres_processor, LLAVA, llava_next.inputs.region_weights),
+    "llava_next": _family(
+        "llava_next",
+        llava_next,
+        llava_next.LlavaNextForConditionalGeneration,
+        _anyres_processor,
+        LLAVA,
+        llava_next.inputs.region_weights,
+    ),
 }
 
 

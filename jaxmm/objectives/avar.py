@@ -50,9 +50,15 @@ def _block_mean(mass, queries, n_keys, eps=None):
     return jnp.sum(mass * q, -1) / (nq * jnp.maximum(n_keys, 1).astype(jnp.float32)[None, :, None])
 
 
-def agto_losses(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array, "layers batch heads query"],
-                queries: Bool[Array, "batch query"], n_image: Shaped[Array, " batch"], n_system: Shaped[Array, " batch"],
-                eps: float = 1e-6, variant: str = "paper") -> tuple[Float[Array, ""], Float[Array, ""]]:
+def agto_losses(
+    m_v: Float[Array, "layers batch heads query"],
+    m_s: Float[Array, "layers batch heads query"],
+    queries: Bool[Array, "batch query"],
+    n_image: Shaped[Array, " batch"],
+    n_system: Shaped[Array, " batch"],
+    eps: float = 1e-6,
+    variant: str = "paper",
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """AGTO's (L_enh, L_sup) (module doc; arXiv 2603.03825 [code]): float32 scalars averaged over
     layers, heads and the batch (nats; L_enh ≥ 0 pulls image attention up, L_sup pushes system
     attention down).
@@ -72,8 +78,9 @@ def agto_losses(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array,
     return enh, sup
 
 
-def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos_first: bool = False
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def released_agto_spans(
+    prompt_text: str, response_start: int, seq_len: int, bos_first: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The release's AGTO system and query spans of one sample -> (system, query) bool [seq_len].
 
     ``prompt_text``: the decoded ``input_ids[:response_start]`` (special tokens kept). The first
@@ -91,17 +98,24 @@ def released_agto_spans(prompt_text: str, response_start: int, seq_len: int, bos
             break
     system = np.zeros(seq_len, bool)
     query = np.zeros(seq_len, bool)
-    if user_start > 0:                       # released: trainer.py:295-300 (BOS excluded when present)
-        system[int(bos_first):user_start] = True
-    if user_start < response_start:          # released: trainer.py:305-306
+    if user_start > 0:  # released: trainer.py:295-300 (BOS excluded when present)
+        system[int(bos_first) : user_start] = True
+    if user_start < response_start:  # released: trainer.py:305-306
         query[user_start:response_start] = True
     return system, query
 
 
-def agto_total(lm_loss: Float[Array, ""], m_v: Float[Array, "layers batch heads query"],
-               m_s: Float[Array, "layers batch heads query"], queries: Bool[Array, "batch query"],
-               n_image: Shaped[Array, " batch"], n_system: Shaped[Array, " batch"], alpha: float = 0.15,
-               beta: float = 0.15, eps: float = 1e-6) -> Float[Array, ""]:
+def agto_total(
+    lm_loss: Float[Array, ""],
+    m_v: Float[Array, "layers batch heads query"],
+    m_s: Float[Array, "layers batch heads query"],
+    queries: Bool[Array, "batch query"],
+    n_image: Shaped[Array, " batch"],
+    n_system: Shaped[Array, " batch"],
+    alpha: float = 0.15,
+    beta: float = 0.15,
+    eps: float = 1e-6,
+) -> Float[Array, ""]:
     """AGTO's total cold-start loss ``L = L_LM + α·L_enh + β·L_sup`` (arXiv 2603.03825; α = β = 0.15,
     ε = 1e-6), a float32 scalar; arguments as :func:`agto_losses` (paper variant), ``lm_loss`` the
     language-model cross-entropy (nats)."""
@@ -109,9 +123,14 @@ def agto_total(lm_loss: Float[Array, ""], m_v: Float[Array, "layers batch heads 
     return lm_loss + alpha * enh + beta * sup
 
 
-def vars_reward(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array, "layers batch heads query"],
-                generated: Bool[Array, "batch query"], correct: Bool[Array, " batch"] | None, eps: float = 1e-6,
-                variant: str = "paper") -> Float[Array, " batch"]:
+def vars_reward(
+    m_v: Float[Array, "layers batch heads query"],
+    m_s: Float[Array, "layers batch heads query"],
+    generated: Bool[Array, "batch query"],
+    correct: Bool[Array, " batch"] | None,
+    eps: float = 1e-6,
+    variant: str = "paper",
+) -> Float[Array, " batch"]:
     """VARS's r_visual [B] float32 (arXiv 2603.03825; module doc) from the image and system masses
     [L,B,H,T] over the query rows ``generated`` [B,T] (bool).
 
@@ -124,8 +143,8 @@ def vars_reward(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array,
     """
     g = generated.astype(jnp.float32)[None, :, None, :]
     if variant == "paper":
-        ratio = mass_ratio(m_v, m_s, eps)                                           # [L,B,H,T]
-        per = jnp.sum(ratio * g, -1) / jnp.maximum(jnp.sum(g, -1), 1.0)            # [L,B,H]
+        ratio = mass_ratio(m_v, m_s, eps)  # [L,B,H,T]
+        per = jnp.sum(ratio * g, -1) / jnp.maximum(jnp.sum(g, -1), 1.0)  # [L,B,H]
         return jnp.where(correct, jnp.mean(per, axis=(0, 2)), 0.0)
     if variant == "released":
         # released: Qwen-AVAR EasyR1/verl/utils/avar_attention.py:71-90 (sums over layers, heads, rows and
@@ -134,8 +153,13 @@ def vars_reward(m_v: Float[Array, "layers batch heads query"], m_s: Float[Array,
     raise ValueError(f"variant={variant!r}; expected 'paper' or 'released'")
 
 
-def total_reward(r_acc: Float[Array, " batch"], r_visual: Float[Array, " batch"], r_format: Float[Array, " batch"],
-                 lambda_v: float = 0.3, lambda_f: float = 0.1) -> Float[Array, " batch"]:
+def total_reward(
+    r_acc: Float[Array, " batch"],
+    r_visual: Float[Array, " batch"],
+    r_format: Float[Array, " batch"],
+    lambda_v: float = 0.3,
+    lambda_f: float = 0.1,
+) -> Float[Array, " batch"]:
     """VARS's ``r_total = r_acc + λ_v·r_visual + λ_f·r_format`` (arXiv 2603.03825; λ_v = 0.3,
     λ_f = 0.1), elementwise (any matching shapes, scalars too)."""
     return r_acc + lambda_v * r_visual + lambda_f * r_format
@@ -175,8 +199,14 @@ def agto_extra_loss(alpha: float = 0.15, beta: float = 0.15, eps: float = 1e-6):
 
     def loss(out, batch):
         lay = batch.layout
-        enh, sup = agto_losses(out.probes["visual_mass"]["text"].values, out.probes["system_mass"]["text"].values,
-                               lay.question_mask, jnp.sum(lay.image_mask, -1), jnp.sum(lay.system_mask, -1), eps)
+        enh, sup = agto_losses(
+            out.probes["visual_mass"]["text"].values,
+            out.probes["system_mass"]["text"].values,
+            lay.question_mask,
+            jnp.sum(lay.image_mask, -1),
+            jnp.sum(lay.system_mask, -1),
+            eps,
+        )
         return alpha * enh + beta * sup
 
     return loss

@@ -42,8 +42,7 @@ def group_advantages(rewards: Float[Array, " batch"], group_size: int, eps: floa
     return ((r - mean) / (std + eps)).reshape(-1)
 
 
-def k3_kl(logp: Float[Array, "*shape"], logp_ref: Float[Array, "*shape"], clamp: float | None = 20.0
-          ) -> Float[Array, "*shape"]:
+def k3_kl(logp: Float[Array, "*shape"], logp_ref: Float[Array, "*shape"], clamp: float | None = 20.0) -> Float[Array, "*shape"]:
     """The k3 estimator of KL(π_θ ‖ π_ref) per token, ``e^δ − δ − 1`` with ``δ = log π_ref − log π_θ``
     (Schulman, "Approximating KL divergence", 2020; the estimator of arXiv 2402.03300), ≥ 0, in nats.
 
@@ -55,10 +54,18 @@ def k3_kl(logp: Float[Array, "*shape"], logp_ref: Float[Array, "*shape"], clamp:
     return jnp.exp(delta) - delta - 1.0
 
 
-def grpo_loss(logp: Float[Array, "batch time"], logp_old: Float[Array, "batch time"], logp_ref: Float[Array, "batch time"],
-              advantages: Float[Array, " batch"], mask: Shaped[Array, "batch time"], beta: float = 0.001,
-              clip_eps: float = 0.2, variant: str = "paper", clip_eps_high: float | None = None,
-              dual_clip: float = 3.0) -> Float[Array, ""]:
+def grpo_loss(
+    logp: Float[Array, "batch time"],
+    logp_old: Float[Array, "batch time"],
+    logp_ref: Float[Array, "batch time"],
+    advantages: Float[Array, " batch"],
+    mask: Shaped[Array, "batch time"],
+    beta: float = 0.001,
+    clip_eps: float = 0.2,
+    variant: str = "paper",
+    clip_eps_high: float | None = None,
+    dual_clip: float = 3.0,
+) -> Float[Array, ""]:
     """The clipped GRPO objective as a loss to minimise (module doc; arXiv 2402.03300 eq. 3 with
     the k3 KL of :func:`k3_kl`): per-token log-probs [B,T] of the sampled tokens under the policy,
     the rollout policy and the reference, advantages [B] (:func:`group_advantages`), completion

@@ -51,8 +51,9 @@ def token_entropy(logits: Float[Array, "batch time vocab"], temperature: float =
     return -jnp.sum(jnp.exp(lp) * lp, -1)
 
 
-def select_high_entropy(entropy: Float[Array, "batch time"], completion: Bool[Array, "batch time"], frac: float = 0.3,
-                        variant: str = "paper") -> Bool[Array, "batch time"]:
+def select_high_entropy(
+    entropy: Float[Array, "batch time"], completion: Bool[Array, "batch time"], frac: float = 0.3, variant: str = "paper"
+) -> Bool[Array, "batch time"]:
     """[B,T] entropies and completion mask -> bool [B,T]: the top ⌈frac·n⌉ completion positions
     of each row (n its completion length; ties to the earlier position).
 
@@ -84,15 +85,19 @@ def select_high_entropy(entropy: Float[Array, "batch time"], completion: Bool[Ar
     return completion & (rank < k[:, None])
 
 
-def r_att(weights: Float[Array, "batch heads time key"], image: Shaped[Array, "batch key"],
-          region: Shaped[Array, "batch key"], selected: Bool[Array, "batch time"]) -> Float[Array, " batch"]:
+def r_att(
+    weights: Float[Array, "batch heads time key"],
+    image: Shaped[Array, "batch key"],
+    region: Shaped[Array, "batch key"],
+    selected: Bool[Array, "batch time"],
+) -> Float[Array, " batch"]:
     """SAYO's region attention reward (module doc; arXiv 2602.08241, Sayo
     ``train/reward/attn_rewards.py``): weights [B,H,T,K] of the last layer at the generated
     queries, image/region [B,K] key masks (bool; ā_R, ā_V by :func:`~jaxmm.probes.key_mean`),
     selected [B,T] (:func:`select_high_entropy`) -> r_att [B] float32 in (−1, 1).
 
     A row with no selected token gives tanh(log(1e-8 / 1e-8)) = 0."""
-    a_r = key_mean(weights, region)                                                 # [B,H,T]
+    a_r = key_mean(weights, region)  # [B,H,T]
     a_v = key_mean(weights, image)
     sel = selected.astype(jnp.float32)[:, None, :]
     n = jnp.maximum(jnp.sum(sel, -1) * weights.shape[1], 1.0)[:, 0]
@@ -112,7 +117,7 @@ def format_reward(text: str, n_tokens: int, variant: str = "paper") -> float:
     """
     _check(variant)
     if variant == "released":
-        if re.search(ANSWER_PATTERN, text, re.DOTALL | re.MULTILINE) is None:   # released: format_rewards.py:6-7
+        if re.search(ANSWER_PATTERN, text, re.DOTALL | re.MULTILINE) is None:  # released: format_rewards.py:6-7
             return 0.0
     elif len(re.findall(r"<answer>.*?</answer>", text, flags=re.S)) != 1:
         return 0.0

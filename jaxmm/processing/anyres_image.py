@@ -106,11 +106,16 @@ class AnyResImageProcessor(ClipImageProcessor):
         base = super().from_pretrained(path, patch_size)
         f, d = read_processor_config(path)
         pins = d.get("image_grid_pinpoints", DEFAULT_PINPOINTS)
-        ok = isinstance(pins, (list, tuple)) and len(pins) > 0 and all(
-            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pins)
+        ok = (
+            isinstance(pins, (list, tuple))
+            and len(pins) > 0
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p) for p in pins)
+        )
         if not ok or any(h % base.crop_size[0] or w % base.crop_size[1] for h, w in pins):
-            raise ValueError(f"{f}: field 'image_grid_pinpoints' must be a list of [height, width] pixel sizes, "
-                             f"multiples of crop_size {list(base.crop_size)}, got {pins!r}")
+            raise ValueError(
+                f"{f}: field 'image_grid_pinpoints' must be a list of [height, width] pixel sizes, "
+                f"multiples of crop_size {list(base.crop_size)}, got {pins!r}"
+            )
         return dataclasses.replace(base, image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pins))
 
     @property
@@ -124,7 +129,7 @@ class AnyResImageProcessor(ClipImageProcessor):
         "default" feature strategy)."""
         _, h, w = (int(v) for v in grid_thw)
         _, rows, cols = anyres_tokens(h, w, self.image_grid_pinpoints, self.crop_size[0], self.grid)
-        return self.grid ** 2 + rows * (cols + 1)
+        return self.grid**2 + rows * (cols + 1)
 
     def preprocess_one(self, image: Any, index: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One image -> (float32 ``[1 + tiles, 3, S, S]``, ``(1 + tiles, height, width)``).
@@ -133,7 +138,7 @@ class AnyResImageProcessor(ClipImageProcessor):
             TypeError, ValueError: as :func:`~jaxmm.processing.image.to_channels_first`, and for an
                 empty image, naming the image.
         """
-        x = to_channels_first(image, index, self.do_convert_rgb)                   # uint8 [C, H, W]
+        x = to_channels_first(image, index, self.do_convert_rgb)  # uint8 [C, H, W]
         c, h, w = x.shape
         if h == 0 or w == 0:
             raise ValueError(f"{image_name(index, image)}: empty image ({h}x{w} pixels)")
@@ -142,9 +147,9 @@ class AnyResImageProcessor(ClipImageProcessor):
         resized = pil_resize(x, nh, nw, int(self.resample))
         (top, left) = ((best[0] - nh) // 2, (best[1] - nw) // 2)
         padded = np.zeros((c,) + tuple(best), x.dtype)
-        padded[:, top:top + nh, left:left + nw] = resized
-        th = tw = self.crop_size[0]                     # HF: divide_to_patches(crop_size.height), square tiles
-        tiles = [padded[:, i:i + th, j:j + tw] for i in range(0, best[0], th) for j in range(0, best[1], tw)]
+        padded[:, top : top + nh, left : left + nw] = resized
+        th = tw = self.crop_size[0]  # HF: divide_to_patches(crop_size.height), square tiles
+        tiles = [padded[:, i : i + th, j : j + tw] for i in range(0, best[0], th) for j in range(0, best[1], tw)]
         base = pil_resize(x, self.shortest_edge, self.shortest_edge, int(self.resample))
         out = np.stack([self.transform(t, index, image) for t in [base] + tiles])
         return out, (len(out), h, w)
@@ -155,5 +160,4 @@ class AnyResImageProcessor(ClipImageProcessor):
         return super().__call__(images)
 
 
-__all__ = ["AnyResImageProcessor", "select_best_resolution", "patch_output_size", "unpadded_extent",
-           "anyres_tokens"]
+__all__ = ["AnyResImageProcessor", "select_best_resolution", "patch_output_size", "unpadded_extent", "anyres_tokens"]

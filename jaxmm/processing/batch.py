@@ -37,14 +37,14 @@ IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- messages
-def vqa_messages(question: str, images: Sequence = (), system: str | None = None,
-                 answer: str | None = None) -> list[dict]:
+def vqa_messages(question: str, images: Sequence = (), system: str | None = None, answer: str | None = None) -> list[dict]:
     """One visual question as chat messages: an optional system turn, a user turn of one image
     part per entry of ``images`` (``{"type": "image", "image": ...}``) then the question text, and
     with ``answer`` an assistant turn (an SFT example)."""
     msgs = [] if system is None else [{"role": "system", "content": system}]
-    msgs.append({"role": "user", "content": [{"type": "image", "image": im} for im in images]
-                 + [{"type": "text", "text": question}]})
+    msgs.append(
+        {"role": "user", "content": [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]}
+    )
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
     return msgs
@@ -58,17 +58,21 @@ def conversations_of(conversations) -> list:
             is a string.
     """
     if isinstance(conversations, (str, bytes)) or not isinstance(conversations, (list, tuple)):
-        raise TypeError(f"expected chat messages, a list of {{'role': ..., 'content': ...}} dicts (or a list "
-                        f"of such lists), got {type(conversations).__name__} {str(conversations)[:60]!r}; "
-                        f"e.g. [{{'role': 'user', 'content': 'Describe the image.'}}]")
+        raise TypeError(
+            f"expected chat messages, a list of {{'role': ..., 'content': ...}} dicts (or a list "
+            f"of such lists), got {type(conversations).__name__} {str(conversations)[:60]!r}; "
+            f"e.g. [{{'role': 'user', 'content': 'Describe the image.'}}]"
+        )
     if conversations and isinstance(conversations[0], dict):
         conversations = [conversations]
     several = len(conversations) > 1
     for ci, c in enumerate(conversations):
         if isinstance(c, (str, bytes)):
             where = f"conversation {ci}, " if several else ""
-            raise TypeError(f"{where or 'conversation 0, '}got a string {c[:60]!r} instead of a list of "
-                            f"{{'role': ..., 'content': ...}} messages")
+            raise TypeError(
+                f"{where or 'conversation 0, '}got a string {c[:60]!r} instead of a list of "
+                f"{{'role': ..., 'content': ...}} messages"
+            )
     return list(conversations)
 
 
@@ -97,8 +101,7 @@ def encode_images(model, conversations: Sequence) -> tuple[list[list[int]], list
         counts.append([])
         for j, src in enumerate(images_of(c)):
             if src is None:
-                raise ValueError(f"{where}image {j}: an image part has no 'image' entry (give the PIL "
-                                 f"image, array or path)")
+                raise ValueError(f"{where}image {j}: an image part has no 'image' entry (give the PIL image, array or path)")
             try:
                 x, grid = model.image_processor.preprocess_one(open_image(src, j), j)
             except (ValueError, TypeError, FileNotFoundError) as e:
@@ -110,8 +113,9 @@ def encode_images(model, conversations: Sequence) -> tuple[list[list[int]], list
 
 
 # ----------------------------------------------------------------------------- (b) tensors
-def tensor_batch(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 position_ids=None, **layout_spans):
+def tensor_batch(
+    model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None, **layout_spans
+):
     """HF-processor tensors (numpy or torch) -> the family's ``Batch`` (its ``prepare_batch``).
 
     Args:
@@ -127,13 +131,15 @@ def tensor_batch(model, input_ids, attention_mask=None, pixel_values=None, image
     Raises:
         ValueError: naming the tensor whose shape, dtype or content is inconsistent.
     """
-    return model.family.prepare_batch(model.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                      position_ids, **layout_spans)
+    return model.family.prepare_batch(
+        model.config, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, **layout_spans
+    )
 
 
 # ----------------------------------------------------------------------------- (a) chat
-def chat_batch(model, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None,
-               padding_side: str = "left"):
+def chat_batch(
+    model, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None, padding_side: str = "left"
+):
     """Chat messages (one conversation or several; image parts carry the image) -> ``(Batch, info)``.
 
     Renders each conversation with the checkpoint's template, expands each image to its tokens,
@@ -153,13 +159,25 @@ def chat_batch(model, conversations, add_generation_prompt: bool = True, pad_to_
     """
     conversations = conversations_of(conversations)
     counts, patches, grids = encode_images(model, conversations)
-    enc = batch_prompts(conversations, model.tokenizer, counts, padding_side=padding_side,
-                        add_generation_prompt=add_generation_prompt, chat=model.family.chat_format,
-                        pad_to_multiple_of=pad_to_multiple_of)
+    enc = batch_prompts(
+        conversations,
+        model.tokenizer,
+        counts,
+        padding_side=padding_side,
+        add_generation_prompt=add_generation_prompt,
+        chat=model.family.chat_format,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     pix = pixel_inputs(patches, grids) if patches else {}
-    batch = tensor_batch(model, enc["input_ids"], enc["attention_mask"], pix.get("pixel_values"),
-                         pix.get("image_grid_thw"), system_spans=enc["system_spans"],
-                         question_spans=enc["question_spans"])
+    batch = tensor_batch(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        pix.get("pixel_values"),
+        pix.get("image_grid_thw"),
+        system_spans=enc["system_spans"],
+        question_spans=enc["question_spans"],
+    )
     return batch, {"texts": enc["texts"], "image_grid_thw": pix.get("image_grid_thw")}
 
 
@@ -192,17 +210,25 @@ def sft_example(model, messages, seq_len: int, name: str = "example") -> dict:
     if len(full) > seq_len:
         raise ValueError(f"{name}: {len(full)} tokens exceed seq_len={seq_len}")
     labels = np.full(len(full), IGNORE_INDEX, np.int64)
-    answer_end = len(full) - 1 if tok.decode(full[-1:]).strip() == "" else len(full)   # template's trailing "\n"
-    labels[len(prompt):answer_end] = full[len(prompt):answer_end]
+    answer_end = len(full) - 1 if tok.decode(full[-1:]).strip() == "" else len(full)  # template's trailing "\n"
+    labels[len(prompt) : answer_end] = full[len(prompt) : answer_end]
     (ids,), (am,), offsets = pad_rows([full], "left", 0, length=seq_len)
     (lab,), _, _ = pad_rows([labels], "left", IGNORE_INDEX, length=seq_len)
     pix = pixel_inputs(patches, grids) if patches else {}
-    (sys_spans,), (q_spans,) = (shift_spans([nonempty(enc["system_span"])], offsets),
-                                shift_spans([enc["question_spans"]], offsets))
-    return {"input_ids": ids, "attention_mask": am, "labels": lab, "pixel_values": pix.get("pixel_values"),
-            "image_grid_thw": pix.get("image_grid_thw"),
-            # the layout's system and question spans (AVAR's S and Q)
-            "system_spans": sys_spans, "question_spans": q_spans}
+    (sys_spans,), (q_spans,) = (
+        shift_spans([nonempty(enc["system_span"])], offsets),
+        shift_spans([enc["question_spans"]], offsets),
+    )
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "labels": lab,
+        "pixel_values": pix.get("pixel_values"),
+        "image_grid_thw": pix.get("image_grid_thw"),
+        # the layout's system and question spans (AVAR's S and Q)
+        "system_spans": sys_spans,
+        "question_spans": q_spans,
+    }
 
 
 def sft_batch(model, examples: Sequence[dict]):
@@ -216,9 +242,15 @@ def sft_batch(model, examples: Sequence[dict]):
     stack = lambda k: np.stack([e[k] for e in examples])
     pv = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
     grid = [e["image_grid_thw"] for e in examples if e.get("image_grid_thw") is not None]
-    batch = tensor_batch(model, stack("input_ids"), stack("attention_mask"), np.concatenate(pv) if pv else None,
-                         np.concatenate(grid) if grid else None, system_spans=[e["system_spans"] for e in examples],
-                         question_spans=[e["question_spans"] for e in examples])
+    batch = tensor_batch(
+        model,
+        stack("input_ids"),
+        stack("attention_mask"),
+        np.concatenate(pv) if pv else None,
+        np.concatenate(grid) if grid else None,
+        system_spans=[e["system_spans"] for e in examples],
+        question_spans=[e["question_spans"] for e in examples],
+    )
     return batch, stack("labels")
 
 
@@ -253,10 +285,13 @@ def completion_batch(model, prompt, image_grid_thw, tokens, lengths, region_weig
     pl = prompt.layout
     region = np.zeros((b, s), np.float32) if region_weight is None else region_weight
     pad = lambda x, fill: np.concatenate([np.asarray(x), np.full((b, t), fill, np.asarray(x).dtype)], 1)
-    lay = dataclasses.replace(batch.layout, system_mask=jnp.asarray(pad(pl.system_mask, False)),
-                              question_mask=jnp.asarray(pad(pl.question_mask, False)),
-                              generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
-                              region_weight=jnp.asarray(pad(region, 0.0)))
+    lay = dataclasses.replace(
+        batch.layout,
+        system_mask=jnp.asarray(pad(pl.system_mask, False)),
+        question_mask=jnp.asarray(pad(pl.question_mask, False)),
+        generated_mask=jnp.asarray(np.concatenate([np.zeros((b, s), bool), mask], 1)),
+        region_weight=jnp.asarray(pad(region, 0.0)),
+    )
     return dataclasses.replace(batch, layout=lay), mask
 
 
@@ -283,9 +318,16 @@ def region_weights(model, layout, image_grid_thw, boxes_per_image: dict, image_s
         ValueError: a reversed box, one outside its image, boxes for an image the batch lacks.
     """
     vc = model.config.vision
-    return model.family.region_weights(np.asarray(layout.image_index), np.asarray(layout.grid_pos),
-                                       np.asarray(layout.grid_hw), boxes_per_image, image_sizes,
-                                       np.asarray(image_grid_thw), vc.patch_size, vc.spatial_merge_size)
+    return model.family.region_weights(
+        np.asarray(layout.image_index),
+        np.asarray(layout.grid_pos),
+        np.asarray(layout.grid_hw),
+        boxes_per_image,
+        image_sizes,
+        np.asarray(image_grid_thw),
+        vc.patch_size,
+        vc.spatial_merge_size,
+    )
 
 
 def with_region_weights(batch, weights):
@@ -303,4 +345,3 @@ def stop_tokens(model, chat: bool = True) -> tuple[int, ...]:
 def pad_token_id(model) -> int:
     """The id generation writes after a row's stop token: the tokenizer's pad id, 0 when it has none."""
     return model.tokenizer.pad_token_id or 0
-

@@ -93,8 +93,10 @@ def load_tokenizer(model_dir: str | Path):
     if not (d / "tokenizer.json").is_file() and not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
         missing.append("tokenizer.json")
     if missing:
-        raise FileNotFoundError(f"{d}: no {' / '.join(missing)} (the chat layer needs the checkpoint's tokenizer "
-                                f"files: tokenizer.json and tokenizer_config.json)")
+        raise FileNotFoundError(
+            f"{d}: no {' / '.join(missing)} (the chat layer needs the checkpoint's tokenizer "
+            f"files: tokenizer.json and tokenizer_config.json)"
+        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
@@ -111,8 +113,10 @@ def check_messages(messages) -> int:
     """Validates the HF chat format (a non-empty list of ``{'role', 'content'}`` dicts); returns the
     number of image parts. Raises ValueError naming the offending message or part."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"messages: expected a non-empty list of {{'role': ..., 'content': ...}} dicts, "
-                         f"got {type(messages).__name__}{'' if messages else ' (empty)'}")
+        raise ValueError(
+            f"messages: expected a non-empty list of {{'role': ..., 'content': ...}} dicts, "
+            f"got {type(messages).__name__}{'' if messages else ' (empty)'}"
+        )
     n_images = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -126,8 +130,10 @@ def check_messages(messages) -> int:
         if isinstance(c, str):
             continue
         if not isinstance(c, (list, tuple)):
-            raise ValueError(f"messages[{i}]['content']: expected a string or a list of "
-                             f"{{'type': 'image'|'text', ...}} parts, got {type(c).__name__}")
+            raise ValueError(
+                f"messages[{i}]['content']: expected a string or a list of "
+                f"{{'type': 'image'|'text', ...}} parts, got {type(c).__name__}"
+            )
         for j, part in enumerate(c):
             where = f"messages[{i}]['content'][{j}]"
             if not isinstance(part, dict) or "type" not in part:
@@ -147,8 +153,9 @@ def images_of(messages) -> list:
 
     Image parts may carry the image itself: ``{"type": "image", "image": PIL image | array | path}``.
     """
-    return [p.get("image") for m in messages if not isinstance(m["content"], str)
-            for p in m["content"] if p.get("type") == "image"]
+    return [
+        p.get("image") for m in messages if not isinstance(m["content"], str) for p in m["content"] if p.get("type") == "image"
+    ]
 
 
 def _expand_image_pads(text: str, counts: Sequence[int], pad: str = IMAGE_PAD) -> str:
@@ -166,8 +173,15 @@ def _special_ids(tokenizer, chat: ChatFormat) -> set[int]:
     return ids
 
 
-def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None = None, *,
-                 add_generation_prompt: bool = True, chat: ChatFormat = QWEN, **template_kwargs) -> dict:
+def build_prompt(
+    messages,
+    tokenizer,
+    image_token_counts: Sequence[int] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    chat: ChatFormat = QWEN,
+    **template_kwargs,
+) -> dict:
     """Renders, expands and tokenises one conversation (see the module docstring).
 
     Args:
@@ -201,14 +215,19 @@ def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None =
             raise ValueError(f"image_token_counts[{k}]: expected a positive integer, got {n!r}")
     counts = [int(n) for n in counts]
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no chat_template (load the checkpoint's tokenizer "
-                         f"with jaxmm.processing.chat.load_tokenizer)")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **template_kwargs)
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat_template (load the checkpoint's tokenizer "
+            f"with jaxmm.processing.chat.load_tokenizer)"
+        )
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
     rendered = text.count(chat.image_pad)
     if rendered != n_images:
-        raise ValueError(f"the chat template rendered {rendered} {chat.image_pad} for {n_images} image parts "
-                         f"(does a text part contain {chat.image_pad}?)")
+        raise ValueError(
+            f"the chat template rendered {rendered} {chat.image_pad} for {n_images} image parts "
+            f"(does a text part contain {chat.image_pad}?)"
+        )
     text = _expand_image_pads(text, counts, chat.image_pad)
     # ProcessorMixin.apply_chat_template(tokenize=True): no special tokens when the text starts with BOS.
     bos = getattr(tokenizer, "bos_token", None)
@@ -219,8 +238,13 @@ def build_prompt(messages, tokenizer, image_token_counts: Sequence[int] | None =
     system_span = _system_span(text, offsets, chat)
     question_spans = _question_spans(text, offsets, ids, _special_ids(tokenizer, chat), chat)
     question_span = (question_spans[0][0], question_spans[-1][1]) if question_spans else (0, 0)
-    return {"text": text, "input_ids": ids, "system_span": system_span, "question_span": question_span,
-            "question_spans": question_spans}
+    return {
+        "text": text,
+        "input_ids": ids,
+        "system_span": system_span,
+        "question_span": question_span,
+        "question_spans": question_spans,
+    }
 
 
 def _system_span(text: str, offsets: np.ndarray, chat: ChatFormat) -> tuple[int, int]:
@@ -233,16 +257,21 @@ def _system_span(text: str, offsets: np.ndarray, chat: ChatFormat) -> tuple[int,
     return (0, int(after[0]) if len(after) else len(offsets))
 
 
-def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: set[int],
-                    chat: ChatFormat) -> list[tuple[int, int]]:
+def _question_spans(
+    text: str, offsets: np.ndarray, ids: np.ndarray, special: set[int], chat: ChatFormat
+) -> list[tuple[int, int]]:
     headers = list(re.finditer(re.escape(chat.user_marker) + r"\n?", text))
     if not headers:
         return []
     a = headers[-1].end()
     b = text.find(chat.turn_end, a)
     b = len(text) if b < 0 else b
-    keep = ((offsets[:, 0] >= a) & (offsets[:, 1] <= b) & (offsets[:, 1] > offsets[:, 0])
-            & ~np.isin(ids, np.fromiter(special, np.int64, len(special))))
+    keep = (
+        (offsets[:, 0] >= a)
+        & (offsets[:, 1] <= b)
+        & (offsets[:, 1] > offsets[:, 0])
+        & ~np.isin(ids, np.fromiter(special, np.int64, len(special)))
+    )
     runs, start = [], None
     for i, k in enumerate(keep.tolist() + [False]):
         if k and start is None:
@@ -253,9 +282,18 @@ def _question_spans(text: str, offsets: np.ndarray, ids: np.ndarray, special: se
     return runs
 
 
-def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=None, padding_side: str = "left",
-                  pad_token_id: int | None = None, *, add_generation_prompt: bool = True, chat: ChatFormat = QWEN,
-                  pad_to_multiple_of: int | None = None, **template_kwargs) -> dict:
+def batch_prompts(
+    list_of_messages,
+    tokenizer,
+    image_token_counts_per_prompt=None,
+    padding_side: str = "left",
+    pad_token_id: int | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    chat: ChatFormat = QWEN,
+    pad_to_multiple_of: int | None = None,
+    **template_kwargs,
+) -> dict:
     """Several conversations -> one padded batch (each row built by :func:`build_prompt`, padded by
     :func:`jaxmm.processing.padding.pad_rows`).
 
@@ -292,15 +330,20 @@ def batch_prompts(list_of_messages, tokenizer, image_token_counts_per_prompt=Non
     prompts = []
     for row, (c, n) in enumerate(zip(convs, counts)):
         try:
-            prompts.append(build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt, chat=chat,
-                                        **template_kwargs))
+            prompts.append(
+                build_prompt(c, tokenizer, n, add_generation_prompt=add_generation_prompt, chat=chat, **template_kwargs)
+            )
         except ValueError as e:
             raise ValueError(f"conversation {row}: {e}") from e
     ids, am, offsets = pad_rows([p["input_ids"] for p in prompts], padding_side, pad, multiple_of=pad_to_multiple_of)
-    return {"input_ids": ids, "attention_mask": am,
-            "system_spans": shift_spans([nonempty(p["system_span"]) for p in prompts], offsets),
-            "question_spans": shift_spans([p["question_spans"] for p in prompts], offsets),
-            "texts": [p["text"] for p in prompts], "lengths": [len(p["input_ids"]) for p in prompts]}
+    return {
+        "input_ids": ids,
+        "attention_mask": am,
+        "system_spans": shift_spans([nonempty(p["system_span"]) for p in prompts], offsets),
+        "question_spans": shift_spans([p["question_spans"] for p in prompts], offsets),
+        "texts": [p["text"] for p in prompts],
+        "lengths": [len(p["input_ids"]) for p in prompts],
+    }
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -310,8 +353,9 @@ def decode(tokenizer, ids, skip_special_tokens: bool = True) -> str:
     flat = np.asarray(ids)
     if flat.ndim > 1:
         raise ValueError(f"decode: expected 1-D token ids, got shape {flat.shape}")
-    return tokenizer.decode([int(i) for i in flat.reshape(-1)], skip_special_tokens=skip_special_tokens,
-                            clean_up_tokenization_spaces=False)
+    return tokenizer.decode(
+        [int(i) for i in flat.reshape(-1)], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
 
 
 _THINK = re.compile(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", re.S | re.I)

@@ -23,8 +23,15 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from jaxmm.processing.image import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, image_name, pil_resize, pixel_inputs,
-                                    read_processor_config, to_channels_first)
+from jaxmm.processing.image import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    image_name,
+    pil_resize,
+    pixel_inputs,
+    read_processor_config,
+    to_channels_first,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +66,21 @@ class ClipImageProcessor:
             ValueError: unreadable JSON, or a ``size`` / ``crop_size`` jaxmm does not read (names the file).
         """
         f, d = read_processor_config(path)
-        kw = {k: d[k] for k in ("image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
-                                "rescale_factor", "do_normalize", "do_convert_rgb", "resample") if d.get(k) is not None}
+        kw = {
+            k: d[k]
+            for k in (
+                "image_mean",
+                "image_std",
+                "do_resize",
+                "do_center_crop",
+                "do_rescale",
+                "rescale_factor",
+                "do_normalize",
+                "do_convert_rgb",
+                "resample",
+            )
+            if d.get(k) is not None
+        }
         size, crop = d.get("size", {"shortest_edge": cls.shortest_edge}), d.get("crop_size", cls.crop_size)
         if not isinstance(size, dict) or set(size) != {"shortest_edge"}:
             raise ValueError(f"{f}: field 'size' must be {{'shortest_edge': N}} for a CLIP processor, got {size!r}")
@@ -90,7 +110,7 @@ class ClipImageProcessor:
         Raises:
             TypeError, ValueError: as :func:`~jaxmm.processing.image.to_channels_first`, naming the image.
         """
-        x = to_channels_first(image, index, self.do_convert_rgb)                   # uint8 [C, H, W]
+        x = to_channels_first(image, index, self.do_convert_rgb)  # uint8 [C, H, W]
         return self.transform(x, index, image)[None], self.grid_thw()
 
     def transform(self, x: np.ndarray, index: int = 0, image: Any = None) -> np.ndarray:
@@ -119,8 +139,10 @@ class ClipImageProcessor:
             x = (x - mean) / std
         x = x.astype(np.float32, copy=False)
         if x.shape[1:] != tuple(self.crop_size):
-            raise ValueError(f"{image_name(index, image)}: processed to {x.shape[1]}x{x.shape[2]} pixels, the "
-                             f"vision tower takes {self.crop_size[0]}x{self.crop_size[1]} (enable do_center_crop)")
+            raise ValueError(
+                f"{image_name(index, image)}: processed to {x.shape[1]}x{x.shape[2]} pixels, the "
+                f"vision tower takes {self.crop_size[0]}x{self.crop_size[1]} (enable do_center_crop)"
+            )
         return x
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
@@ -141,10 +163,10 @@ def center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
     _, h, w = x.shape
     top, left = (h - height) // 2, (w - width) // 2
     if top >= 0 and left >= 0 and top + height <= h and left + width <= w:
-        return x[:, top:top + height, left:left + width]
+        return x[:, top : top + height, left : left + width]
     nh, nw = max(height, h), max(width, w)
     out = np.zeros(x.shape[:-2] + (nh, nw), x.dtype)
     tp, lp = math.ceil((nh - h) / 2), math.ceil((nw - w) / 2)
-    out[:, tp:tp + h, lp:lp + w] = x
+    out[:, tp : tp + h, lp : lp + w] = x
     top, left = top + tp, left + lp
-    return out[:, max(0, top):min(nh, top + height), max(0, left):min(nw, left + width)]
+    return out[:, max(0, top) : min(nh, top + height), max(0, left) : min(nw, left + width)]

@@ -57,8 +57,9 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 1280
+) -> tuple[int, int]:
     """Target ``(height, width)`` in pixels for an image of ``height`` x ``width`` pixels.
 
     Same arithmetic as HF's ``smart_resize`` (Python floats, ``round`` = round-half-to-even):
@@ -75,9 +76,11 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     if height <= 0 or width <= 0:
         raise ValueError(f"image of height {height} and width {width} is empty")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got "
-                         f"{max(height, width) / min(height, width)} for an image of height {height} "
-                         f"and width {width}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got "
+            f"{max(height, width) / min(height, width)} for an image of height {height} "
+            f"and width {width}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -120,10 +123,9 @@ def open_image(source: Any, index: int = 0) -> Any:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             image = Image.open(source)
-        for w in caught:      # PIL's warning above MAX_IMAGE_PIXELS (it refuses at twice that), named
+        for w in caught:  # PIL's warning above MAX_IMAGE_PIXELS (it refuses at twice that), named
             if issubclass(w.category, Image.DecompressionBombWarning):
-                warnings.warn(f"{name}: possible decompression bomb ({w.message})", Image.DecompressionBombWarning,
-                              stacklevel=2)
+                warnings.warn(f"{name}: possible decompression bomb ({w.message})", Image.DecompressionBombWarning, stacklevel=2)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except FileNotFoundError:
@@ -141,9 +143,10 @@ def _decode(image: Image.Image, name: str) -> None:
         image.load()
     except Image.DecompressionBombError as e:
         raise ValueError(f"{name}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for corrupt / truncated data
-        raise ValueError(f"{name}: cannot decode the image data ({type(e).__name__}: {e}); is the file "
-                         f"truncated or corrupt?") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for corrupt / truncated data
+        raise ValueError(
+            f"{name}: cannot decode the image data ({type(e).__name__}: {e}); is the file truncated or corrupt?"
+        ) from None
 
 
 def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> np.ndarray:
@@ -169,9 +172,12 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
         name = image_name(index, image)
         _decode(image, name)
         if convert_rgb and (image.mode.startswith("I") or image.mode == "F"):
-            warnings.warn(f"{name}: PIL mode {image.mode!r} (16/32-bit greyscale) is converted to 8-bit RGB "
-                          f"by clipping values above 255 to 255, as transformers does; scale it to 0..255 "
-                          f"first to keep its range", stacklevel=3)
+            warnings.warn(
+                f"{name}: PIL mode {image.mode!r} (16/32-bit greyscale) is converted to 8-bit RGB "
+                f"by clipping values above 255 to 255, as transformers does; scale it to 0..255 "
+                f"first to keep its range",
+                stacklevel=3,
+            )
         if convert_rgb:
             if "A" in image.getbands() or image.info.get("transparency") is not None:
                 white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -180,8 +186,10 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
                 image = image.convert("RGB")
         x = np.array(image)
         if x.dtype != np.uint8:
-            raise ValueError(f"{name}: PIL mode {image.mode!r} gives {x.dtype} pixels, expected 8-bit "
-                             f"(enable do_convert_rgb or convert the image to RGB)")
+            raise ValueError(
+                f"{name}: PIL mode {image.mode!r} gives {x.dtype} pixels, expected 8-bit "
+                f"(enable do_convert_rgb or convert the image to RGB)"
+            )
         return x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)
 
     if not isinstance(image, np.ndarray):
@@ -190,15 +198,17 @@ def to_channels_first(image: Any, index: int = 0, convert_rgb: bool = True) -> n
     if x.ndim == 2:
         x = x[..., None]
     if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image {index}: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or "
-                         f"(H, W, 4) (channels last), got shape {image.shape}")
+        raise ValueError(
+            f"image {index}: expected an array of shape (H, W), (H, W, 1), (H, W, 3) or "
+            f"(H, W, 4) (channels last), got shape {image.shape}"
+        )
     if x.dtype != np.uint8:
         raise ValueError(f"image {index}: expected uint8 pixels (0..255), got dtype {x.dtype}")
     if convert_rgb:
         if x.shape[-1] == 1:
             x = np.repeat(x, 3, axis=-1)
         elif x.shape[-1] == 4:
-            alpha = x[..., 3:4] / 255                                     # float64
+            alpha = x[..., 3:4] / 255  # float64
             x = np.round(alpha * x[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return np.moveaxis(x, -1, 0)
 
@@ -266,8 +276,7 @@ class ImageProcessor:
         if not _is_number(self.rescale_factor) or not self.rescale_factor > 0:
             raise ValueError(f"field 'rescale_factor' must be a positive number, got {self.rescale_factor!r}")
         if not _is_int(self.resample) or int(self.resample) not in _RESAMPLE_NAMES:
-            raise ValueError(f"field 'resample' must be a PIL filter id, one of {_RESAMPLE_NAMES}, "
-                             f"got {self.resample!r}")
+            raise ValueError(f"field 'resample' must be a PIL filter id, one of {_RESAMPLE_NAMES}, got {self.resample!r}")
         for name in ("image_mean", "image_std"):
             v = getattr(self, name)
             if isinstance(v, (list, tuple, np.ndarray)):
@@ -309,12 +318,10 @@ class ImageProcessor:
         kw = {k: v for k, v in d.items() if k in names and v is not None}
         size = d.get("size")
         if size is not None and not isinstance(size, dict):
-            raise ValueError(f"field 'size' must be an object with 'shortest_edge' and 'longest_edge', "
-                             f"got {size!r}")
+            raise ValueError(f"field 'size' must be an object with 'shortest_edge' and 'longest_edge', got {size!r}")
         size = size or {}
-        for field, keys in (("min_pixels", ("shortest_edge", "min_pixels")),
-                            ("max_pixels", ("longest_edge", "max_pixels"))):
-            if d.get(field) is not None:                       # top-level legacy key: wins, as in HF
+        for field, keys in (("min_pixels", ("shortest_edge", "min_pixels")), ("max_pixels", ("longest_edge", "max_pixels"))):
+            if d.get(field) is not None:  # top-level legacy key: wins, as in HF
                 kw[field] = d[field]
             else:
                 for k in keys:
@@ -322,9 +329,8 @@ class ImageProcessor:
                         kw[field] = size[k]
                         break
                 else:
-                    if size:                                   # HF would fail at the first call
-                        raise ValueError(f"field 'size' must give both 'shortest_edge' and 'longest_edge', "
-                                         f"got {size!r}")
+                    if size:  # HF would fail at the first call
+                        raise ValueError(f"field 'size' must give both 'shortest_edge' and 'longest_edge', got {size!r}")
         return kw
 
     @property
@@ -342,7 +348,7 @@ class ImageProcessor:
     def num_image_tokens(self, grid_thw) -> int:
         """LLM tokens for one image of patch grid ``grid_thw = (t, h, w)``: ``t*h*w // merge_size**2``."""
         t, h, w = (int(v) for v in grid_thw)
-        return t * h * w // self.merge_size ** 2
+        return t * h * w // self.merge_size**2
 
     def preprocess_one(self, image: Any, index: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
         """One image -> (patches float32 ``[h*w, C*T*P*P]``, ``(1, h, w)`` in patches).
@@ -354,7 +360,7 @@ class ImageProcessor:
             TypeError, ValueError: as :func:`to_channels_first`; an aspect ratio over 200 (HF's
                 ``smart_resize`` limit) naming the image.
         """
-        x = to_channels_first(image, index, self.do_convert_rgb)               # uint8 [C, H, W]
+        x = to_channels_first(image, index, self.do_convert_rgb)  # uint8 [C, H, W]
         c, height, width = x.shape
         if self.do_resize:
             try:
@@ -364,15 +370,19 @@ class ImageProcessor:
             x = pil_resize(x, new_h, new_w, int(self.resample))
         c, height, width = x.shape
         if height % self.factor or width % self.factor or height == 0 or width == 0:
-            raise ValueError(f"image {index}: height {height} and width {width} must be positive multiples of "
-                             f"{self.factor} (patch_size * merge_size) when do_resize is off")
+            raise ValueError(
+                f"image {index}: height {height} and width {width} must be positive multiples of "
+                f"{self.factor} (patch_size * merge_size) when do_resize is off"
+            )
         if self.do_rescale:
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
             x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
             if any(np.ndim(v) and len(v) != c for v in (self.image_mean, self.image_std)):
-                raise ValueError(f"image {index}: has {c} channels but image_mean has "
-                                 f"{np.size(self.image_mean)} and image_std {np.size(self.image_std)} entries")
+                raise ValueError(
+                    f"image {index}: has {c} channels but image_mean has "
+                    f"{np.size(self.image_mean)} and image_std {np.size(self.image_std)} entries"
+                )
             # HF: ((x.T - mean) / std).T with mean, std cast to x's dtype; the same float32 operations.
             mean = np.broadcast_to(np.asarray(self.image_mean, x.dtype), (c,))[:, None, None]
             std = np.broadcast_to(np.asarray(self.image_std, x.dtype), (c,))[:, None, None]
@@ -427,8 +437,7 @@ def read_processor_config(path: str | Path) -> tuple[Path, dict]:
             return nested, nd["image_processor"]
     f = p / PREPROCESSOR_CONFIG
     if not f.is_file():
-        raise FileNotFoundError(f"no image processor config: {f} does not exist (nor an "
-                                f"'image_processor' entry in {nested})")
+        raise FileNotFoundError(f"no image processor config: {f} does not exist (nor an 'image_processor' entry in {nested})")
     return f, read_json(f)
 
 

@@ -92,11 +92,17 @@ class TokenLayout:
             return np.concatenate([x, np.full((b, n_new) + tail, fill, x.dtype)], axis=1)
 
         return TokenLayout(
-            image_mask=grow(self.image_mask, False), video_mask=grow(self.video_mask, False),
-            image_index=grow(self.image_index, -1), grid_pos=grow(self.grid_pos, -1, (3,)),
-            grid_hw=grow(self.grid_hw, -1, (2,)), attention_mask=grow(self.attention_mask, 1),
-            system_mask=grow(self.system_mask, False), question_mask=grow(self.question_mask, False),
-            generated_mask=grow(self.generated_mask, True), region_weight=grow(self.region_weight, 0.0))
+            image_mask=grow(self.image_mask, False),
+            video_mask=grow(self.video_mask, False),
+            image_index=grow(self.image_index, -1),
+            grid_pos=grow(self.grid_pos, -1, (3,)),
+            grid_hw=grow(self.grid_hw, -1, (2,)),
+            attention_mask=grow(self.attention_mask, 1),
+            system_mask=grow(self.system_mask, False),
+            question_mask=grow(self.question_mask, False),
+            generated_mask=grow(self.generated_mask, True),
+            region_weight=grow(self.region_weight, 0.0),
+        )
 
     append = extend
     """Alias of :meth:`extend`."""
@@ -128,8 +134,7 @@ def check_ids_and_mask(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarra
     """
     ids = as_numpy(input_ids, "input_ids")
     if ids is None or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids: expected an integer array [B,S], got "
-                         f"{None if ids is None else (ids.dtype, ids.shape)}")
+        raise ValueError(f"input_ids: expected an integer array [B,S], got {None if ids is None else (ids.dtype, ids.shape)}")
     if attention_mask is None:
         return ids, np.ones(ids.shape, np.int32)
     am = as_numpy(attention_mask, "attention_mask")
@@ -179,8 +184,16 @@ def modality_runs(types_row: np.ndarray, keep_row: np.ndarray) -> list[tuple[int
     return [(int(t[s]), cols[s:e]) for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(cols)])]
 
 
-def vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw, *, image_token_id: int,
-                  video_token_id: int, spatial_merge_size: int):
+def vision_groups(
+    input_ids,
+    attention_mask,
+    image_grid_thw,
+    video_grid_thw,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+):
     """Segments a batch and pairs every image/video run with its grid (see the module doc).
 
     Args:
@@ -199,8 +212,7 @@ def vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw, *, 
     """
     ids, am = check_ids_and_mask(input_ids, attention_mask)
     m = int(spatial_merge_size)
-    grids = {IMAGE: check_grid(image_grid_thw, "image_grid_thw", m),
-             VIDEO: check_grid(video_grid_thw, "video_grid_thw", m)}
+    grids = {IMAGE: check_grid(image_grid_thw, "image_grid_thw", m), VIDEO: check_grid(video_grid_thw, "video_grid_thw", m)}
     types = (ids == image_token_id) * IMAGE + (ids == video_token_id) * VIDEO
     used = {IMAGE: 0, VIDEO: 0}
     rows = []
@@ -216,21 +228,25 @@ def vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw, *, 
                 raise ValueError(
                     f"input_ids row {row}: more {_KIND[kind]} token groups than the {len(g)} rows of "
                     f"{name}{extra}; group {k} is {len(cols)} {_KIND[kind]} pad tokens at columns "
-                    f"{int(cols[0])}..{int(cols[-1])}")
+                    f"{int(cols[0])}..{int(cols[-1])}"
+                )
             t, h, w = (int(v) for v in g[k])
             want = t * h * w // (m * m)
             if len(cols) != want:
                 raise ValueError(
                     f"input_ids row {row}: {len(cols)} consecutive {_KIND[kind]} pad tokens at columns "
                     f"{int(cols[0])}..{int(cols[-1])}, but {name}[{k}]={[t, h, w]} needs "
-                    f"t*h*w/merge^2 = {want} (merge={m})")
+                    f"t*h*w/merge^2 = {want} (merge={m})"
+                )
             out.append((kind, cols, k))
             used[kind] += 1
         rows.append(out)
     for kind in (IMAGE, VIDEO):
         if used[kind] != len(grids[kind]):
-            raise ValueError(f"{_GRID_NAME[kind]}: {len(grids[kind])} rows but input_ids hold "
-                             f"{used[kind]} {_KIND[kind]} token groups (after dropping padding)")
+            raise ValueError(
+                f"{_GRID_NAME[kind]}: {len(grids[kind])} rows but input_ids hold "
+                f"{used[kind]} {_KIND[kind]} token groups (after dropping padding)"
+            )
     return ids, am, rows
 
 
@@ -256,10 +272,20 @@ def spans_to_mask(spans, b: int, s: int, name: str) -> np.ndarray:
     return m
 
 
-def build_token_layout(input_ids, attention_mask, image_grid_thw, *, image_token_id: int,
-                       video_token_id: int, spatial_merge_size: int, video_grid_thw=None,
-                       system_spans: Sequence | None = None, question_spans: Sequence | None = None,
-                       generated_spans: Sequence | None = None, region_weight=None) -> TokenLayout:
+def build_token_layout(
+    input_ids,
+    attention_mask,
+    image_grid_thw,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    video_grid_thw=None,
+    system_spans: Sequence | None = None,
+    question_spans: Sequence | None = None,
+    generated_spans: Sequence | None = None,
+    region_weight=None,
+) -> TokenLayout:
     """Builds the :class:`TokenLayout` of a batch (numpy, host side).
 
     Args:
@@ -279,9 +305,15 @@ def build_token_layout(input_ids, attention_mask, image_grid_thw, *, image_token
             :func:`vision_groups`), a shape differs, or a span is out of range.
     """
     m = int(spatial_merge_size)
-    ids, am, rows = vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                  image_token_id=image_token_id, video_token_id=video_token_id,
-                                  spatial_merge_size=m)
+    ids, am, rows = vision_groups(
+        input_ids,
+        attention_mask,
+        image_grid_thw,
+        video_grid_thw,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        spatial_merge_size=m,
+    )
     grids = check_grid(image_grid_thw, "image_grid_thw", m)
     b, s = ids.shape
     valid = am > 0
@@ -309,9 +341,14 @@ def build_token_layout(input_ids, attention_mask, image_grid_thw, *, image_token
         if rw.shape != (b, s):
             raise ValueError(f"region_weight: shape {rw.shape} differs from input_ids {(b, s)}")
     return TokenLayout(
-        image_mask=image_mask, video_mask=(ids == video_token_id) & valid, image_index=image_index,
-        grid_pos=grid_pos, grid_hw=grid_hw, attention_mask=am,
+        image_mask=image_mask,
+        video_mask=(ids == video_token_id) & valid,
+        image_index=image_index,
+        grid_pos=grid_pos,
+        grid_hw=grid_hw,
+        attention_mask=am,
         system_mask=spans_to_mask(system_spans, b, s, "system_spans") & valid,
         question_mask=spans_to_mask(question_spans, b, s, "question_spans") & valid,
         generated_mask=spans_to_mask(generated_spans, b, s, "generated_spans") & valid,
-        region_weight=rw)
+        region_weight=rw,
+    )

@@ -33,8 +33,14 @@ def padded_length(lengths: Sequence[int], length: int | None = None, multiple_of
     return s
 
 
-def pad_rows(rows: Sequence, padding_side: str = "left", pad_value: int = 0, length: int | None = None,
-             multiple_of: int | None = None, dtype=np.int64) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def pad_rows(
+    rows: Sequence,
+    padding_side: str = "left",
+    pad_value: int = 0,
+    length: int | None = None,
+    multiple_of: int | None = None,
+    dtype=np.int64,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """B 1-D rows of varying lengths -> one padded array.
 
     Args:
@@ -67,8 +73,8 @@ def pad_rows(rows: Sequence, padding_side: str = "left", pad_value: int = 0, len
     offsets = []
     for i, (r, n) in enumerate(zip(rows, lengths)):
         off = s - n if padding_side == "left" else 0
-        values[i, off:off + n] = r
-        mask[i, off:off + n] = 1
+        values[i, off : off + n] = r
+        mask[i, off : off + n] = 1
         offsets.append(off)
     return values, mask, offsets
 

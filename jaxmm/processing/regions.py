@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def box_to_token_indices(box, image_size: tuple[int, int], grid_thw, patch_size: int = 14,
-                         spatial_merge_size: int = 2) -> np.ndarray:
+def box_to_token_indices(
+    box, image_size: tuple[int, int], grid_thw, patch_size: int = 14, spatial_merge_size: int = 2
+) -> np.ndarray:
     """Merged-token raster indices (int64, ascending) of the cells a box covers.
 
     Args:
@@ -41,10 +42,16 @@ def box_to_token_indices(box, image_size: tuple[int, int], grid_thw, patch_size:
     return np.sort((rr * cols + cc).reshape(-1)).astype(np.int64)
 
 
-def region_weights(image_index: np.ndarray, grid_pos: np.ndarray, grid_hw: np.ndarray,
-                   boxes_per_image: dict[int, list], image_sizes: dict[int, tuple[int, int]],
-                   image_grid_thw: np.ndarray, patch_size: int = 14,
-                   spatial_merge_size: int = 2) -> np.ndarray:
+def region_weights(
+    image_index: np.ndarray,
+    grid_pos: np.ndarray,
+    grid_hw: np.ndarray,
+    boxes_per_image: dict[int, list],
+    image_sizes: dict[int, tuple[int, int]],
+    image_grid_thw: np.ndarray,
+    patch_size: int = 14,
+    spatial_merge_size: int = 2,
+) -> np.ndarray:
     """A [B,S] float32 region mask (1 inside any box of the token's image, else 0) for a
     TokenLayout, from boxes given per image index (``image_grid_thw`` row).
 
@@ -56,8 +63,9 @@ def region_weights(image_index: np.ndarray, grid_pos: np.ndarray, grid_hw: np.nd
             raise ValueError(f"boxes given for image {img}, but only {len(image_grid_thw)} images")
         inside = set()
         for box in boxes:
-            inside.update(box_to_token_indices(box, image_sizes[img], image_grid_thw[img], patch_size,
-                                               spatial_merge_size).tolist())
+            inside.update(
+                box_to_token_indices(box, image_sizes[img], image_grid_thw[img], patch_size, spatial_merge_size).tolist()
+            )
         sel = image_index == img
         raster = grid_pos[..., 1] * grid_hw[..., 1] + grid_pos[..., 2]
         out[sel & np.isin(raster, sorted(inside))] = 1.0

@@ -16,8 +16,7 @@ from typing import Annotated, Literal, Sequence
 from pydantic import ConfigDict, Field
 from typing_extensions import TypedDict
 
-from jaxmm.config import (Float, Fraction, Mesh, ModelRef, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex,
-                          Validated, load)
+from jaxmm.config import Float, Fraction, Mesh, ModelRef, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex, Validated, load
 
 
 class LoraSpec(TypedDict, total=False):
@@ -26,7 +25,7 @@ class LoraSpec(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(extra="forbid")
     rank: PosInt
     alpha: Float
-    targets: Regex | list[Regex]          # regexes over dotted parameter paths
+    targets: Regex | list[Regex]  # regexes over dotted parameter paths
     seed: NonNegInt
 
 
@@ -94,8 +93,7 @@ class TrainingConfig(Validated):
     freeze: list[Regex] = dataclasses.field(default_factory=list)
     lora: LoraSpec | None = None
     rave: RaveSpec | None = None
-    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0,
-                                                                 "image_size": 112})
+    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 0, "image_size": 112})
     save_every: PosInt = 50
     keep: PosInt = 2
     log_every: PosInt = 10

@@ -59,13 +59,20 @@ class GRPOConfig(TrainingConfig):
     steps: PosInt = 50
     lr: PosFloat = 1e-4
     warmup: Fraction = 0.0
-    data: DataSpec = dataclasses.field(default_factory=lambda: {"name": "grounded", "size": 4096, "seed": 3,
-                                                                 "image_size": 112, "shape_scale": 0.35,
-                                                                 "contrast": 0.5})
+    data: DataSpec = dataclasses.field(
+        default_factory=lambda: {
+            "name": "grounded",
+            "size": 4096,
+            "seed": 3,
+            "image_size": 112,
+            "shape_scale": 0.35,
+            "contrast": 0.5,
+        }
+    )
     save_every: PosInt = 10
     log_every: PosInt = 1
     prompts_per_step: PosInt = 4
-    group_size: Int = 4                   # G completions per prompt
+    group_size: Int = 4  # G completions per prompt
     max_new_tokens: PosInt = 16
     temperature: PosFloat = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -75,15 +82,15 @@ class GRPOConfig(TrainingConfig):
     # loss_variant, checked in __post_init__ (its message names the choices): "paper", "easyr1" (AVAR's
     # released RL stage) or "trl" (SAYO's); see objectives.grpo
     loss_variant: str = "paper"
-    clip_eps_high: PosFloat | None = None # upper clip (None = clip_eps); EasyR1: 0.3
-    dual_clip: PosFloat = 3.0             # "easyr1" only: dual clip on negative advantages
-    adv_eps: PosFloat = 1e-4              # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
+    clip_eps_high: PosFloat | None = None  # upper clip (None = clip_eps); EasyR1: 0.3
+    dual_clip: PosFloat = 3.0  # "easyr1" only: dual clip on negative advantages
+    adv_eps: PosFloat = 1e-4  # A = (r − mean)/(std + adv_eps); EasyR1: 1e-6
     rewards: dict[str, Float] = dataclasses.field(default_factory=lambda: {"r_att": 1.0})
     vars_variant: str = "paper"
     vars_layers: list[NonNegInt] | None = None  # VARS layers (None = all); AVAR's released script: 0..7
-    sayo_variant: str = "paper"           # "released": SAYO's released token selection and format regex
-    system_prompt: str | None = None      # a system turn: literal text, or the name of a jaxmm.prompts prompt
-    entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3   # SAYO: fraction of completion tokens r_att is computed on
+    sayo_variant: str = "paper"  # "released": SAYO's released token selection and format regex
+    system_prompt: str | None = None  # a system turn: literal text, or the name of a jaxmm.prompts prompt
+    entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3  # SAYO: fraction of completion tokens r_att is computed on
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,8 +101,11 @@ class GRPOConfig(TrainingConfig):
             raise ValueError(f"group_size={self.group_size}: group-normalised advantages need G >= 2")
         from jaxmm.objectives.grpo import LOSS_VARIANTS
 
-        for name, allowed in (("vars_variant", ("paper", "released")), ("sayo_variant", ("paper", "released")),
-                              ("loss_variant", LOSS_VARIANTS)):
+        for name, allowed in (
+            ("vars_variant", ("paper", "released")),
+            ("sayo_variant", ("paper", "released")),
+            ("loss_variant", LOSS_VARIANTS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
 
@@ -111,8 +121,9 @@ def _prompts(model, samples, group_size, system_prompt=None):
     named = PROMPTS.get(system_prompt)
     text = named.system if named is not None and named.system is not None else system_prompt
     rep = [s for s in samples for _ in range(group_size)]
-    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], text) for s in rep],
-                                  pad_to_multiple_of=32)
+    batch, info = host.chat_batch(
+        model, [host.vqa_messages(s["question"], [s["image"]], text) for s in rep], pad_to_multiple_of=32
+    )
     w = host.region_weights(model, batch.layout, info["image_grid_thw"], *host.sample_boxes(rep))
     return batch, info, rep, w
 
@@ -120,7 +131,7 @@ def _prompts(model, samples, group_size, system_prompt=None):
 def completion_logprobs(logits, tokens, prompt_len: int, temperature: float):
     """log π(token_t) [B,T] of the completion tokens from teacher-forced logits [B,S+T,V]."""
     t = tokens.shape[1]
-    lg = logits[:, prompt_len - 1:prompt_len - 1 + t].astype(jnp.float32) / temperature
+    lg = logits[:, prompt_len - 1 : prompt_len - 1 + t].astype(jnp.float32) / temperature
     lp = jax.nn.log_softmax(lg, -1)
     return jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), -1)[..., 0], lg
 
@@ -134,8 +145,12 @@ def make_score_fn(config, cfg: GRPOConfig):
     from jaxmm.probes import KeyMass, RegionRatio, VisualMass
 
     last = config.text.num_hidden_layers - 1
-    probes = (AttentionWeights(name="last_layer", layers=(last,)), VisualMass(), KeyMass(),
-              RegionRatio(eps=1e-12))                       # as the eval harness logs it
+    probes = (
+        AttentionWeights(name="last_layer", layers=(last,)),
+        VisualMass(),
+        KeyMass(),
+        RegionRatio(eps=1e-12),
+    )  # as the eval harness logs it
     released = cfg.vars_variant == "released"
     if released:
         from jaxmm.objectives.avar import FirstKeysMass
@@ -150,13 +165,22 @@ def make_score_fn(config, cfg: GRPOConfig):
         out = forward(params, config, batch, ivs, probes)
         lp, lg = completion_logprobs(out.logits, tokens, s, cfg.temperature)
         q = slice(s, s + tokens.shape[1])
-        return {"logp": lp, "entropy": token_entropy(lg),
-                "weights": out.probes["last_layer"]["text"].values[0][:, :, q],                  # [B,H,T,K]
-                "m_v": out.probes["visual_mass"]["text"].values[..., q],                          # [L,B,H,T]
-                "m_s": out.probes["system_mass"]["text"].values[..., q],
-                "region_ratio": out.probes["region_ratio"]["text"].values[..., q],              # [L,B,H,T]
-                **({"vars_m_v": out.probes["vars_image_mass"]["text"].values,                  # [L',B,H,S+T]
-                    "vars_m_s": out.probes["first_keys_mass"]["text"].values} if released else {})}
+        return {
+            "logp": lp,
+            "entropy": token_entropy(lg),
+            "weights": out.probes["last_layer"]["text"].values[0][:, :, q],  # [B,H,T,K]
+            "m_v": out.probes["visual_mass"]["text"].values[..., q],  # [L,B,H,T]
+            "m_s": out.probes["system_mass"]["text"].values[..., q],
+            "region_ratio": out.probes["region_ratio"]["text"].values[..., q],  # [L,B,H,T]
+            **(
+                {
+                    "vars_m_v": out.probes["vars_image_mass"]["text"].values,  # [L',B,H,S+T]
+                    "vars_m_s": out.probes["first_keys_mass"]["text"].values,
+                }
+                if released
+                else {}
+            ),
+        }
 
     return score
 
@@ -194,12 +218,11 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
             m_v, m_s = m_v[keep], m_s[keep]
         vars_ = np.asarray(vars_reward(m_v, m_s, jnp.asarray(mask), jnp.asarray(acc > 0), variant=cfg.vars_variant))
     vas = np.asarray(vars_reward(scored["m_v"], scored["m_s"], jnp.asarray(mask), jnp.ones(len(acc), bool)))
-    rr = np.moveaxis(np.asarray(scored["region_ratio"], np.float64), 1, 0)          # [B,L,H,T]
+    rr = np.moveaxis(np.asarray(scored["region_ratio"], np.float64), 1, 0)  # [B,L,H,T]
     keep = np.isfinite(rr) & np.asarray(mask)[:, None, None, :]
     with np.errstate(invalid="ignore"):
         region = np.sum(np.where(keep, rr, 0.0), axis=(1, 2, 3)) / np.sum(keep, axis=(1, 2, 3))
-    return {"accuracy": acc, "format": fmt, "r_att": ratt, "vars": vars_, "vas": vas,
-            "region_ratio": region.astype(np.float32)}
+    return {"accuracy": acc, "format": fmt, "r_att": ratt, "vars": vars_, "vas": vas, "region_ratio": region.astype(np.float32)}
 
 
 # ----------------------------------------------------------------------------- the update
@@ -214,8 +237,18 @@ def make_update(config, cfg: GRPOConfig, tx, mask_tree):
         params, ivs = assemble(state, cfg)
         s = batch.input_ids.shape[1] - tokens.shape[1]
         lp, _ = completion_logprobs(forward(params, config, batch, ivs).logits, tokens, s, cfg.temperature)
-        loss = grpo_loss(lp, old_lp, ref_lp, adv, mask, beta=cfg.kl_beta, clip_eps=cfg.clip_eps,
-                         variant=cfg.loss_variant, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip)
+        loss = grpo_loss(
+            lp,
+            old_lp,
+            ref_lp,
+            adv,
+            mask,
+            beta=cfg.kl_beta,
+            clip_eps=cfg.clip_eps,
+            variant=cfg.loss_variant,
+            clip_eps_high=cfg.clip_eps_high,
+            dual_clip=cfg.dual_clip,
+        )
         m = mask.astype(jnp.float32)
         kl = jnp.sum(k3_kl(lp, ref_lp) * m) / jnp.maximum(jnp.sum(m), 1.0)
         return loss, {"kl": kl}
@@ -239,8 +272,7 @@ def placeholder_ids(config) -> tuple[int, ...]:
     scored as the text it was generated as. Only the sampler suppresses them (transformers'
     ``suppress_tokens`` in generation); the log-probs π and π_old stay the model's softmax over
     the whole vocabulary."""
-    ids = (getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                              "vision_end_token_id"))
+    ids = (getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"))
     return tuple(sorted({int(i) for i in ids if i is not None and 0 <= int(i) < config.text.vocab_size}))
 
 
@@ -261,12 +293,21 @@ def rollout(model, cfg: GRPOConfig, state, ref_params, samples, step: int, score
     prompt, info, rep, region = _prompts(model, samples, cfg.group_size, cfg.system_prompt)
     stop = host.stop_tokens(model)
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), step)
-    out = generate(params, model.config, prompt, max_new_tokens=cfg.max_new_tokens,
-                   sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p), key=key, stop_tokens=stop,
-                   pad_token_id=host.pad_token_id(model), interventions=ivs, mesh=mesh,
-                   suppress_tokens=placeholder_ids(model.config))
+    out = generate(
+        params,
+        model.config,
+        prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p),
+        key=key,
+        stop_tokens=stop,
+        pad_token_id=host.pad_token_id(model),
+        interventions=ivs,
+        mesh=mesh,
+        suppress_tokens=placeholder_ids(model.config),
+    )
     tokens, lengths = (np.asarray(x) for x in on_host((out.tokens, out.lengths)))
-    texts = [model.tokenizer.decode(tokens[b, :lengths[b]], skip_special_tokens=True) for b in range(len(rep))]
+    texts = [model.tokenizer.decode(tokens[b, : lengths[b]], skip_special_tokens=True) for b in range(len(rep))]
     batch, mask = host.completion_batch(model, prompt, info["image_grid_thw"], tokens, lengths, region)
     dev_tokens, dev_mask = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
@@ -307,9 +348,9 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = config_mesh(cfg.mesh)
     model = jaxmm.load(organism.resolve(cfg.model), dtype="float32", mesh=mesh)
-    ref_params = model.params                        # the frozen reference: the starting model
+    ref_params = model.params  # the frozen reference: the starting model
     state = initial_state(cfg, model.params, model.config)
-    if mesh is not None:      # adapters replicated over the mesh, next to the sharded backbone
+    if mesh is not None:  # adapters replicated over the mesh, next to the sharded backbone
         from jax.sharding import NamedSharding, PartitionSpec
 
         rep = NamedSharding(mesh, PartitionSpec())
@@ -320,8 +361,12 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({**state, "opt_state": opt_state}), data=ocp.args.JsonRestore()))
+        restored = mngr.restore(
+            start,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({**state, "opt_state": opt_state}), data=ocp.args.JsonRestore()
+            ),
+        )
         opt_state = restored.state["opt_state"]
         state = {k: restored.state[k] for k in state}
         if restored.data["prompts_seen"] != start * cfg.prompts_per_step:
@@ -339,28 +384,38 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         samples = [ds[step * cfg.prompts_per_step + i] for i in range(cfg.prompts_per_step)]
-        batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(model, cfg, state, ref_params, samples,
-                                                                           step, score_fn, mesh)
+        batch, tokens, mask, scored, ref_lp, rewards, _, lengths = rollout(
+            model, cfg, state, ref_params, samples, step, score_fn, mesh
+        )
         r = total_reward(cfg, rewards)
         adv = group_advantages(jnp.asarray(r, jnp.float32), cfg.group_size, eps=cfg.adv_eps)
         old_lp = scored["logp"]
-        if mesh is not None:      # the per-row inputs of the update split over the mesh as the batch is
+        if mesh is not None:  # the per-row inputs of the update split over the mesh as the batch is
             old_lp, ref_lp, adv = (split_rows(x, mesh) for x in (old_lp, ref_lp, adv))
         for _ in range(cfg.updates_per_rollout):
             state, opt_state, m = update(state, opt_state, batch, tokens, mask, old_lp, ref_lp, adv)
-        host_mask = on_host(mask)         # a collective where the mesh spans processes: every process
+        host_mask = on_host(mask)  # a collective where the mesh spans processes: every process
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             ent = np.asarray(scored["entropy"])[host_mask]
-            row = {**{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k in REWARDS},
-                   "reward/total": float(np.mean(r)), "vas": float(np.mean(rewards["vas"])),
-                   "region_ratio": float(np.nanmean(rewards["region_ratio"])),
-                   "entropy": float(ent.mean()) if ent.size else 0.0, "length": float(np.mean(lengths)),
-                   **{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0}
+            row = {
+                **{f"reward/{k}": float(np.mean(v)) for k, v in rewards.items() if k in REWARDS},
+                "reward/total": float(np.mean(r)),
+                "vas": float(np.mean(rewards["vas"])),
+                "region_ratio": float(np.nanmean(rewards["region_ratio"])),
+                "entropy": float(ent.mean()) if ent.size else 0.0,
+                "length": float(np.mean(lengths)),
+                **{k: float(v) for k, v in m.items()},
+                "seconds": time.perf_counter() - t0,
+            }
             log.write(step + 1, row)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            mngr.save(step + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
-                data=ocp.args.JsonSave({"prompts_seen": (step + 1) * cfg.prompts_per_step})))
+            mngr.save(
+                step + 1,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
+                    data=ocp.args.JsonSave({"prompts_seen": (step + 1) * cfg.prompts_per_step}),
+                ),
+            )
             mngr.wait_until_finished()
         if bar is not None:
             bar.update(1)

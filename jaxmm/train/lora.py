@@ -78,8 +78,10 @@ def targets_of(params, cfg: LoraConfig) -> dict[str, tuple[int, int]]:
                 raise ValueError(f"lora target {name} has shape {np.shape(leaf)}; only 2-D kernels can take LoRA")
             out[name] = tuple(np.shape(leaf))
     if not out:
-        raise ValueError(f"lora targets {list(cfg.targets)} match no parameter (paths look like "
-                         f"'language_model.layers.0.self_attn.q_proj.kernel')")
+        raise ValueError(
+            f"lora targets {list(cfg.targets)} match no parameter (paths look like "
+            f"'language_model.layers.0.self_attn.q_proj.kernel')"
+        )
     return out
 
 
@@ -89,8 +91,10 @@ def init(params, cfg: LoraConfig) -> dict[str, dict[str, jax.Array]]:
     lora = {}
     for name, (din, dout) in sorted(targets_of(params, cfg).items()):
         bound = 1.0 / np.sqrt(din)
-        lora[name] = {"a": jnp.asarray(rng.uniform(-bound, bound, (din, cfg.rank)), jnp.float32),
-                      "b": jnp.zeros((cfg.rank, dout), jnp.float32)}
+        lora[name] = {
+            "a": jnp.asarray(rng.uniform(-bound, bound, (din, cfg.rank)), jnp.float32),
+            "b": jnp.zeros((cfg.rank, dout), jnp.float32),
+        }
     return lora
 
 

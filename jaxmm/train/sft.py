@@ -62,8 +62,12 @@ def sft_example(model, sample: dict, seq_len: int) -> dict:
     :func:`jaxmm.processing.batch.sft_example` of its image, question and answer."""
     from jaxmm.processing.batch import sft_example as example, vqa_messages
 
-    return example(model, vqa_messages(sample["question"], [sample["image"]], answer=sample["answer"]), seq_len,
-                   name=f"sample {sample.get('id')}")
+    return example(
+        model,
+        vqa_messages(sample["question"], [sample["image"]], answer=sample["answer"]),
+        seq_len,
+        name=f"sample {sample.get('id')}",
+    )
 
 
 def dataset(cfg: TrainingConfig):
@@ -101,8 +105,7 @@ def token_loss(logits, labels):
 def trainable_mask(params, freeze: Sequence[str]):
     """Pytree of bools: False for parameters whose dotted path matches a ``freeze`` regex."""
     pats = [re.compile(p) for p in freeze]
-    flags = [not any(p.search(_path_name(path)) for p in pats)
-             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    flags = [not any(p.search(_path_name(path)) for p in pats) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
 
 
@@ -128,8 +131,7 @@ def state_mask(cfg: TrainingConfig, state: dict):
     out = {}
     for group, tree in state.items():
         if group == "params":
-            out[group] = (jax.tree_util.tree_map(lambda _: False, tree) if cfg.lora
-                          else trainable_mask(tree, cfg.freeze))
+            out[group] = jax.tree_util.tree_map(lambda _: False, tree) if cfg.lora else trainable_mask(tree, cfg.freeze)
         else:
             out[group] = jax.tree_util.tree_map(lambda _: True, tree)
     return out
@@ -150,13 +152,11 @@ def optimizer(cfg: TrainingConfig, state):
     sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, int(cfg.warmup * cfg.steps)), max(cfg.steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(sched, weight_decay=cfg.weight_decay))
     if not all(jax.tree_util.tree_leaves(mask)):
-        tx = optax.chain(optax.masked(tx, mask),
-                         optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda t: not t, mask)))
+        tx = optax.chain(optax.masked(tx, mask), optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda t: not t, mask)))
     return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
 
 
-def make_step(config, tx, compute_dtype: str, extra_losses: Sequence[Callable] = (), probes=(),
-              cfg: TrainConfig | None = None):
+def make_step(config, tx, compute_dtype: str, extra_losses: Sequence[Callable] = (), probes=(), cfg: TrainConfig | None = None):
     """The jitted SFT step ``(state, opt_state, batch, labels) -> (state, opt_state, metrics)``.
 
     ``state`` is a parameter tree, or with ``cfg`` a :func:`initial_state` dict whose frozen leaves
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         extra_losses = tuple(extra_losses) + (agto_extra_loss(**{k: v for k, v in cfg.agto.items() if k != "layers"}),)
         probes = tuple(probes) + agto_probes(None if layers is None else tuple(layers))
     state = initial_state(cfg, model.params, model.config)
-    if mesh is not None:      # adapters replicated over the mesh, next to the sharded backbone
+    if mesh is not None:  # adapters replicated over the mesh, next to the sharded backbone
         from jax.sharding import NamedSharding, PartitionSpec
 
         rep = NamedSharding(mesh, PartitionSpec())
@@ -225,14 +225,19 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
     start = 0
     if mngr.latest_step() is not None:
         start = mngr.latest_step()
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({**state, "opt_state": opt_state}),
-            data=ocp.args.JsonRestore()))
+        restored = mngr.restore(
+            start,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({**state, "opt_state": opt_state}), data=ocp.args.JsonRestore()
+            ),
+        )
         opt_state = restored.state["opt_state"]
         state = {k: restored.state[k] for k in state}
-        if "rave" in state:     # orbax restores the module's leaves; keep its static fields
-            state["rave"] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(initial_state(
-                cfg, model.params, model.config)["rave"]), jax.tree_util.tree_leaves(state["rave"]))
+        if "rave" in state:  # orbax restores the module's leaves; keep its static fields
+            state["rave"] = jax.tree_util.tree_unflatten(
+                jax.tree_util.tree_structure(initial_state(cfg, model.params, model.config)["rave"]),
+                jax.tree_util.tree_leaves(state["rave"]),
+            )
         if restored.data["samples_seen"] != start * cfg.batch_size:
             raise RuntimeError(f"{out}: checkpoint {start} has an inconsistent data position {restored.data}")
     step_fn = make_step(model.config, tx, cfg.compute_dtype, extra_losses, probes, cfg=cfg)
@@ -257,9 +262,13 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             log.write(step + 1, {**{k: float(v) for k, v in m.items()}, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            mngr.save(step + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
-                data=ocp.args.JsonSave({"samples_seen": (step + 1) * cfg.batch_size})))
+            mngr.save(
+                step + 1,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({**state, "opt_state": opt_state}),
+                    data=ocp.args.JsonSave({"samples_seen": (step + 1) * cfg.batch_size}),
+                ),
+            )
             mngr.wait_until_finished()
         if bar is not None:
             bar.update(1)
@@ -325,8 +334,9 @@ def export_hf(params, config, src_dir, out_dir) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    flat = {tuple(int(x) if x.isdigit() else x for x in k.split(".")): v.astype(np.float32)
-            for k, v in flat_params(params).items()}
+    flat = {
+        tuple(int(x) if x.isdigit() else x for x in k.split(".")): v.astype(np.float32) for k, v in flat_params(params).items()
+    }
     save_safetensors(to_hf(flat, config), tmp / "model.safetensors")
     for f in src_dir.iterdir():
         if f.name != "model.safetensors" and f.is_file():
@@ -375,5 +385,9 @@ def final_rave(out: str | Path, config):
         raise ValueError(f"{out}: this run trained no RAVE module (config field 'rave' is empty)")
     like = rave.from_config(config, cfg["rave"])
     g = groups["rave"]
-    return type(like)(**{**{f: getattr(like, f) for f in ("layers", "heads", "kind", "towers")},
-                         **{k: jnp.asarray(v) for k, v in g.items() if v is not None}})
+    return type(like)(
+        **{
+            **{f: getattr(like, f) for f in ("layers", "heads", "kind", "towers")},
+            **{k: jnp.asarray(v) for k, v in g.items() if v is not None},
+        }
+    )

@@ -13,5 +13,4 @@ from jaxmm.models.core.decoder import KVCache
 from jaxmm.models.core.inputs import prepare_batch
 from jaxmm.models.core.model import Batch, ModelOutput, abstract_params, forward, forward_jit, graphdef
 
-__all__ = ["Batch", "KVCache", "ModelOutput", "abstract_params", "forward", "forward_jit", "graphdef",
-           "prepare_batch"]
+__all__ = ["Batch", "KVCache", "ModelOutput", "abstract_params", "forward", "forward_jit", "graphdef", "prepare_batch"]

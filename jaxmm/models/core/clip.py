@@ -46,17 +46,43 @@ from jaxmm.models.core.vision import collect
 Array = jax.Array
 
 #: transformers' LlamaConfig defaults (configuration_llama.py)
-LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
-                  "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False,
-                  "head_dim": None, "tie_word_embeddings": False, "eos_token_id": 2}
+LLAMA_DEFAULTS = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "head_dim": None,
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+}
 #: LlavaConfig's / LlavaNextConfig's vision sub-config when config.json has none (CLIP ViT-L/14 at 336 px)
-LLAVA_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "patch_size": 14, "image_size": 336,
-                "num_hidden_layers": 24, "num_attention_heads": 16}
+LLAVA_VISION = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "patch_size": 14,
+    "image_size": 336,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+}
 #: CLIPVisionConfig's defaults for fields a given vision_config leaves out
-CLIP_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                 "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
-                 "layer_norm_eps": 1e-5}
+CLIP_DEFAULTS = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -84,7 +110,7 @@ class ClipVisionConfig(core.VisionConfig):
     @property
     def tokens_per_image(self) -> int:
         """Features the tower gives per image (or tile): grid², plus the CLS token with "full"."""
-        return self.grid ** 2 + (self.vision_feature_select_strategy == "full")
+        return self.grid**2 + (self.vision_feature_select_strategy == "full")
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -101,14 +127,14 @@ class ClipLlamaConfig(core.VLConfig):
 
     vision: ClipVisionConfig
     model_type: str = ""
-    video_token_id: int = -1             # no video and no vision start/end tokens
+    video_token_id: int = -1  # no video and no vision start/end tokens
     vision_start_token_id: int = -1
     vision_end_token_id: int = -1
 
     MODEL_TYPE = ""
     VISION_CONFIG = ClipVisionConfig
     VISION_ACTS = ("quick_gelu",)
-    VISION_ROTARY = False         # CLIP: learned absolute positions
+    VISION_ROTARY = False  # CLIP: learned absolute positions
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
         """The shared checks (:meth:`~jaxmm.models.core.config.VLConfig.consistency_checks`) plus the
@@ -118,12 +144,18 @@ class ClipLlamaConfig(core.VLConfig):
         v = self.vision
         layers = (v.vision_feature_layer,) if isinstance(v.vision_feature_layer, int) else v.vision_feature_layer
         return super().consistency_checks() + [
-            (v.image_size % v.patch_size == 0,
-             f"vision image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"),
-            (all(-(v.depth + 1) <= i <= v.depth for i in layers),
-             f"vision_feature_layer={v.vision_feature_layer} out of range for {v.depth} vision layers"),
-            (v.vision_feature_select_strategy in ("default", "full"),
-             f"vision_feature_select_strategy={v.vision_feature_select_strategy!r}; expected 'default' or 'full'"),
+            (
+                v.image_size % v.patch_size == 0,
+                f"vision image_size={v.image_size} is not a multiple of patch_size={v.patch_size}",
+            ),
+            (
+                all(-(v.depth + 1) <= i <= v.depth for i in layers),
+                f"vision_feature_layer={v.vision_feature_layer} out of range for {v.depth} vision layers",
+            ),
+            (
+                v.vision_feature_select_strategy in ("default", "full"),
+                f"vision_feature_select_strategy={v.vision_feature_select_strategy!r}; expected 'default' or 'full'",
+            ),
             (v.projector_hidden_act == "gelu", f"projector_hidden_act={v.projector_hidden_act!r} is not supported ('gelu')"),
         ]
 
@@ -150,53 +182,82 @@ class ClipLlamaConfig(core.VLConfig):
                 raise ConfigError(f"{source}: field {key!r} must be an object, got {type(d[key]).__name__} {d[key]!r}")
         text = {**LLAMA_DEFAULTS, **(d.get("text_config") or {})}
         if text.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{source}: text_config.model_type={text['model_type']!r}; jaxmm's {cls.MODEL_TYPE} "
-                              f"reads a 'llama' decoder")
+            raise ConfigError(
+                f"{source}: text_config.model_type={text['model_type']!r}; jaxmm's {cls.MODEL_TYPE} reads a 'llama' decoder"
+            )
         check_fields({k: v for k, v in text.items() if v is not None}, "text_config.", (), source)
         rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ConfigError(f"{source}: text_config rope type {rope.get('rope_type', rope.get('type'))!r} is not "
-                              f"supported (jaxmm implements Llama's default RoPE)")
+            raise ConfigError(
+                f"{source}: text_config rope type {rope.get('rope_type', rope.get('type'))!r} is not "
+                f"supported (jaxmm implements Llama's default RoPE)"
+            )
         theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
         check_fields({"rope_theta": theta}, "text_config.rope_parameters.", (), source)
         if text["mlp_bias"]:
             raise ConfigError(f"{source}: text_config.mlp_bias=true is not supported")
         heads = text["num_attention_heads"]
         head_dim = text["head_dim"] or text["hidden_size"] // heads
-        tcfg = dict(vocab_size=text["vocab_size"], hidden_size=text["hidden_size"],
-                    intermediate_size=text["intermediate_size"], num_hidden_layers=text["num_hidden_layers"],
-                    num_attention_heads=heads, num_key_value_heads=text["num_key_value_heads"] or heads,
-                    rms_norm_eps=float(text["rms_norm_eps"]), rope_theta=float(theta),
-                    mrope_section=(head_dim // 2, 0, 0), hidden_act=text["hidden_act"],
-                    max_position_embeddings=text["max_position_embeddings"], head_dim_override=text["head_dim"],
-                    attention_bias=text["attention_bias"], o_proj_bias=text["attention_bias"])
-        vis = {**CLIP_DEFAULTS, **(LLAVA_VISION if d.get("vision_config") is None else {}),
-               **(d.get("vision_config") or {})}
+        tcfg = dict(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=text["num_key_value_heads"] or heads,
+            rms_norm_eps=float(text["rms_norm_eps"]),
+            rope_theta=float(theta),
+            mrope_section=(head_dim // 2, 0, 0),
+            hidden_act=text["hidden_act"],
+            max_position_embeddings=text["max_position_embeddings"],
+            head_dim_override=text["head_dim"],
+            attention_bias=text["attention_bias"],
+            o_proj_bias=text["attention_bias"],
+        )
+        vis = {**CLIP_DEFAULTS, **(LLAVA_VISION if d.get("vision_config") is None else {}), **(d.get("vision_config") or {})}
         check_fields(vis, "vision_config.", (), source)
-        top = {k: d[k] for k in ("image_token_index", "image_token_id", "tie_word_embeddings",
-                                 "multimodal_projector_bias") if k in d}
+        top = {
+            k: d[k] for k in ("image_token_index", "image_token_id", "tie_word_embeddings", "multimodal_projector_bias") if k in d
+        }
         check_fields(top, "", (), source)
         layer = d.get("vision_feature_layer", -2)
         if not (core.is_int(layer) or (isinstance(layer, list) and layer and all(core.is_int(i) for i in layer))):
-            raise ConfigError(f"{source}: field 'vision_feature_layer' must be an integer or a list of integers, "
-                              f"got {type(layer).__name__} {layer!r}")
-        vcfg = dict(depth=vis["num_hidden_layers"], hidden_size=vis["hidden_size"],
-                    intermediate_size=vis["intermediate_size"], num_heads=vis["num_attention_heads"],
-                    in_channels=vis["num_channels"], patch_size=vis["patch_size"], image_size=vis["image_size"],
-                    spatial_merge_size=1, temporal_patch_size=1, out_hidden_size=text["hidden_size"],
-                    hidden_act=vis["hidden_act"], layer_norm_eps=float(vis["layer_norm_eps"]),
-                    vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
-                    vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-                    projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-                    multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
-                    **cls.vision_extras(d, source))
+            raise ConfigError(
+                f"{source}: field 'vision_feature_layer' must be an integer or a list of integers, "
+                f"got {type(layer).__name__} {layer!r}"
+            )
+        vcfg = dict(
+            depth=vis["num_hidden_layers"],
+            hidden_size=vis["hidden_size"],
+            intermediate_size=vis["intermediate_size"],
+            num_heads=vis["num_attention_heads"],
+            in_channels=vis["num_channels"],
+            patch_size=vis["patch_size"],
+            image_size=vis["image_size"],
+            spatial_merge_size=1,
+            temporal_patch_size=1,
+            out_hidden_size=text["hidden_size"],
+            hidden_act=vis["hidden_act"],
+            layer_norm_eps=float(vis["layer_norm_eps"]),
+            vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+            multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
+            **cls.vision_extras(d, source),
+        )
         eos = text.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         tie = d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False)
         image_token = d.get("image_token_index", d.get("image_token_id", 32000))
         try:
-            return cls(vision=cls.VISION_CONFIG(**vcfg), text=TextConfig(**tcfg), image_token_id=int(image_token),
-                       tie_word_embeddings=bool(tie), eos_token_id=eos, model_type=cls.MODEL_TYPE)
+            return cls(
+                vision=cls.VISION_CONFIG(**vcfg),
+                text=TextConfig(**tcfg),
+                image_token_id=int(image_token),
+                tie_word_embeddings=bool(tie),
+                eos_token_id=eos,
+                model_type=cls.MODEL_TYPE,
+            )
         except ConfigError as e:
             raise ConfigError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
 
@@ -227,7 +288,7 @@ class ClipAttention(nnx.Module):
         k = self.k_proj(x).reshape(n, length, self.num_heads, d)
         v = self.v_proj(x).reshape(n, length, self.num_heads, d)
         site = dataclasses.replace(site, q_pre=q, k_pre=k)
-        out, res = attend(q, k, v, site=site, mask=None, scale=d ** -0.5, interventions=interventions, probes=probes)
+        out, res = attend(q, k, v, site=site, mask=None, scale=d**-0.5, interventions=interventions, probes=probes)
         return self.out_proj(out.reshape(n, length, c)), res
 
 
@@ -264,9 +325,9 @@ class ClipEmbeddings(nnx.Module):
     def __init__(self, cfg: ClipVisionConfig, dtype):
         self.cfg = cfg
         self.class_embedding = param((cfg.hidden_size,), dtype, ("embed",))
-        patch_dim = cfg.in_channels * cfg.patch_size ** 2
+        patch_dim = cfg.in_channels * cfg.patch_size**2
         self.patch_embedding = Linear(patch_dim, cfg.hidden_size, bias=False, dtype=dtype, names=(None, "embed"))
-        self.position_embedding = Embedding(cfg.grid ** 2 + 1, cfg.hidden_size, dtype, names=(None, "embed"))
+        self.position_embedding = Embedding(cfg.grid**2 + 1, cfg.hidden_size, dtype, names=(None, "embed"))
 
     def __call__(self, pixel_values: Array) -> Array:
         """pixel_values [n, C_in, S, S] -> [n, L, C]."""
@@ -304,8 +365,9 @@ class Projector(nnx.Module):
         return self.linear_2(in_float32(lambda h: jax.nn.gelu(h, approximate=False))(self.linear_1(x)))
 
 
-def clip_features(cfg: ClipVisionConfig, vision_model: VisionModel, projector: Projector, pixel_values: Array,
-                  interventions=(), probes=()) -> tuple[Array, dict]:
+def clip_features(
+    cfg: ClipVisionConfig, vision_model: VisionModel, projector: Projector, pixel_values: Array, interventions=(), probes=()
+) -> tuple[Array, dict]:
     """``LlavaModel.get_image_features`` up to the projector: runs the layers up to the deepest
     feature layer (probes see each layer's attention with the images as the batch), selects
     ``vision_feature_layer`` (CLS dropped with "default"), projects.
@@ -319,8 +381,7 @@ def clip_features(cfg: ClipVisionConfig, vision_model: VisionModel, projector: P
         x, res = vm.layers[i](x, Site("vision", i), interventions, probes)
         collect(results, res, i)
         hidden.append(x)
-    feats = [hidden[i] if cfg.vision_feature_select_strategy == "full" else hidden[i][:, 1:]
-             for i in cfg.feature_layers]
+    feats = [hidden[i] if cfg.vision_feature_select_strategy == "full" else hidden[i][:, 1:] for i in cfg.feature_layers]
     return projector(jnp.concatenate(feats, axis=-1)), results
 
 
@@ -336,23 +397,27 @@ def clip_key_rules(vision: str, projector: str, text: str) -> tuple[Rule, ...]:
         Rule(v + r"embeddings\.position_embedding\.weight", vis + "embeddings.position_embedding.weight"),
         Rule(v + r"(pre_layrnorm|post_layernorm)\.(weight|bias)", vis + r"\1.\2"),
         Rule(v + r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2)\.(weight|bias)", vis + r"layers.\1.\2.\3"),
-        Rule(v + r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
-             vis + r"layers.\1.self_attn.\2.kernel", "T"),
-        Rule(v + r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias",
-             vis + r"layers.\1.self_attn.\2.bias"),
+        Rule(
+            v + r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight",
+            vis + r"layers.\1.self_attn.\2.kernel",
+            "T",
+        ),
+        Rule(
+            v + r"encoder\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", vis + r"layers.\1.self_attn.\2.bias"
+        ),
         Rule(v + r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.weight", vis + r"layers.\1.mlp.\2.kernel", "T"),
         Rule(v + r"encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.bias", vis + r"layers.\1.mlp.\2.bias"),
         Rule(p + r"(linear_1|linear_2)\.weight", r"visual.multi_modal_projector.\1.kernel", "T"),
         Rule(p + r"(linear_1|linear_2)\.bias", r"visual.multi_modal_projector.\1.bias"),
         Rule(t + r"embed_tokens\.weight", "language_model.embed_tokens.weight"),
-        Rule(t + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-             r"language_model.layers.\1.\2.weight"),
-        Rule(t + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
-             r"language_model.layers.\1.self_attn.\2.kernel", "T"),
-        Rule(t + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias",
-             r"language_model.layers.\1.self_attn.\2.bias"),
-        Rule(t + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
-             r"language_model.layers.\1.mlp.\2.kernel", "T"),
+        Rule(t + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"language_model.layers.\1.\2.weight"),
+        Rule(
+            t + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+            r"language_model.layers.\1.self_attn.\2.kernel",
+            "T",
+        ),
+        Rule(t + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias", r"language_model.layers.\1.self_attn.\2.bias"),
+        Rule(t + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"language_model.layers.\1.mlp.\2.kernel", "T"),
         Rule(t + r"norm\.weight", "language_model.norm.weight"),
         Rule(r"(?:language_model\.)?lm_head\.weight", "lm_head.kernel", "T"),
     )

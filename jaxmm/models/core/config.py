@@ -59,11 +59,11 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
-    head_dim_override: int | None = None   # an explicit head_dim (else hidden_size / heads)
-    attention_bias: bool = True            # q/k/v biases
-    o_proj_bias: bool = False              # a bias on the output projection
-    qk_norm: bool = False                  # per-head RMSNorm on q and k before RoPE
-    mrope_interleaved: bool = False        # T/H/W sections interleaved over frequencies (else contiguous)
+    head_dim_override: int | None = None  # an explicit head_dim (else hidden_size / heads)
+    attention_bias: bool = True  # q/k/v biases
+    o_proj_bias: bool = False  # a bias on the output projection
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE
+    mrope_interleaved: bool = False  # T/H/W sections interleaved over frequencies (else contiguous)
 
     @property
     def head_dim(self) -> int:
@@ -104,32 +104,46 @@ class VLConfig:
         """``(holds, message)`` pairs; a family adds its own to these."""
         v, t = self.vision, self.text
         return [
-            (t.head_dim_override or t.hidden_size % t.num_attention_heads == 0,
-             f"text hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}"),
-            (t.num_attention_heads % t.num_key_value_heads == 0,
-             f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}"),
-            (2 * sum(t.mrope_section) == t.head_dim or t.mrope_interleaved,
-             f"mrope_section={list(t.mrope_section)} sums to {sum(t.mrope_section)}, expected head_dim/2={t.head_dim // 2}"),
-            (v.hidden_size % v.num_heads == 0,
-             f"vision hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}"),
-            (not self.VISION_ROTARY or v.head_dim % 4 == 0,
-             f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary)"),
-            (v.out_hidden_size == t.hidden_size,
-             f"vision out_hidden_size={v.out_hidden_size} differs from text hidden_size={t.hidden_size}"),
-            (v.hidden_act in self.VISION_ACTS and t.hidden_act == "silu",
-             f"unsupported hidden_act (vision={v.hidden_act!r}, text={t.hidden_act!r})"),
+            (
+                t.head_dim_override or t.hidden_size % t.num_attention_heads == 0,
+                f"text hidden_size={t.hidden_size} is not divisible by num_attention_heads={t.num_attention_heads}",
+            ),
+            (
+                t.num_attention_heads % t.num_key_value_heads == 0,
+                f"num_attention_heads={t.num_attention_heads} is not a multiple of num_key_value_heads={t.num_key_value_heads}",
+            ),
+            (
+                2 * sum(t.mrope_section) == t.head_dim or t.mrope_interleaved,
+                f"mrope_section={list(t.mrope_section)} sums to {sum(t.mrope_section)}, expected head_dim/2={t.head_dim // 2}",
+            ),
+            (v.hidden_size % v.num_heads == 0, f"vision hidden_size={v.hidden_size} is not divisible by num_heads={v.num_heads}"),
+            (not self.VISION_ROTARY or v.head_dim % 4 == 0, f"vision head_dim={v.head_dim} must be a multiple of 4 (2-D rotary)"),
+            (
+                v.out_hidden_size == t.hidden_size,
+                f"vision out_hidden_size={v.out_hidden_size} differs from text hidden_size={t.hidden_size}",
+            ),
+            (
+                v.hidden_act in self.VISION_ACTS and t.hidden_act == "silu",
+                f"unsupported hidden_act (vision={v.hidden_act!r}, text={t.hidden_act!r})",
+            ),
         ]
 
     MODEL_TYPE = ""
     VISION_CONFIG = VisionConfig
     VISION_ACTS = ("silu",)
-    VISION_ROTARY = True          # the tower's attention has 2-D rotary (head_dim a multiple of 4)
+    VISION_ROTARY = True  # the tower's attention has 2-D rotary (head_dim a multiple of 4)
 
     #: Fields a checkpoint's config.json must give (``transformers`` writes them all): the sizes that
     #: shape the weights. transformers' class defaults for them describe one particular model (the
     #: 72B text tower, for instance), so filling them in would build a different model than the weights.
-    REQUIRED_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads")
+    REQUIRED_TEXT = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
     REQUIRED_VISION = ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")
     #: Every other field, when absent, takes transformers' default (the family's configuration file).
     TEXT_DEFAULTS = {}
@@ -167,8 +181,7 @@ class VLConfig:
             raise ConfigError(f"{source}: missing field 'vision_config'")
         for key in ("vision_config", "text_config"):
             if d.get(key) is not None and not isinstance(d[key], dict):
-                raise ConfigError(f"{source}: field {key!r} must be an object, got "
-                                  f"{type(d[key]).__name__} {d[key]!r}")
+                raise ConfigError(f"{source}: field {key!r} must be an object, got {type(d[key]).__name__} {d[key]!r}")
         text = dict(d.get("text_config") or {})
         prefix = "text_config." if d.get("text_config") else ""
         # Legacy layout: text fields live at the top level.
@@ -187,15 +200,14 @@ class VLConfig:
         rope = {**legacy_rope, **rope}
         if "rope_theta" not in rope:
             rope["rope_theta"] = text.get("rope_theta", d.get("rope_theta", cls.TEXT_DEFAULTS["rope_theta"]))
-        check_fields({k: rope[k] for k in ("rope_theta", "mrope_section") if k in rope},
-                      prefix + "rope_parameters.", (), source)
+        check_fields({k: rope[k] for k in ("rope_theta", "mrope_section") if k in rope}, prefix + "rope_parameters.", (), source)
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
             raise ConfigError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
         text_kwargs = {f.name: text[f.name] for f in dataclasses.fields(TextConfig) if f.name in text}
         text_kwargs["rope_theta"] = float(rope["rope_theta"])
         if "mrope_section" in rope:
             text_kwargs["mrope_section"] = tuple(int(x) for x in rope["mrope_section"])
-        if text_kwargs.get("num_key_value_heads") is None:      # an explicit null: MHA, as transformers
+        if text_kwargs.get("num_key_value_heads") is None:  # an explicit null: MHA, as transformers
             text_kwargs["num_key_value_heads"] = text_kwargs["num_attention_heads"]
 
         vis = dict(d["vision_config"])
@@ -208,21 +220,28 @@ class VLConfig:
         vis_kwargs = {f.name: vis[f.name] for f in dataclasses.fields(cls.VISION_CONFIG) if f.name in vis}
         if "rope_theta" in vrope:
             vis_kwargs["rope_theta"] = float(vrope["rope_theta"])
-        for key, value in vis_kwargs.items():          # lists of block indexes (checked above)
+        for key, value in vis_kwargs.items():  # lists of block indexes (checked above)
             if isinstance(value, (list, tuple)):
                 vis_kwargs[key] = tuple(int(i) for i in value)
 
         eos = text.get("eos_token_id", d.get("eos_token_id"))
         if not (eos is None or is_int(eos) or (isinstance(eos, (list, tuple)) and all(is_int(e) for e in eos))):
-            raise ConfigError(f"{source}: field '{prefix}eos_token_id' must be an integer or a list of "
-                              f"integers, got {type(eos).__name__} {eos!r}")
+            raise ConfigError(
+                f"{source}: field '{prefix}eos_token_id' must be an integer or a list of "
+                f"integers, got {type(eos).__name__} {eos!r}"
+            )
         eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                 "vision_end_token_id") if k in d}
+        top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id") if k in d}
         tie = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         try:
-            return cls(vision=cls.VISION_CONFIG(**vis_kwargs), text=TextConfig(**text_kwargs),
-                       tie_word_embeddings=bool(tie), eos_token_id=eos, model_type=cls.MODEL_TYPE, **top)
+            return cls(
+                vision=cls.VISION_CONFIG(**vis_kwargs),
+                text=TextConfig(**text_kwargs),
+                tie_word_embeddings=bool(tie),
+                eos_token_id=eos,
+                model_type=cls.MODEL_TYPE,
+                **top,
+            )
         except TypeError as e:  # wrong types inside the json
             raise ConfigError(f"{source}: {e}") from e
         except ConfigError as e:  # inconsistent values (__post_init__): name the file they came from
@@ -256,10 +275,30 @@ def read_config_json(f: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- field checks
-_INT = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings", "head_dim", "depth", "num_heads", "in_channels",
-        "in_chans", "patch_size", "spatial_merge_size", "temporal_patch_size", "tokens_per_second",
-        "window_size", "out_hidden_size", "embed_dim", "num_position_embeddings", "image_size", "num_channels"}
+_INT = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "head_dim",
+    "depth",
+    "num_heads",
+    "in_channels",
+    "in_chans",
+    "patch_size",
+    "spatial_merge_size",
+    "temporal_patch_size",
+    "tokens_per_second",
+    "window_size",
+    "out_hidden_size",
+    "embed_dim",
+    "num_position_embeddings",
+    "image_size",
+    "num_channels",
+}
 _TOP_INT = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
 _FLOAT = {"rms_norm_eps", "rope_theta", "mlp_ratio", "layer_norm_eps"}
 _BOOL = {"attention_bias", "tie_word_embeddings", "mlp_bias", "multimodal_projector_bias"}
@@ -280,8 +319,9 @@ def check_fields(d: dict, prefix: str, required: tuple, source: str) -> None:
     """
     for name in required:
         if name not in d:
-            raise ConfigError(f"{source}: missing field '{prefix}{name}' (it sets the shapes of the weights; "
-                              f"no default is assumed)")
+            raise ConfigError(
+                f"{source}: missing field '{prefix}{name}' (it sets the shapes of the weights; no default is assumed)"
+            )
     for name, v in d.items():
         where = f"{source}: field '{prefix}{name}'"
         if v is None and name in _NULLABLE:

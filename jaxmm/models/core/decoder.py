@@ -31,10 +31,10 @@ def mrope_cos_sin(position_ids: Array, cfg: TextConfig) -> tuple[Array, Array]:
     position_ids [3,B,S] -> cos, sin [B,S,D] float32 (``Qwen2_5_VLRotaryEmbedding``).
     """
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))   # [D/2]
-    axis = mrope_axes(cfg)                                                             # [D/2]
-    pos = position_ids.astype(jnp.float32)[axis, :, :]                                 # [D/2,B,S]
-    ang = jnp.moveaxis(pos, 0, -1) * inv_freq                                           # [B,S,D/2]
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    axis = mrope_axes(cfg)  # [D/2]
+    pos = position_ids.astype(jnp.float32)[axis, :, :]  # [D/2,B,S]
+    ang = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B,S,D/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
 
@@ -83,20 +83,19 @@ class TextAttention(nnx.Module):
         q_pre, k_pre = q, k
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         k = apply_rope(k, cos[:, :, None], sin[:, :, None])
-        if cache is not None:      # one buffer per k/v for all layers, updated in place (no re-stacking)
+        if cache is not None:  # one buffer per k/v for all layers, updated in place (no re-stacking)
             k_all, v_all, kp_all = cache
             at = (jnp.int32(site.layer), jnp.int32(0), site.query_pos[0].astype(jnp.int32), jnp.int32(0), jnp.int32(0))
             k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
             v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
             k, v = k_all[site.layer], v_all[site.layer]
-            if kp_all is not None:     # pre-RoPE key cache (KVCache.empty(pre_rope=True)): all K keys
+            if kp_all is not None:  # pre-RoPE key cache (KVCache.empty(pre_rope=True)): all K keys
                 kp_all = jax.lax.dynamic_update_slice(kp_all, k_pre.astype(kp_all.dtype)[None], at)
                 k_pre = kp_all[site.layer]
             # without it, interventions that read k_pre see the current queries' keys only.
             cache = (k_all, v_all, kp_all)
         site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre, hidden=x)
-        out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim ** -0.5,
-                          interventions=interventions, probes=probes)
+        out, res = attend(q, k, v, site=site, mask=mask, scale=self.head_dim**-0.5, interventions=interventions, probes=probes)
         return self.o_proj(out.reshape(b, t, -1)), res, cache
 
 
@@ -111,8 +110,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype)
 
     def __call__(self, x, cos, sin, mask, site, interventions, probes, cache=None):
-        h, res, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, dataclasses.replace(site, residual=x),
-                                    interventions, probes, cache)
+        h, res, kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, dataclasses.replace(site, residual=x), interventions, probes, cache
+        )
         y = x + h
         y = y + self.mlp(self.post_attention_layernorm(y))
         for p in probes:
@@ -148,8 +148,7 @@ class KVCache:
         """A zero cache for ``config.text``: k, v [L, batch_size, max_len, G, D] of ``dtype``."""
         t = config.text
         shape = (t.num_hidden_layers, batch_size, max_len, t.num_key_value_heads, t.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0),
-                   jnp.zeros(shape, dtype) if pre_rope else None)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.int32(0), jnp.zeros(shape, dtype) if pre_rope else None)
 
 
 def splice(embeds: Array, features: Array, image_mask: Array) -> Array:
@@ -168,7 +167,7 @@ def text_mask(attention_mask: Array, query_pos: Array) -> Array:
     transformers leaves such rows uniform).
     """
     keys = jnp.arange(attention_mask.shape[-1], dtype=jnp.int32)
-    causal = keys[None, :] <= query_pos[:, None]                                     # [T,K]
+    causal = keys[None, :] <= query_pos[:, None]  # [T,K]
     m = causal[None] & (attention_mask[:, None, :] > 0)
     m = m | (keys[None, :] == query_pos[:, None])[None]
     return m[:, None]

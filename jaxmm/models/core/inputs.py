@@ -59,9 +59,11 @@ def mrope_position_ids(position_ids, shape: tuple[int, int]) -> np.ndarray:
         pos = pos[1:]
     if pos.shape != (3,) + tuple(shape):
         b, s = shape
-        raise ValueError(f"position_ids: expected [3,B,S]=(3, {b}, {s}), HF's [4,B,S]=(4, {b}, {s}) "
-                         f"([text; t; h; w]) or [B,S]=({b}, {s}) for input_ids [B,S]=({b}, {s}), "
-                         f"got {pos.shape}")
+        raise ValueError(
+            f"position_ids: expected [3,B,S]=(3, {b}, {s}), HF's [4,B,S]=(4, {b}, {s}) "
+            f"([text; t; h; w]) or [B,S]=({b}, {s}) for input_ids [B,S]=({b}, {s}), "
+            f"got {pos.shape}"
+        )
     if not np.issubdtype(pos.dtype, np.integer):
         raise ValueError(f"position_ids: expected an integer array, got {pos.dtype}")
     return pos
@@ -80,8 +82,9 @@ def token_inputs(config, input_ids, attention_mask=None) -> tuple[np.ndarray, np
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids: expected an int array [B,S], got {ids.dtype} {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= config.text.vocab_size):
-        raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), "
-                         f"found [{ids.min()}, {ids.max()}]")
+        raise ValueError(
+            f"input_ids: token ids must lie in [0, vocab_size={config.text.vocab_size}), found [{ids.min()}, {ids.max()}]"
+        )
     am = as_array(attention_mask, "attention_mask")
     am = np.ones_like(ids) if am is None else (am[None] if am.ndim == 1 else am)
     if am.shape != ids.shape:
@@ -89,9 +92,16 @@ def token_inputs(config, input_ids, attention_mask=None) -> tuple[np.ndarray, np
     return ids, am
 
 
-def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
-                  image_grid_thw=None, position_ids=None, system_spans=None,
-                  question_spans=None) -> Batch:
+def prepare_batch(
+    config,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    position_ids=None,
+    system_spans=None,
+    question_spans=None,
+) -> Batch:
     """Validates HF-style inputs and builds a :class:`Batch` for ``config``'s family.
 
     Args:
@@ -116,7 +126,7 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
         if pv is None or grid is None:
             raise ValueError("pixel_values and image_grid_thw must be given together")
         vc = config.vision
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         if grid.ndim != 2 or grid.shape[1] != 3:
             raise ValueError(f"image_grid_thw: expected [n_images, 3], got {grid.shape}")
         if pv.ndim != 2 or pv.shape[1] != patch_dim:
@@ -126,27 +136,44 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None,
             raise ValueError(f"pixel_values: {pv.shape[0]} patches, but image_grid_thw describes {n_patches}")
         m = vc.spatial_merge_size
         if (grid[:, 1] % m).any() or (grid[:, 2] % m).any():
-            raise ValueError(f"image_grid_thw: h and w must be multiples of spatial_merge_size={m}, got "
-                             f"{grid.tolist()}")
+            raise ValueError(f"image_grid_thw: h and w must be multiples of spatial_merge_size={m}, got {grid.tolist()}")
         expected = n_patches // (m * m)
         if n_img_tokens != expected:
-            raise ValueError(f"input_ids: {n_img_tokens} image tokens (id {config.image_token_id}) but "
-                             f"image_grid_thw describes {expected} merged image tokens")
+            raise ValueError(
+                f"input_ids: {n_img_tokens} image tokens (id {config.image_token_id}) but "
+                f"image_grid_thw describes {expected} merged image tokens"
+            )
         vis = model_class(config).VisionTower.host_inputs(grid, vc)
         pv = pv.astype(np.float32)
     elif n_img_tokens:
         raise ValueError(f"input_ids: {n_img_tokens} image tokens but no pixel_values")
     if position_ids is None:
         position_ids, _ = get_rope_index(
-            ids, am, grid, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+            ids,
+            am,
+            grid,
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
             spatial_merge_size=config.vision.spatial_merge_size,
-            tokens_per_second=config.vision.tokens_per_second)
+            tokens_per_second=config.vision.tokens_per_second,
+        )
     else:
         position_ids = mrope_position_ids(position_ids, ids.shape)
     layout = build_token_layout(
-        ids, am, grid, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-        spatial_merge_size=config.vision.spatial_merge_size, system_spans=system_spans,
-        question_spans=question_spans)
-    return Batch(input_ids=ids.astype(np.int32), attention_mask=am.astype(np.int32),
-                 position_ids=np.asarray(position_ids, np.int32), pixel_values=pv, vision=vis,
-                 layout=layout)
+        ids,
+        am,
+        grid,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+        system_spans=system_spans,
+        question_spans=question_spans,
+    )
+    return Batch(
+        input_ids=ids.astype(np.int32),
+        attention_mask=am.astype(np.int32),
+        position_ids=np.asarray(position_ids, np.int32),
+        pixel_values=pv,
+        vision=vis,
+        layout=layout,
+    )

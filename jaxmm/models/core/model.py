@@ -75,11 +75,13 @@ class LayerStack:
 
 
 def _stack(results: dict) -> dict:
-    return {name: LayerStack(jnp.stack([per_layer[i] for i in sorted(per_layer)]), tuple(sorted(per_layer)))
-            for name, per_layer in results.items()}
+    return {
+        name: LayerStack(jnp.stack([per_layer[i] for i in sorted(per_layer)]), tuple(sorted(per_layer)))
+        for name, per_layer in results.items()
+    }
 
 
-LAYER_LOOP = "unrolled"   # "unrolled" | "scan": see layer_loop()
+LAYER_LOOP = "unrolled"  # "unrolled" | "scan": see layer_loop()
 
 
 @contextlib.contextmanager
@@ -154,12 +156,21 @@ class VLForConditionalGeneration(nnx.Module):
         self.config = config
         self.visual = self.VisionTower(config.vision, dtype)
         self.language_model = TextModel(config.text, dtype)
-        self.lm_head = (None if config.tie_word_embeddings else
-                        Linear(config.text.hidden_size, config.text.vocab_size, bias=False, dtype=dtype,
-                               names=("embed", "vocab")))
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.text.hidden_size, config.text.vocab_size, bias=False, dtype=dtype, names=("embed", "vocab"))
+        )
 
-    def __call__(self, batch: Batch, interventions=(), probes=(), output_hidden_states=False,
-                 cache: KVCache | None = None, logits_index=None) -> ModelOutput:
+    def __call__(
+        self,
+        batch: Batch,
+        interventions=(),
+        probes=(),
+        output_hidden_states=False,
+        cache: KVCache | None = None,
+        logits_index=None,
+    ) -> ModelOutput:
         """Prefill (``cache`` None or empty) or decode step (``cache.index`` > 0).
 
         With a cache, ``batch.input_ids`` [B,T] are the new tokens at key positions
@@ -170,7 +181,7 @@ class VLForConditionalGeneration(nnx.Module):
         """
         cfg = self.config
         lm = self.language_model
-        x = lm.embed_tokens(batch.input_ids)                                        # [B,T,E]
+        x = lm.embed_tokens(batch.input_ids)  # [B,T,E]
         t = x.shape[1]
         image_mask = batch.input_ids == cfg.image_token_id
         probe_out = {}
@@ -195,7 +206,7 @@ class VLForConditionalGeneration(nnx.Module):
             collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
-            if i < len(deepstack):                     # DeepStack: add vision features after layer i
+            if i < len(deepstack):  # DeepStack: add vision features after layer i
                 x = x + splice(jnp.zeros_like(x), deepstack[i].astype(x.dtype), image_mask)
         if scanned:
             x, kv = _scan_layers(lm.layers, n - scanned, x, cos, sin, mask, batch.layout, query_pos, kv)
@@ -208,8 +219,9 @@ class VLForConditionalGeneration(nnx.Module):
         for name, v in _stack(tres).items():
             probe_out.setdefault(name, {})["text"] = v
         new_cache = None if cache is None else KVCache(kv[0], kv[1], start + t, kv[2])
-        return ModelOutput(logits=logits, hidden_states=None if hidden is None else tuple(hidden),
-                           probes=probe_out, cache=new_cache)
+        return ModelOutput(
+            logits=logits, hidden_states=None if hidden is None else tuple(hidden), probes=probe_out, cache=new_cache
+        )
 
 
 # ----------------------------------------------------------------------------- pure functional API
@@ -222,8 +234,10 @@ def model_class(config) -> type:
     """
     cls = type(config).__dict__.get("model_class")
     if cls is None:
-        raise TypeError(f"{type(config).__name__} has no model class: bind one in its family's modeling module "
-                        f"({type(config).__name__}.model_class = ...ForConditionalGeneration)")
+        raise TypeError(
+            f"{type(config).__name__} has no model class: bind one in its family's modeling module "
+            f"({type(config).__name__}.model_class = ...ForConditionalGeneration)"
+        )
     return cls
 
 
@@ -240,9 +254,16 @@ def abstract_params(config, dtype: str = "float32") -> nnx.State:
     return nnx.split(abstract)[1]
 
 
-def forward(params: nnx.State, config, batch: Batch, interventions: Sequence = (),
-            probes: Sequence = (), output_hidden_states: bool = False, cache: KVCache | None = None,
-            logits_index=None) -> ModelOutput:
+def forward(
+    params: nnx.State,
+    config,
+    batch: Batch,
+    interventions: Sequence = (),
+    probes: Sequence = (),
+    output_hidden_states: bool = False,
+    cache: KVCache | None = None,
+    logits_index=None,
+) -> ModelOutput:
     """Pure forward of any family: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
 
     ``config`` (hashable; its class names the model class) and ``output_hidden_states`` must be

@@ -27,14 +27,14 @@ def conv_patch(w: np.ndarray, shape) -> np.ndarray:
 #: the shared decoder (``language_model``) and the lm head
 TEXT_RULES: tuple[Rule, ...] = (
     Rule(TEXT + r"embed_tokens\.weight", "language_model.embed_tokens.weight"),
-    Rule(TEXT + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-         r"language_model.layers.\1.\2.weight"),
-    Rule(TEXT + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
-         r"language_model.layers.\1.self_attn.\2.kernel", "T"),
-    Rule(TEXT + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias",
-         r"language_model.layers.\1.self_attn.\2.bias"),
-    Rule(TEXT + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight",
-         r"language_model.layers.\1.mlp.\2.kernel", "T"),
+    Rule(TEXT + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"language_model.layers.\1.\2.weight"),
+    Rule(
+        TEXT + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+        r"language_model.layers.\1.self_attn.\2.kernel",
+        "T",
+    ),
+    Rule(TEXT + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.bias", r"language_model.layers.\1.self_attn.\2.bias"),
+    Rule(TEXT + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"language_model.layers.\1.mlp.\2.kernel", "T"),
     Rule(TEXT + r"norm\.weight", "language_model.norm.weight"),
     Rule(r"lm_head\.weight", "lm_head.kernel", "T"),
 )
@@ -54,11 +54,12 @@ def to_hf(flat_params: dict[tuple, np.ndarray], config) -> dict[str, np.ndarray]
         name = ".".join(str(p) for p in path)
         if name == "visual.patch_embed.kernel":
             out["visual.patch_embed.proj.weight"] = np.ascontiguousarray(w.T).reshape(
-                w.shape[1], vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size)
+                w.shape[1], vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size
+            )
             continue
         name = name.replace("merger.mlp_0", "merger.mlp.0").replace("merger.mlp_2", "merger.mlp.2")
         if name.startswith("language_model."):
-            name = "model." + name[len("language_model."):]
+            name = "model." + name[len("language_model.") :]
         if name.endswith(".kernel"):
             name, w = name[: -len(".kernel")] + ".weight", w.T
         out[name] = np.ascontiguousarray(w)

@@ -76,8 +76,7 @@ def _temporal_positions(t: int, tokens_per_second, sec, from_array: bool) -> np.
     return (ar.astype(np.float32) * np.float32(interval)).astype(np.int64)
 
 
-def vision_position_ids(start_position: int, grid_thw, spatial_merge_size: int,
-                        temporal: np.ndarray | None = None) -> np.ndarray:
+def vision_position_ids(start_position: int, grid_thw, spatial_merge_size: int, temporal: np.ndarray | None = None) -> np.ndarray:
     """int64 [3, t·h/m·w/m]: M-RoPE positions of one image/video's merged tokens in raster order.
 
     Mirrors ``Qwen2_5_VLModel.get_vision_position_ids(start, grid_thw, 1, m, time_interval)``:
@@ -92,9 +91,18 @@ def vision_position_ids(start_position: int, grid_thw, spatial_merge_size: int,
 
 
 # --------------------------------------------------------------------------- prefill
-def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
-                   second_per_grid_ts=None, *, image_token_id: int, video_token_id: int,
-                   spatial_merge_size: int, tokens_per_second) -> tuple[np.ndarray, np.ndarray]:
+def get_rope_index(
+    input_ids,
+    attention_mask=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    *,
+    image_token_id: int,
+    video_token_id: int,
+    spatial_merge_size: int,
+    tokens_per_second,
+) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE positions of a batch, as ``Qwen2_5_VLModel.get_rope_index`` computes them.
 
     Identical (values and dtype) to HF called with ``mm_token_type_ids`` from
@@ -128,11 +136,19 @@ def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_gr
     zeros and delta 0), and silently ignores unused grid rows (here: ValueError).
     """
     m = int(spatial_merge_size)
-    ids, am, rows = vision_groups(input_ids, attention_mask, image_grid_thw, video_grid_thw,
-                                  image_token_id=image_token_id, video_token_id=video_token_id,
-                                  spatial_merge_size=m)
-    grids = {IMAGE: None if image_grid_thw is None else np.asarray(as_numpy(image_grid_thw, "image_grid_thw")),
-             VIDEO: None if video_grid_thw is None else np.asarray(as_numpy(video_grid_thw, "video_grid_thw"))}
+    ids, am, rows = vision_groups(
+        input_ids,
+        attention_mask,
+        image_grid_thw,
+        video_grid_thw,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+        spatial_merge_size=m,
+    )
+    grids = {
+        IMAGE: None if image_grid_thw is None else np.asarray(as_numpy(image_grid_thw, "image_grid_thw")),
+        VIDEO: None if video_grid_thw is None else np.asarray(as_numpy(video_grid_thw, "video_grid_thw")),
+    }
     n_videos = 0 if grids[VIDEO] is None else len(grids[VIDEO])
     secs, from_array = _seconds(second_per_grid_ts, n_videos)
     b, s = ids.shape
@@ -148,8 +164,9 @@ def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_gr
             t, h, w = (int(v) for v in grids[kind][k])
             temporal = None
             if kind == VIDEO:
-                temporal = _temporal_positions(t, tokens_per_second, 1 if secs is None else secs[k],
-                                               from_array and secs is not None)
+                temporal = _temporal_positions(
+                    t, tokens_per_second, 1 if secs is None else secs[k], from_array and secs is not None
+                )
             parts.append(vision_position_ids(cur, (t, h, w), m, temporal))
             cur += max(h, w) // m
         if not parts:  # an all-padding row (HF raises here)
@@ -161,14 +178,22 @@ def get_rope_index(input_ids, attention_mask=None, image_grid_thw=None, video_gr
     return position_ids, deltas
 
 
-def get_rope_index_for_config(config, input_ids, attention_mask=None, image_grid_thw=None,
-                              video_grid_thw=None, second_per_grid_ts=None) -> tuple[np.ndarray, np.ndarray]:
+def get_rope_index_for_config(
+    config, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`get_rope_index` with the token ids, ``spatial_merge_size`` and ``tokens_per_second``
     read from a model config (:class:`~jaxmm.models.core.config.VLConfig`)."""
-    return get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                          image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                          spatial_merge_size=config.vision.spatial_merge_size,
-                          tokens_per_second=config.vision.tokens_per_second)
+    return get_rope_index(
+        input_ids,
+        attention_mask,
+        image_grid_thw,
+        video_grid_thw,
+        second_per_grid_ts,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        spatial_merge_size=config.vision.spatial_merge_size,
+        tokens_per_second=config.vision.tokens_per_second,
+    )
 
 
 # --------------------------------------------------------------------------- decoding

@@ -88,14 +88,22 @@ class VisionAttention(nnx.Module):
         Returns (output [N,C], probe results)."""
         n, c = x.shape
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]                       # [N,H,D]
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N,H,D]
         q_pre, k_pre = q[seg.index], k[seg.index]
-        q = apply_rope(q, cos[:, None], sin[:, None])[seg.index]          # [nS,L,H,D]
+        q = apply_rope(q, cos[:, None], sin[:, None])[seg.index]  # [nS,L,H,D]
         k = apply_rope(k, cos[:, None], sin[:, None])[seg.index]
         site = dataclasses.replace(site, q_pre=q_pre, k_pre=k_pre)
-        out, res = attend(q, k, v[seg.index], site=site, mask=seg.valid[:, None, None, :],
-                          scale=(c // self.num_heads) ** -0.5, interventions=interventions, probes=probes)
-        out = out.reshape(-1, c)[seg.inverse]                             # back to [N,C]
+        out, res = attend(
+            q,
+            k,
+            v[seg.index],
+            site=site,
+            mask=seg.valid[:, None, None, :],
+            scale=(c // self.num_heads) ** -0.5,
+            interventions=interventions,
+            probes=probes,
+        )
+        out = out.reshape(-1, c)[seg.inverse]  # back to [N,C]
         return self.proj(out), res
 
 
@@ -121,7 +129,7 @@ class PatchMerger(nnx.Module):
     Qwen2-VL's ``PatchMerger``). ``mlp_0``/``mlp_2`` stand for torch's ``mlp.0``/``mlp.2``."""
 
     def __init__(self, cfg, dtype, *, norm: type):
-        c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        c4 = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = norm(cfg.hidden_size, 1e-6, dtype=dtype)
         self.mlp_0 = Linear(c4, c4, bias=True, dtype=dtype, names=(None, "mlp"))
         self.mlp_2 = Linear(c4, cfg.out_hidden_size, bias=True, dtype=dtype, names=("mlp", "embed"))

@@ -82,8 +82,9 @@ def _widen_segments(seg: Segments, n: int, n_b: int, width: int) -> Segments:
     return Segments(index.astype(np.int32), valid, inverse.astype(np.int32))
 
 
-def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width: int = 64,
-               rows: int = 8) -> tuple[np.ndarray, VisionInputs]:
+def pad_vision(
+    pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width: int = 64, rows: int = 8
+) -> tuple[np.ndarray, VisionInputs]:
     """Pads the packed vision inputs of a batch to bucketed shapes, so that images of similar size
     share one compiled program (``generate``'s bucketing).
 
@@ -99,7 +100,7 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width:
     Returns ``(pixel_values [N_b, C·T·P·P], VisionInputs)``.
     """
     pv = np.asarray(pixel_values)
-    unit = cfg.spatial_merge_size ** 2
+    unit = cfg.spatial_merge_size**2
     n = pv.shape[0]
     bk = lambda x, m: -(-x // m) * m
     tables = {name: getattr(vis, name) for name in ("frames", "windows") if getattr(vis, name) is not None}
@@ -111,15 +112,26 @@ def pad_vision(pixel_values, vis: VisionInputs, cfg, multiple: int = 256, width:
         need = max(need, n_rows - seg.index.shape[0])
     n_b = bk(n + need * unit, multiple)
     m, m_b = n // unit, n_b // unit
-    pad = lambda x, fill=0: None if x is None else np.concatenate(
-        [np.asarray(x), np.full((n_b - n,) + np.shape(x)[1:], fill, np.asarray(x).dtype)])
+    pad = lambda x, fill=0: (
+        None if x is None else np.concatenate([np.asarray(x), np.full((n_b - n,) + np.shape(x)[1:], fill, np.asarray(x).dtype)])
+    )
     window_index = reverse_index = None
     if vis.window_index is not None:
         window_index = np.concatenate([np.asarray(vis.window_index), np.arange(m, m_b)]).astype(np.int32)
         reverse_index = np.argsort(window_index).astype(np.int32)
-    padded = {name: _widen_segments(seg, n, n_b, segs[name][1]) if name == "frames" else
-              _pad_segments(seg, n, n_b, segs[name][1], segs[name][0]) for name, seg in tables.items()}
-    new = VisionInputs(rotary_pos=pad(vis.rotary_pos), frames=padded["frames"], window_index=window_index,
-                       reverse_index=reverse_index, windows=padded.get("windows"),
-                       interp_index=pad(vis.interp_index), interp_weight=pad(vis.interp_weight))
+    padded = {
+        name: _widen_segments(seg, n, n_b, segs[name][1])
+        if name == "frames"
+        else _pad_segments(seg, n, n_b, segs[name][1], segs[name][0])
+        for name, seg in tables.items()
+    }
+    new = VisionInputs(
+        rotary_pos=pad(vis.rotary_pos),
+        frames=padded["frames"],
+        window_index=window_index,
+        reverse_index=reverse_index,
+        windows=padded.get("windows"),
+        interp_index=pad(vis.interp_index),
+        interp_weight=pad(vis.interp_weight),
+    )
     return pad(pv).astype(pv.dtype), new

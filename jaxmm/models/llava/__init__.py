@@ -11,5 +11,17 @@ from jaxmm.models.llava.inputs import prepare_batch
 from jaxmm.models.llava.modeling import LlavaForConditionalGeneration
 from jaxmm.models.llava.params import IGNORE, IGNORE_TIED, KEY_RULES
 
-__all__ = ["Config", "Batch", "ModelOutput", "LlavaForConditionalGeneration", "abstract_params", "forward",
-           "forward_jit", "graphdef", "prepare_batch", "KEY_RULES", "IGNORE", "IGNORE_TIED"]
+__all__ = [
+    "Config",
+    "Batch",
+    "ModelOutput",
+    "LlavaForConditionalGeneration",
+    "abstract_params",
+    "forward",
+    "forward_jit",
+    "graphdef",
+    "prepare_batch",
+    "KEY_RULES",
+    "IGNORE",
+    "IGNORE_TIED",
+]

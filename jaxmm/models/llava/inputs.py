@@ -30,8 +30,16 @@ def image_grid(n_images: int, cfg) -> np.ndarray:
     return np.tile(np.array([row], np.int64), (n_images, 1))
 
 
-def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                  system_spans=None, question_spans=None) -> Batch:
+def prepare_batch(
+    config,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    position_ids=None,
+    system_spans=None,
+    question_spans=None,
+) -> Batch:
     """Validates HF-style LLaVA inputs and builds a :class:`Batch`.
 
     Args:
@@ -58,16 +66,34 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         grid = image_grid(pv.shape[0], vc)
         given = as_array(image_grid_thw, "image_grid_thw")
         if given is not None and (given.shape != grid.shape or (given != grid).any()):
-            raise ValueError(f"image_grid_thw: {given.tolist()} does not describe {pv.shape[0]} images of "
-                             f"{vc.grid}x{vc.grid} patches (expected {grid.tolist()})")
+            raise ValueError(
+                f"image_grid_thw: {given.tolist()} does not describe {pv.shape[0]} images of "
+                f"{vc.grid}x{vc.grid} patches (expected {grid.tolist()})"
+            )
         if n_tok != pv.shape[0] * vc.tokens_per_image:
-            raise ValueError(f"input_ids: {n_tok} image tokens (id {config.image_token_id}) but {pv.shape[0]} images "
-                             f"of {vc.tokens_per_image} tokens in pixel_values")
+            raise ValueError(
+                f"input_ids: {n_tok} image tokens (id {config.image_token_id}) but {pv.shape[0]} images "
+                f"of {vc.tokens_per_image} tokens in pixel_values"
+            )
         pv = pv.astype(np.float32)
     elif n_tok:
         raise ValueError(f"input_ids: {n_tok} image tokens but no pixel_values")
     position_ids = text_position_ids(am, position_ids, ids.shape)
-    layout = build_token_layout(ids, am, grid, image_token_id=config.image_token_id, video_token_id=-1,
-                                spatial_merge_size=1, system_spans=system_spans, question_spans=question_spans)
-    return Batch(input_ids=ids.astype(np.int32), attention_mask=am.astype(np.int32),
-                 position_ids=np.ascontiguousarray(position_ids, np.int32), pixel_values=pv, vision=None, layout=layout)
+    layout = build_token_layout(
+        ids,
+        am,
+        grid,
+        image_token_id=config.image_token_id,
+        video_token_id=-1,
+        spatial_merge_size=1,
+        system_spans=system_spans,
+        question_spans=question_spans,
+    )
+    return Batch(
+        input_ids=ids.astype(np.int32),
+        attention_mask=am.astype(np.int32),
+        position_ids=np.ascontiguousarray(position_ids, np.int32),
+        pixel_values=pv,
+        vision=None,
+        layout=layout,
+    )

@@ -32,6 +32,5 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values: Array, vis=None, interventions=(), probes=()):
         """Returns (features [M,E], (), probe results)."""
-        out, results = clip_features(self.cfg, self.vision_model, self.multi_modal_projector, pixel_values,
-                                     interventions, probes)
+        out, results = clip_features(self.cfg, self.vision_model, self.multi_modal_projector, pixel_values, interventions, probes)
         return out.reshape(-1, out.shape[-1]), (), results

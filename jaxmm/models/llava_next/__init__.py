@@ -13,5 +13,17 @@ from jaxmm.models.llava_next.inputs import prepare_batch
 from jaxmm.models.llava_next.modeling import LlavaNextForConditionalGeneration
 from jaxmm.models.llava_next.params import IGNORE, IGNORE_TIED, KEY_RULES
 
-__all__ = ["Config", "Batch", "ModelOutput", "LlavaNextForConditionalGeneration", "abstract_params", "forward",
-           "forward_jit", "graphdef", "prepare_batch", "KEY_RULES", "IGNORE", "IGNORE_TIED"]
+__all__ = [
+    "Config",
+    "Batch",
+    "ModelOutput",
+    "LlavaNextForConditionalGeneration",
+    "abstract_params",
+    "forward",
+    "forward_jit",
+    "graphdef",
+    "prepare_batch",
+    "KEY_RULES",
+    "IGNORE",
+    "IGNORE_TIED",
+]

@@ -50,14 +50,17 @@ class LlavaNextConfig(ClipLlamaConfig):
         v = self.vision
         pins = v.image_grid_pinpoints
         return super().consistency_checks() + [
-            (v.vision_feature_select_strategy == "default",
-             f"vision_feature_select_strategy={v.vision_feature_select_strategy!r}: LLaVA-NeXT packs the tiles' "
-             f"features as grids of image_size/patch_size patches, which needs 'default' (transformers' "
-             f"pack_image_features cannot reshape 'full' features either)"),
-            (len(pins) > 0 and all(h > 0 and w > 0 and h % v.image_size == 0 and w % v.image_size == 0
-                                   for h, w in pins),
-             f"image_grid_pinpoints={[list(p) for p in pins]}: expected a non-empty list of [height, width] "
-             f"pixel sizes, each a positive multiple of the vision image_size={v.image_size}"),
+            (
+                v.vision_feature_select_strategy == "default",
+                f"vision_feature_select_strategy={v.vision_feature_select_strategy!r}: LLaVA-NeXT packs the tiles' "
+                f"features as grids of image_size/patch_size patches, which needs 'default' (transformers' "
+                f"pack_image_features cannot reshape 'full' features either)",
+            ),
+            (
+                len(pins) > 0 and all(h > 0 and w > 0 and h % v.image_size == 0 and w % v.image_size == 0 for h, w in pins),
+                f"image_grid_pinpoints={[list(p) for p in pins]}: expected a non-empty list of [height, width] "
+                f"pixel sizes, each a positive multiple of the vision image_size={v.image_size}",
+            ),
         ]
 
     @classmethod
@@ -70,8 +73,11 @@ class LlavaNextConfig(ClipLlamaConfig):
         pins = d.get("image_grid_pinpoints")
         if pins is None:
             return {"image_grid_pinpoints": DEFAULT_PINPOINTS}
-        if not (isinstance(pins, (list, tuple)) and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 and all(core.is_int(x) for x in p) for p in pins)):
-            raise ConfigError(f"{source}: field 'image_grid_pinpoints' must be a list of [height, width] integer "
-                              f"pairs, got {pins!r}")
+        if not (
+            isinstance(pins, (list, tuple))
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(core.is_int(x) for x in p) for p in pins)
+        ):
+            raise ConfigError(
+                f"{source}: field 'image_grid_pinpoints' must be a list of [height, width] integer pairs, got {pins!r}"
+            )
         return {"image_grid_pinpoints": tuple((int(h), int(w)) for h, w in pins)}

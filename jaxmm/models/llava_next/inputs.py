@@ -67,9 +67,9 @@ def pack_index(image_sizes, cfg) -> np.ndarray:
         bh, bw = select_best_resolution((h, w), cfg.image_grid_pinpoints)
         th, tw = -(-bh // cfg.image_size), -(-bw // cfg.image_size)
         r0, r1, c0, c1 = unpadded_extent(h, w, th * g, tw * g)
-        out.append(start + np.arange(g * g))                                   # base image
+        out.append(start + np.arange(g * g))  # base image
         y, x = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
-        tile = 1 + (y // g) * tw + x // g                                      # tile of patch (y, x)
+        tile = 1 + (y // g) * tw + x // g  # tile of patch (y, x)
         feat = start + tile * g * g + (y % g) * g + x % g
         out.append(np.concatenate([feat, np.full((r1 - r0, 1), newline)], axis=1).reshape(-1))
         start += (1 + th * tw) * g * g
@@ -91,8 +91,17 @@ def _grid_positions(n_tok: int, rows: int, cols: int, g: int) -> tuple[np.ndarra
     return pos, hw
 
 
-def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                  system_spans=None, question_spans=None, image_sizes=None) -> Batch:
+def prepare_batch(
+    config,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    position_ids=None,
+    system_spans=None,
+    question_spans=None,
+    image_sizes=None,
+) -> Batch:
     """Validates HF-style LLaVA-NeXT inputs and builds a :class:`Batch`.
 
     Args:
@@ -121,8 +130,10 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
     vis, layout_grid, counts = None, None, []
     if pv is not None:
         if sizes is None and grid_thw is None:
-            raise ValueError("pixel_values given without image_sizes [n_images, 2] (height, width) or "
-                             "image_grid_thw [n_images, 3] (tiles, height, width): LLaVA-NeXT needs each image's size")
+            raise ValueError(
+                "pixel_values given without image_sizes [n_images, 2] (height, width) or "
+                "image_grid_thw [n_images, 3] (tiles, height, width): LLaVA-NeXT needs each image's size"
+            )
         if grid_thw is not None and (grid_thw.ndim != 2 or grid_thw.shape[1] != 3):
             raise ValueError(f"image_grid_thw: expected [n_images, 3] rows (tiles, height, width), got {grid_thw.shape}")
         if sizes is not None and (sizes.ndim != 2 or sizes.shape[1] != 2):
@@ -136,8 +147,10 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         layout = [tiles_and_tokens(int(h), int(w), vc) for h, w in sizes]
         tiles = [t for t, _, _ in layout]
         if grid_thw is not None and grid_thw[:, 0].tolist() != tiles:
-            raise ValueError(f"image_grid_thw: tile counts {grid_thw[:, 0].tolist()}, but the image sizes and "
-                             f"image_grid_pinpoints give {tiles}")
+            raise ValueError(
+                f"image_grid_thw: tile counts {grid_thw[:, 0].tolist()}, but the image sizes and "
+                f"image_grid_pinpoints give {tiles}"
+            )
         want = (vc.in_channels, vc.image_size, vc.image_size)
         if pv.ndim == 5 and tuple(pv.shape[2:]) == want:
             if pv.shape[0] != len(sizes):
@@ -147,16 +160,19 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
             pv = np.concatenate([pv[i, :t] for i, t in enumerate(tiles)])
         elif pv.ndim == 4 and tuple(pv.shape[1:]) == want:
             if pv.shape[0] != sum(tiles):
-                raise ValueError(f"pixel_values: {pv.shape[0]} tiles, but the image sizes give {tiles} "
-                                 f"(= {sum(tiles)}) tiles")
+                raise ValueError(f"pixel_values: {pv.shape[0]} tiles, but the image sizes give {tiles} (= {sum(tiles)}) tiles")
         else:
-            raise ValueError(f"pixel_values: expected [n_images, tiles, {want[0]}, {want[1]}, {want[2]}] or "
-                             f"[total tiles, {want[0]}, {want[1]}, {want[2]}], got {pv.shape}")
+            raise ValueError(
+                f"pixel_values: expected [n_images, tiles, {want[0]}, {want[1]}, {want[2]}] or "
+                f"[total tiles, {want[0]}, {want[1]}, {want[2]}], got {pv.shape}"
+            )
         g = vc.grid
         counts = [g * g + rows * (cols + 1) for _, rows, cols in layout]
         if n_tok != sum(counts):
-            raise ValueError(f"input_ids: {n_tok} image tokens (id {config.image_token_id}) but the {len(sizes)} "
-                             f"images need {counts} (= {sum(counts)}) tokens for their sizes {sizes.tolist()}")
+            raise ValueError(
+                f"input_ids: {n_tok} image tokens (id {config.image_token_id}) but the {len(sizes)} "
+                f"images need {counts} (= {sum(counts)}) tokens for their sizes {sizes.tolist()}"
+            )
         pv = pv.astype(np.float32)
         vis = PackIndex(index=pack_index(sizes, vc))
         layout_grid = np.array([[1, 1, n] for n in counts], np.int64)
@@ -164,13 +180,23 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
         raise ValueError(f"input_ids: {n_tok} image tokens but no pixel_values")
     position_ids = text_position_ids(am, position_ids, ids.shape)
     try:
-        lay = build_token_layout(ids, am, layout_grid, image_token_id=config.image_token_id, video_token_id=-1,
-                                 spatial_merge_size=1, system_spans=system_spans, question_spans=question_spans)
+        lay = build_token_layout(
+            ids,
+            am,
+            layout_grid,
+            image_token_id=config.image_token_id,
+            video_token_id=-1,
+            spatial_merge_size=1,
+            system_spans=system_spans,
+            question_spans=question_spans,
+        )
     except ValueError as e:
         if pv is None:
             raise
-        raise ValueError(f"input_ids: the runs of image tokens do not match the images, which need {counts} tokens "
-                         f"each (for their sizes and image_grid_pinpoints): {e}") from None
+        raise ValueError(
+            f"input_ids: the runs of image tokens do not match the images, which need {counts} tokens "
+            f"each (for their sizes and image_grid_pinpoints): {e}"
+        ) from None
     if pv is not None:
         index = np.asarray(lay.image_index)
         grid_pos, grid_hw = np.array(lay.grid_pos), np.array(lay.grid_hw)
@@ -178,12 +204,26 @@ def prepare_batch(config, input_ids, attention_mask=None, pixel_values=None, ima
             where = np.nonzero(index == k)
             grid_pos[where], grid_hw[where] = _grid_positions(counts[k], rows, cols, vc.grid)
         lay = dataclasses.replace(lay, grid_pos=grid_pos, grid_hw=grid_hw)
-    return Batch(input_ids=ids.astype(np.int32), attention_mask=am.astype(np.int32),
-                 position_ids=np.ascontiguousarray(position_ids, np.int32), pixel_values=pv, vision=vis, layout=lay)
+    return Batch(
+        input_ids=ids.astype(np.int32),
+        attention_mask=am.astype(np.int32),
+        position_ids=np.ascontiguousarray(position_ids, np.int32),
+        pixel_values=pv,
+        vision=vis,
+        layout=lay,
+    )
 
 
-def region_weights(image_index, grid_pos, grid_hw, boxes_per_image: dict, image_sizes: dict, image_grid_thw=None,
-                   patch_size: int = 14, spatial_merge_size: int = 1) -> np.ndarray:
+def region_weights(
+    image_index,
+    grid_pos,
+    grid_hw,
+    boxes_per_image: dict,
+    image_sizes: dict,
+    image_grid_thw=None,
+    patch_size: int = 14,
+    spatial_merge_size: int = 1,
+) -> np.ndarray:
     """A [B,S] float32 region mask for a LLaVA-NeXT layout (the signature of
     :func:`jaxmm.processing.regions.region_weights`; ``image_grid_thw``, ``patch_size`` and
     ``spatial_merge_size`` are not needed).
@@ -205,7 +245,7 @@ def region_weights(image_index, grid_pos, grid_hw, boxes_per_image: dict, image_
             raise ValueError(f"boxes given for image {img}, but the layout has {int(image_index.max()) + 1} images")
         h0, w0 = image_sizes[img]
         t, r, c = grid_pos[sel].T
-        rows, cols = grid_hw[sel, 0], grid_hw[sel, 1] - (t == 1)             # the tiles' grid: minus the newline
+        rows, cols = grid_hw[sel, 0], grid_hw[sel, 1] - (t == 1)  # the tiles' grid: minus the newline
         inside = np.zeros(len(t), bool)
         for box in boxes:
             x0, y0, x1, y1 = (float(v) for v in box)
@@ -214,7 +254,8 @@ def region_weights(image_index, grid_pos, grid_hw, boxes_per_image: dict, image_
             if x1 < 0 or y1 < 0 or x0 > w0 or y0 > h0:
                 raise ValueError(f"box {tuple(box)} lies outside the {w0}x{h0} image")
             cell = lambda v, n, size: np.clip(np.floor(v * n / size), 0, n - 1)
-            inside |= ((r >= cell(y0, rows, h0)) & (r <= cell(y1, rows, h0)) &
-                       (c >= cell(x0, cols, w0)) & (c <= cell(x1, cols, w0)))
+            inside |= (
+                (r >= cell(y0, rows, h0)) & (r <= cell(y1, rows, h0)) & (c >= cell(x0, cols, w0)) & (c <= cell(x1, cols, w0))
+            )
         out[sel] = inside
     return out

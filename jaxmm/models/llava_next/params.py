@@ -18,8 +18,6 @@ _V = r"(?:model\.)?vision_tower\.(?:vision_model\.)?"
 _P = r"(?:model\.)?multi_modal_projector\."
 _T = r"(?:model\.language_model\.|language_model\.model\.)"
 
-KEY_RULES: tuple[Rule, ...] = clip_key_rules(_V, _P, _T) + (
-    Rule(r"(?:model\.)?image_newline", "visual.image_newline"),
-)
+KEY_RULES: tuple[Rule, ...] = clip_key_rules(_V, _P, _T) + (Rule(r"(?:model\.)?image_newline", "visual.image_newline"),)
 IGNORE = core.IGNORE + (r"(?:model\.)?vision_tower\.(?:vision_model\.)?embeddings\.position_ids",)
 IGNORE_TIED = IGNORE + (r"(?:language_model\.)?lm_head\.weight",)

@@ -41,8 +41,10 @@ class VisionTower(nnx.Module):
 
     def __call__(self, pixel_values: Array, vis: PackIndex, interventions=(), probes=()):
         """pixel_values [T, C_in, S, S], ``vis.index`` int32 [M] -> (features [M, E], (), probe results)."""
-        feats, results = clip_features(self.cfg, self.vision_model, self.multi_modal_projector, pixel_values,
-                                       interventions, probes)                          # [T, g², E]
-        table = jnp.concatenate([feats.reshape(-1, feats.shape[-1]),
-                                 self.image_newline[...].astype(feats.dtype)[None]])      # [T·g² + 1, E]
+        feats, results = clip_features(
+            self.cfg, self.vision_model, self.multi_modal_projector, pixel_values, interventions, probes
+        )  # [T, g², E]
+        table = jnp.concatenate(
+            [feats.reshape(-1, feats.shape[-1]), self.image_newline[...].astype(feats.dtype)[None]]
+        )  # [T·g² + 1, E]
         return table[vis.index], (), results

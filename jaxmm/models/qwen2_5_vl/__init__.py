@@ -9,5 +9,17 @@ from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig as Config
 from jaxmm.models.qwen2_5_vl.modeling import Qwen2_5_VLForConditionalGeneration
 from jaxmm.models.qwen2_5_vl.params import IGNORE, IGNORE_TIED, KEY_RULES
 
-__all__ = ["Config", "Batch", "ModelOutput", "Qwen2_5_VLForConditionalGeneration", "abstract_params", "forward",
-           "forward_jit", "graphdef", "prepare_batch", "KEY_RULES", "IGNORE", "IGNORE_TIED"]
+__all__ = [
+    "Config",
+    "Batch",
+    "ModelOutput",
+    "Qwen2_5_VLForConditionalGeneration",
+    "abstract_params",
+    "forward",
+    "forward_jit",
+    "graphdef",
+    "prepare_batch",
+    "KEY_RULES",
+    "IGNORE",
+    "IGNORE_TIED",
+]

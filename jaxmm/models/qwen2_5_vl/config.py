@@ -37,11 +37,17 @@ class Qwen2_5_VLConfig(core.VLConfig):
     VISION_CONFIG = VisionConfig
     VISION_ACTS = ("silu",)
     #: transformers' ``configuration_qwen2_5_vl.py`` defaults for the fields that do not shape weights.
-    TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 32768,
-                     "rope_theta": 1000000.0}
-    VISION_DEFAULTS = {"hidden_act": "silu", "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "tokens_per_second": 4, "window_size": 112,
-                       "fullatt_block_indexes": (7, 15, 23, 31)}
+    TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 32768, "rope_theta": 1000000.0}
+    VISION_DEFAULTS = {
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 4,
+        "window_size": 112,
+        "fullatt_block_indexes": (7, 15, 23, 31),
+    }
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
         """The shared checks (:meth:`VLConfig.consistency_checks`) plus ``fullatt_block_indexes`` within
@@ -50,8 +56,12 @@ class Qwen2_5_VLConfig(core.VLConfig):
         :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
         return super().consistency_checks() + [
-            (all(0 <= i < v.depth for i in v.fullatt_block_indexes),
-             f"fullatt_block_indexes={list(v.fullatt_block_indexes)} out of range for depth={v.depth}"),
-            (v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
-             f"window_size={v.window_size} is not a multiple of patch_size*spatial_merge_size"),
+            (
+                all(0 <= i < v.depth for i in v.fullatt_block_indexes),
+                f"fullatt_block_indexes={list(v.fullatt_block_indexes)} out of range for depth={v.depth}",
+            ),
+            (
+                v.window_size % (v.patch_size * v.spatial_merge_size) == 0,
+                f"window_size={v.window_size} is not a multiple of patch_size*spatial_merge_size",
+            ),
         ]

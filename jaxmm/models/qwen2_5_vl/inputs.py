@@ -38,5 +38,10 @@ def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs
     window_index = np.concatenate(window_index).astype(np.int32)
     n = pos.shape[0]
     pos = pos.reshape(n // unit, unit, 2)[window_index].reshape(n, 2)
-    return VisionInputs(rotary_pos=pos, frames=segments(frame_lens), window_index=window_index,
-                        reverse_index=np.argsort(window_index).astype(np.int32), windows=segments(window_lens))
+    return VisionInputs(
+        rotary_pos=pos,
+        frames=segments(frame_lens),
+        window_index=window_index,
+        reverse_index=np.argsort(window_index).astype(np.int32),
+        windows=segments(window_lens),
+    )

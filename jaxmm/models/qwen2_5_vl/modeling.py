@@ -12,13 +12,28 @@ the pure ``forward`` are :mod:`jaxmm.models.core`'s, re-exported here::
 from __future__ import annotations
 
 from jaxmm.models.core.decoder import KVCache
-from jaxmm.models.core.model import (Batch, ModelOutput, VLForConditionalGeneration, abstract_params, forward,
-                                     forward_jit, graphdef)
+from jaxmm.models.core.model import (
+    Batch,
+    ModelOutput,
+    VLForConditionalGeneration,
+    abstract_params,
+    forward,
+    forward_jit,
+    graphdef,
+)
 from jaxmm.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from jaxmm.models.qwen2_5_vl.vision import VisionTransformer
 
-__all__ = ["Qwen2_5_VLForConditionalGeneration", "Batch", "KVCache", "ModelOutput", "abstract_params",
-           "forward", "forward_jit", "graphdef"]
+__all__ = [
+    "Qwen2_5_VLForConditionalGeneration",
+    "Batch",
+    "KVCache",
+    "ModelOutput",
+    "abstract_params",
+    "forward",
+    "forward_jit",
+    "graphdef",
+]
 
 
 class Qwen2_5_VLForConditionalGeneration(VLForConditionalGeneration):

@@ -30,19 +30,21 @@ class VisionTransformer(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, dtype):
         self.cfg = cfg
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         self.patch_embed = Linear(patch_dim, cfg.hidden_size, bias=False, dtype=dtype, names=(None, "embed"))
-        self.blocks = nnx.List([
-            VisionBlock(cfg, dtype, norm=RMSNorm,
-                        mlp=SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype))
-            for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                VisionBlock(cfg, dtype, norm=RMSNorm, mlp=SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype))
+                for _ in range(cfg.depth)
+            ]
+        )
         self.merger = PatchMerger(cfg, dtype, norm=RMSNorm)
 
     def __call__(self, pixel_values: Array, vis: VisionInputs, interventions=(), probes=()):
         """pixel_values [N, C·T·P·P] -> (features [M,E], (), probe results per block)."""
         cfg = self.cfg
-        unit = cfg.spatial_merge_size ** 2
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))     # [N,C]
+        unit = cfg.spatial_merge_size**2
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))  # [N,C]
         n = x.shape[0]
         x = x.reshape(n // unit, unit, -1)[vis.window_index].reshape(n, -1)
         cos, sin = vision_rotary(cfg, vis.rotary_pos)
@@ -51,5 +53,5 @@ class VisionTransformer(nnx.Module):
             seg = vis.frames if i in cfg.fullatt_block_indexes else vis.windows
             x, res = blk(x, cos, sin, seg, Site("vision", i), interventions, probes)
             collect(results, res, i)
-        merged = self.merger(x)                                                     # [M,E]
+        merged = self.merger(x)  # [M,E]
         return merged[vis.reverse_index], (), results

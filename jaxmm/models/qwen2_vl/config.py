@@ -35,10 +35,15 @@ class Qwen2VLConfig(core.VLConfig):
     # transformers' configuration_qwen2_vl.py: the vision tower's width is embed_dim, hidden_size its
     # output (the text width); intermediate = embed_dim * mlp_ratio.
     REQUIRED_VISION = ("depth", "embed_dim", "hidden_size", "num_heads")
-    TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 32768,
-                     "rope_theta": 1000000.0}
-    VISION_DEFAULTS = {"hidden_act": "quick_gelu", "mlp_ratio": 4, "in_channels": 3, "patch_size": 14,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2}
+    TEXT_DEFAULTS = {"rms_norm_eps": 1e-5, "hidden_act": "silu", "max_position_embeddings": 32768, "rope_theta": 1000000.0}
+    VISION_DEFAULTS = {
+        "hidden_act": "quick_gelu",
+        "mlp_ratio": 4,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
 
     @staticmethod
     def vision_fields(vis: dict) -> dict:

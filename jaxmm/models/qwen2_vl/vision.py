@@ -40,16 +40,19 @@ class VisionTransformer(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, dtype):
         self.cfg = cfg
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         self.patch_embed = Linear(patch_dim, cfg.hidden_size, bias=False, dtype=dtype, names=(None, "embed"))
-        self.blocks = nnx.List([
-            VisionBlock(cfg, dtype, norm=LayerNorm, mlp=VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype))
-            for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                VisionBlock(cfg, dtype, norm=LayerNorm, mlp=VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype))
+                for _ in range(cfg.depth)
+            ]
+        )
         self.merger = PatchMerger(cfg, dtype, norm=LayerNorm)
 
     def __call__(self, pixel_values: Array, vis: VisionInputs, interventions=(), probes=()):
         """pixel_values [N, C·T·P·P] -> (features [M,E], (), probe results per block)."""
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))     # [N,C]
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))  # [N,C]
         cos, sin = vision_rotary(self.cfg, vis.rotary_pos)
         results = {}
         for i, blk in enumerate(self.blocks):

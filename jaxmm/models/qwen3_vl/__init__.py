@@ -5,5 +5,17 @@ from jaxmm.models.qwen3_vl.config import Qwen3VLConfig as Config
 from jaxmm.models.qwen3_vl.modeling import Qwen3VLForConditionalGeneration
 from jaxmm.models.qwen3_vl.params import IGNORE, IGNORE_TIED, KEY_RULES
 
-__all__ = ["Config", "Batch", "ModelOutput", "Qwen3VLForConditionalGeneration", "abstract_params", "forward",
-           "forward_jit", "graphdef", "prepare_batch", "KEY_RULES", "IGNORE", "IGNORE_TIED"]
+__all__ = [
+    "Config",
+    "Batch",
+    "ModelOutput",
+    "Qwen3VLForConditionalGeneration",
+    "abstract_params",
+    "forward",
+    "forward_jit",
+    "graphdef",
+    "prepare_batch",
+    "KEY_RULES",
+    "IGNORE",
+    "IGNORE_TIED",
+]

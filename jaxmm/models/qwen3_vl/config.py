@@ -35,23 +35,32 @@ class Qwen3VLConfig(core.VLConfig):
     VISION_ACTS = ("gelu_pytorch_tanh",)
     # transformers' configuration_qwen3_vl.py defaults (rope_theta 5e5, patch 16, ...); head_dim 128,
     # attention_bias false and mrope_section [24, 20, 20] (modeling_qwen3_vl.py) in text_fields.
-    TEXT_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 128000,
-                     "rope_theta": 500000.0}
-    VISION_DEFAULTS = {"hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "patch_size": 16,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 2304,
-                       "deepstack_visual_indexes": (8, 16, 24)}
+    TEXT_DEFAULTS = {"rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 128000, "rope_theta": 500000.0}
+    VISION_DEFAULTS = {
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": (8, 16, 24),
+    }
 
     def consistency_checks(self) -> list[tuple[bool, str]]:
         """The shared checks (:meth:`VLConfig.consistency_checks`) plus a square
         ``num_position_embeddings`` and ``deepstack_visual_indexes`` within the tower's depth; a failing
         one makes ``__post_init__`` raise :class:`~jaxmm.models.core.config.ConfigError`."""
         v = self.vision
-        side = round(v.num_position_embeddings ** 0.5)
+        side = round(v.num_position_embeddings**0.5)
         return super().consistency_checks() + [
-            (side * side == v.num_position_embeddings,
-             f"num_position_embeddings={v.num_position_embeddings} is not a square number"),
-            (all(0 <= i < v.depth for i in v.deepstack_visual_indexes),
-             f"deepstack_visual_indexes={list(v.deepstack_visual_indexes)} out of range for depth={v.depth}"),
+            (
+                side * side == v.num_position_embeddings,
+                f"num_position_embeddings={v.num_position_embeddings} is not a square number",
+            ),
+            (
+                all(0 <= i < v.depth for i in v.deepstack_visual_indexes),
+                f"deepstack_visual_indexes={list(v.deepstack_visual_indexes)} out of range for depth={v.depth}",
+            ),
         ]
 
     @staticmethod

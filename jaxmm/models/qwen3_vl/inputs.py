@@ -43,6 +43,5 @@ def interpolation_taps(image_grid_thw, side: int, merge: int) -> tuple[np.ndarra
 def vision_inputs(image_grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
     """image_grid_thw int [n_images, 3] -> :class:`VisionInputs`: frames, rotary positions and the
     position table's taps (``interp_index``, ``interp_weight`` [N,4])."""
-    index, weight = interpolation_taps(image_grid_thw, int(round(cfg.num_position_embeddings ** 0.5)),
-                                       cfg.spatial_merge_size)
+    index, weight = interpolation_taps(image_grid_thw, int(round(cfg.num_position_embeddings**0.5)), cfg.spatial_merge_size)
     return dataclasses.replace(frame_inputs(image_grid_thw, cfg), interp_index=index, interp_weight=weight)

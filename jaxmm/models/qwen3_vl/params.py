@@ -21,10 +21,10 @@ KEY_RULES: tuple[Rule, ...] = (
     Rule(_V + r"merger\.(linear_fc1|linear_fc2)\.weight", r"visual.merger.\1.kernel", "T"),
     Rule(_V + r"merger\.(linear_fc1|linear_fc2)\.bias", r"visual.merger.\1.bias"),
     Rule(_V + r"deepstack_merger_list\.(\d+)\.norm\.(weight|bias)", r"visual.deepstack_merger_list.\1.norm.\2"),
-    Rule(_V + r"deepstack_merger_list\.(\d+)\.(linear_fc1|linear_fc2)\.weight",
-         r"visual.deepstack_merger_list.\1.\2.kernel", "T"),
-    Rule(_V + r"deepstack_merger_list\.(\d+)\.(linear_fc1|linear_fc2)\.bias",
-         r"visual.deepstack_merger_list.\1.\2.bias"),
+    Rule(
+        _V + r"deepstack_merger_list\.(\d+)\.(linear_fc1|linear_fc2)\.weight", r"visual.deepstack_merger_list.\1.\2.kernel", "T"
+    ),
+    Rule(_V + r"deepstack_merger_list\.(\d+)\.(linear_fc1|linear_fc2)\.bias", r"visual.deepstack_merger_list.\1.\2.bias"),
     Rule(_T + r"layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight", r"language_model.layers.\1.self_attn.\2.weight"),
     Rule(_T + r"layers\.(\d+)\.self_attn\.o_proj\.bias", r"language_model.layers.\1.self_attn.o_proj.bias"),
 ) + TEXT_RULES

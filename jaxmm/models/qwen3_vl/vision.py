@@ -40,7 +40,7 @@ class PatchMerger(nnx.Module):
     """``Qwen3VLVisionPatchMerger``; ``postshuffle`` normalises the merged 4C vector (DeepStack)."""
 
     def __init__(self, cfg: VisionConfig, dtype, postshuffle: bool = False):
-        c4 = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        c4 = cfg.hidden_size * cfg.spatial_merge_size**2
         self.postshuffle = postshuffle
         self.norm = LayerNorm(c4 if postshuffle else cfg.hidden_size, 1e-6, dtype=dtype)
         self.linear_fc1 = Linear(c4, c4, bias=True, dtype=dtype, names=(None, "mlp"))
@@ -61,20 +61,22 @@ class VisionTransformer(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, dtype):
         self.cfg = cfg
-        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         self.patch_embed = Linear(patch_dim, cfg.hidden_size, bias=True, dtype=dtype, names=(None, "embed"))
         self.pos_embed = Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype, names=(None, "embed"))
-        self.blocks = nnx.List([
-            VisionBlock(cfg, dtype, norm=LayerNorm, mlp=VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype))
-            for _ in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                VisionBlock(cfg, dtype, norm=LayerNorm, mlp=VisionMlp(cfg.hidden_size, cfg.intermediate_size, dtype=dtype))
+                for _ in range(cfg.depth)
+            ]
+        )
         self.merger = PatchMerger(cfg, dtype)
-        self.deepstack_merger_list = nnx.List(
-            [PatchMerger(cfg, dtype, postshuffle=True) for _ in cfg.deepstack_visual_indexes])
+        self.deepstack_merger_list = nnx.List([PatchMerger(cfg, dtype, postshuffle=True) for _ in cfg.deepstack_visual_indexes])
 
     def __call__(self, pixel_values: Array, vis: VisionInputs, interventions=(), probes=()):
         """pixel_values [N, C·T·P·P] -> (features [M,E], deepstack features ([M,E], ...), probe results)."""
         cfg = self.cfg
-        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))          # [N,C]
+        x = self.patch_embed(pixel_values.astype(self.patch_embed.kernel.dtype))  # [N,C]
         table = self.pos_embed.weight[...]
         x = x + jnp.sum(table[vis.interp_index] * vis.interp_weight[..., None], axis=1).astype(x.dtype)
         cos, sin = vision_rotary(cfg, vis.rotary_pos)
