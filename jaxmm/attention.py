@@ -144,6 +144,16 @@ class Intervention:
         ([B,K]; the prompt's queries are its first S positions); default: unchanged."""
         return self
 
+    def reprefill_probes(self) -> tuple:
+        """Probes a planned method needs from the prompt's second run under its plan (``reprefill``;
+        RATION's released τ); default none."""
+        return ()
+
+    def after_reprefill(self, probe_results, layout) -> "Intervention":
+        """Re-plans once more from the second run's probe results (only when some intervention asked
+        for :meth:`reprefill_probes`); default: unchanged."""
+        return self
+
 
 class Probe:
     """Base class of probes: reduce a layer's attention weights to statistics, row by row.
@@ -452,7 +462,7 @@ def run_and_plan(run, interventions, layout, probes=(), reprefill: bool = False)
     2. each intervention re-planned: ``iv.after_prefill(first.probes, layout)``;
     3. with ``reprefill`` (and at least one plan probe), ``last = run(planned, again)``, ``again``
        being the planned interventions' ``reprefill_probes()`` (if any); when ``again`` is not empty,
-       the interventions that define ``after_reprefill`` re-plan once more from ``last.probes``.
+       every planned intervention re-plans once more: ``iv.after_reprefill(last.probes, layout)``.
 
     Args:
         run: ``run(interventions: tuple, probes: tuple) -> ModelOutput`` (anything with ``.probes``:
@@ -473,10 +483,10 @@ def run_and_plan(run, interventions, layout, probes=(), reprefill: bool = False)
     planned = tuple(iv.after_prefill(first.probes, layout) for iv in interventions)
     last = first
     if plan_probes and reprefill:
-        again = tuple(p for iv in planned for p in getattr(iv, "reprefill_probes", tuple)())
+        again = tuple(p for iv in planned for p in iv.reprefill_probes())
         last = run(planned, again)
         if again:  # a plan that also depends on the prompt's run under it (RATION's released τ)
-            planned = tuple(iv.after_reprefill(last.probes, layout) if hasattr(iv, "after_reprefill") else iv for iv in planned)
+            planned = tuple(iv.after_reprefill(last.probes, layout) for iv in planned)
     return first, last, planned
 
 

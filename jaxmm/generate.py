@@ -728,26 +728,7 @@ def generate(
         mesh,
         suppress_tokens,
     )
-    return run_generation(
-        params,
-        config,
-        kw["batch"],
-        kw["full_batch"],
-        kw["max_len"],
-        kw["max_new_tokens"],
-        kw["sampling"],
-        kw["key"],
-        kw["stop_tokens"],
-        kw["pad_token_id"],
-        kw["interventions"],
-        kw["probes"],
-        output_logits,
-        kw["reprefill"],
-        kw["contrast"],
-        kw["mesh"],
-        kw["prompt_len"],
-        kw["suppress"],
-    )
+    return run_generation(params, config, output_logits=output_logits, **kw)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -217,3 +217,16 @@ def build_llava_tokenizer(path, image_token_id: int = 290):
     Path(path).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
     return fast
+
+
+def save_llava_chat_checkpoint(path, seed: int = 6):
+    """A tiny LLaVA checkpoint (``tiny.build_hf_llava``) with :func:`build_llava_tokenizer`'s
+    tokenizer and chat template and a CLIP processor config, saved to ``path``. Returns ``path``."""
+    import tiny
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tiny.build_hf_llava(seed=seed).save_pretrained(path)
+    build_llava_tokenizer(path)
+    side = tiny.LLAVA_IMAGE_SIZE
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(path)
+    return path

@@ -379,17 +379,9 @@ def test_padding_primitives():
 def llava(tmp_path_factory):
     """A tiny LLaVA checkpoint with its tokenizer, chat template and CLIP processor config."""
     import jaxmm
-    import tiny
-    from chat_fixtures import build_llava_tokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from chat_fixtures import save_llava_chat_checkpoint
 
-    path = tmp_path_factory.mktemp("llava_chat")
-    tiny.build_hf_llava(seed=6).save_pretrained(path)
-    build_llava_tokenizer(path)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE}, crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}
-    ).save_pretrained(path)
-    return jaxmm.load(path)
+    return jaxmm.load(save_llava_chat_checkpoint(tmp_path_factory.mktemp("llava_chat")))
 
 
 @pytest.mark.parametrize("side,bucket", [("left", None), ("left", 16), ("right", None)])

@@ -211,16 +211,9 @@ def test_var_on_llava(ckpt):
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory):
     """A tiny LLaVA checkpoint with its tokenizer, chat template and CLIP processor config."""
-    from chat_fixtures import build_llava_tokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from chat_fixtures import save_llava_chat_checkpoint
 
-    path = tmp_path_factory.mktemp("llava_chat")
-    tiny.build_hf_llava(seed=6).save_pretrained(path)
-    build_llava_tokenizer(path)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": tiny.LLAVA_IMAGE_SIZE}, crop_size={"height": tiny.LLAVA_IMAGE_SIZE, "width": tiny.LLAVA_IMAGE_SIZE}
-    ).save_pretrained(path)
-    return path
+    return save_llava_chat_checkpoint(tmp_path_factory.mktemp("llava_chat"))
 
 
 def test_prepare_chat_equals_the_llava_processor(chat_ckpt):
