@@ -273,16 +273,18 @@ def _show(v, n: int = 80) -> str:
 
 
 def _strip(x):
-    while typing.get_origin(x) is Annotated:
+    while typing.get_origin(x) in (Annotated, typing.Required, typing.NotRequired):
         x = typing.get_args(x)[0]
     return x
 
 
-def _known_keys(cls, path) -> list | None:
-    """The field names of the section at ``path`` of the schema ``cls`` (None if not a record)."""
+def _known_keys(cls, path, data=None) -> list | None:
+    """The field names of the section at ``path`` of the schema ``cls`` (None if not a record);
+    ``data`` (the validated input) picks the member of a union of records its values select."""
     tp: Any = cls
+    node = data
     for k in path:
-        tp = _record(tp)
+        tp = _record(tp, node)
         if tp is None:
             return None
         if isinstance(k, int):
@@ -290,10 +292,19 @@ def _known_keys(cls, path) -> list | None:
             tp = args[0] if args else None
         else:
             tp = _fields(tp).get(k) if _is_record(tp) else None
+        node = _child(node, k)
         if tp is None:
             return None
-    tp = _record(tp)
+    tp = _record(tp, node)
     return sorted(_fields(tp)) if tp is not None and _is_record(tp) else None
+
+
+def _child(node, k):
+    if isinstance(node, dict):
+        return node.get(k)
+    if isinstance(node, (list, tuple)) and isinstance(k, int) and 0 <= k < len(node):
+        return node[k]
+    return None
 
 
 def _is_record(tp) -> bool:
@@ -307,13 +318,26 @@ def _fields(tp) -> dict:
     return typing.get_type_hints(tp, include_extras=True)
 
 
-def _record(tp):
-    """``tp`` without ``Annotated`` and ``| None`` (a dataclass, TypedDict or list type)."""
+def _selects(rec, node) -> bool:
+    """Whether the mapping ``node`` may be an instance of record ``rec``: no ``Literal`` field of
+    ``rec`` that ``node`` sets to another value (a union's tag, e.g. ``data.name``)."""
+    if not isinstance(node, dict) or not _is_record(rec):
+        return True
+    for k, ann in _fields(rec).items():
+        ann = _strip(ann)
+        if typing.get_origin(ann) is typing.Literal and k in node and node[k] not in typing.get_args(ann):
+            return False
+    return True
+
+
+def _record(tp, node=None):
+    """``tp`` without ``Annotated`` and ``| None`` (a dataclass, TypedDict or list type); of a union
+    of records, the first that the input ``node`` may be (:func:`_selects`)."""
     tp = _strip(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [_strip(a) for a in typing.get_args(tp) if a is not type(None)]
         recs = [a for a in args if _is_record(a) or typing.get_origin(a) is list]
-        return recs[0] if recs else None
+        return next((a for a in recs if _selects(a, node)), recs[0] if recs else None)
     return tp
 
 
@@ -407,7 +431,7 @@ def validate(cls, data: dict, source: str | None = None, lines: dict | None = No
                 parts.setdefault(path, []).append(err)
         msgs = []
         for parent, keys in unknown.items():
-            known = _known_keys(cls, parent)
+            known = _known_keys(cls, parent, data)
             msgs.append(
                 _where(parent + (keys[0],), source, lines, origins)
                 + (f"{'.'.join(map(str, parent))}: " if parent else "")

@@ -107,6 +107,7 @@ SCHEMAS = {
         "may 5 1999",
         "anls",
     ),
+    "vqa": ({"id": 5, "question": "<image>What animal?", "answer": "cat", "image": None}, "cat", "exact"),
 }
 
 

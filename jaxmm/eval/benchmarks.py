@@ -4,9 +4,26 @@ A sample is a dict: ``id``, ``image`` (PIL, decoded lazily by the grain map), ``
 prompt text, with the benchmark's standard instruction), ``raw_question`` (the same without that
 instruction: what a named prompt of :mod:`jaxmm.prompts` formats), ``answer`` (reference: a string, or a list
 for TextVQA/DocVQA), ``score`` (name of the rule in :mod:`jaxmm.eval.scoring`), optional ``box``
-and ``task``. Files: parquet with image bytes (HF datasets' export: an ``image`` column holding
-bytes or ``{"bytes": …}``) or JSONL plus an image folder (``image`` holds a path relative to the
-JSONL file). Field names follow each benchmark's published schema.
+and ``task``, and for training data ``response`` (the full assistant turn SFT learns, when it is
+more than the answer) and ``system``. Files: parquet with image bytes (HF datasets' export: an
+``image`` column holding bytes or ``{"bytes": …}``) or JSONL plus an image folder (``image``, or
+``images`` as a list of one, holds a path relative to the JSONL file). Field names follow each
+benchmark's published schema; ``fields`` maps a schema field to the file's own column name
+(``{"question": "problem", "image": "images"}``) for files that name them differently.
+
+The ``vqa`` schema is the generic one for your own data (training, or a benchmark jaxmm has no
+reader for), one image per row:
+
+* ``question`` and ``answer`` (a string, or a list of accepted answers), or a chat in the
+  LLaVA/ShareGPT layout: ``conversations: [{"from": "human", "value": "<image>Q"}, {"from": "gpt",
+  "value": "A"}]`` or ``messages: [{"role": "user", "content": …}, {"role": "assistant", …}]`` (the
+  first user turn is the question, the first assistant turn after it the response; a ``system`` turn
+  is kept). ``<image>`` placeholders are removed: jaxmm places the image itself.
+* optional ``id`` (else a stable hash of question and image), ``answer`` beside a chat (what the
+  response is scored against; default the response), ``response``, ``box`` ``[x0, y0, x1, y1]`` in
+  image pixels, or a list of such boxes (the region SAYO's reward and the region ratio use; SAYO's
+  ``focus_area`` column, through ``fields``), ``task``, ``score`` (a rule of
+  :data:`jaxmm.eval.scoring.METRIC`; default ``"exact"``).
 
 Ids are the benchmark's own (question id, index, …) and must be the same in every process: the
 harness resumes and merges hosts' rows by ``(benchmark, id, method)``. A row without one (ChartQA's
@@ -52,19 +69,45 @@ def shards(path: str | Path) -> list[Path]:
     return files
 
 
-def read_table(path: str | Path) -> list[dict]:
+def read_table(path: str | Path, fields: dict[str, str] | None = None) -> list[dict]:
     """Rows of a ``.parquet`` or ``.jsonl`` file, or of every shard of a directory or glob
-    (:func:`shards`, concatenated in name order), as dicts (JSONL image paths made absolute)."""
-    return [row for f in shards(path) for row in _read_file(f)]
+    (:func:`shards`, concatenated in name order), as dicts; ``fields`` (schema name -> the file's
+    column name) renames columns first; JSONL image paths (``image``, ``images``) are made absolute.
+
+    Raises:
+        FileNotFoundError: no such file (see :func:`shards`).
+        ValueError: a line that is not JSON, or a column named in ``fields`` that a row lacks (naming
+            the file, the row, the missing columns and the columns found).
+    """
+    return [row for f in shards(path) for row in _read_file(f, fields or {})]
 
 
-def _read_file(path: Path) -> list[dict]:
+def _renamed(row: dict, fields: dict[str, str], path: Path, i: int) -> dict:
+    missing = sorted(src for src in fields.values() if src not in row)
+    if missing:
+        raise ValueError(f"{path}: row {i} has no column(s) {missing} named in fields; columns found: {sorted(row)}")
+    taken = set(fields.values())
+    out = {k: v for k, v in row.items() if k not in taken}
+    out.update({name: row[src] for name, src in fields.items()})
+    return out
+
+
+def _absolute(value, folder: Path):
+    """JSONL image paths relative to the file: a path, or a list of them."""
+    if isinstance(value, str):
+        return str(folder / value)
+    if isinstance(value, list):
+        return [str(folder / v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _read_file(path: Path, fields: dict[str, str]) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        return [_renamed(r, fields, path, i) if fields else r for i, r in enumerate(pq.read_table(path).to_pylist())]
     if path.suffix in (".jsonl", ".json"):
         rows = []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -74,15 +117,27 @@ def _read_file(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
-            if isinstance(row.get("image"), str):
-                row["image"] = str(path.parent / row["image"])
+            if fields:
+                row = _renamed(row, fields, path, i)
+            for key in ("image", "images"):
+                if key in row:
+                    row[key] = _absolute(row[key], path.parent)
             rows.append(row)
         return rows
     raise ValueError(f"{path}: expected a .parquet or .jsonl file")
 
 
 def decode_image(value):
-    """bytes / {"bytes": …} / a path / a PIL image -> RGB PIL image (None stays None)."""
+    """bytes / {"bytes": …} / a path / a PIL image, or a list of exactly one of these (the
+    ``images`` column of LLaVA/EasyR1 data) -> RGB PIL image (None stays None).
+
+    Raises:
+        ValueError: a list of no or several images (a sample holds one image).
+    """
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"expected one image per sample, got a list of {len(value)}")
+        value = value[0]
     if value is None:
         return None
     if isinstance(value, Image.Image):
@@ -107,6 +162,8 @@ def stable_id(*parts) -> str:
 def _image_ref(value):
     """What identifies a row's image across hosts: its encoded bytes, or its file name (not the
     absolute path, which depends on where each host keeps the data)."""
+    if isinstance(value, (list, tuple)):
+        return b"".join(r if isinstance(r, bytes) else str(r).encode() for r in map(_image_ref, value))
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -236,6 +293,73 @@ def _grounded(row):
     )
 
 
+def _turns(turns, key: str) -> dict:
+    """A LLaVA/ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) chat -> its system
+    text, first user turn and the first assistant turn after it."""
+    roles = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+    out: dict = {}
+    for t in turns:
+        if not isinstance(t, dict):
+            raise ValueError(f"vqa: {key} must be a list of turns (dicts), got {t!r}")
+        role = roles.get(t.get("role", t.get("from")))
+        text = t.get("content", t.get("value"))
+        if isinstance(text, list):  # OpenAI content parts: keep the text ones
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        if role == "system" and "question" not in out:
+            out["system"] = text
+        elif role == "user" and "question" not in out:
+            out["question"] = text
+        elif role == "assistant" and "question" in out:
+            out["response"] = text
+            break
+    if "question" not in out or "response" not in out:
+        raise ValueError(f"vqa: {key} has no user turn followed by an assistant turn")
+    return out
+
+
+def _box(v):
+    """One ``[x0, y0, x1, y1]`` or a list of them (SAYO's ``focus_area``) -> a tuple, or a tuple of tuples."""
+    if v is None:
+        return None
+    several = isinstance(v, (list, tuple)) and len(v) > 0 and isinstance(v[0], (list, tuple))
+    boxes = []
+    for b in v if several else [v]:
+        try:
+            box = tuple(float(x) for x in b)
+        except (TypeError, ValueError):
+            box = ()
+        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(
+                f"vqa: box must be [x0, y0, x1, y1] (or a list of them) with x0 < x1 and y0 < y1, in image pixels; got {v!r}"
+            )
+        boxes.append(box)
+    return tuple(boxes) if several else boxes[0]
+
+
+def _vqa(row):
+    """jaxmm's generic schema (module docstring): question/answer, or a chat."""
+    from jaxmm.eval.scoring import METRIC
+
+    chat_key = next((k for k in ("messages", "conversations") if k in row), None)
+    if "question" in row or chat_key is None:
+        s = dict(question=row["question"], answer=row["answer"])
+        if row.get("response") is not None:
+            s["response"] = row["response"]
+    else:
+        s = _turns(row[chat_key], chat_key)
+        s["answer"] = row["answer"] if row.get("answer") is not None else s["response"]
+    s["question"] = s["question"].replace("<image>", "").strip()
+    if row.get("system") is not None:
+        s["system"] = row["system"]
+    rule = row.get("score") or "exact"
+    if rule not in METRIC:
+        raise ValueError(f"vqa: score {rule!r} is not a scoring rule; known: {sorted(METRIC)}")
+    if not isinstance(s["answer"], (str, list)):
+        s["answer"] = str(s["answer"])
+    s.update(id=None if row.get("id") is None else str(row["id"]), score=rule, task=row.get("task"), box=_box(row.get("box")))
+    return s
+
+
 READERS: dict[str, Callable[[dict], dict]] = {
     "mmstar": _mmstar,
     "mmbench": _mmbench,
@@ -247,6 +371,7 @@ READERS: dict[str, Callable[[dict], dict]] = {
     "docvqa": _docvqa,
     "grounded": _grounded,
     "chair": _chair,
+    "vqa": _vqa,
 }
 
 
@@ -259,16 +384,23 @@ def to_sample(name: str, row: dict, index: int | None = None) -> dict:
         raise ValueError(f"{name}: a row lacks the field {e} of the benchmark's schema") from None
     s["benchmark"] = name
     s.setdefault("raw_question", s["question"])  # MathVista's query and grounded: no added instruction
-    s["image"] = row.get("image") if "image" in row else row.get("decoded_image")
+    s["image"] = next((row[k] for k in ("image", "decoded_image", "images") if k in row), None)
     if s["id"] is None:
         s["id"] = stable_id(s["question"], _image_ref(s["image"])) + ("" if index is None else f"-{index}")
     return s
 
 
 def load(
-    name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0, image_size: int = 224, **style
+    name: str,
+    path: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    image_size: int = 224,
+    fields: dict[str, str] | None = None,
+    **style,
 ) -> grain.MapDataset:
-    """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path``.
+    """A grain ``MapDataset`` of samples of benchmark ``name`` read from ``path`` (``fields``: the
+    file's own names for schema fields, :func:`read_table`).
 
     ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``, square
     images of ``image_size`` pixels, ``style``: ``shape_scale`` and ``contrast`` of
@@ -281,7 +413,7 @@ def load(
     if name == "grounded" and path is None:
         from jaxmm.data.grounded import make_sample
 
-        unknown = set(style) - {"shape_scale", "contrast"}
+        unknown = set(style) - {"shape_scale", "contrast"} | ({"fields"} if fields else set())
         if unknown:
             raise ValueError(f"benchmark 'grounded': unknown field(s) {sorted(unknown)}")
         n = limit or 64
@@ -293,7 +425,8 @@ def load(
         raise ValueError(f"benchmark {name!r}: unknown field(s) {sorted(style)}")
     if path is None:
         raise ValueError(f"benchmark {name!r} needs a data file (parquet or jsonl)")
-    rows = read_table(path)[:limit] if limit else read_table(path)
+    rows = read_table(path, fields)
+    rows = rows[:limit] if limit else rows
     check_ids(name, path, rows)
     return grain.MapDataset.source(rows).map_with_index(lambda i, row: to_sample(name, row, i))
 

@@ -112,6 +112,7 @@ class BenchmarkSpec(TypedDict):
     image_size: NotRequired[PosInt]  # grounded only: square images of this many pixels
     shape_scale: NotRequired[PosFloat]  # grounded only: style of make_sample
     contrast: NotRequired[Fraction]
+    fields: NotRequired[dict[str, str]]  # schema field -> the file's column name (e.g. {question: problem})
 
 
 MethodSpec = Annotated[str | dict[str, Any] | InstanceOf[Intervention], AfterValidator(_method)]
@@ -120,8 +121,9 @@ MethodSpec = Annotated[str | dict[str, Any] | InstanceOf[Intervention], AfterVal
 @dataclasses.dataclass
 class EvalConfig(Validated):
     """Schema of the eval configs (``jaxmm/configs/eval/*.yaml``, or any YAML file; dotted
-    overrides on the command line). A benchmark spec is ``{name, path, limit, seed, prompt}`` (plus
-    the grounded generator's ``image_size`` and style): ``prompt`` names a released prompt of
+    overrides on the command line). A benchmark spec is ``{name, path, limit, seed, prompt, fields}``
+    (plus the grounded generator's ``image_size`` and style; ``fields`` maps schema fields to the
+    file's own column names, :func:`jaxmm.eval.benchmarks.read_table`): ``prompt`` names a released prompt of
     :data:`jaxmm.prompts.PROMPTS` (``vrga``, ``vrga_think``, ``sayo``) that replaces the benchmark's
     standard instruction; ``None`` keeps it. The annotations are the schema :meth:`from_yaml`
     and the constructor check (:mod:`jaxmm.config`). ``model`` as in training (:data:`jaxmm.config.ModelRef`):
@@ -329,10 +331,10 @@ def score(sample: dict, prediction: str) -> tuple[Any, float]:
         hallucinated = [c for c in cats if c not in set(sample["answer"])]
         return {"mentions": mentions, "categories": cats, "hallucinated": hallucinated}, float(bool(hallucinated))
     parsed = scoring.answer_text(prediction)
-    if rule == "exact":
-        return parsed, scoring.exact(prediction, sample["answer"])
-    if rule == "relaxed":
-        return parsed, scoring.relaxed(prediction, sample["answer"])
+    if rule in ("exact", "relaxed"):  # a list of accepted answers: the best match
+        rule_fn = scoring.exact if rule == "exact" else scoring.relaxed
+        answers = sample["answer"] if isinstance(sample["answer"], list) else [sample["answer"]]
+        return parsed, max(rule_fn(prediction, str(a)) for a in answers)
     if rule == "anls":
         return parsed, scoring.anls(prediction, sample["answer"])
     if rule == "vqa":
@@ -616,7 +618,10 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
     from jaxmm.processing import batch as host
     from jaxmm.sharding import on_host
 
-    batch, info = host.chat_batch(model, [host.vqa_messages(s["question"], [s["image"]], s.get("_system")) for s in samples])
+    messages = [
+        host.vqa_messages(s["question"], [s["image"]], s["_system"] if "_system" in s else s.get("system")) for s in samples
+    ]
+    batch, info = host.chat_batch(model, messages)
     if batch.input_ids.shape[1] > cfg.max_prompt_tokens:
         raise ValueError(f"prompt of {batch.input_ids.shape[1]} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")
     boxes, sizes = host.sample_boxes(samples)
@@ -680,7 +685,7 @@ def _generate_rows(model, samples, mname, ivs, cfg, nl, out_dir, render=True, me
                 row["heatmap_data"] = {
                     "map": att.reshape(gh, gw).tolist(),
                     "title": title,
-                    "box": None if s.get("box") is None else [float(v) for v in s["box"]],
+                    "box": [[float(v) for v in b] for b in host.boxes_of(s.get("box"))] or None,
                     "source": list(s["_source"]),
                 }
         rows.append(row)

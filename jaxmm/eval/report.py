@@ -59,7 +59,8 @@ def _plt():
 
 
 def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", box=None):
-    """Overlays a merged-grid attention map [rows, cols] on ``image`` (PIL) and saves a PNG."""
+    """Overlays a merged-grid attention map [rows, cols] on ``image`` (PIL) and saves a PNG; ``box``:
+    the evidence box(es) drawn on both panels, one ``(x0, y0, x1, y1)`` or a list (image pixels)."""
     plt = _plt()
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = image.size
@@ -75,11 +76,13 @@ def render_heatmap(image, attention: np.ndarray, path: Path, title: str = "", bo
 
         shown = "".join(c if c.isprintable() else " " for c in title)  # model output may hold control chars
         fig.suptitle("\n".join(textwrap.wrap(shown, 90)[:4]), fontsize=7)
-    if box is not None:
-        from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle
 
+    from jaxmm.processing.batch import boxes_of
+
+    for b in boxes_of(box):
         for ax in axes:
-            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, color="white", lw=1.5))
+            ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color="white", lw=1.5))
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

@@ -296,11 +296,22 @@ def completion_batch(model, prompt, image_grid_thw, tokens, lengths, region_weig
 
 
 # ----------------------------------------------------------------------------- regions
+def boxes_of(box) -> list[tuple]:
+    """A sample's ``box``: one ``(x0, y0, x1, y1)``, several (SAYO's ``focus_area``), or None ->
+    a list of boxes (empty for None)."""
+    if box is None:
+        return []
+    if len(box) and isinstance(box[0], (int, float)):
+        return [tuple(box)]
+    return [tuple(b) for b in box]
+
+
 def sample_boxes(samples: Sequence[dict]) -> tuple[dict[int, list], dict[int, tuple[int, int]]]:
-    """Samples of one image each (``image`` a PIL image, optional ``box`` ``(x0, y0, x1, y1)``) ->
-    ``(boxes_per_image, image_sizes)`` for :func:`region_weights`: image ``i`` is sample ``i``'s;
-    samples without a box have no entry in ``boxes_per_image``; sizes are ``(height, width)``."""
-    boxes = {i: [s["box"]] for i, s in enumerate(samples) if s.get("box") is not None}
+    """Samples of one image each (``image`` a PIL image, optional ``box``: ``(x0, y0, x1, y1)`` or a
+    list of such boxes, :func:`boxes_of`) -> ``(boxes_per_image, image_sizes)`` for
+    :func:`region_weights`: image ``i`` is sample ``i``'s; samples without a box have no entry in
+    ``boxes_per_image``; sizes are ``(height, width)``."""
+    boxes = {i: boxes_of(s["box"]) for i, s in enumerate(samples) if s.get("box") is not None}
     sizes = {i: s["image"].size[::-1] for i, s in enumerate(samples)}
     return boxes, sizes
 

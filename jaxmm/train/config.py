@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal, Sequence
 
-from pydantic import ConfigDict, Field
-from typing_extensions import TypedDict
+from pydantic import ConfigDict, Discriminator, Field, Tag
+from typing_extensions import Required, TypedDict
 
 from jaxmm.config import Float, Fraction, Mesh, ModelRef, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex, Validated, load
 
@@ -51,8 +51,9 @@ class AgtoSpec(TypedDict, total=False):
     layers: list[NonNegInt] | None
 
 
-class DataSpec(TypedDict, total=False):
-    """``data:`` the grounded VQA generator (:func:`jaxmm.train.sft.dataset`)."""
+class GroundedData(TypedDict, total=False):
+    """``data:`` jaxmm's grounded VQA generator (:func:`jaxmm.data.grounded.make_sample`): ``size``
+    distinct samples of ``seed``, square images of ``image_size`` pixels, cycling ``tasks``."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
     name: Literal["grounded"]
@@ -62,6 +63,32 @@ class DataSpec(TypedDict, total=False):
     tasks: Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]
     shape_scale: PosFloat
     contrast: Fraction
+
+
+#: the file schemas a training set may be read in (:data:`jaxmm.eval.benchmarks.READERS` minus the generator)
+FILE_SCHEMAS = ("vqa", "chartqa", "docvqa", "textvqa", "mathvista", "mmbench", "mmstar", "pope", "hallusionbench")
+
+
+class FileData(TypedDict, total=False):
+    """``data:`` samples read from files (:func:`jaxmm.eval.benchmarks.load`): ``name`` the schema
+    (``vqa``: question/answer or a LLaVA/ShareGPT chat, one image, optional ``box``), ``path`` a
+    ``.jsonl``/``.parquet`` file, a directory or a glob, ``fields`` the file's own column names
+    (``{question: problem, image: images}``), ``limit`` the first rows only, ``seed`` of the shuffle."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+    name: Required[Literal[FILE_SCHEMAS]]
+    path: Required[str]
+    fields: dict[str, str]
+    limit: PosInt
+    seed: NonNegInt
+
+
+def _data_kind(v) -> str:
+    return "grounded" if not isinstance(v, dict) or v.get("name", "grounded") == "grounded" else "file"
+
+
+#: ``data:`` of a training config: the generator, or files
+DataSpec = Annotated[Annotated[GroundedData, Tag("grounded")] | Annotated[FileData, Tag("file")], Discriminator(_data_kind)]
 
 
 @dataclasses.dataclass

@@ -114,7 +114,8 @@ def _prompts(model, samples, group_size, system_prompt=None):
     """G copies of each sample's chat prompt -> (prompt Batch (bucketed to 32 tokens), info, the
     repeated samples, region weights float32 [B,S_prompt] of their evidence boxes); built by
     :mod:`jaxmm.processing.batch`. ``system_prompt``: a system turn first (text, or the name of a
-    :data:`jaxmm.prompts.PROMPTS` prompt with a system turn, e.g. ``sayo``)."""
+    :data:`jaxmm.prompts.PROMPTS` prompt with a system turn, e.g. ``sayo``); without it, a sample's
+    own ``system`` turn (from a data file), if it has one."""
     from jaxmm.processing import batch as host
     from jaxmm.prompts import PROMPTS
 
@@ -122,7 +123,9 @@ def _prompts(model, samples, group_size, system_prompt=None):
     text = named.system if named is not None and named.system is not None else system_prompt
     rep = [s for s in samples for _ in range(group_size)]
     batch, info = host.chat_batch(
-        model, [host.vqa_messages(s["question"], [s["image"]], text) for s in rep], pad_to_multiple_of=32
+        model,
+        [host.vqa_messages(s["question"], [s["image"]], s.get("system") if text is None else text) for s in rep],
+        pad_to_multiple_of=32,
     )
     w = host.region_weights(model, batch.layout, info["image_grid_thw"], *host.sample_boxes(rep))
     return batch, info, rep, w
@@ -197,9 +200,7 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     from jaxmm.objectives.avar import vars_reward
     from jaxmm.objectives.sayo import format_reward, r_att, select_high_entropy
 
-    from jaxmm.eval.benchmarks import to_sample
-
-    acc = np.array([score_answer(to_sample("grounded", s), t)[1] for s, t in zip(samples, texts)], np.float32)
+    acc = np.array([score_answer(s, t)[1] for s, t in zip(samples, texts)], np.float32)
     fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
     selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout

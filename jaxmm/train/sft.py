@@ -16,7 +16,8 @@
   parameters as an uninterrupted one. Metrics go to ``metrics.jsonl`` and TensorBoard
   (``out/tensorboard``); a tqdm progress bar shows the loss.
 
-Data: the grounded VQA generator (deterministic per index); sample ``i`` of epoch ``e`` is the
+Data: the grounded VQA generator (deterministic per index) or a file of question/answer/image rows
+(``data: {name: vqa, path: train.jsonl}``: :func:`dataset`); sample ``i`` of epoch ``e`` is the
 ``(i, e)``-th item of a seeded grain shuffle, so the data position is just the number of samples seen.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 import re
 import time
 from pathlib import Path
@@ -57,31 +59,73 @@ class TrainConfig(TrainingConfig):
 
 
 # ----------------------------------------------------------------------------- data
+def target(sample: dict) -> str:
+    """The assistant turn SFT learns for ``sample``: its ``response`` (a file's full answer, e.g.
+    with reasoning), else its ``answer`` (a list of accepted answers: the most common one)."""
+    if sample.get("response") is not None:
+        return sample["response"]
+    answer = sample["answer"]
+    if isinstance(answer, list):
+        return Counter(map(str, answer)).most_common(1)[0][0]
+    return str(answer)
+
+
 def sft_example(model, sample: dict, seq_len: int) -> dict:
-    """One grounded sample -> input_ids/labels [seq_len] (labels on the answer and <|im_end|>), as
-    :func:`jaxmm.processing.batch.sft_example` of its image, question and answer."""
+    """One sample (:mod:`jaxmm.eval.benchmarks`' layout) -> input_ids/labels [seq_len] (labels on
+    :func:`target` and <|im_end|>), as :func:`jaxmm.processing.batch.sft_example` of its system
+    turn, image, question and target."""
     from jaxmm.processing.batch import sft_example as example, vqa_messages
 
     return example(
         model,
-        vqa_messages(sample["question"], [sample["image"]], answer=sample["answer"]),
+        vqa_messages(sample["question"], [sample["image"]], sample.get("system"), answer=target(sample)),
         seq_len,
         name=f"sample {sample.get('id')}",
     )
 
 
 def dataset(cfg: TrainingConfig):
-    """A seeded, shuffled, repeating grain dataset of grounded samples."""
+    """A seeded, shuffled, repeating grain dataset of samples in :mod:`jaxmm.eval.benchmarks`'
+    layout (``question``, decoded PIL ``image``, ``answer``, ``score``, optional ``box``,
+    ``response``, ``system``): the grounded generator, or a file (``data: {name, path, fields,
+    limit, seed}``).
+
+    Raises:
+        FileNotFoundError / ValueError: a data file that is missing, not of its schema (naming the
+            file and the missing field) or empty; at read time, a sample with no or several images
+            (naming the file and the sample's id).
+    """
     import grain
 
-    from jaxmm.data.grounded import make_sample
+    from jaxmm.eval import benchmarks as B
 
     d = dict(cfg.data)
-    size, seed, image = int(d.get("size", 4096)), int(d.get("seed", 0)), int(d.get("image_size", 112))
-    tasks = tuple(d.get("tasks", ("recognition", "counting", "grounding", "ocr", "spatial")))
-    style = {k: d[k] for k in ("shape_scale", "contrast") if k in d}
-    ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
-    return ds.map(lambda i: make_sample(int(i), seed, (image, image), tasks[int(i) % len(tasks)], **style))
+    seed = int(d.get("seed", 0))
+    if d.get("name", "grounded") == "grounded":
+        from jaxmm.data.grounded import make_sample
+
+        size, image = int(d.get("size", 4096)), int(d.get("image_size", 112))
+        tasks = tuple(d.get("tasks", ("recognition", "counting", "grounding", "ocr", "spatial")))
+        style = {k: d[k] for k in ("shape_scale", "contrast") if k in d}
+        ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
+        return ds.map(
+            lambda i: B.to_sample("grounded", make_sample(int(i), seed, (image, image), tasks[int(i) % len(tasks)], **style))
+        )
+    path = d["path"]
+    rows = B.load(d["name"], path, d.get("limit"), fields=d.get("fields"))
+    if len(rows) == 0:
+        raise ValueError(f"training data {path}: no rows")
+
+    def decoded(s):
+        try:
+            image = B.decode_image(s["image"])
+        except Exception as e:  # noqa: BLE001 — re-raised naming the file and sample
+            raise ValueError(f"training data {path}, sample {s['id']!r}: {e}") from e
+        if image is None:
+            raise ValueError(f"training data {path}, sample {s['id']!r}: no image (jaxmm trains on one image per sample)")
+        return {**s, "image": image}
+
+    return rows.shuffle(seed=seed).repeat().map(decoded)
 
 
 def make_batch(model, ds, start: int, n: int, seq_len: int):
