@@ -1,4 +1,4 @@
-"""Command line: ``jaxmm eval | train | grpo | demo | generate | inspect | plan | convert``.
+"""Command line: ``jaxmm eval | train | grpo | export | demo | generate | inspect | plan | convert``.
 
 ``jaxmm eval`` is the main job (the README's first command: the packaged ``organism`` config on the
 embedded organism, :mod:`jaxmm.organism`). ``jaxmm demo`` is one probed forward of a Qwen-family
@@ -165,6 +165,28 @@ def grpo(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    """``jaxmm export RUN OUT``: the latest checkpoint of training run ``RUN`` (or ``--step``) as a
+    Hugging Face checkpoint directory ``OUT`` (LoRA merged; config, tokenizer and processor files of
+    the run's starting checkpoint), loadable by ``jaxmm.load`` and transformers; returns 0. A RAVE
+    module is not part of an HF checkpoint: load it with :func:`jaxmm.train.sft.final_rave`."""
+    import json
+
+    from jaxmm import organism
+    from jaxmm.loading import family_of
+    from jaxmm.train.sft import export_hf, final_params
+
+    run = Path(args.run)
+    if not (run / "config.json").exists():
+        raise FileNotFoundError(f"{run}: not a training run directory (no config.json)")
+    src = Path(organism.resolve(json.loads((run / "config.json").read_text()).get("model")))
+    config = family_of(src).Config.from_pretrained(src)
+    params, step = final_params(run, args.step)
+    dest = export_hf(params, config, src, args.out)
+    print(f"step {step} of {run} -> {dest}")
+    return 0
+
+
 def plan(args) -> int:
     """``jaxmm plan``: prints the per-device memory of a model config on ``--mesh`` for ``--batch``
     sequences of ``--seq`` tokens (:func:`jaxmm.plan.report`); returns 0."""
@@ -293,6 +315,11 @@ def main(argv=None) -> int:
     g.add_argument("overrides", nargs="*", help="dotted overrides, e.g. steps=20 group_size=8")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(fn=grpo)
+    x = sub.add_parser("export", help="a training run's checkpoint -> a Hugging Face checkpoint directory (LoRA merged)")
+    x.add_argument("run", help="the run directory (out of jaxmm train / jaxmm grpo)")
+    x.add_argument("out", help="the HF checkpoint directory to write")
+    x.add_argument("--step", type=int, default=None, help="a kept checkpoint step (default: the latest)")
+    x.set_defaults(fn=export)
     pl = sub.add_parser("plan", help="per-device memory of a model config on a mesh (no devices used)")
     pl.add_argument("--model", required=True, help="a config YAML/JSON (configs/models/)")
     pl.add_argument("--mesh", default="data=1,fsdp=1,tensor=1", help="data=N,fsdp=N,tensor=N")

@@ -125,6 +125,29 @@ class Model:
         ``model.image_processor = dataclasses.replace(model.image_processor, max_pixels=1280 * 28 * 28)``."""
         self._image_processor = processor
 
+    def set_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """Bounds the image processor's resize to ``min_pixels`` … ``max_pixels`` pixels per image
+        (Qwen-VL families; ``None`` keeps the checkpoint's bound), as HF's processor kwargs and
+        LLaMA-Factory's ``image_max_pixels`` do.
+
+        Raises:
+            ValueError: a bound given for a processor that resizes to a fixed size (LLaVA), or
+                ``min_pixels`` > ``max_pixels``.
+        """
+        if min_pixels is None and max_pixels is None:
+            return
+        proc = self.image_processor
+        if not hasattr(proc, "min_pixels"):
+            raise ValueError(
+                f"min_pixels / max_pixels set, but {type(proc).__name__} (model_type="
+                f"{self.config.model_type!r}) resizes to a fixed size; leave them unset"
+            )
+        lo = proc.min_pixels if min_pixels is None else min_pixels
+        hi = proc.max_pixels if max_pixels is None else max_pixels
+        if lo > hi:
+            raise ValueError(f"min_pixels={lo} > max_pixels={hi}")
+        self._image_processor = dataclasses.replace(proc, min_pixels=lo, max_pixels=hi)
+
     def prepare_chat(self, conversations, add_generation_prompt: bool = True, pad_to_multiple_of: int | None = None):
         """One conversation (a list of messages) or several -> (left-padded ``Batch``, info) with
         ``info = {"texts": prompt texts, "image_grid_thw": [n_images, 3] or None}``

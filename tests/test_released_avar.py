@@ -291,3 +291,38 @@ def test_grpo_released_wiring_on_the_organism(tmp_path):
     assert (k3 * mk).max() == 10.0  # the clamp is exercised
     want = (-adv[:, None] * mk).sum() / (mk.sum() + 1e-8) + 0.01 * (k3 * mk).sum() / (mk.sum() + 1e-8)
     np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("<think>two cups</think><answer>2</answer>", 1.0),
+        ("<think>a\nb</think>\n\n<answer>2\n</answer>", 1.0),  # DOTALL, whitespace between the blocks
+        ("<answer>2</answer>", 0.0),  # no reasoning block
+        ("<think>x</think><answer>2</answer> extra", 0.0),  # fullmatch: nothing after the answer
+        ("so <think>x</think><answer>2</answer>", 0.0),  # nor before the reasoning
+        ("<think>x</think>", 0.0),
+    ],
+)
+def test_avar_format_reward_is_the_released_fullmatch(text, want):
+    """Qwen-AVAR EasyR1/examples/reward_function/avar.py: re.fullmatch of
+    ``<think>.*?</think>\\s*<answer>.*?</answer>`` (DOTALL), independently as a plain string check."""
+    from jaxmm.objectives.avar import format_reward
+
+    assert format_reward(text) == want
+    t = text
+    plain = (
+        t.startswith("<think>")
+        and "</think>" in t
+        and t.endswith("</answer>")
+        and t[t.index("</think>") + len("</think>") :].lstrip().startswith("<answer>")
+    )
+    assert float(plain) == want
+
+
+def test_grpo_config_format_reward_choices():
+    from jaxmm.train.grpo import GRPOConfig
+
+    assert GRPOConfig(format_reward="avar").format_reward == "avar"
+    with pytest.raises(ValueError, match=r"format_reward='boxed'; expected one of \('sayo', 'avar'\)"):
+        GRPOConfig(format_reward="boxed")

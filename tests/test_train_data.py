@@ -68,6 +68,14 @@ def test_vqa_schema_layouts_read_alike(tmp_path):
     )
     assert c["answer"] == c["response"] and c["box"] is None and B.decode_image(c["image"]).size == sizes["astronaut"]
 
+    listed = tmp_path / "llamafactory.json"  # LLaMA-Factory's sharegpt datasets: one JSON list
+    listed.write_text(json.dumps(sharegpt_rows()))
+    assert [r["response"] for r in B.load("vqa", listed)] == [r["response"] for r in chat]
+    with pytest.raises(ValueError, match=r"row 0 is not a JSON object"):
+        bad = tmp_path / "bad.json"
+        bad.write_text("[[1, 2]]")
+        B.load("vqa", bad)
+
     llava = [
         {
             "id": "l0",
@@ -126,11 +134,13 @@ def test_sft_on_a_sharegpt_file(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "train.jsonl", sharegpt_rows())
     cfg = TrainConfig(
         out=str(tmp_path / "run"), steps=2, batch_size=2, seq_len=200, save_every=2, log_every=1, tensorboard=False,
-        data={"name": "vqa", "path": str(path)},
+        data={"name": "vqa", "path": str(path)}, max_pixels=56 * 56,
     )  # fmt: skip
     model = jaxmm.load(organism.resolve(None))
+    model.set_pixels(max_pixels=cfg.max_pixels)
     ds = dataset(cfg)
     ex = sft_example(model, ds[0], cfg.seq_len)
+    assert np.sum(np.asarray(ex["input_ids"]) == model.config.image_token_id) <= 4  # ≤ 56×56 px: ≤ 2×2 merged tokens
     labels = np.asarray(ex["labels"])
     text = model.tokenizer.decode(labels[labels != -100])
     assert text.startswith(ds[0]["response"]), text
@@ -139,6 +149,16 @@ def test_sft_on_a_sharegpt_file(tmp_path, monkeypatch):
     out = train(cfg, progress=False)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+    # jaxmm export: the run's last checkpoint as an HF checkpoint that loads back to the same parameters
+    from jaxmm.cli import main
+    from jaxmm.train.sft import final_params, flat_params
+
+    assert main(["export", str(out), str(tmp_path / "hf")]) == 0
+    back = flat_params(jaxmm.load(tmp_path / "hf").params)
+    want = flat_params(final_params(out)[0])
+    assert set(back) == set(want) and all(np.array_equal(back[k], want[k]) for k in want)
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf2")]) == 2
 
 
 def test_grpo_on_a_vqa_file_with_boxes(tmp_path, monkeypatch):
@@ -242,3 +262,17 @@ def test_data_config_errors_name_the_fields():
         TrainConfig.from_yaml(None, ["data={name: grounded, path: t.jsonl}"])
     with pytest.raises(ConfigError, match=r"data.name: expected 'vqa'"):
         TrainConfig.from_yaml(None, ["data={name: coco, path: t.jsonl}"])
+
+
+def test_set_pixels_bounds_the_resize():
+    import jaxmm
+    from jaxmm import organism
+
+    model = jaxmm.load(organism.resolve(None))
+    before = model.image_processor.min_pixels
+    model.set_pixels(max_pixels=28 * 28 * 4)
+    assert model.image_processor.max_pixels == 3136 and model.image_processor.min_pixels == before
+    model.set_pixels()  # no bound given: unchanged
+    assert model.image_processor.max_pixels == 3136
+    with pytest.raises(ValueError, match="min_pixels=10000 > max_pixels=3136"):
+        model.set_pixels(min_pixels=10_000)

@@ -71,7 +71,8 @@ def shards(path: str | Path) -> list[Path]:
 
 def read_table(path: str | Path, fields: dict[str, str] | None = None) -> list[dict]:
     """Rows of a ``.parquet`` or ``.jsonl`` file, or of every shard of a directory or glob
-    (:func:`shards`, concatenated in name order), as dicts; ``fields`` (schema name -> the file's
+    (:func:`shards`, concatenated in name order), as dicts (a ``.json`` file: JSON lines, or one
+    JSON list of rows as LLaMA-Factory writes them); ``fields`` (schema name -> the file's
     column name) renames columns first; JSONL image paths (``image``, ``images``) are made absolute.
 
     Raises:
@@ -109,14 +110,26 @@ def _read_file(path: Path, fields: dict[str, str]) -> list[dict]:
 
         return [_renamed(r, fields, path, i) if fields else r for i, r in enumerate(pq.read_table(path).to_pylist())]
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
+        text = path.read_text()
+        if path.suffix == ".json" and text.lstrip().startswith("["):  # one JSON list (LLaMA-Factory's datasets)
             try:
-                row = json.loads(line)
+                listed = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
+                raise ValueError(f"{path}: not JSON ({e})") from None
+            lines = list(enumerate(listed))
+        else:
+            lines = []
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    lines.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: not JSON ({e})") from None
+        rows = []
+        for i, row in lines:
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {i} is not a JSON object: {row!r:.80}")
             if fields:
                 row = _renamed(row, fields, path, i)
             for key in ("image", "images"):
@@ -124,7 +137,7 @@ def _read_file(path: Path, fields: dict[str, str]) -> list[dict]:
                     row[key] = _absolute(row[key], path.parent)
             rows.append(row)
         return rows
-    raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+    raise ValueError(f"{path}: expected a .parquet, .jsonl or .json file")
 
 
 def decode_image(value):

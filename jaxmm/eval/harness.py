@@ -436,18 +436,7 @@ def _run(cfg, out_dir, settings, rank, n_proc, progress):
     if n_proc > 1 and not spmd:  # rows any process already wrote, whatever the process count was then
         done |= _done_rows(merged).union(*(_done_rows(f) for f in _rank_files(out_dir)))
     model = jaxmm.load(organism.resolve(cfg.model), dtype=cfg.dtype, mesh=mesh)
-    if cfg.min_pixels is not None or cfg.max_pixels is not None:
-        proc = model.image_processor
-        if not hasattr(proc, "min_pixels"):
-            raise ValueError(
-                f"min_pixels / max_pixels set, but {type(proc).__name__} (model_type="
-                f"{model.config.model_type!r}) resizes to a fixed size; leave them unset"
-            )
-        model.image_processor = dataclasses.replace(
-            proc,
-            min_pixels=proc.min_pixels if cfg.min_pixels is None else cfg.min_pixels,
-            max_pixels=proc.max_pixels if cfg.max_pixels is None else cfg.max_pixels,
-        )
+    model.set_pixels(cfg.min_pixels, cfg.max_pixels)
     nl = model.config.text.num_hidden_layers
     methods = [(method_name(m), () if m == "baseline" else model.interventions([m])) for m in cfg.methods]
     total = 0

@@ -8,7 +8,8 @@ masks [B,T] of the queries that count, and the key-set sizes |V|, |S| [B].
   ``L_sup = +mean_l mean_h log( mean_{q∈Q, k∈S} A_qk + ε )``; mean_{q∈Q,k∈V} A = Σ_{q∈Q} m_V(q) / (|Q|·|V|).
   Total ``L = L_LM + α·L_enh + β·L_sup``, α = β = 0.15, ε = 1e-6, Q = the user-turn span.
 * VARS [paper]: ``r_visual = 0`` if wrong else ``mean_{t∈T} mean_l Σ_{k∈V} A_tk / (Σ_{k∈S} A_tk + ε)``
-  (heads averaged as well [inferred]); ``r_total = r_acc + λ_v r_visual + λ_f r_format`` (0.3, 0.1).
+  (heads averaged as well [inferred]); ``r_total = r_acc + λ_v r_visual + λ_f r_format`` (0.3, 0.1),
+  r_format = :func:`format_reward` (``<think>…</think><answer>…</answer>``) [code].
   ``variant="released"``: one ratio of total masses over the rows given, no correctness gate [code].
   The release sums every query row of prompt + response on layers 0–7, with the system span the
   first ``max(1, response_start // 5)`` tokens where ``response_start`` comes from labels that the
@@ -20,6 +21,8 @@ masks [B,T] of the queries that count, and the key-set sizes |V|, |S| [B].
 """
 
 from __future__ import annotations
+
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -163,6 +166,17 @@ def total_reward(
     """VARS's ``r_total = r_acc + λ_v·r_visual + λ_f·r_format`` (arXiv 2603.03825; λ_v = 0.3,
     λ_f = 0.1), elementwise (any matching shapes, scalars too)."""
     return r_acc + lambda_v * r_visual + lambda_f * r_format
+
+
+#: AVAR's format: reasoning in <think>, then the answer in <answer>, nothing else (Qwen-AVAR
+#: EasyR1/examples/reward_function/avar.py:34-37, ``re.fullmatch`` with DOTALL)
+FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def format_reward(text: str) -> float:
+    """AVAR's r_format of one completion: 1.0 when the whole text is ``<think>…</think>`` then
+    ``<answer>…</answer>`` (whitespace between), else 0.0 [code]. Host-side (Python strings)."""
+    return 1.0 if FORMAT_PATTERN.fullmatch(text) else 0.0
 
 
 def agto_probes(layers: tuple[int, ...] | None = None) -> tuple[Probe, Probe]:

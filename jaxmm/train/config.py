@@ -104,7 +104,10 @@ class TrainingConfig(Validated):
     (``rave``). Checkpoints every ``save_every`` steps, the last ``keep`` kept; metrics every
     ``log_every`` steps (``tensorboard``: also TensorBoard events). ``mesh``: ``{data, fsdp, tensor}``
     over every device of every process (multi-host: call ``jax.distributed.initialize()`` first;
-    process 0 writes the logs).
+    process 0 writes the logs). ``min_pixels`` / ``max_pixels``: the image processor's resize bounds
+    (:meth:`jaxmm.loading.Model.set_pixels`; LLaMA-Factory's ``image_max_pixels``). ``remat``: each
+    decoder layer rematerialised in the backward pass (``jax.checkpoint``: the same gradients, only
+    the layers' inputs kept; HF's ``gradient_checkpointing``).
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -127,6 +130,9 @@ class TrainingConfig(Validated):
     tensorboard: bool = True
     seed: NonNegInt = 0
     mesh: Mesh | None = None
+    remat: bool = False  # recompute each decoder layer in the backward pass (jax.checkpoint): long sequences
+    min_pixels: PosInt | None = None  # image resize bounds (Qwen-VL; None: the checkpoint's): Model.set_pixels
+    max_pixels: PosInt | None = None
 
     @classmethod
     def from_yaml(cls, path, overrides: Sequence[str] = ()):

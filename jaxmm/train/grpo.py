@@ -89,6 +89,9 @@ class GRPOConfig(TrainingConfig):
     vars_variant: str = "paper"
     vars_layers: list[NonNegInt] | None = None  # VARS layers (None = all); AVAR's released script: 0..7
     sayo_variant: str = "paper"  # "released": SAYO's released token selection and format regex
+    # the "format" reward: "sayo" (one <answer> block, length-weighted; by sayo_variant) or "avar"
+    # (the whole completion <think>…</think><answer>…</answer>: jaxmm.objectives.avar.format_reward)
+    format_reward: str = "sayo"
     system_prompt: str | None = None  # a system turn: literal text, or the name of a jaxmm.prompts prompt
     entropy_top: Annotated[float, Field(gt=0, le=1)] = 0.3  # SAYO: fraction of completion tokens r_att is computed on
 
@@ -104,6 +107,7 @@ class GRPOConfig(TrainingConfig):
         for name, allowed in (
             ("vars_variant", ("paper", "released")),
             ("sayo_variant", ("paper", "released")),
+            ("format_reward", ("sayo", "avar")),
             ("loss_variant", LOSS_VARIANTS),
         ):
             if getattr(self, name) not in allowed:
@@ -197,11 +201,14 @@ def rewards_of(cfg: GRPOConfig, samples, texts, lengths, scored, batch, mask) ->
     over each completion's tokens, all layers and heads, of m_V/(m_S+1e-6) and ā_R/ā_V, as the eval
     harness computes them (non-finite entries, e.g. an empty image mass, left out)."""
     from jaxmm.eval.harness import score as score_answer
-    from jaxmm.objectives.avar import vars_reward
+    from jaxmm.objectives.avar import format_reward as avar_format, vars_reward
     from jaxmm.objectives.sayo import format_reward, r_att, select_high_entropy
 
     acc = np.array([score_answer(s, t)[1] for s, t in zip(samples, texts)], np.float32)
-    fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
+    if cfg.format_reward == "avar":
+        fmt = np.array([avar_format(t) for t in texts], np.float32)
+    else:
+        fmt = np.array([format_reward(t, int(n), variant=cfg.sayo_variant) for t, n in zip(texts, lengths)], np.float32)
     selected = select_high_entropy(scored["entropy"], jnp.asarray(mask), cfg.entropy_top, variant=cfg.sayo_variant)
     lay = batch.layout
     ratt = np.asarray(r_att(scored["weights"], lay.image_mask, lay.region_weight > 0, selected))
@@ -237,7 +244,7 @@ def make_update(config, cfg: GRPOConfig, tx, mask_tree):
         state = jax.tree_util.tree_map(lambda x, m: x if m else jax.lax.stop_gradient(x), state, mask_tree)
         params, ivs = assemble(state, cfg)
         s = batch.input_ids.shape[1] - tokens.shape[1]
-        lp, _ = completion_logprobs(forward(params, config, batch, ivs).logits, tokens, s, cfg.temperature)
+        lp, _ = completion_logprobs(forward(params, config, batch, ivs, remat=cfg.remat).logits, tokens, s, cfg.temperature)
         loss = grpo_loss(
             lp,
             old_lp,
@@ -349,6 +356,7 @@ def train(cfg: GRPOConfig, progress: bool = True) -> Path:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = config_mesh(cfg.mesh)
     model = jaxmm.load(organism.resolve(cfg.model), dtype="float32", mesh=mesh)
+    model.set_pixels(cfg.min_pixels, cfg.max_pixels)
     ref_params = model.params  # the frozen reference: the starting model
     state = initial_state(cfg, model.params, model.config)
     if mesh is not None:  # adapters replicated over the mesh, next to the sharded backbone

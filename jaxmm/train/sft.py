@@ -214,7 +214,7 @@ def make_step(config, tx, compute_dtype: str, extra_losses: Sequence[Callable] =
         else:
             params, ivs = state, ()
         p = params if compute_dtype == "float32" else jax.tree_util.tree_map(lambda x: x.astype(compute_dtype), params)
-        out = forward(p, config, batch, ivs, tuple(probes))
+        out = forward(p, config, batch, ivs, tuple(probes), remat=cfg is not None and cfg.remat)
         loss = token_loss(out.logits, labels)
         extras = [f(out, batch) for f in extra_losses]
         return loss + sum(extras), {"loss": loss}
@@ -251,6 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True, extra_losses: Sequence[Callab
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = config_mesh(cfg.mesh)
     model = jaxmm.load(organism.resolve(cfg.model), dtype="float32", mesh=mesh)
+    model.set_pixels(cfg.min_pixels, cfg.max_pixels)
     if cfg.agto:
         from jaxmm.objectives.avar import agto_extra_loss, agto_probes
 

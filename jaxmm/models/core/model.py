@@ -146,6 +146,17 @@ def _scan_layers(layers, start: int, x, cos, sin, mask, layout, query_pos, kv):
     return x, kv
 
 
+def _remat_layer(layer, x, cos, sin, mask, site, interventions, probes, kv):
+    """One decoder layer under ``jax.checkpoint``: the backward pass recomputes its activations
+    from its input (only the layer boundaries stay in memory: SFT/GRPO at long sequences)."""
+    gdef, state = nnx.split(layer)
+
+    def run(state, x, kv):
+        return nnx.merge(gdef, state)(x, cos, sin, mask, site, interventions, probes, kv)
+
+    return jax.checkpoint(run)(state, x, kv)
+
+
 class VLForConditionalGeneration(nnx.Module):
     """``visual`` tower (``VisionTower``, set by the family), ``language_model`` decoder and
     ``lm_head`` (None when tied)."""
@@ -170,6 +181,7 @@ class VLForConditionalGeneration(nnx.Module):
         output_hidden_states=False,
         cache: KVCache | None = None,
         logits_index=None,
+        remat: bool = False,
     ) -> ModelOutput:
         """Prefill (``cache`` None or empty) or decode step (``cache.index`` > 0).
 
@@ -177,7 +189,8 @@ class VLForConditionalGeneration(nnx.Module):
         ``cache.index + arange(T)``, while ``batch.attention_mask`` and ``batch.layout`` describe all
         ``K = cache.max_len`` key positions. ``logits_index`` (int or int32 scalar, may be traced):
         the lm head runs on that query row only and ``logits`` is [B,1,V] (transformers'
-        ``logits_to_keep=1`` when it is the last row); None: every row.
+        ``logits_to_keep=1`` when it is the last row); None: every row. ``remat``: recompute each
+        decoder layer in the backward pass (``jax.checkpoint``) instead of keeping its activations.
         """
         cfg = self.config
         lm = self.language_model
@@ -202,7 +215,10 @@ class VLForConditionalGeneration(nnx.Module):
         scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states) else 0
         for i in range(n - scanned):
             site = Site("text", i, layout=batch.layout, query_pos=query_pos)
-            x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
+            if remat:
+                x, res, kv = _remat_layer(lm.layers[i], x, cos, sin, mask, site, interventions, probes, kv)
+            else:
+                x, res, kv = lm.layers[i](x, cos, sin, mask, site, interventions, probes, kv)
             collect(tres, res, i)
             if output_hidden_states:
                 hidden.append(x)
@@ -263,17 +279,19 @@ def forward(
     output_hidden_states: bool = False,
     cache: KVCache | None = None,
     logits_index=None,
+    remat: bool = False,
 ) -> ModelOutput:
     """Pure forward of any family: ``params`` pytree + ``batch`` -> :class:`ModelOutput`.
 
     ``config`` (hashable; its class names the model class) and ``output_hidden_states`` must be
     static under ``jax.jit``; ``interventions`` and ``probes`` are pytrees whose layer choices are
     static metadata. ``logits_index``: None (logits [B,S,V]) or one query row (logits [B,1,V]; may
-    be traced).
+    be traced). ``remat`` (static): rematerialise each decoder layer in the backward pass
+    (``jax.checkpoint``; same values and gradients, activation memory of the layer boundaries only).
     """
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     model = nnx.merge(graphdef(config, jnp.dtype(dtype).name), params)
-    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache, logits_index)
+    return model(batch, tuple(interventions), tuple(probes), output_hidden_states, cache, logits_index, remat)
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states"))
+forward_jit = jax.jit(forward, static_argnames=("config", "output_hidden_states", "remat"))
