@@ -76,6 +76,9 @@ class Site:
         last_query: int32 [B], per row the key position of the last non-padding query of this call
             (by ``layout.attention_mask``; the last query when there is no layout), −1 for a row
             with none. Set by :func:`attend`; chunks share it.
+        remat: static; the forward is differentiated with rematerialisation (``forward(remat=True)``):
+            attention over more than ``query_chunk`` queries runs in query chunks whose scores the
+            backward pass recomputes, so no [B,H,T,K] tensor is kept (plain layers included).
     """
 
     tower: str
@@ -93,6 +96,7 @@ class Site:
     call_residual: Array | None = None
     last_query: Array | None = None
     call_q_pre: Array | None = None
+    remat: bool = False
 
 
 def _selects(obj, site: Site) -> bool:
@@ -359,10 +363,12 @@ def attend(
             q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask, scale=scale, implementation=impl
         )
         return out, {}
-    if path == MATMUL:
-        return _explicit(q, k, v, mask, bias, scale, (), (), site)
     t = q.shape[1]
     query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
+    if path == MATMUL:
+        if not (site.remat and t > query_chunk):
+            return _explicit(q, k, v, mask, bias, scale, (), (), site)
+        ivs, prs = (), ()  # a plain layer under remat: chunked, its scores recomputed in the backward
     if t <= query_chunk:
         return _explicit(q, k, v, mask, bias, scale, ivs, prs, site)
     return _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, query_chunk)
@@ -408,7 +414,8 @@ def _take_rows(x, start, size, t, axis):
 
 
 def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
-    """The explicit path over query chunks (``lax.map``): weights never exceed [B,H,chunk,K]."""
+    """The explicit path over query chunks (``lax.map``): weights never exceed [B,H,chunk,K]; with
+    ``site.remat`` each chunk is under ``jax.checkpoint``, so the backward keeps only its inputs."""
     t = q.shape[1]
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -438,7 +445,7 @@ def _explicit_chunked(q, k, v, mask, bias, scale, ivs, prs, site, chunk):
             _take_rows(qp, s, chunk, tp, -3), k, v, sub.mask, _take_rows(biasp, s, chunk, tp, -2), scale, ivs, prs, sub
         )
 
-    outs, results = jax.lax.map(one, jnp.arange(n))
+    outs, results = jax.lax.map(jax.checkpoint(one) if site.remat else one, jnp.arange(n))
     out = jnp.moveaxis(outs, 0, 1).reshape((q.shape[0], tp) + q.shape[2:])[:, :t]
     joined = {}
     for p in prs:

@@ -214,7 +214,7 @@ class VLForConditionalGeneration(nnx.Module):
         n = len(lm.layers)
         scanned = n - len(deepstack) if scans_layers(interventions, probes, output_hidden_states) else 0
         for i in range(n - scanned):
-            site = Site("text", i, layout=batch.layout, query_pos=query_pos)
+            site = Site("text", i, layout=batch.layout, query_pos=query_pos, remat=remat)
             if remat:
                 x, res, kv = _remat_layer(lm.layers[i], x, cos, sin, mask, site, interventions, probes, kv)
             else:
