@@ -141,19 +141,20 @@ def var_calibration(model_dir: Path, style: dict, n: int = 25, start: int = 2, t
 
 
 def image_mass(model_dir: Path, style: dict, n: int = 50, batch_size: int = 25) -> dict:
-    """The deficit measured directly: attention mass on image keys m_V at the last prompt row (the
-    row that predicts the first answer token), per layer (mean over heads and ``n`` held-out samples
-    of seed 1 in ``style``) and overall. Returns ``{"per_layer": [...], "all": float}``."""
+    """The deficit measured directly: attention mass on image keys m_V (and on the system prompt,
+    m_S) at the last prompt row (the row that predicts the first answer token), per layer (mean over
+    heads and ``n`` held-out samples of seed 1 in ``style``) and overall. Returns
+    ``{"per_layer": [...], "all": float, "system_per_layer": [...], "system": float}``."""
     import numpy as np
 
     import jaxmm
     from heldout import TASKS
     from jaxmm.data.grounded import make_sample
-    from jaxmm.probes import VisualMass
+    from jaxmm.probes import KeyMass, VisualMass
 
     model = jaxmm.load(model_dir)
     size = (style["image_size"],) * 2
-    rows = []
+    rows, sys_rows = [], []
     for start in range(0, n, batch_size):
         samples = [
             make_sample(i, 1, size, TASKS[i % len(TASKS)], style["shape_scale"], style["contrast"])
@@ -164,10 +165,16 @@ def image_mass(model_dir: Path, style: dict, n: int = 50, batch_size: int = 25) 
             for s in samples
         ]
         batch, _ = model.prepare_chat(chats)
-        m = np.asarray(model.forward(batch=batch, probes=(VisualMass(),)).probes["visual_mass"]["text"].values)
-        rows.append(m[..., -1].mean(-1))  # [L,B]: last row (left-padded prompts), mean over heads
-    per = np.concatenate(rows, 1).mean(1)
-    return {"per_layer": [float(x) for x in per], "all": float(per.mean())}
+        pr = model.forward(batch=batch, probes=(VisualMass(), KeyMass(keys="system"))).probes
+        rows.append(np.asarray(pr["visual_mass"]["text"].values)[..., -1].mean(-1))  # [L,B]: last row (left-padded)
+        sys_rows.append(np.asarray(pr["system_mass"]["text"].values)[..., -1].mean(-1))
+    per, sper = np.concatenate(rows, 1).mean(1), np.concatenate(sys_rows, 1).mean(1)
+    return {
+        "per_layer": [float(x) for x in per],
+        "all": float(per.mean()),
+        "system_per_layer": [float(x) for x in sper],
+        "system": float(sper.mean()),
+    }
 
 
 LABELS = {
@@ -245,12 +252,14 @@ def main(argv=None):
         ax.set_ylabel(lab)
     axes[1].axhline(1.0, color="grey", lw=0.8, ls=":")
     axes[1].set_ylim(0.8, None)
-    axes[0].legend(fontsize=8)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("VAS = m_V / m_S (log)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(keys), fontsize=9)
     fig.suptitle(
         f"held-out, distracting style (shapes {DISTRACT['shape_scale']} of the width, photo at contrast "
         f"{DISTRACT['contrast']}), n = {args.eval} per bar"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(Path(args.results) / "methods.png", dpi=100)
 
     # ---------------------------------------------------------------- results.md
@@ -299,12 +308,18 @@ def main(argv=None):
         "distracting style). Region ratio = mean attention per evidence-box image key / mean per image key "
         "(1 = no preference for the evidence), averaged over generated tokens, layers and heads.",
         "",
-        "Attention mass on the image m_V at the last prompt row (it predicts the first answer token), mean over "
-        "heads and 50 held-out samples of seed 1 in the distracting style, baseline (no method):",
+        "Attention mass on the image m_V (and on the system prompt m_S) at the last prompt row (it predicts the "
+        "first answer token), mean over heads and 50 held-out samples of seed 1 in the distracting style, "
+        "baseline (no method):",
         "",
-        "| model | " + " | ".join(f"layer {i}" for i in range(len(mass["organism"]["per_layer"]))) + " | mean |",
-        "|---|" + "---|" * (len(mass["organism"]["per_layer"]) + 1),
-        *[f"| {LABELS[k]} | " + " | ".join(f"{x:.3f}" for x in v["per_layer"]) + f" | {v['all']:.3f} |" for k, v in mass.items()],
+        "| model | "
+        + " | ".join(f"m_V layer {i}" for i in range(len(mass["organism"]["per_layer"])))
+        + " | m_V mean | m_S mean |",
+        "|---|" + "---|" * (len(mass["organism"]["per_layer"]) + 2),
+        *[
+            f"| {LABELS[k]} | " + " | ".join(f"{x:.3f}" for x in v["per_layer"]) + f" | {v['all']:.3f} | {v['system']:.3f} |"
+            for k, v in mass.items()
+        ],
         "",
         "VAR calibration:",
         "",
