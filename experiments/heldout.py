@@ -10,8 +10,9 @@ TASKS = ("recognition", "counting", "grounding", "ocr", "spatial")
 STYLE = {"image_size": 112, "shape_scale": 0.35, "contrast": 0.5}  # the organism's training style
 
 
-def evaluate(model: str, methods: list, out: str | Path, n: int = 250, batch_size: int = 25) -> dict:
-    """Runs (or resumes) ``jaxmm eval`` and returns ``{method: {"tasks": {task: acc}, "all", "vas",
+def evaluate(model: str, methods: list, out: str | Path, n: int = 250, batch_size: int = 25, style: dict | None = None) -> dict:
+    """Runs (or resumes) ``jaxmm eval`` (grounded, in ``style``, default :data:`STYLE`) and returns
+    ``{method: {"tasks": {task: acc}, "all", "vas",
     "region_ratio", "n"}}`` (accuracies in [0, 1])."""
     import numpy as np
 
@@ -25,7 +26,7 @@ def evaluate(model: str, methods: list, out: str | Path, n: int = 250, batch_siz
         batch_size=batch_size,
         max_new_tokens=16,
         heatmaps=0,
-        benchmarks=[{"name": "grounded", "limit": n, "seed": 1, **STYLE}],
+        benchmarks=[{"name": "grounded", "limit": n, "seed": 1, **(style or STYLE)}],
     )
     rows = [r for r in load_rows(run(cfg, progress=True)) if "error" not in r]
     by = defaultdict(list)
