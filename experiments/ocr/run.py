@@ -30,8 +30,9 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 CONTRAST = 0.5
 CHANCE = 1 / 8
-# (image_size, shape_scale): the organism's style, then larger text, larger images, both
-STYLES = ((112, 0.35), (112, 0.4), (224, 0.35), (224, 0.4))
+# (image_size, shape_scale): the organism's style, larger text (the generator's maximum), and larger
+# text on 4x the image tokens
+STYLES = ((112, 0.35), (112, 0.4), (224, 0.4))
 
 
 def style_name(size: int, scale: float) -> str:
@@ -224,8 +225,8 @@ def main(argv=None):
     ap.add_argument("--run", default="runs/exp-ocr")
     ap.add_argument("--steps", type=int, default=600, help="SFT steps (OCR only)")
     ap.add_argument("--eval", type=int, default=100, help="held-out OCR samples")
-    ap.add_argument("--probe-steps", type=int, default=300)
-    ap.add_argument("--probe-train", type=int, default=2048, help="probe training samples per style")
+    ap.add_argument("--probe-steps", type=int, default=200)
+    ap.add_argument("--probe-train", type=int, default=1024, help="probe training samples per style")
     ap.add_argument("--probe-test", type=int, default=200)
     ap.add_argument("--styles", default=",".join(f"{s}:{c}" for s, c in STYLES), help="image_size:shape_scale,...")
     ap.add_argument("--style", default=None, help="SFT style image_size:shape_scale (default: the best trained probe)")
@@ -247,7 +248,7 @@ def main(argv=None):
     model = jaxmm.load(shipped, dtype="float32")
 
     # 1. probes
-    probes, probe_params = {}, {}
+    probes = {}
     for spec in args.styles.split(","):
         size, scale = int(spec.split(":")[0]), float(spec.split(":")[1])
         name = style_name(size, scale)
@@ -261,7 +262,7 @@ def main(argv=None):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(res, indent=1))
         probes[name] = res
-        probe_params[name] = params
+        export_hf(params, model.config, shipped, run / f"probe-{name}-hf")  # the probe-trained tower
         print(f"probe {name}: frozen {res['frozen']:.3f}, trained {res['trained']:.3f} ({res['seconds_train']:.0f} s)")
 
     if args.style:
@@ -277,9 +278,8 @@ def main(argv=None):
     if args.from_probe:
         start_model = run / f"probe-{sname}-hf"
         if not start_model.exists():
-            if sname not in probe_params:
-                _, probe_params[sname] = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test)
-            export_hf(probe_params[sname], model.config, shipped, start_model)
+            _, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test)
+            export_hf(params, model.config, shipped, start_model)
     tag = f"sft-{sname}" + (f"-agto{args.agto:g}" if args.agto else "") + ("-fromprobe" if args.from_probe else "")
     overrides = [
         f"out={run / tag}",
