@@ -322,12 +322,15 @@ def main(argv=None):
         before_own = before
     total = time.perf_counter() - t_start
     summary = {
+        "command": command(args),
         "probes": {k: {kk: v for kk, v in r.items() if kk != "curve"} for k, r in probes.items()},
         "style": sname,
         "tag": tag,
+        "start": "the shipped organism" + (f" with the {sname} probe's trained vision tower" if args.from_probe else ""),
         "sft_steps": step,
         "sft_seconds": secs,
         "final_loss": metrics[-1]["loss"],
+        "loss_curve": [[m["step"], m["loss"]] for m in metrics],
         "before": before,
         "before_organism_style": before_own,
         "after": after,
@@ -335,95 +338,106 @@ def main(argv=None):
         "config": {k: getattr(cfg, k) for k in ("lr", "batch_size", "seq_len", "agto", "data")},
     }
     (run / f"summary-{tag}.json").write_text(json.dumps(summary, indent=1))
-
-    # figure: probe held-out accuracy per style, and the SFT loss
-    from jaxmm.eval.report import _plt
-
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k, r in probes.items():
-        a1.plot([c["step"] for c in r["curve"]], [c["test_acc"] for c in r["curve"]], label=f"{k} (frozen: {r['frozen']:.2f})")
-    a1.axhline(CHANCE, color="grey", ls="--", lw=1, label="chance")
-    a1.set_xlabel("probe step (tower + linear head)")
-    a1.set_ylabel("held-out word accuracy")
-    a1.set_ylim(0, 1)
-    a1.legend(fontsize=7)
-    a1.set_title("vision-only probe")
-    a2.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
-    a2.set_xlabel("SFT step")
-    a2.set_ylabel("SFT loss (answer tokens)")
-    a2.set_yscale("log")
-    a2.set_title(f"SFT on OCR, {tag}: {100 * before['acc']:.0f} % -> {100 * after['acc']:.0f} %")
-    fig.tight_layout()
-    fig.savefig(HERE / "curves.png", dpi=100)
-
-    write_results(Path(args.results), args, probes, summary, cfg)
+    report(run, probes, Path(args.results))
 
 
-def write_results(path: Path, args, probes, s, cfg):
-    reading = ""
-    if path.exists() and "## Reading" in path.read_text():
-        reading = path.read_text()[path.read_text().index("## Reading") :]
+def command(args) -> str:
     cmd = "python experiments/ocr/run.py" + "".join(
         f" {flag} {v}"
         for flag, v in (("--run", args.run), ("--steps", args.steps), ("--eval", args.eval), ("--probe-steps", args.probe_steps))
     )
-    cmd += (
-        (f" --agto {args.agto:g}" if args.agto else "")
-        + (" --from-probe" if args.from_probe else "")
-        + (f" --style {args.style}" if args.style else "")
-    )
-    cmd += (f" --lr {args.lr:g}" if args.lr else "") + (f" --batch {args.batch}" if args.batch else "")
+    cmd += (f" --agto {args.agto:g}" if args.agto else "") + (" --from-probe" if args.from_probe else "")
+    cmd += (f" --style {args.style}" if args.style else "") + (f" --lr {args.lr:g}" if args.lr else "")
+    return cmd + (f" --batch {args.batch}" if args.batch else "")
+
+
+def report(run: Path, probes: dict, path: Path):
+    """results.md (every SFT run of ``run``, in the order they finished; the hand-written reading
+    below the numbers is kept) and curves.png."""
+    from jaxmm.eval.report import _plt
+
+    sums = [json.loads(f.read_text()) for f in sorted(run.glob("summary-*.json"), key=lambda f: f.stat().st_mtime)]
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, r in probes.items():
+        a1.plot(
+            [c["step"] for c in r["curve"]], [c["test_acc"] for c in r["curve"]], label=f"{k} (frozen tower: {r['frozen']:.2f})"
+        )
+    a1.axhline(CHANCE, color="grey", ls="--", lw=1, label="chance")
+    a1.set_xlabel("probe step (tower + linear head trained)")
+    a1.set_ylabel("held-out word accuracy")
+    a1.set_ylim(0, 1)
+    a1.legend(fontsize=7)
+    a1.set_title("vision-only probe (mean-pooled, linear)")
+    for s in sums:
+        c = s["loss_curve"]
+        a2.plot(
+            [x[0] for x in c],
+            [x[1] for x in c],
+            label=f"{s['tag']}: OCR {100 * s['before']['acc']:.0f} -> {100 * s['after']['acc']:.0f} %",
+        )
+    a2.set_xlabel("SFT step")
+    a2.set_ylabel("SFT loss (answer tokens)")
+    a2.set_yscale("log")
+    a2.legend(fontsize=7)
+    a2.set_title("OCR-only SFT of the shipped organism")
+    fig.tight_layout()
+    fig.savefig(HERE / "curves.png", dpi=100)
+
+    reading = ""
+    if path.exists() and "## Reading" in path.read_text():
+        reading = path.read_text()[path.read_text().index("## Reading") :]
     p = next(iter(probes.values()))
     lines = [
         "# OCR above chance? (issue 21)",
         "",
-        f"Command (one core: `taskset -c 0`): `{cmd}`",
+        "Commands (one core each: `taskset -c 0`), in the order they ran (probes are cached in the run directory):",
         "",
-        f"Probe: the shipped organism's vision tower, merged tokens mean-pooled into a linear classifier over the 8 words; "
+        *[f"    {s['command']}" for s in sums],
+        "",
+        "## Vision-only probe",
+        "",
+        "The shipped organism's vision tower, its merged tokens mean-pooled into a linear classifier over the 8 words; "
         f"{p['n_train']} OCR training samples (seed 0), {p['n_test']} held-out (seed 1), photo at contrast {CONTRAST}. "
-        f"*Frozen*: the tower as shipped, only the classifier trained (Adam, full batch, 1000 steps). "
-        f"*Trained*: tower and classifier together, {p['steps']} steps × 32, Adam lr 1e-3.",
+        "*Frozen*: the tower as shipped, only the classifier trained (Adam, full batch, 1000 steps; features standardised). "
+        f"*Trained*: tower and classifier together from the shipped tower, {p['steps']} steps × 32, "
+        "Adam lr 1e-3 (warm-up, cosine).",
         "",
-        "| style (image px, text shape_scale) | image tokens | frozen-tower probe | trained-tower probe | probe time |",
-        "|---|---|---|---|---|",
+        "| style (image px, text shape_scale) | image tokens | font px | frozen-tower probe | trained-tower probe | probe time |",
+        "|---|---|---|---|---|---|",
     ]
     for k, r in probes.items():
         lines.append(
-            f"| {r['size']} px, {r['shape_scale']} | {(r['size'] // 28) ** 2} | {100 * r['frozen']:.1f} % | "
-            f"{100 * r['trained']:.1f} % | {r['seconds_train']:.0f} s |"
+            f"| {r['size']} px, {r['shape_scale']} | {(r['size'] // 28) ** 2} | {int(r['size'] * r['shape_scale']) // 2} | "
+            f"{100 * r['frozen']:.1f} % | {100 * r['trained']:.1f} % | {r['seconds_train']:.0f} s |"
         )
-    agto = cfg.agto or {}
     lines += [
         "",
-        f"SFT: the shipped organism ({'vision tower from the ' + s['style'] + ' probe' if args.from_probe else 'as shipped'}) "
-        f"fine-tuned on OCR only in style {s['style']} (contrast {CONTRAST}), `configs/train/organism.yaml` + overrides: "
-        f"{s['sft_steps']} steps × {cfg.batch_size}, lr {cfg.lr}, "
-        + (f"AVAR enhance loss α = {agto.get('alpha')}" if agto else "no extra loss")
-        + f". Greedy OCR accuracy with the eval harness on {s['after']['n']} held-out OCR samples (seed 1, same style); "
-        "chance 12.5 %.",
+        "## OCR-only SFT",
         "",
-        "| model | style | OCR accuracy | n | most frequent answers |",
-        "|---|---|---|---|---|",
-        _row("shipped organism", "112px-s0.35 (its own)", s["before_organism_style"]),
+        "`configs/train/organism.yaml` + overrides (tasks [ocr], the style's image_size and shape_scale, contrast 0.5); "
+        "greedy OCR accuracy with the eval harness (jaxmm.eval.harness, grounded rows read from a jsonl of the held-out "
+        "OCR samples: seed 1, indices 5k+3, the same style); chance 12.5 %. The shipped organism in its own style: "
+        f"{100 * sums[0]['before_organism_style']['acc']:.1f} % (n = {sums[0]['before_organism_style']['n']}, "
+        f"answers {_preds(sums[0]['before_organism_style'])})."
+        if sums
+        else "",
+        "",
+        "| run | start | style | steps × batch, lr | extra loss | OCR before | OCR after | n | answers after "
+        "| SFT time | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if s["style"] != style_name(112, 0.35):
-        lines.append(_row("shipped organism", s["style"], s["before"]))
-    lines += [
-        _row(f"after SFT ({s['sft_steps']} steps)", s["style"], s["after"]),
-        "",
-        f"SFT: {s['sft_seconds'] / 60:.1f} min ({s['sft_seconds'] / max(s['sft_steps'], 1):.2f} s/step), final training loss "
-        f"{s['final_loss']:.3f}; this session of the script {s['session_seconds'] / 60:.1f} min in all.",
-        "",
-        "![probe and SFT curves](curves.png)",
-        "",
-    ]
+    for s in sums:
+        c = s["config"]
+        agto = f"AVAR enhance α = {c['agto']['alpha']}" if c.get("agto") else "none"
+        lines.append(
+            f"| {s['tag']} | {s['start']} | {s['style']} | {s['sft_steps']} × {c['batch_size']}, {c['lr']} | {agto} | "
+            f"{100 * s['before']['acc']:.1f} % | {100 * s['after']['acc']:.1f} % | {s['after']['n']} | {_preds(s['after'])} | "
+            f"{s['sft_seconds'] / 60:.1f} min ({s['sft_seconds'] / max(s['sft_steps'], 1):.2f} s/step) | {s['final_loss']:.3f} |"
+        )
+    lines += ["", "![probe and SFT curves](curves.png)", ""]
     path.write_text("\n".join(lines) + (reading or ""))
     print("\n".join(lines))
-
-
-def _row(name, style, r):
-    return f"| {name} | {style} | {100 * r['acc']:.1f} % | {r['n']} | {_preds(r)} |"
 
 
 def _preds(r):
