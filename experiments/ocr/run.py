@@ -33,10 +33,17 @@ CHANCE = 1 / 8
 # (image_size, shape_scale): the organism's style, larger text (the generator's maximum), and larger
 # text on 4x the image tokens
 STYLES = ((112, 0.35), (112, 0.4), (224, 0.4))
+DEFAULT_STYLES = ",".join(f"{s}:{c}" for s, c in STYLES)
 
 
 def style_name(size: int, scale: float) -> str:
     return f"{size}px-s{scale}"
+
+
+def probe_key(size: int, scale: float, args) -> str:
+    """A probe's name: its style, plus its steps and lr where they are not the defaults (200, 1e-3)."""
+    default = (args.probe_steps, args.probe_lr) == (200, 1e-3)
+    return style_name(size, scale) + ("" if default else f"-{args.probe_steps}x-lr{args.probe_lr:g}")
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -159,6 +166,7 @@ def run_probe(model, size, scale, steps, n_train, n_test, batch=32, lr=1e-3, log
         "trained": curve[-1]["test_acc"],
         "curve": curve,
         "steps": steps,
+        "lr": lr,
         "n_train": n_train,
         "n_test": n_test,
         "seconds_data": t_data,
@@ -226,9 +234,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=600, help="SFT steps (OCR only)")
     ap.add_argument("--eval", type=int, default=100, help="held-out OCR samples")
     ap.add_argument("--probe-steps", type=int, default=200)
+    ap.add_argument("--probe-lr", type=float, default=1e-3)
     ap.add_argument("--probe-train", type=int, default=1024, help="probe training samples per style")
     ap.add_argument("--probe-test", type=int, default=200)
-    ap.add_argument("--styles", default=",".join(f"{s}:{c}" for s, c in STYLES), help="image_size:shape_scale,...")
+    ap.add_argument("--styles", default=DEFAULT_STYLES, help="image_size:shape_scale,...")
     ap.add_argument("--style", default=None, help="SFT style image_size:shape_scale (default: the best trained probe)")
     ap.add_argument("--agto", type=float, default=0.0, help="AVAR enhance loss alpha (0 = off)")
     ap.add_argument("--from-probe", action="store_true", help="start the SFT from the probe-trained vision tower")
@@ -251,14 +260,14 @@ def main(argv=None):
     probes = {}
     for spec in args.styles.split(","):
         size, scale = int(spec.split(":")[0]), float(spec.split(":")[1])
-        name = style_name(size, scale)
+        name = probe_key(size, scale, args)
         f = run / "probe" / f"{name}.json"
         if f.exists():
             probes[name] = json.loads(f.read_text())
             print(f"probe {name}: cached")
             continue
         print(f"probe {name} …")
-        res, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test)
+        res, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr)
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(res, indent=1))
         probes[name] = res
@@ -276,11 +285,13 @@ def main(argv=None):
     # 2. the fine-tune
     start_model = shipped
     if args.from_probe:
-        start_model = run / f"probe-{sname}-hf"
+        pk = probe_key(size, scale, args)
+        start_model = run / f"probe-{pk}-hf"
         if not start_model.exists():
-            _, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test)
+            _, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr)
             export_hf(params, model.config, shipped, start_model)
-    tag = f"sft-{sname}" + (f"-agto{args.agto:g}" if args.agto else "") + ("-fromprobe" if args.from_probe else "")
+    tag = f"sft-{sname}" + (f"-agto{args.agto:g}" if args.agto else "") + (f"-from-probe-{pk}" if args.from_probe else "")
+    tag += f"-lr{args.lr:g}" if args.lr else ""
     overrides = [
         f"out={run / tag}",
         f"steps={args.steps}",
@@ -346,6 +357,8 @@ def command(args) -> str:
         f" {flag} {v}"
         for flag, v in (("--run", args.run), ("--steps", args.steps), ("--eval", args.eval), ("--probe-steps", args.probe_steps))
     )
+    cmd += f" --probe-lr {args.probe_lr:g}" if args.probe_lr != 1e-3 else ""
+    cmd += f" --styles {args.styles}" if args.styles != DEFAULT_STYLES else ""
     cmd += (f" --agto {args.agto:g}" if args.agto else "") + (" --from-probe" if args.from_probe else "")
     cmd += (f" --style {args.style}" if args.style else "") + (f" --lr {args.lr:g}" if args.lr else "")
     return cmd + (f" --batch {args.batch}" if args.batch else "")
