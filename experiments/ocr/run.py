@@ -43,7 +43,8 @@ def style_name(size: int, scale: float) -> str:
 def probe_key(size: int, scale: float, args) -> str:
     """A probe's name: its style, plus its steps and lr where they are not the defaults (200, 1e-3)."""
     default = (args.probe_steps, args.probe_lr) == (200, 1e-3)
-    return style_name(size, scale) + ("" if default else f"-{args.probe_steps}x-lr{args.probe_lr:g}")
+    key = style_name(size, scale) + ("" if default else f"-{args.probe_steps}x-lr{args.probe_lr:g}")
+    return key + ("-lpft" if args.probe_lpft else "")
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -68,8 +69,10 @@ def probe_arrays(model, samples):
     return np.stack(xs).astype(np.float32), np.array([WORDS.index(s["answer"]) for s in samples]), tuple(grid)
 
 
-def run_probe(model, size, scale, steps, n_train, n_test, batch=32, lr=1e-3, log_every=25):
-    """Trains the probe in one style; returns ``{"frozen": acc, "trained": acc, "curve": [...], ...}``."""
+def run_probe(model, size, scale, steps, n_train, n_test, batch=32, lr=1e-3, log_every=25, lpft=False):
+    """Trains the probe in one style; returns ``({"frozen": acc, "trained": acc, "curve": [...], ...},
+    the parameters with the trained tower)``. ``lpft``: the trained probe starts from the frozen
+    probe's classifier (linear probe, then fine-tune) instead of a zero classifier."""
     import flax.nnx as nnx
     import jax
     import jax.numpy as jnp
@@ -130,6 +133,9 @@ def run_probe(model, size, scale, steps, n_train, n_test, batch=32, lr=1e-3, log
     frozen_train, frozen = acc(head, ftr_n, ytr), acc(head, fte_n, yte)
 
     # (b) the tower trained with the classifier (from the shipped tower)
+    if lpft:  # fold the standardisation into the frozen probe's classifier
+        w = np.asarray(head["w"]) / sd[:, None]
+        head0 = {"w": jnp.asarray(w), "b": jnp.asarray(np.asarray(head["b"]) - mu @ w)}
     state = {"params": model.params, "head": head0}
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), max(steps, 2))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
@@ -167,6 +173,7 @@ def run_probe(model, size, scale, steps, n_train, n_test, batch=32, lr=1e-3, log
         "curve": curve,
         "steps": steps,
         "lr": lr,
+        "lpft": lpft,
         "n_train": n_train,
         "n_test": n_test,
         "seconds_data": t_data,
@@ -235,6 +242,7 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=100, help="held-out OCR samples")
     ap.add_argument("--probe-steps", type=int, default=200)
     ap.add_argument("--probe-lr", type=float, default=1e-3)
+    ap.add_argument("--probe-lpft", action="store_true", help="trained probe starts from the frozen probe's classifier")
     ap.add_argument("--probe-train", type=int, default=1024, help="probe training samples per style")
     ap.add_argument("--probe-test", type=int, default=200)
     ap.add_argument("--styles", default=DEFAULT_STYLES, help="image_size:shape_scale,...")
@@ -267,7 +275,9 @@ def main(argv=None):
             print(f"probe {name}: cached")
             continue
         print(f"probe {name} …")
-        res, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr)
+        res, params = run_probe(
+            model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr, lpft=args.probe_lpft
+        )
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(res, indent=1))
         probes[name] = res
@@ -288,7 +298,9 @@ def main(argv=None):
         pk = probe_key(size, scale, args)
         start_model = run / f"probe-{pk}-hf"
         if not start_model.exists():
-            _, params = run_probe(model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr)
+            _, params = run_probe(
+                model, size, scale, args.probe_steps, args.probe_train, args.probe_test, lr=args.probe_lr, lpft=args.probe_lpft
+            )
             export_hf(params, model.config, shipped, start_model)
     tag = f"sft-{sname}" + (f"-agto{args.agto:g}" if args.agto else "") + (f"-from-probe-{pk}" if args.from_probe else "")
     tag += f"-lr{args.lr:g}" if args.lr else ""
@@ -349,7 +361,7 @@ def main(argv=None):
         "config": {k: getattr(cfg, k) for k in ("lr", "batch_size", "seq_len", "agto", "data")},
     }
     (run / f"summary-{tag}.json").write_text(json.dumps(summary, indent=1))
-    report(run, probes, Path(args.results))
+    report(run, Path(args.results))
 
 
 def command(args) -> str:
@@ -358,16 +370,20 @@ def command(args) -> str:
         for flag, v in (("--run", args.run), ("--steps", args.steps), ("--eval", args.eval), ("--probe-steps", args.probe_steps))
     )
     cmd += f" --probe-lr {args.probe_lr:g}" if args.probe_lr != 1e-3 else ""
+    cmd += " --probe-lpft" if args.probe_lpft else ""
     cmd += f" --styles {args.styles}" if args.styles != DEFAULT_STYLES else ""
     cmd += (f" --agto {args.agto:g}" if args.agto else "") + (" --from-probe" if args.from_probe else "")
     cmd += (f" --style {args.style}" if args.style else "") + (f" --lr {args.lr:g}" if args.lr else "")
     return cmd + (f" --batch {args.batch}" if args.batch else "")
 
 
-def report(run: Path, probes: dict, path: Path):
-    """results.md (every SFT run of ``run``, in the order they finished; the hand-written reading
-    below the numbers is kept) and curves.png."""
+def report(run: Path, path: Path):
+    """results.md (every probe and SFT run of ``run``, in the order they finished; the hand-written
+    reading below the numbers is kept) and curves.png."""
     from jaxmm.eval.report import _plt
+
+    files = sorted((run / "probe").glob("*.json"), key=lambda f: f.stat().st_mtime)
+    probes = {f.stem: json.loads(f.read_text()) for f in files}
 
     sums = [json.loads(f.read_text()) for f in sorted(run.glob("summary-*.json"), key=lambda f: f.stat().st_mtime)]
     plt = _plt()
@@ -413,16 +429,18 @@ def report(run: Path, probes: dict, path: Path):
         "The shipped organism's vision tower, its merged tokens mean-pooled into a linear classifier over the 8 words; "
         f"{p['n_train']} OCR training samples (seed 0), {p['n_test']} held-out (seed 1), photo at contrast {CONTRAST}. "
         "*Frozen*: the tower as shipped, only the classifier trained (Adam, full batch, 1000 steps; features standardised). "
-        f"*Trained*: tower and classifier together from the shipped tower, {p['steps']} steps × 32, "
-        "Adam lr 1e-3 (warm-up, cosine).",
+        "*Trained*: tower and classifier together from the shipped tower, batches of 32, Adam (warm-up, cosine), "
+        "from a zero classifier or from the frozen probe's (linear probe then fine-tune).",
         "",
-        "| style (image px, text shape_scale) | image tokens | font px | frozen-tower probe | trained-tower probe | probe time |",
-        "|---|---|---|---|---|---|",
+        "| probe | style (image px, text shape_scale) | image tokens | font px | frozen-tower probe | trained-tower probe "
+        "| trained: steps, lr, start | probe time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k, r in probes.items():
         lines.append(
-            f"| {r['size']} px, {r['shape_scale']} | {(r['size'] // 28) ** 2} | {int(r['size'] * r['shape_scale']) // 2} | "
-            f"{100 * r['frozen']:.1f} % | {100 * r['trained']:.1f} % | {r['seconds_train']:.0f} s |"
+            f"| {k} | {r['size']} px, {r['shape_scale']} | {(r['size'] // 28) ** 2} | {int(r['size'] * r['shape_scale']) // 2} | "
+            f"{100 * r['frozen']:.1f} % | {100 * r['trained']:.1f} % | {r['steps']}, {r.get('lr', 1e-3):g}, "
+            f"{'frozen probe' if r.get('lpft') else 'zero'} classifier | {r['seconds_train']:.0f} s |"
         )
     lines += [
         "",
