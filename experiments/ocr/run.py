@@ -249,6 +249,7 @@ def main(argv=None):
     ap.add_argument("--style", default=None, help="SFT style image_size:shape_scale (default: the best trained probe)")
     ap.add_argument("--agto", type=float, default=0.0, help="AVAR enhance loss alpha (0 = off)")
     ap.add_argument("--from-probe", action="store_true", help="start the SFT from the probe-trained vision tower")
+    ap.add_argument("--freeze-vision", action="store_true", help="SFT trains the decoder only (the vision tower frozen)")
     ap.add_argument("--lr", type=float, default=None, help="SFT peak lr (default: organism.yaml's)")
     ap.add_argument("--batch", type=int, default=None, help="SFT batch size (default: organism.yaml's)")
     ap.add_argument("--results", default=str(HERE / "results.md"))
@@ -304,6 +305,7 @@ def main(argv=None):
             export_hf(params, model.config, shipped, start_model)
     tag = f"sft-{sname}" + (f"-agto{args.agto:g}" if args.agto else "") + (f"-from-probe-{pk}" if args.from_probe else "")
     tag += f"-lr{args.lr:g}" if args.lr else ""
+    tag += "-frozen-vision" if args.freeze_vision else ""
     overrides = [
         f"out={run / tag}",
         f"steps={args.steps}",
@@ -318,6 +320,8 @@ def main(argv=None):
         overrides.append(f"agto={{alpha: {args.agto}, beta: 0.0}}")
     if args.lr:
         overrides.append(f"lr={args.lr}")
+    if args.freeze_vision:
+        overrides.append("freeze=[visual]")
     if args.batch:
         overrides.append(f"batch_size={args.batch}")
     cfg = TrainConfig.from_yaml(ROOT / "configs/train/organism.yaml", overrides)
@@ -358,7 +362,7 @@ def main(argv=None):
         "before_organism_style": before_own,
         "after": after,
         "session_seconds": total,
-        "config": {k: getattr(cfg, k) for k in ("lr", "batch_size", "seq_len", "agto", "data")},
+        "config": {k: getattr(cfg, k) for k in ("lr", "batch_size", "seq_len", "agto", "data", "freeze")},
     }
     (run / f"summary-{tag}.json").write_text(json.dumps(summary, indent=1))
     report(run, Path(args.results))
@@ -374,6 +378,7 @@ def command(args) -> str:
     cmd += f" --styles {args.styles}" if args.styles != DEFAULT_STYLES else ""
     cmd += (f" --agto {args.agto:g}" if args.agto else "") + (" --from-probe" if args.from_probe else "")
     cmd += (f" --style {args.style}" if args.style else "") + (f" --lr {args.lr:g}" if args.lr else "")
+    cmd += " --freeze-vision" if args.freeze_vision else ""
     return cmd + (f" --batch {args.batch}" if args.batch else "")
 
 
@@ -454,13 +459,14 @@ def report(run: Path, path: Path):
         if sums
         else "",
         "",
-        "| run | start | style | steps × batch, lr | extra loss | OCR before | OCR after | n | answers after "
+        "| run | start | style | steps × batch, lr | extra loss, frozen | OCR before | OCR after | n | answers after "
         "| SFT time | final loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sums:
         c = s["config"]
         agto = f"AVAR enhance α = {c['agto']['alpha']}" if c.get("agto") else "none"
+        agto += ", vision tower frozen" if c.get("freeze") else ""
         lines.append(
             f"| {s['tag']} | {s['start']} | {s['style']} | {s['sft_steps']} × {c['batch_size']}, {c['lr']} | {agto} | "
             f"{100 * s['before']['acc']:.1f} % | {100 * s['after']['acc']:.1f} % | {s['after']['n']} | {_preds(s['after'])} | "
