@@ -410,6 +410,8 @@ def report(run: Path, path: Path):
             [x[1] for x in c],
             label=f"{s['tag']}: OCR {100 * s['before']['acc']:.0f} -> {100 * s['after']['acc']:.0f} %",
         )
+    prior = prior_loss()
+    a2.axhline(prior, color="grey", ls="--", lw=1, label=f"the answer prior, no reading ({prior:.3f})")
     a2.set_xlabel("SFT step")
     a2.set_ylabel("SFT loss (answer tokens)")
     a2.set_yscale("log")
@@ -475,6 +477,21 @@ def report(run: Path, path: Path):
     lines += ["", "![probe and SFT curves](curves.png)", ""]
     path.write_text("\n".join(lines) + (reading or ""))
     print("\n".join(lines))
+
+
+def prior_loss() -> float:
+    """The SFT loss (nats per answer token, <|im_end|> included) of a model that knows the 8 words
+    are equally likely but cannot read them: ln 8 over the mean number of answer tokens."""
+    import math
+
+    from tokenizers import Tokenizer
+
+    from jaxmm import organism
+    from jaxmm.data.grounded import WORDS
+
+    tok = Tokenizer.from_file(str(Path(organism.resolve(None)) / "tokenizer.json"))
+    n = sum(len(tok.encode(w).ids) + 1 for w in WORDS) / len(WORDS)
+    return math.log(len(WORDS)) / n
 
 
 def _preds(r):
