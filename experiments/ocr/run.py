@@ -475,7 +475,7 @@ def report(run: Path, path: Path):
             f"{s['sft_seconds'] / 60:.1f} min ({s['sft_seconds'] / max(s['sft_steps'], 1):.2f} s/step) | {s['final_loss']:.3f} |"
         )
     lines += ["", "![probe and SFT curves](curves.png)", ""]
-    path.write_text("\n".join(lines) + (reading or ""))
+    path.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
     print("\n".join(lines))
 
 
