@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny
-from jaxmm.data.grounded import generate_samples, make_sample
+from jaxmm.data.grounded import TASKS, generate_samples, make_sample
 from jaxmm.eval import benchmarks as B
 from jaxmm.eval import scoring as S
 from jaxmm.eval.harness import EvalConfig, SettingsChanged, _Lock, method_name, run
@@ -798,3 +798,20 @@ def test_pai_gamma_decodes_with_the_contrast(tiny_model_dir, tmp_path):
         model.interventions(["pai:gamma=-1"])
     with pytest.raises(ValueError, match="2 PAI interventions set gamma"):
         I.decoding_contrast(model.interventions(["pai:gamma=1.1", "pai:gamma=2"]))
+
+
+def test_grounded_benchmark_tasks_choose_the_task_types():
+    """``tasks`` of a grounded benchmark spec: sample i is of task tasks[i % len(tasks)] (as in the
+    training data), validated by the eval config."""
+    from jaxmm.config import ConfigError
+
+    ds = B.load("grounded", limit=4, seed=1, image_size=112, tasks=["ocr", "counting"])
+    assert [ds[i]["task"] for i in range(4)] == ["ocr", "counting", "ocr", "counting"]
+    assert ds[0]["answer"] == make_sample(0, 1, (112, 112), "ocr")["answer"]
+    assert [B.load("grounded", limit=5)[i]["task"] for i in range(5)] == list(TASKS)
+    cfg = EvalConfig(benchmarks=[{"name": "grounded", "limit": 2, "tasks": ["ocr"]}])
+    assert cfg.benchmarks[0]["tasks"] == ["ocr"]
+    with pytest.raises(ConfigError, match=r"benchmarks.0.tasks.0: expected 'recognition'"):
+        EvalConfig(benchmarks=[{"name": "grounded", "tasks": ["reading"]}])
+    with pytest.raises(ValueError, match=r"tasks \[\]"):
+        B.load("grounded", limit=2, tasks=[])

@@ -417,22 +417,27 @@ def load(
 
     ``name="grounded"`` needs no file: jaxmm generates it (``limit`` samples, ``seed``, square
     images of ``image_size`` pixels, ``style``: ``shape_scale`` and ``contrast`` of
-    :func:`jaxmm.data.grounded.make_sample`).
+    :func:`jaxmm.data.grounded.make_sample`, and ``tasks``: sample ``i`` is of task
+    ``tasks[i % len(tasks)]``; default the five in turn).
     Images are decoded lazily (in the dataset's map) and may fail per sample: the harness records
     such a sample as an error row.
     """
     if name not in READERS:
         raise ValueError(f"unknown benchmark {name!r}; known: {sorted(READERS)}")
     if name == "grounded" and path is None:
-        from jaxmm.data.grounded import make_sample
+        from jaxmm.data.grounded import TASKS, make_sample
 
-        unknown = set(style) - {"shape_scale", "contrast"} | ({"fields"} if fields else set())
+        unknown = set(style) - {"shape_scale", "contrast", "tasks"} | ({"fields"} if fields else set())
         if unknown:
             raise ValueError(f"benchmark 'grounded': unknown field(s) {sorted(unknown)}")
+        tasks = style.pop("tasks", None)
+        if tasks is not None and (not tasks or set(tasks) - set(TASKS)):
+            raise ValueError(f"benchmark 'grounded': tasks {tasks!r}; expected a non-empty list of {list(TASKS)}")
         n = limit or 64
         size = (image_size, image_size)
+        task = lambda i: None if tasks is None else tasks[i % len(tasks)]
         return grain.MapDataset.range(n).map(
-            lambda i: {**to_sample("grounded", make_sample(int(i), seed, size, **style)), "benchmark": "grounded"}
+            lambda i: {**to_sample("grounded", make_sample(int(i), seed, size, task(int(i)), **style)), "benchmark": "grounded"}
         )
     if style:
         raise ValueError(f"benchmark {name!r}: unknown field(s) {sorted(style)}")

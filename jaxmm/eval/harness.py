@@ -112,6 +112,7 @@ class BenchmarkSpec(TypedDict):
     image_size: NotRequired[PosInt]  # grounded only: square images of this many pixels
     shape_scale: NotRequired[PosFloat]  # grounded only: style of make_sample
     contrast: NotRequired[Fraction]
+    tasks: NotRequired[Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]]
     fields: NotRequired[dict[str, str]]  # schema field -> the file's column name (e.g. {question: problem})
 
 
