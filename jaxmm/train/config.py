@@ -72,7 +72,7 @@ FILE_SCHEMAS = ("vqa", "chartqa", "docvqa", "textvqa", "mathvista", "mmbench", "
 class FileData(TypedDict, total=False):
     """``data:`` samples read from files (:func:`jaxmm.eval.benchmarks.load`): ``name`` the schema
     (``vqa``: question/answer or a LLaVA/ShareGPT chat, one image, optional ``box``), ``path`` a
-    ``.jsonl``/``.parquet`` file, a directory or a glob, ``fields`` the file's own column names
+    ``.jsonl``/``.json``/``.parquet`` file, a directory or a glob (docs/training.md), ``fields`` the file's own column names
     (``{question: problem, image: images}``), ``limit`` the first rows only, ``seed`` of the shuffle."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
