@@ -29,6 +29,8 @@ import pydantic
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field
 from typing_extensions import TypedDict, is_typeddict
 
+from jaxmm.data.grounded import TASKS
+
 
 class ConfigError(ValueError):
     """A bad config (a YAML config, an override, a field value, a checkpoint's config.json); the
@@ -49,6 +51,7 @@ PosFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
 NonNegFloat = Annotated[float, BeforeValidator(_not_bool), Field(ge=0)]
 Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]  # 0 … 1
 Dtype = typing.Literal["float32", "bfloat16", "float16"]
+GroundedTasks = Annotated[list[typing.Literal[TASKS]], Field(min_length=1)]  # task types of the grounded generator
 
 
 def _axis(v: int) -> int:

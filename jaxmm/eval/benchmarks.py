@@ -42,6 +42,8 @@ from typing import Callable
 import grain
 from PIL import Image
 
+from jaxmm.eval.scoring import METRIC
+
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 YES_NO_INSTRUCTION = "Answer yes or no."
 SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -351,8 +353,6 @@ def _box(v):
 
 def _vqa(row):
     """jaxmm's generic schema (module docstring): question/answer, or a chat."""
-    from jaxmm.eval.scoring import METRIC
-
     chat_key = next((k for k in ("messages", "conversations") if k in row), None)
     if "question" in row or chat_key is None:
         s = dict(question=row["question"], answer=row["answer"])

@@ -64,6 +64,7 @@ from jaxmm.config import (
     ORGANISM_RANDOM,
     Dtype,
     Fraction,
+    GroundedTasks,
     Mesh,
     ModelRef,
     NonNegInt,
@@ -112,7 +113,7 @@ class BenchmarkSpec(TypedDict):
     image_size: NotRequired[PosInt]  # grounded only: square images of this many pixels
     shape_scale: NotRequired[PosFloat]  # grounded only: style of make_sample
     contrast: NotRequired[Fraction]
-    tasks: NotRequired[Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]]
+    tasks: NotRequired[GroundedTasks]  # grounded only: sample i is of task tasks[i % len(tasks)]
     fields: NotRequired[dict[str, str]]  # schema field -> the file's column name (e.g. {question: problem})
 
 

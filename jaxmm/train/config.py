@@ -13,10 +13,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal, Sequence
 
-from pydantic import ConfigDict, Discriminator, Field, Tag
+from pydantic import ConfigDict, Discriminator, Tag
 from typing_extensions import Required, TypedDict
 
-from jaxmm.config import Float, Fraction, Mesh, ModelRef, NonNegFloat, NonNegInt, PosFloat, PosInt, Regex, Validated, load
+from jaxmm.config import (
+    Float,
+    Fraction,
+    GroundedTasks,
+    Mesh,
+    ModelRef,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Regex,
+    Validated,
+    load,
+)
+from jaxmm.eval.benchmarks import READERS
 
 
 class LoraSpec(TypedDict, total=False):
@@ -60,13 +74,14 @@ class GroundedData(TypedDict, total=False):
     size: PosInt
     seed: NonNegInt
     image_size: PosInt
-    tasks: Annotated[list[Literal["recognition", "counting", "grounding", "ocr", "spatial"]], Field(min_length=1)]
+    tasks: GroundedTasks
     shape_scale: PosFloat
     contrast: Fraction
 
 
-#: the file schemas a training set may be read in (:data:`jaxmm.eval.benchmarks.READERS` minus the generator)
-FILE_SCHEMAS = ("vqa", "chartqa", "docvqa", "textvqa", "mathvista", "mmbench", "mmstar", "pope", "hallusionbench")
+#: the file schemas a training set may be read in: :data:`jaxmm.eval.benchmarks.READERS` but the
+#: generator and CHAIR's captioning rows, the generic ``vqa`` first
+FILE_SCHEMAS = ("vqa",) + tuple(n for n in READERS if n not in ("vqa", "grounded", "chair"))
 
 
 class FileData(TypedDict, total=False):

@@ -102,10 +102,10 @@ def dataset(cfg: TrainingConfig):
     d = dict(cfg.data)
     seed = int(d.get("seed", 0))
     if d.get("name", "grounded") == "grounded":
-        from jaxmm.data.grounded import make_sample
+        from jaxmm.data.grounded import TASKS, make_sample
 
         size, image = int(d.get("size", 4096)), int(d.get("image_size", 112))
-        tasks = tuple(d.get("tasks", ("recognition", "counting", "grounding", "ocr", "spatial")))
+        tasks = tuple(d.get("tasks", TASKS))
         style = {k: d[k] for k in ("shape_scale", "contrast") if k in d}
         ds = grain.MapDataset.range(size).shuffle(seed=seed).repeat()
         return ds.map(
